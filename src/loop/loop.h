@@ -1,0 +1,51 @@
+/* The event loop: one thread, epoll for file descriptors, one-shot timers, deferred calls.
+ *
+ * Modelled on redis's ae: a short, complete API. Callbacks run on the loop thread and must not
+ * block. A callback may add or remove any registration, including its own; removal takes effect
+ * at once (a removed fd's pending events are not delivered).
+ */
+#ifndef THINBLK_LOOP_H
+#define THINBLK_LOOP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct loop;
+
+#define LOOP_READ 1u
+#define LOOP_WRITE 2u
+
+/* events: LOOP_READ/LOOP_WRITE that are ready; errors and hang-ups are reported as both. */
+typedef void loop_fd_fn(struct loop *loop, int fd, unsigned events, void *opaque);
+typedef void loop_fn(struct loop *loop, void *opaque);
+
+/* A new loop, or NULL with errno set. */
+struct loop *loop_new(void);
+/* Free the loop; registrations still present are dropped (their fds are not closed). */
+void loop_free(struct loop *loop);
+
+/* Watch fd for events (LOOP_READ | LOOP_WRITE, may be 0). One registration per fd.
+ * Returns 0, or -1 with errno set. */
+int loop_add_fd(struct loop *loop, int fd, unsigned events, loop_fd_fn *fn, void *opaque);
+/* Change the events watched for a registered fd. Returns 0 or -1 with errno. */
+int loop_mod_fd(struct loop *loop, int fd, unsigned events);
+/* Stop watching fd (does not close it). */
+void loop_del_fd(struct loop *loop, int fd);
+
+/* Call fn once, delay_ns from now. Returns a timer id (never 0) for loop_del_timer. */
+uint64_t loop_add_timer(struct loop *loop, uint64_t delay_ns, loop_fn *fn, void *opaque);
+/* Cancel a timer that has not fired; unknown or fired ids are ignored. */
+void loop_del_timer(struct loop *loop, uint64_t id);
+
+/* Call fn once, after the current callback returns and before the loop waits again.
+ * Deferred calls run in the order they were made. */
+void loop_defer(struct loop *loop, loop_fn *fn, void *opaque);
+
+/* Run until loop_stop(). Returns 0, or -1 with errno if epoll fails. */
+int loop_run(struct loop *loop);
+/* Make loop_run() return after the current iteration. */
+void loop_stop(struct loop *loop);
+/* Run one iteration, waiting at most timeout_ms (-1: until something happens). */
+int loop_run_once(struct loop *loop, int timeout_ms);
+
+#endif
