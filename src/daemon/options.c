@@ -1,0 +1,347 @@
+/* thinblkd's command line. See options.h. */
+#include "daemon/options.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "common/keyval.h"
+#include "common/util.h"
+
+/* QEMU's boolean spellings (qapi_bool_parse). */
+static int parse_bool(const char *opt, const char *key, const char *s, bool *out,
+                      struct error **errp)
+{
+    if (!strcmp(s, "on") || !strcmp(s, "yes") || !strcmp(s, "true") || !strcmp(s, "y")) {
+        *out = true;
+        return 0;
+    }
+    if (!strcmp(s, "off") || !strcmp(s, "no") || !strcmp(s, "false") || !strcmp(s, "n")) {
+        *out = false;
+        return 0;
+    }
+    error_setg(errp, "%s: Parameter '%s' expects 'on' or 'off'", opt, key);
+    return -1;
+}
+
+/* A byte count with an optional k/M/G/T suffix (powers of 1024), as QEMU's sizes. */
+static int parse_size(const char *opt, const char *key, const char *s, size_t *out,
+                      struct error **errp)
+{
+    char *end;
+    unsigned long long v;
+    unsigned shift = 0;
+
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (end != s) {
+        switch (*end) {
+        case 'k': case 'K': shift = 10; end++; break;
+        case 'm': case 'M': shift = 20; end++; break;
+        case 'g': case 'G': shift = 30; end++; break;
+        case 't': case 'T': shift = 40; end++; break;
+        default: break;
+        }
+    }
+    if (end == s || *end || errno || s[0] == '-' || v > (SIZE_MAX >> shift)) {
+        error_setg(errp, "%s: Parameter '%s' expects a non-negative number below 2^64", opt, key);
+        return -1;
+    }
+    *out = (size_t)(v << shift);
+    return 0;
+}
+
+/* Take string member key of obj (removing it), or NULL. Nested objects are not strings. */
+static char *take(json_t *obj, const char *opt, const char *key, struct error **errp)
+{
+    json_t *v = json_object_get(obj, key);
+    char *s;
+
+    if (!v)
+        return NULL;
+    if (!json_is_string(v)) {
+        error_setg(errp, "%s: Invalid parameter '%s'", opt, key);
+        return NULL;
+    }
+    s = xstrdup(json_string_value(v));
+    json_object_del(obj, key);
+    return s;
+}
+
+static int no_leftovers(json_t *obj, const char *opt, struct error **errp)
+{
+    const char *key;
+    json_t *v;
+
+    json_object_foreach(obj, key, v) {
+        error_setg(errp, "%s: Invalid parameter '%s'", opt, key);
+        return -1;
+    }
+    return 0;
+}
+
+static struct chardev_opt *find_chardev(struct daemon_options *o, const char *id)
+{
+    for (size_t i = 0; i < o->nchardevs; i++) {
+        if (!strcmp(o->chardevs[i].id, id))
+            return &o->chardevs[i];
+    }
+    return NULL;
+}
+
+static int add_chardev(struct daemon_options *o, const char *id, const char *path,
+                       struct error **errp)
+{
+    if (find_chardev(o, id)) {
+        error_setg(errp, "--chardev: Duplicate chardev ID '%s'", id);
+        return -1;
+    }
+    o->chardevs = xrealloc(o->chardevs, (o->nchardevs + 1) * sizeof(*o->chardevs));
+    o->chardevs[o->nchardevs++] = (struct chardev_opt){ xstrdup(id), xstrdup(path), false };
+    return 0;
+}
+
+/* server=on is required (a monitor listens); wait=on would block startup until a client
+ * connects, which a daemon serving disks should not do, so only wait=off is taken. */
+static int check_server_wait(const char *opt, json_t *obj, struct error **errp)
+{
+    _cleanup_free_ char *server = NULL, *wait = NULL;
+    struct error *err = NULL;
+    bool b;
+
+    server = take(obj, opt, "server", &err);
+    wait = take(obj, opt, "wait", &err);
+    if (err) {
+        error_propagate(errp, err);
+        return -1;
+    }
+    if (server) {
+        if (parse_bool(opt, "server", server, &b, errp) < 0)
+            return -1;
+        if (!b) {
+            error_setg(errp, "%s: only server=on is supported (the monitor listens)", opt);
+            return -1;
+        }
+    }
+    if (wait) {
+        if (parse_bool(opt, "wait", wait, &b, errp) < 0)
+            return -1;
+        if (b) {
+            error_setg(errp, "%s: wait=on is not supported; use wait=off", opt);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int opt_chardev(struct daemon_options *o, const char *arg, struct error **errp)
+{
+    const char *opt = "--chardev";
+    json_t *obj = keyval_parse(arg, "backend", errp);
+    _cleanup_free_ char *backend = NULL, *id = NULL, *path = NULL;
+    struct error *err = NULL;
+    int ret = -1;
+
+    if (!obj)
+        return -1;
+    backend = take(obj, opt, "backend", &err);
+    id = take(obj, opt, "id", &err);
+    path = take(obj, opt, "path", &err);
+    if (err) {
+        error_propagate(errp, err);
+        goto out;
+    }
+    if (!backend || strcmp(backend, "socket") != 0) {
+        error_setg(errp, "%s: only the 'socket' backend is supported", opt);
+        goto out;
+    }
+    if (!id) {
+        error_setg(errp, "%s: Parameter 'id' is missing", opt);
+        goto out;
+    }
+    if (!path) {
+        error_setg(errp, "%s: Parameter 'path' is missing (only Unix sockets are supported)", opt);
+        goto out;
+    }
+    if (check_server_wait(opt, obj, errp) < 0 || no_leftovers(obj, opt, errp) < 0)
+        goto out;
+    ret = add_chardev(o, id, path, errp);
+out:
+    json_decref(obj);
+    return ret;
+}
+
+static void add_monitor(struct daemon_options *o, const char *path, bool pretty, size_t limit)
+{
+    o->monitors = xrealloc(o->monitors, (o->nmonitors + 1) * sizeof(*o->monitors));
+    o->monitors[o->nmonitors++] = (struct qmp_monitor_config){ path, pretty, limit };
+}
+
+static int opt_monitor(struct daemon_options *o, const char *arg, struct error **errp)
+{
+    const char *opt = "--monitor";
+    json_t *obj = keyval_parse(arg, "chardev", errp);
+    _cleanup_free_ char *chardev = NULL, *mode = NULL, *pretty = NULL, *limit = NULL,
+                        *id = NULL;
+    struct error *err = NULL;
+    bool pretty_on = false;
+    size_t limit_bytes = 0;
+    int ret = -1;
+
+    if (!obj)
+        return -1;
+    chardev = take(obj, opt, "chardev", &err);
+    mode = take(obj, opt, "mode", &err);
+    pretty = take(obj, opt, "pretty", &err);
+    limit = take(obj, opt, "x-output-limit", &err);
+    id = take(obj, opt, "id", &err);
+    if (err) {
+        error_propagate(errp, err);
+        goto out;
+    }
+    if (no_leftovers(obj, opt, errp) < 0)
+        goto out;
+    if (!chardev) {
+        error_setg(errp, "%s: Parameter 'chardev' is missing", opt);
+        goto out;
+    }
+    if (mode && strcmp(mode, "control") != 0) {
+        error_setg(errp, "%s: Only QMP monitors are supported (mode=control)", opt);
+        goto out;
+    }
+    if (pretty && parse_bool(opt, "pretty", pretty, &pretty_on, errp) < 0)
+        goto out;
+    if (limit && parse_size(opt, "x-output-limit", limit, &limit_bytes, errp) < 0)
+        goto out;
+    if (limit && limit_bytes < QMP_SERVER_SOFT_LIMIT) {
+        error_setg(errp, "%s: x-output-limit must be at least %u", opt, QMP_SERVER_SOFT_LIMIT);
+        goto out;
+    }
+    struct chardev_opt *c = find_chardev(o, chardev);
+    if (!c) {
+        error_setg(errp, "%s: chardev \"%s\" not found", opt, chardev);
+        goto out;
+    }
+    if (c->used) {
+        error_setg(errp, "%s: chardev \"%s\" is already used by a monitor", opt, chardev);
+        goto out;
+    }
+    c->used = true;
+    add_monitor(o, c->path, pretty_on, limit_bytes);
+    ret = 0;
+out:
+    json_decref(obj);
+    return ret;
+}
+
+/* --qmp [unix:]PATH[,server=on][,wait=off]: a chardev and a monitor in one. */
+static int opt_qmp(struct daemon_options *o, const char *arg, struct error **errp)
+{
+    const char *opt = "--qmp";
+    const char *spec = strncmp(arg, "unix:", 5) == 0 ? arg + 5 : arg;
+    const char *comma = strchr(spec, ',');
+    _cleanup_free_ char *path = comma ? strndup(spec, (size_t)(comma - spec)) : xstrdup(spec);
+    _cleanup_free_ char *id = xasprintf("qmp%zu", o->nchardevs);
+
+    if (!path || !*path) {
+        error_setg(errp, "%s: a socket path is required", opt);
+        return -1;
+    }
+    if (comma) {
+        json_t *obj = keyval_parse(comma + 1, NULL, errp);
+        if (!obj)
+            return -1;
+        int r = check_server_wait(opt, obj, errp);
+        if (r == 0)
+            r = no_leftovers(obj, opt, errp);
+        json_decref(obj);
+        if (r < 0)
+            return -1;
+    }
+    if (add_chardev(o, id, path, errp) < 0)
+        return -1;
+    o->chardevs[o->nchardevs - 1].used = true;
+    add_monitor(o, o->chardevs[o->nchardevs - 1].path, false, 0);
+    return 0;
+}
+
+enum { OPT_CHARDEV = 256, OPT_MONITOR, OPT_QMP, OPT_PIDFILE };
+
+int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct error **errp)
+{
+    static const struct option longopts[] = {
+        { "chardev", required_argument, NULL, OPT_CHARDEV },
+        { "monitor", required_argument, NULL, OPT_MONITOR },
+        { "qmp", required_argument, NULL, OPT_QMP },
+        { "pidfile", required_argument, NULL, OPT_PIDFILE },
+        { "verbose", no_argument, NULL, 'v' },
+        { "help", no_argument, NULL, 'h' },
+        { "version", no_argument, NULL, 'V' },
+        { NULL, 0, NULL, 0 },
+    };
+    int c;
+
+    memset(o, 0, sizeof(*o));
+    opterr = 0;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, ":hVvS", longopts, NULL)) != -1) {
+        int r = 0;
+        switch (c) {
+        case OPT_CHARDEV: r = opt_chardev(o, optarg, errp); break;
+        case OPT_MONITOR: r = opt_monitor(o, optarg, errp); break;
+        case OPT_QMP: r = opt_qmp(o, optarg, errp); break;
+        case OPT_PIDFILE:
+            free(o->pidfile);
+            o->pidfile = xstrdup(optarg);
+            break;
+        case 'S': o->prelaunch = true; break;
+        case 'v': o->verbose++; break;
+        case 'h': o->help = true; break;
+        case 'V': o->version = true; break;
+        case ':':
+            error_setg(errp, "option '%s' requires an argument", argv[optind - 1]);
+            return -1;
+        default:
+            error_setg(errp, "unrecognized option '%s'", argv[optind - 1]);
+            return -1;
+        }
+        if (r < 0)
+            return -1;
+    }
+    if (optind < argc) {
+        error_setg(errp, "unexpected argument '%s'", argv[optind]);
+        return -1;
+    }
+    return 0;
+}
+
+void daemon_options_free(struct daemon_options *o)
+{
+    for (size_t i = 0; i < o->nchardevs; i++) {
+        free(o->chardevs[i].id);
+        free(o->chardevs[i].path);
+    }
+    free(o->chardevs);
+    free(o->monitors);
+    free(o->pidfile);
+}
+
+void daemon_options_usage(const char *prog)
+{
+    printf("Usage: %s [OPTIONS]\n"
+           "thin-provisioning block storage daemon, driven by QMP\n"
+           "\n"
+           "  --chardev socket,id=ID,path=PATH,server=on[,wait=off]\n"
+           "                         a Unix socket for a monitor (created mode 0600)\n"
+           "  --monitor [chardev=]ID[,mode=control][,pretty=on|off][,x-output-limit=SIZE]\n"
+           "                         a QMP monitor on chardev ID\n"
+           "  --qmp [unix:]PATH      shorthand for a --chardev and --monitor pair\n"
+           "  -S                     start in run state 'prelaunch' (no I/O until 'cont')\n"
+           "  --pidfile PATH         write the process ID to PATH (removed at exit)\n"
+           "  -v, --verbose          log more (repeat for debug)\n"
+           "  -h, --help             show this help\n"
+           "  -V, --version          show the version\n"
+           "\n"
+           "See thinblkd(1).\n", prog);
+}

@@ -1,0 +1,281 @@
+/* QMP command dispatch. See dispatch.h. */
+#include "qmp/dispatch.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "common/utf8.h"
+#include "common/util.h"
+
+struct entry {
+    const struct qmp_command *cmd;
+    void *opaque;
+};
+
+struct qmp_dispatcher {
+    struct entry *entries;
+    size_t n, cap;
+};
+
+struct qmp_dispatcher *qmp_dispatcher_new(void)
+{
+    return xzalloc(sizeof(struct qmp_dispatcher));
+}
+
+void qmp_dispatcher_free(struct qmp_dispatcher *d)
+{
+    if (!d)
+        return;
+    free(d->entries);
+    free(d);
+}
+
+static const struct entry *find(struct qmp_dispatcher *d, const char *name)
+{
+    for (size_t i = 0; i < d->n; i++) {
+        if (strcmp(d->entries[i].cmd->name, name) == 0)
+            return &d->entries[i];
+    }
+    return NULL;
+}
+
+void qmp_dispatcher_add(struct qmp_dispatcher *d, const struct qmp_command *cmds, size_t n,
+                        void *opaque)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (find(d, cmds[i].name))
+            abort(); /* two tables claim one name: a programming error */
+        if (d->n == d->cap) {
+            d->cap = d->cap ? d->cap * 2 : 32;
+            d->entries = xrealloc(d->entries, d->cap * sizeof(*d->entries));
+        }
+        d->entries[d->n++] = (struct entry){ &cmds[i], opaque };
+    }
+}
+
+void qmp_dispatcher_foreach(struct qmp_dispatcher *d,
+                            void (*fn)(const struct qmp_command *cmd, void *opaque), void *opaque)
+{
+    for (size_t i = 0; i < d->n; i++)
+        fn(d->entries[i].cmd, opaque);
+}
+
+json_t *qmp_string_sanitized(const char *s)
+{
+    json_t *v = json_string(s);
+
+    if (!v) {
+        char *clean = utf8_sanitize(s);
+        v = json_string(clean);
+        free(clean);
+    }
+    return v;
+}
+
+json_t *qmp_error_response(const struct error *err, json_t *id)
+{
+    json_t *rsp = json_pack("{s:{s:s,s:o}}", "error", "class", error_class_name(err->cls),
+                            "desc", qmp_string_sanitized(err->desc));
+
+    if (id)
+        json_object_set(rsp, "id", id);
+    return rsp;
+}
+
+json_t *qmp_return_response(json_t *ret, json_t *id)
+{
+    json_t *rsp = json_object();
+
+    json_object_set_new(rsp, "return", ret);
+    if (id)
+        json_object_set(rsp, "id", id);
+    return rsp;
+}
+
+uint64_t qmp_arg_uint64(json_t *v)
+{
+    if (json_is_integer(v))
+        return (uint64_t)json_integer_value(v);
+    return (uint64_t)json_real_value(v);
+}
+
+/* Whether v is an integer QEMU would take as uint64: int64 values (negative ones wrap, for
+ * backward compatibility, as QEMU says) and integers past INT64_MAX, which the JSON reader
+ * keeps as reals. */
+static bool is_uint64(json_t *v)
+{
+    if (json_is_integer(v))
+        return true;
+    if (!json_is_real(v))
+        return false;
+    double d = json_real_value(v);
+    return d >= 9223372036854775808.0 && d < 18446744073709551616.0 && d == floor(d);
+}
+
+static int check_type(const struct qmp_arg *a, json_t *v, struct error **errp)
+{
+    static const char *const expected[] = {
+        [QMP_ARG_STR] = "string", [QMP_ARG_INT] = "integer", [QMP_ARG_BOOL] = "boolean",
+        [QMP_ARG_OBJECT] = "object", [QMP_ARG_ARRAY] = "array",
+    };
+    bool ok;
+
+    switch (a->type) {
+    case QMP_ARG_STR: ok = json_is_string(v); break;
+    case QMP_ARG_BOOL: ok = json_is_boolean(v); break;
+    case QMP_ARG_OBJECT: ok = json_is_object(v); break;
+    case QMP_ARG_ARRAY: ok = json_is_array(v); break;
+    case QMP_ARG_ANY: return 0;
+    case QMP_ARG_INT:
+        if (json_is_integer(v))
+            return 0;
+        if (json_is_real(v)) {
+            error_setg(errp, "Parameter '%s' expects int64", a->name);
+            return -1;
+        }
+        ok = false;
+        break;
+    case QMP_ARG_UINT64:
+        /* QEMU reports every non-uint64 value this way, strings included. */
+        if (is_uint64(v))
+            return 0;
+        error_setg(errp, "Parameter '%s' expects uint64", a->name);
+        return -1;
+    default:
+        abort();
+    }
+    if (!ok) {
+        error_setg(errp, "Invalid parameter type for '%s', expected: %s", a->name,
+                   expected[a->type]);
+        return -1;
+    }
+    return 0;
+}
+
+int qmp_check_args(const struct qmp_arg *spec, json_t *args, struct error **errp)
+{
+    size_t known = 0;
+
+    /* In schema order, as QEMU's visitor walks them: the first problem is reported. */
+    for (const struct qmp_arg *a = spec; a && a->name; a++) {
+        json_t *v = json_object_get(args, a->name);
+        if (!v) {
+            if (a->optional)
+                continue;
+            error_setg(errp, "Parameter '%s' is missing", a->name);
+            return -1;
+        }
+        if (check_type(a, v, errp) < 0)
+            return -1;
+        known++;
+    }
+    if (known == json_object_size(args))
+        return 0;
+
+    const char *key;
+    json_t *v;
+    json_object_foreach(args, key, v) {
+        const struct qmp_arg *a = spec;
+        while (a && a->name && strcmp(a->name, key) != 0)
+            a++;
+        if (!a || !a->name) {
+            json_t *name = qmp_string_sanitized(key);
+            error_setg(errp, "Parameter '%s' is unexpected", json_string_value(name));
+            json_decref(name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The request's shape, as QEMU's qmp_dispatch_check_obj(). Returns the command name. */
+static const char *check_request(struct qmp_session *s, json_t *req, bool *oob,
+                                 struct error **errp)
+{
+    const char *key, *name = NULL;
+    json_t *v;
+
+    if (!json_is_object(req)) {
+        error_setg(errp, "QMP input must be a JSON object");
+        return NULL;
+    }
+    json_object_foreach(req, key, v) {
+        bool is_exec = strcmp(key, "execute") == 0;
+        if (is_exec || (strcmp(key, "exec-oob") == 0 && s->oob)) {
+            if (!json_is_string(v)) {
+                error_setg(errp, "QMP input member '%s' must be a string", key);
+                return NULL;
+            }
+            if (name) {
+                error_setg(errp, "QMP input member '%s' clashes with '%s'", key,
+                           is_exec ? "exec-oob" : "execute");
+                return NULL;
+            }
+            name = json_string_value(v);
+            *oob = !is_exec;
+        } else if (strcmp(key, "arguments") == 0) {
+            if (!json_is_object(v)) {
+                error_setg(errp, "QMP input member 'arguments' must be an object");
+                return NULL;
+            }
+        } else if (strcmp(key, "id") != 0) {
+            json_t *k = qmp_string_sanitized(key);
+            error_setg(errp, "QMP input member '%s' is unexpected", json_string_value(k));
+            json_decref(k);
+            return NULL;
+        }
+    }
+    if (!name)
+        error_setg(errp, "QMP input lacks member 'execute'");
+    return name;
+}
+
+json_t *qmp_dispatch(struct qmp_dispatcher *d, struct qmp_session *s, json_t *req,
+                     const struct error *parse_err)
+{
+    _cleanup_error_ struct error *err = NULL;
+    json_t *id = json_is_object(req) ? json_object_get(req, "id") : NULL;
+    bool oob = false;
+
+    if (!req)
+        return qmp_error_response(parse_err, NULL);
+
+    const char *name = check_request(s, req, &oob, &err);
+    if (!name)
+        return qmp_error_response(err, id);
+
+    const struct entry *e = find(d, name);
+    if (!s->negotiated && e && !(e->cmd->flags & QMP_CMD_PRECAP))
+        e = NULL;
+    if (!e) {
+        if (!s->negotiated) {
+            error_set(&err, ERROR_CLASS_COMMAND_NOT_FOUND,
+                      "Expecting capabilities negotiation with 'qmp_capabilities'");
+        } else {
+            json_t *n = qmp_string_sanitized(name);
+            error_set(&err, ERROR_CLASS_COMMAND_NOT_FOUND, "The command %s has not been found",
+                      json_string_value(n));
+            json_decref(n);
+        }
+        return qmp_error_response(err, id);
+    }
+    if (oob) {
+        /* None of our commands may run out of band, as none of QEMU's but a few. */
+        error_setg(&err, "The command %s does not support OOB", name);
+        return qmp_error_response(err, id);
+    }
+
+    json_t *args = json_object_get(req, "arguments");
+    json_t *empty = NULL;
+    if (!args)
+        args = empty = json_object();
+    json_t *ret = NULL;
+    if (qmp_check_args(e->cmd->args, args, &err) == 0) {
+        struct qmp_call call = { .session = s, .opaque = e->opaque, .dispatcher = d };
+        ret = e->cmd->fn(&call, args, &err);
+    }
+    json_decref(empty);
+    if (!ret)
+        return qmp_error_response(err, id);
+    return qmp_return_response(ret, id);
+}

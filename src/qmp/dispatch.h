@@ -1,0 +1,95 @@
+/* QMP command dispatch: the command table, argument checks, and turning one request into one
+ * response, as QEMU's qapi/qmp-dispatch.c and monitor/qmp.c do.
+ *
+ * Commands come in tables (one per cmd-<group>.c), each entry naming its handler and its
+ * arguments; the dispatcher checks a request's shape and arguments before a handler runs, so
+ * handlers see only well-typed arguments. Error texts are QEMU's, word for word.
+ */
+#ifndef THINBLK_QMP_DISPATCH_H
+#define THINBLK_QMP_DISPATCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "common/error.h"
+
+enum qmp_arg_type {
+    QMP_ARG_STR,      /* JSON string */
+    QMP_ARG_INT,      /* integer in int64 */
+    QMP_ARG_UINT64,   /* integer in uint64 (negative accepted and wrapped, as QEMU does) */
+    QMP_ARG_BOOL,
+    QMP_ARG_OBJECT,
+    QMP_ARG_ARRAY,
+    QMP_ARG_ANY,      /* any JSON value */
+};
+
+struct qmp_arg {
+    const char *name;
+    enum qmp_arg_type type;
+    bool optional;
+};
+
+/* What a client session looks like to the dispatcher (owned by the monitor server). */
+struct qmp_session {
+    bool negotiated;  /* capabilities negotiation done: the full command table applies */
+    bool oob;         /* the client enabled the "oob" capability */
+};
+
+struct qmp_call {
+    struct qmp_session *session;
+    void *opaque;                     /* the opaque registered with the command's table */
+    struct qmp_dispatcher *dispatcher;
+};
+
+/* Run a command. args is the checked "arguments" object (borrowed; empty if none was given).
+ * Returns the "return" value (new reference; json_object() for none), or NULL with *errp set.
+ * Runs on the loop thread and must not block. */
+typedef json_t *qmp_handler_fn(struct qmp_call *call, json_t *args, struct error **errp);
+
+#define QMP_CMD_PRECAP 1u  /* may run before capabilities negotiation (qmp_capabilities) */
+
+struct qmp_command {
+    const char *name;
+    qmp_handler_fn *fn;
+    const struct qmp_arg *args;  /* terminated by an entry with name NULL; NULL for none */
+    unsigned flags;
+};
+
+struct qmp_dispatcher;
+
+struct qmp_dispatcher *qmp_dispatcher_new(void);
+void qmp_dispatcher_free(struct qmp_dispatcher *d);
+
+/* Add n commands (the table must outlive d) whose handlers get opaque. Names must be unique. */
+void qmp_dispatcher_add(struct qmp_dispatcher *d, const struct qmp_command *cmds, size_t n,
+                        void *opaque);
+
+/* Call fn for every command, in the order added. */
+void qmp_dispatcher_foreach(struct qmp_dispatcher *d,
+                            void (*fn)(const struct qmp_command *cmd, void *opaque), void *opaque);
+
+/* Handle one message of a session: request is the parsed message (borrowed, any JSON type),
+ * or NULL if parsing failed with parse_err (borrowed). Returns the response object (new
+ * reference): {"return": ..., "id": ...} or {"error": {"class", "desc"}, "id": ...}. */
+json_t *qmp_dispatch(struct qmp_dispatcher *d, struct qmp_session *session, json_t *request,
+                     const struct error *parse_err);
+
+/* Check args (borrowed object) against spec: missing, unexpected and wrongly typed members
+ * give QEMU's errors. Returns 0 or -1 with *errp set. */
+int qmp_check_args(const struct qmp_arg *spec, json_t *args, struct error **errp);
+
+/* uint64 value of an argument checked as QMP_ARG_UINT64. */
+uint64_t qmp_arg_uint64(json_t *v);
+
+/* A JSON string from s, with ill-formed UTF-8 replaced by U+FFFD (client input quoted back). */
+json_t *qmp_string_sanitized(const char *s);
+
+/* The response for an error (err borrowed) or a return value (ret stolen); id borrowed, may
+ * be NULL. */
+json_t *qmp_error_response(const struct error *err, json_t *id);
+json_t *qmp_return_response(json_t *ret, json_t *id);
+
+#endif

@@ -1,0 +1,421 @@
+/* The QMP monitor server. See server.h. */
+#include "qmp/server.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "loop/loop.h"
+#include "qmp/dispatch.h"
+#include "qmp/json-stream.h"
+#include "qmp/json-writer.h"
+
+#define READ_CHUNK 65536
+#define ACCEPT_RETRY_NS (100 * 1000 * 1000ull)
+
+struct monitor {
+    struct monitor *next;
+    struct qmp_server *srv;
+    char *path;
+    int fd;                 /* listening socket, -1 once closed */
+    bool pretty;
+    size_t output_limit;
+    uint64_t retry_timer;   /* accept paused after EMFILE */
+};
+
+struct client {
+    struct client *prev, *next;  /* srv->clients */
+    struct qmp_server *srv;
+    struct monitor *mon;
+    int fd;
+    struct qmp_session session;
+    struct json_stream *in;
+    struct buf out;         /* out.data[out_pos..out.len) is still to be sent */
+    size_t out_pos;
+    unsigned watched;       /* LOOP_READ/LOOP_WRITE currently registered */
+    bool eof;               /* the client closed its side: no more input */
+    bool dead;              /* closed; freed by a deferred call */
+};
+
+struct qmp_server {
+    struct loop *loop;
+    struct qmp_dispatcher *d;
+    json_t *greeting;
+    struct monitor *monitors;
+    struct client *clients;
+    bool closed;
+    void (*flushed_fn)(void *opaque);
+    void *flushed_opaque;
+};
+
+static size_t unsent(const struct client *c)
+{
+    return c->out.len - c->out_pos;
+}
+
+static void check_flushed(struct qmp_server *srv)
+{
+    if (srv->flushed_fn && qmp_server_flushed(srv)) {
+        void (*fn)(void *) = srv->flushed_fn;
+        srv->flushed_fn = NULL;
+        fn(srv->flushed_opaque);
+    }
+}
+
+static void client_free_deferred(struct loop *loop, void *opaque)
+{
+    struct client *c = opaque;
+
+    json_stream_free(c->in);
+    buf_free(&c->out);
+    free(c);
+}
+
+/* Close the connection now; the memory goes after the current callback, which may hold c. */
+static void client_kill(struct client *c)
+{
+    struct qmp_server *srv = c->srv;
+
+    if (c->dead)
+        return;
+    c->dead = true;
+    loop_del_fd(srv->loop, c->fd);
+    close(c->fd);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->clients = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    loop_defer(srv->loop, client_free_deferred, c);
+    check_flushed(srv);
+}
+
+static void client_update_watch(struct client *c)
+{
+    unsigned want = 0;
+
+    if (c->dead)
+        return;
+    if (!c->eof && !c->srv->closed && unsent(c) < QMP_SERVER_SOFT_LIMIT)
+        want |= LOOP_READ;
+    if (unsent(c) > 0)
+        want |= LOOP_WRITE;
+    if (want != c->watched) {
+        loop_mod_fd(c->srv->loop, c->fd, want);
+        c->watched = want;
+    }
+}
+
+/* Send what the socket takes. Returns -1 if the client is gone. */
+static int client_flush(struct client *c)
+{
+    while (unsent(c) > 0) {
+        ssize_t n = send(c->fd, c->out.data + c->out_pos, unsent(c), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            log_debug("monitor %s: client write failed: %s", c->mon->path, strerror(errno));
+            client_kill(c);
+            return -1;
+        }
+        c->out_pos += (size_t)n;
+    }
+    if (c->out_pos == c->out.len) {
+        buf_reset(&c->out);
+        c->out_pos = 0;
+        if (c->out.cap > 4 * QMP_SERVER_SOFT_LIMIT)
+            buf_free(&c->out);
+    } else if (c->out_pos > c->out.len / 2) {
+        buf_consume(&c->out, c->out_pos);
+        c->out_pos = 0;
+    }
+    return 0;
+}
+
+static void client_queue_text(struct client *c, const char *text, size_t len)
+{
+    buf_append(&c->out, text, len);
+}
+
+static void client_queue(struct client *c, json_t *msg)
+{
+    qmp_json_write(&c->out, msg, c->mon->pretty);
+    buf_append(&c->out, "\r\n", 2);
+}
+
+static void client_process(struct client *c);
+
+/* Dispatch queued requests while the client keeps up with its responses. */
+static void client_process(struct client *c)
+{
+    struct qmp_server *srv = c->srv;
+
+    while (!c->dead && !srv->closed && unsent(c) < QMP_SERVER_SOFT_LIMIT) {
+        json_t *req;
+        struct error *err;
+        if (json_stream_next(c->in, &req, &err) == 0)
+            break;
+        json_t *rsp = qmp_dispatch(srv->d, &c->session, req, err);
+        json_decref(req);
+        error_free(err);
+        if (!c->dead)
+            client_queue(c, rsp);
+        json_decref(rsp);
+    }
+    if (c->dead)
+        return;
+    if (client_flush(c) < 0)
+        return;
+    if (c->eof && unsent(c) == 0) {
+        client_kill(c);  /* the client hung up and everything it asked for is answered */
+        return;
+    }
+    client_update_watch(c);
+    check_flushed(srv);
+}
+
+static void client_io(struct loop *loop, int fd, unsigned events, void *opaque)
+{
+    struct client *c = opaque;
+    char buf[READ_CHUNK];
+
+    if ((events & LOOP_WRITE) && client_flush(c) < 0)
+        return;
+    if ((events & LOOP_READ) && (c->watched & LOOP_READ)) {
+        ssize_t n = recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n > 0) {
+            json_stream_feed(c->in, buf, (size_t)n);
+        } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+            c->eof = true;
+        }
+    }
+    client_process(c);
+}
+
+static void accept_clients(struct loop *loop, int fd, unsigned events, void *opaque);
+
+static void accept_retry(struct loop *loop, void *opaque)
+{
+    struct monitor *mon = opaque;
+
+    mon->retry_timer = 0;
+    if (mon->fd >= 0)
+        loop_add_fd(loop, mon->fd, LOOP_READ, accept_clients, mon);
+}
+
+static void accept_clients(struct loop *loop, int fd, unsigned events, void *opaque)
+{
+    struct monitor *mon = opaque;
+    struct qmp_server *srv = mon->srv;
+
+    for (;;) {
+        int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (cfd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* Out of descriptors: stop accepting for a moment instead of spinning. */
+                log_warn("monitor %s: cannot accept: %s", mon->path, strerror(errno));
+                loop_del_fd(loop, fd);
+                mon->retry_timer = loop_add_timer(loop, ACCEPT_RETRY_NS, accept_retry, mon);
+            }
+            return;
+        }
+        struct client *c = xzalloc(sizeof(*c));
+        c->srv = srv;
+        c->mon = mon;
+        c->fd = cfd;
+        c->in = json_stream_new();
+        if (loop_add_fd(loop, cfd, 0, client_io, c) < 0) {
+            log_warn("monitor %s: cannot watch client: %s", mon->path, strerror(errno));
+            json_stream_free(c->in);
+            close(cfd);
+            free(c);
+            continue;
+        }
+        c->next = srv->clients;
+        if (c->next)
+            c->next->prev = c;
+        srv->clients = c;
+        client_queue(c, srv->greeting);
+        if (client_flush(c) == 0)
+            client_update_watch(c);
+    }
+}
+
+struct qmp_server *qmp_server_new(struct loop *loop, struct qmp_dispatcher *d, json_t *version)
+{
+    struct qmp_server *srv = xzalloc(sizeof(*srv));
+
+    srv->loop = loop;
+    srv->d = d;
+    srv->greeting = json_pack("{s:{s:O,s:[s]}}", "QMP", "version", version, "capabilities",
+                              "oob");
+    return srv;
+}
+
+static void monitor_close(struct qmp_server *srv, struct monitor *mon)
+{
+    if (mon->fd < 0)
+        return;
+    if (mon->retry_timer)
+        loop_del_timer(srv->loop, mon->retry_timer);
+    else
+        loop_del_fd(srv->loop, mon->fd);
+    close(mon->fd);
+    mon->fd = -1;
+    unlink(mon->path);
+}
+
+void qmp_server_close(struct qmp_server *srv)
+{
+    srv->closed = true;
+    for (struct monitor *m = srv->monitors; m; m = m->next)
+        monitor_close(srv, m);
+    for (struct client *c = srv->clients; c; c = c->next)
+        client_update_watch(c);
+}
+
+void qmp_server_free(struct qmp_server *srv)
+{
+    if (!srv)
+        return;
+    qmp_server_close(srv);
+    while (srv->clients) {
+        struct client *c = srv->clients;
+        client_kill(c);
+    }
+    while (srv->monitors) {
+        struct monitor *m = srv->monitors;
+        srv->monitors = m->next;
+        free(m->path);
+        free(m);
+    }
+    json_decref(srv->greeting);
+    free(srv);
+}
+
+int qmp_server_add_monitor(struct qmp_server *srv, const struct qmp_monitor_config *cfg,
+                           struct error **errp)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    _cleanup_close_ int fd = -1;
+
+    if (strlen(cfg->path) >= sizeof(sa.sun_path)) {
+        error_setg(errp, "UNIX socket path '%s' is too long", cfg->path);
+        return -1;
+    }
+    strcpy(sa.sun_path, cfg->path);
+
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Failed to create socket");
+        return -1;
+    }
+    /* A socket file left by a previous run would make bind() fail; QEMU removes it too. */
+    struct stat st;
+    if (lstat(cfg->path, &st) == 0 && S_ISSOCK(st.st_mode))
+        unlink(cfg->path);
+    /* The monitor controls the daemon: only its owner may connect. The mode comes from the
+     * umask at bind(), so nobody can connect before it is set. */
+    mode_t old = umask(0177);
+    int r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+    umask(old);
+    if (r < 0) {
+        error_setg_errno(errp, errno, "Failed to bind socket to %s", cfg->path);
+        return -1;
+    }
+    if (listen(fd, 128) < 0) {
+        error_setg_errno(errp, errno, "Failed to listen on socket");
+        unlink(cfg->path);
+        return -1;
+    }
+
+    struct monitor *mon = xzalloc(sizeof(*mon));
+    mon->srv = srv;
+    mon->path = xstrdup(cfg->path);
+    mon->pretty = cfg->pretty;
+    mon->output_limit = cfg->output_limit ? cfg->output_limit : QMP_SERVER_DEFAULT_OUTPUT_LIMIT;
+    mon->fd = fd;
+    if (loop_add_fd(srv->loop, fd, LOOP_READ, accept_clients, mon) < 0) {
+        error_setg_errno(errp, errno, "Failed to watch socket");
+        unlink(cfg->path);
+        free(mon->path);
+        free(mon);
+        return -1;
+    }
+    fd = -1;
+    mon->next = srv->monitors;
+    srv->monitors = mon;
+    return 0;
+}
+
+static void flush_event(struct loop *loop, void *opaque)
+{
+    struct client *c = opaque;
+
+    if (!c->dead)
+        client_process(c);
+}
+
+void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
+{
+    uint64_t ns = now_realtime_ns();
+    json_t *ev = json_pack("{s:s,s:{s:I,s:I}}", "event", name, "timestamp",
+                           "seconds", (json_int_t)(ns / 1000000000u),
+                           "microseconds", (json_int_t)(ns % 1000000000u / 1000u));
+    struct buf text[2] = { { 0 }, { 0 } };  /* compact, pretty: each written once */
+
+    if (data)
+        json_object_set_new(ev, "data", data);
+
+    for (struct client *c = srv->clients, *next; c; c = next) {
+        next = c->next;
+        if (!c->session.negotiated)
+            continue;
+        struct buf *t = &text[c->mon->pretty];
+        if (t->len == 0) {
+            qmp_json_write(t, ev, c->mon->pretty);
+            buf_append(t, "\r\n", 2);
+        }
+        if (unsent(c) + t->len > c->mon->output_limit) {
+            log_warn("monitor %s: client does not read its output; disconnecting it",
+                     c->mon->path);
+            client_kill(c);
+            continue;
+        }
+        bool was_idle = unsent(c) == 0;
+        client_queue_text(c, t->data, t->len);
+        /* Sent at the end of this loop iteration, together with the response that caused it,
+         * if any; only one deferred flush per idle client. */
+        if (was_idle)
+            loop_defer(srv->loop, flush_event, c);
+    }
+    buf_free(&text[0]);
+    buf_free(&text[1]);
+    json_decref(ev);
+}
+
+bool qmp_server_flushed(const struct qmp_server *srv)
+{
+    for (const struct client *c = srv->clients; c; c = c->next) {
+        if (unsent(c) > 0)
+            return false;
+    }
+    return true;
+}
+
+void qmp_server_notify_flushed(struct qmp_server *srv, void (*fn)(void *opaque), void *opaque)
+{
+    srv->flushed_fn = fn;
+    srv->flushed_opaque = opaque;
+    check_flushed(srv);
+}

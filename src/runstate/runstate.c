@@ -1,0 +1,153 @@
+/* The run state machine. See runstate.h. */
+#include "runstate/runstate.h"
+
+#include "common/util.h"
+#include "loop/loop.h"
+
+struct listener {
+    runstate_listener_fn *fn;
+    void *opaque;
+};
+
+struct runstate {
+    struct loop *loop;
+    enum run_state state;
+    runstate_event_fn *emit;
+    void *emit_opaque;
+
+    struct listener *listeners;
+    size_t nlisteners;
+
+    /* A stop asked for by the I/O path and not yet carried out (deferred to the loop). */
+    bool stop_requested;
+    enum run_state requested_state;
+};
+
+static const char *const names[] = {
+    [RUN_STATE_PRELAUNCH] = "prelaunch",
+    [RUN_STATE_RUNNING] = "running",
+    [RUN_STATE_PAUSED] = "paused",
+    [RUN_STATE_IO_ERROR] = "io-error",
+    [RUN_STATE_SHUTDOWN] = "shutdown",
+};
+
+const char *runstate_name(enum run_state state)
+{
+    return names[state];
+}
+
+struct runstate *runstate_new(struct loop *loop, enum run_state initial, runstate_event_fn *emit,
+                              void *emit_opaque)
+{
+    struct runstate *rs = xzalloc(sizeof(*rs));
+
+    rs->loop = loop;
+    rs->state = initial;
+    rs->emit = emit;
+    rs->emit_opaque = emit_opaque;
+    return rs;
+}
+
+void runstate_free(struct runstate *rs)
+{
+    if (!rs)
+        return;
+    free(rs->listeners);
+    free(rs);
+}
+
+enum run_state runstate_get(const struct runstate *rs)
+{
+    return rs->state;
+}
+
+bool runstate_is_running(const struct runstate *rs)
+{
+    return rs->state == RUN_STATE_RUNNING;
+}
+
+void runstate_add_listener(struct runstate *rs, runstate_listener_fn *fn, void *opaque)
+{
+    rs->listeners = xrealloc(rs->listeners, (rs->nlisteners + 1) * sizeof(*rs->listeners));
+    rs->listeners[rs->nlisteners++] = (struct listener){ fn, opaque };
+}
+
+static void set_state(struct runstate *rs, enum run_state new_state)
+{
+    enum run_state old = rs->state;
+
+    rs->state = new_state;
+    for (size_t i = 0; i < rs->nlisteners; i++)
+        rs->listeners[i].fn(rs->listeners[i].opaque, old, new_state);
+}
+
+/* QEMU's do_vm_stop(): only a running machine stops, and only then is STOP sent. */
+static void do_stop(struct runstate *rs, enum run_state new_state)
+{
+    if (rs->state != RUN_STATE_RUNNING)
+        return;
+    set_state(rs, new_state);
+    rs->emit(rs->emit_opaque, "STOP", NULL);
+}
+
+void runstate_stop(struct runstate *rs)
+{
+    do_stop(rs, RUN_STATE_PAUSED);
+}
+
+int runstate_cont(struct runstate *rs, struct error **errp)
+{
+    if (rs->state == RUN_STATE_SHUTDOWN) {
+        error_setg(errp, "Resetting the Virtual Machine is required");
+        return -1;
+    }
+    if (rs->state == RUN_STATE_RUNNING) {
+        /* QEMU's vm_prepare_start(): a pending stop request is dropped, but its STOP and a
+         * RESUME are still sent, so a client sees the pair. */
+        if (rs->stop_requested) {
+            rs->stop_requested = false;
+            rs->emit(rs->emit_opaque, "STOP", NULL);
+            rs->emit(rs->emit_opaque, "RESUME", NULL);
+        }
+        return 0;
+    }
+    rs->stop_requested = false;
+    /* RESUME goes out before listeners resubmit held requests, as in QEMU. */
+    rs->emit(rs->emit_opaque, "RESUME", NULL);
+    set_state(rs, RUN_STATE_RUNNING);
+    return 0;
+}
+
+static void deferred_stop(struct loop *loop, void *opaque)
+{
+    struct runstate *rs = opaque;
+
+    if (!rs->stop_requested)
+        return;
+    rs->stop_requested = false;
+    do_stop(rs, rs->requested_state);
+}
+
+void runstate_request_stop(struct runstate *rs, enum run_state new_state)
+{
+    if (rs->stop_requested)
+        return;
+    rs->stop_requested = true;
+    rs->requested_state = new_state;
+    loop_defer(rs->loop, deferred_stop, rs);
+}
+
+void runstate_shutdown(struct runstate *rs, enum runstate_shutdown_cause cause)
+{
+    static const char *const reasons[] = {
+        [RUNSTATE_SHUTDOWN_HOST_QMP_QUIT] = "host-qmp-quit",
+        [RUNSTATE_SHUTDOWN_HOST_SIGNAL] = "host-signal",
+    };
+
+    if (rs->state == RUN_STATE_SHUTDOWN)
+        return;
+    rs->stop_requested = false;
+    rs->emit(rs->emit_opaque, "SHUTDOWN",
+             json_pack("{s:b,s:s}", "guest", 0, "reason", reasons[cause]));
+    set_state(rs, RUN_STATE_SHUTDOWN);
+}

@@ -1,0 +1,80 @@
+/* The run state: QEMU's RunState machine, as much of it as a storage daemon has.
+ *
+ *   prelaunch --cont--> running --stop--> paused --cont--> running
+ *                       running --I/O error with action stop--> io-error --cont--> running
+ *   any state --quit, SIGTERM, SIGINT--> shutdown (terminal: the daemon exits)
+ *
+ * While not running, devices hold their requests (they listen for changes, see
+ * runstate_add_listener()). Transitions emit QEMU's events through the event sink: STOP when
+ * leaving running, RESUME when entering it, SHUTDOWN on shutdown. Like QEMU's vm_stop(), a stop
+ * when not running changes nothing and emits nothing; like vm_start(), cont when running emits
+ * nothing (unless a stop request is pending: then STOP and RESUME, and the request is dropped).
+ *
+ * The I/O-error path does not stop at once: runstate_request_stop() defers the stop to the end
+ * of the current loop iteration, as QEMU's qemu_system_vmstop_request() does, so every
+ * BLOCK_IO_ERROR raised by the same completion batch goes out before the one STOP.
+ *
+ * Owned by the daemon; used from the loop thread only.
+ */
+#ifndef THINBLK_RUNSTATE_H
+#define THINBLK_RUNSTATE_H
+
+#include <stdbool.h>
+
+#include <jansson.h>
+
+#include "common/error.h"
+
+struct loop;
+
+enum run_state {
+    RUN_STATE_PRELAUNCH,
+    RUN_STATE_RUNNING,
+    RUN_STATE_PAUSED,
+    RUN_STATE_IO_ERROR,
+    RUN_STATE_SHUTDOWN,
+};
+
+/* Why the daemon shuts down: QEMU's ShutdownCause names, as SHUTDOWN's "reason". */
+enum runstate_shutdown_cause {
+    RUNSTATE_SHUTDOWN_HOST_QMP_QUIT,  /* "host-qmp-quit" */
+    RUNSTATE_SHUTDOWN_HOST_SIGNAL,    /* "host-signal" */
+};
+
+/* Send event name with data (stolen, may be NULL) to every negotiated monitor client. */
+typedef void runstate_event_fn(void *opaque, const char *name, json_t *data);
+/* Called after the state changed from old to new (listeners run in the order added). */
+typedef void runstate_listener_fn(void *opaque, enum run_state old_state, enum run_state new_state);
+
+struct runstate;
+
+/* A new machine in state initial (RUN_STATE_PRELAUNCH or RUN_STATE_RUNNING). Events go to
+ * emit(emit_opaque, ...). */
+struct runstate *runstate_new(struct loop *loop, enum run_state initial, runstate_event_fn *emit,
+                              void *emit_opaque);
+void runstate_free(struct runstate *rs);
+
+enum run_state runstate_get(const struct runstate *rs);
+bool runstate_is_running(const struct runstate *rs);
+/* QEMU's name: "prelaunch", "running", "paused", "io-error", "shutdown". */
+const char *runstate_name(enum run_state state);
+
+/* Watch state changes. Listeners are never removed (devices live as long as the daemon). */
+void runstate_add_listener(struct runstate *rs, runstate_listener_fn *fn, void *opaque);
+
+/* The "stop" command: if running, go to paused and emit STOP. */
+void runstate_stop(struct runstate *rs);
+
+/* The "cont" command: from prelaunch, paused or io-error, go to running and emit RESUME.
+ * Returns 0, or -1 with *errp set if the state does not allow it (shutdown). */
+int runstate_cont(struct runstate *rs, struct error **errp);
+
+/* Ask for a stop into new_state (RUN_STATE_IO_ERROR) at the end of this loop iteration. Several
+ * requests before then make one stop. */
+void runstate_request_stop(struct runstate *rs, enum run_state new_state);
+
+/* Shut down: emit SHUTDOWN {"guest": false, "reason": cause} and go to shutdown. The daemon
+ * watches for it with a listener. A second call does nothing. */
+void runstate_shutdown(struct runstate *rs, enum runstate_shutdown_cause cause);
+
+#endif
