@@ -1,0 +1,29 @@
+#!/bin/bash
+# Install the Debian 12 packages thinblk needs to build, test and benchmark, if any is missing.
+# Sourced or run by run.sh, test.sh and .ci/run. Uses sudo when not root.
+set -euo pipefail
+
+THINBLK_PACKAGES=(
+    # build
+    gcc meson ninja-build pkg-config libjansson-dev liburing-dev scdoc
+    # unit tests and the fuzz target
+    libcmocka-dev clang libclang-rt-14-dev
+    # integration tests and benchmarks: real peers
+    python3 python3-pytest python3-libnbd qemu-system-x86 qemu-utils qemu-block-extra
+    nbdkit libnbd-bin fio
+)
+
+missing=()
+for p in "${THINBLK_PACKAGES[@]}"; do
+    if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
+        missing+=("$p")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "thinblk: installing ${missing[*]}" >&2
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
