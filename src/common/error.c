@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+__attribute__((format(printf, 4, 0)))
 static void error_vset(struct error **errp, enum error_class cls, const char *suffix,
                        const char *fmt, va_list ap)
 {
