@@ -10,6 +10,7 @@
 
 #include "block/graph.h"
 #include "common/util.h"
+#include "device/device.h"
 #include "loop/loop.h"
 #include "qmp/commands.h"
 #include "qmp/dispatch.h"
@@ -36,7 +37,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct loop *loop = loop_new();
     struct qmp_dispatcher *d = qmp_dispatcher_new();
     json_t *version = qmp_version_info("0.1.0");
-    struct block_graph *graph = block_graph_new();
+    struct block_graph *graph = block_graph_new(loop, NULL, emit, &out);
     struct runstate *rs = runstate_new(loop, RUN_STATE_RUNNING, emit, &out);
     struct json_stream *js = json_stream_new();
     struct qmp_session session = { 0 };
@@ -44,9 +45,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     if (!loop)
         abort();
+    struct dev_context devs = { .loop = loop, .runstate = rs, .emit = emit, .emit_opaque = &out };
+    struct qmp_services svc = { .runstate = rs, .graph = graph, .devs = &devs };
+
+    /* Not the export commands: fuzzed input must not bind sockets. */
     qmp_register_control(d, version);
-    qmp_register_run(d, rs);
-    qmp_register_block(d, graph);
+    qmp_register_run(d, &svc);
+    qmp_register_block(d, &svc);
 
     for (int pass = 0; pass < 2; pass++) {
         if (pass == 0)
@@ -69,6 +74,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     loop_run_once(loop, 0);
 
     json_stream_free(js);
+    free(devs.last_stop.device);
+    free(devs.last_stop.node_name);
     runstate_free(rs);
     block_graph_free(graph);
     qmp_dispatcher_free(d);

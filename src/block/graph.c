@@ -1,24 +1,83 @@
 /* The block graph. See graph.h. */
 #include "block/graph.h"
 
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "common/util.h"
 
-struct block_graph *block_graph_new(void)
+static const struct block_driver *const drivers[] = {
+    &block_driver_file,
+    &block_driver_host_device,
+    &block_driver_raw,
+    &block_driver_fault,
+};
+
+struct block_graph *block_graph_new(struct loop *loop, struct uring *uring,
+                                    void (*emit)(void *opaque, const char *name, json_t *data),
+                                    void *emit_opaque)
 {
-    return xzalloc(sizeof(struct block_graph));
+    struct block_graph *g = xzalloc(sizeof(*g));
+
+    g->loop = loop;
+    g->uring = uring;
+    g->emit = emit;
+    g->emit_opaque = emit_opaque;
+    return g;
+}
+
+static void graph_unlink(struct block_graph *g, struct block_node *n);
+
+static void node_close(struct block_node *n)
+{
+    if (n->drv && n->drv->close)
+        n->drv->close(n);
+    if (n->file)
+        block_node_unref(n->file);
+    free(n->node_name);
+    free(n);
+}
+
+void block_node_ref(struct block_node *n)
+{
+    n->refs++;
+}
+
+void block_node_unref(struct block_node *n)
+{
+    if (--n->refs == 1 && n->implicit && n->in_graph) {
+        graph_unlink(n->graph, n);  /* only the graph was left holding an implicit node */
+        n->refs = 0;
+    }
+    if (n->refs == 0)
+        node_close(n);
+}
+
+static void graph_unlink(struct block_graph *g, struct block_node *n)
+{
+    for (struct block_node **p = &g->nodes; *p; p = &(*p)->next) {
+        if (*p == n) {
+            *p = n->next;
+            n->in_graph = false;
+            return;
+        }
+    }
 }
 
 void block_graph_free(struct block_graph *g)
 {
     if (!g)
         return;
+    /* Newest first: parents were created after their children and go before them. */
     while (g->nodes) {
-        struct block_node *n = g->nodes;
-        g->nodes = n->next;
-        free(n->node_name);
-        free(n);
+        struct block_node *last = g->nodes;
+        while (last->next)
+            last = last->next;
+        graph_unlink(g, last);
+        block_node_unref(last);
     }
     free(g);
 }
@@ -30,4 +89,268 @@ struct block_node *block_graph_find(struct block_graph *g, const char *name)
             return n;
     }
     return NULL;
+}
+
+/* QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
+static bool name_wellformed(const char *s)
+{
+    if (!isalpha((unsigned char)s[0]))
+        return false;
+    for (; *s; s++) {
+        if (!isalnum((unsigned char)*s) && !strchr("-._", *s))
+            return false;
+    }
+    return true;
+}
+
+/* Take a boolean member of opts (QMP: JSON bool; from the command line: "on"/"off"). */
+static int take_bool(json_t *opts, const char *key, bool *out, struct error **errp)
+{
+    json_t *v = json_object_get(opts, key);
+
+    if (!v)
+        return 0;
+    if (!json_is_boolean(v)) {
+        error_setg(errp, "Invalid parameter type for '%s', expected: boolean", key);
+        return -1;
+    }
+    *out = json_is_true(v);
+    json_object_del(opts, key);
+    return 0;
+}
+
+static int take_generic(struct block_node *n, json_t *opts, struct error **errp)
+{
+    json_t *v;
+
+    if (take_bool(opts, "read-only", &n->read_only, errp) < 0)
+        return -1;
+    if ((v = json_object_get(opts, "discard"))) {
+        const char *s = json_string_value(v);
+        if (!s) {
+            error_setg(errp, "Invalid parameter type for 'discard', expected: string");
+            return -1;
+        }
+        if (strcmp(s, "unmap") == 0 || strcmp(s, "on") == 0) {
+            n->discard_unmap = true;
+        } else if (strcmp(s, "ignore") != 0 && strcmp(s, "off") != 0) {
+            error_setg(errp, "Parameter 'discard' does not accept value '%s'", s);
+            return -1;
+        }
+        json_object_del(opts, "discard");
+    }
+    if ((v = json_object_get(opts, "cache"))) {
+        if (!json_is_object(v)) {
+            error_setg(errp, "Invalid parameter type for 'cache', expected: object");
+            return -1;
+        }
+        json_t *cache = json_deep_copy(v);
+        json_object_del(opts, "cache");
+        int r = take_bool(cache, "direct", &n->cache_direct, errp);
+        if (r == 0)
+            r = take_bool(cache, "no-flush", &n->no_flush, errp);
+        if (r == 0 && json_object_size(cache) > 0) {
+            error_setg(errp, "Parameter 'cache.%s' is unexpected", json_object_iter_key(
+                json_object_iter(cache)));
+            r = -1;
+        }
+        json_decref(cache);
+        if (r < 0)
+            return -1;
+    }
+    /* Accepted for compatibility with QEMU's command lines; thinblk always behaves so. */
+    json_object_del(opts, "auto-read-only");
+    json_object_del(opts, "force-share");
+    if ((v = json_object_get(opts, "detect-zeroes"))) {
+        if (!json_is_string(v) || strcmp(json_string_value(v), "off") != 0) {
+            error_setg(errp, "detect-zeroes is not supported (only 'off')");
+            return -1;
+        }
+        json_object_del(opts, "detect-zeroes");
+    }
+    return 0;
+}
+
+struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, struct error **errp)
+{
+    json_t *opts = json_deep_copy(opts_in);
+    const struct block_driver *drv = NULL;
+    struct block_node *n = NULL;
+    const char *name;
+    json_t *v;
+
+    v = json_object_get(opts, "driver");
+    if (!v) {
+        error_setg(errp, "Parameter 'driver' is missing");
+        goto fail;
+    }
+    if (!json_is_string(v)) {
+        error_setg(errp, "Invalid parameter type for 'driver', expected: string");
+        goto fail;
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(drivers); i++) {
+        if (strcmp(drivers[i]->name, json_string_value(v)) == 0)
+            drv = drivers[i];
+    }
+    if (!drv) {
+        error_setg(errp, "Parameter 'driver' does not accept value '%s'", json_string_value(v));
+        goto fail;
+    }
+
+    n = xzalloc(sizeof(*n));
+    n->graph = g;
+    n->drv = drv;
+    n->alignment = 1;
+    v = json_object_get(opts, "node-name");
+    if (v) {
+        name = json_string_value(v);
+        if (!name) {
+            error_setg(errp, "Invalid parameter type for 'node-name', expected: string");
+            goto fail;
+        }
+        if (!name_wellformed(name)) {
+            error_setg(errp, "Invalid node-name: '%s'", name);
+            goto fail;
+        }
+        if (strlen(name) >= 32) {
+            error_setg(errp, "Node name too long");
+            goto fail;
+        }
+        if (block_graph_find(g, name)) {
+            error_setg(errp, "Duplicate nodes with node-name='%s'", name);
+            goto fail;
+        }
+        n->node_name = xstrdup(name);
+        json_object_del(opts, "node-name");
+    } else {
+        n->node_name = xasprintf("#block%03u", ++g->anon_counter);
+    }
+    json_object_del(opts, "driver");
+    if (take_generic(n, opts, errp) < 0)
+        goto fail;
+    if (drv->open(n, opts, errp) < 0) {
+        n->drv = NULL; /* nothing to close */
+        goto fail;
+    }
+    /* What the driver did not take is not an option of it. */
+    if (json_object_size(opts) > 0) {
+        error_setg(errp, "Parameter '%s' is unexpected",
+                   json_object_iter_key(json_object_iter(opts)));
+        goto fail;
+    }
+    json_decref(opts);
+
+    n->refs = 1;
+    n->in_graph = true;
+    struct block_node **p = &g->nodes;
+    while (*p)
+        p = &(*p)->next;
+    *p = n;
+    log_info("block node %s: driver %s, %" PRIu64 " bytes", n->node_name, drv->name, n->size);
+    return n;
+
+fail:
+    json_decref(opts);
+    if (n)
+        node_close(n);
+    return NULL;
+}
+
+struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, const char *member,
+                                         struct error **errp)
+{
+    struct block_node *child;
+
+    if (!ref) {
+        error_setg(errp, "Parameter '%s' is missing", member);
+        return NULL;
+    }
+    if (json_is_string(ref)) {
+        child = block_graph_find(g, json_string_value(ref));
+        if (!child) {
+            error_setg(errp, "Cannot find device='' nor node-name='%s'", json_string_value(ref));
+            return NULL;
+        }
+        block_node_ref(child);
+        return child;
+    }
+    if (!json_is_object(ref)) {
+        error_setg(errp, "Invalid parameter type for '%s', expected: object", member);
+        return NULL;
+    }
+    child = block_node_create(g, ref, errp);
+    if (!child)
+        return NULL;
+    /* Listed in the graph as QEMU lists implicit nodes, and gone with its last parent. */
+    child->implicit = true;
+    child->refs++;
+    return child;
+}
+
+int block_node_delete(struct block_graph *g, const char *name, struct error **errp)
+{
+    struct block_node *n = block_graph_find(g, name);
+
+    if (!n) {
+        error_setg(errp, "Failed to find node with node-name='%s'", name);
+        return -1;
+    }
+    if (n->refs > 1) {
+        error_setg(errp, "Node '%s' is busy: node is used as root of a block device or as a "
+                   "child of another node", name);
+        return -1;
+    }
+    graph_unlink(g, n);
+    block_node_unref(n);
+    return 0;
+}
+
+static void check_write_threshold(struct block_node *n, const struct block_req *req)
+{
+    uint64_t end = req->offset + req->len;
+
+    if (n->write_threshold == 0 || end <= n->write_threshold)
+        return;
+    /* QEMU's: one shot, sent before the write is done, with how far it goes past. */
+    uint64_t threshold = n->write_threshold;
+    n->write_threshold = 0;
+    n->graph->emit(n->graph->emit_opaque, "BLOCK_WRITE_THRESHOLD",
+                   json_pack("{s:s,s:I,s:I}", "node-name", n->node_name,
+                             "amount-exceeded", (json_int_t)(end - threshold),
+                             "write-threshold", (json_int_t)threshold));
+}
+
+void node_submit(struct block_node *n, struct block_req *req)
+{
+    if (req->op == BLOCK_OP_WRITE || req->op == BLOCK_OP_WRITE_ZEROES) {
+        check_write_threshold(n, req);
+        if (req->offset + req->len > n->wr_highest_offset)
+            n->wr_highest_offset = req->offset + req->len;
+    }
+    n->drv->submit(n, req);
+}
+
+json_t *block_node_info(struct block_node *n)
+{
+    const char *filename = n->drv->filename ? n->drv->filename(n) : "";
+    int64_t allocated = n->drv->allocated ? n->drv->allocated(n) : -1;
+    json_t *image = json_pack("{s:s,s:s,s:b}", "filename", filename, "format", n->drv->name,
+                              "dirty-flag", 0);
+    json_t *info;
+
+    if (allocated >= 0)
+        json_object_set_new(image, "actual-size", json_integer(allocated));
+    json_object_set_new(image, "virtual-size", json_integer((json_int_t)n->size));
+
+    /* Members in QEMU's schema order (BlockDeviceInfo); see qmp/json-writer.h. */
+    info = json_pack("{s:s,s:s,s:b,s:s,s:i,s:b,s:s,s:i,s:i,s:i,s:i,s:i,s:i}",
+                     "file", filename, "node-name", n->node_name, "ro", n->read_only,
+                     "drv", n->drv->name, "backing_file_depth", 0, "encrypted", 0,
+                     "detect_zeroes", "off", "bps", 0, "bps_rd", 0, "bps_wr", 0, "iops", 0,
+                     "iops_rd", 0, "iops_wr", 0);
+    json_object_set_new(info, "image", image);
+    json_object_set_new(info, "cache", json_pack("{s:b,s:b,s:b}", "writeback", 1, "direct",
+                                                 n->cache_direct, "no-flush", n->no_flush));
+    json_object_set_new(info, "write_threshold", json_integer((json_int_t)n->write_threshold));
+    return info;
 }

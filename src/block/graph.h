@@ -1,28 +1,134 @@
-/* The block graph: the named block nodes of the daemon.
+/* The block graph: block nodes, their drivers, and the requests that flow through them.
  *
- * Nodes are added by --blockdev and blockdev-add (the block layer); QMP commands find them by
- * node name here. Used from the loop thread only.
+ * A node is an instance of a driver: a protocol driver ("file": a regular file or a host block
+ * device) or a filter/format driver over one child node ("raw", "fault"). Nodes are created by
+ * --blockdev and blockdev-add from QEMU's BlockdevOptions, looked up by node name, and kept
+ * alive by references: a parent node or a device (an export) holds one on its child.
+ *
+ * Requests are asynchronous: node_submit() queues one and its done() runs later on the loop
+ * thread, never inside node_submit(). A request carries a plain errno in the data path:
+ * done(req, 0) or done(req, -errno). Requests reaching a driver have been checked against the
+ * node's size and alignment by the device; drivers do not check twice.
+ *
+ * Used from the loop thread only.
  */
 #ifndef THINBLK_BLOCK_GRAPH_H
 #define THINBLK_BLOCK_GRAPH_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
-struct block_node {
-    struct block_node *next;  /* graph->nodes */
-    char *node_name;
-    uint64_t write_threshold; /* bytes; 0: not armed */
+#include <jansson.h>
+
+#include "common/error.h"
+
+struct loop;
+struct uring;
+struct block_node;
+
+enum block_op {
+    BLOCK_OP_READ,
+    BLOCK_OP_WRITE,
+    BLOCK_OP_FLUSH,
+    BLOCK_OP_DISCARD,
+    BLOCK_OP_WRITE_ZEROES,
+};
+
+#define BLOCK_REQ_FUA 1u       /* WRITE, WRITE_ZEROES: durable when done */
+#define BLOCK_REQ_MAY_UNMAP 2u /* WRITE_ZEROES: may deallocate */
+
+struct block_req {
+    enum block_op op;
+    unsigned flags;
+    uint64_t offset;
+    uint64_t len;
+    void *buf;  /* READ, WRITE: len bytes, owned by the submitter */
+    void (*done)(struct block_req *req, int ret);
+    void *opaque;  /* the submitter's */
+};
+
+struct block_driver {
+    const char *name;
+    /* Open n from opts (a QMP object: the BlockdevOptions members left after the generic ones
+     * have been taken); sets n->size, may set n->file. Returns 0 or -1 with *errp set. */
+    int (*open)(struct block_node *n, json_t *opts, struct error **errp);
+    void (*close)(struct block_node *n);
+    void (*submit)(struct block_node *n, struct block_req *req);
+    /* Bytes allocated on the host (QEMU's actual-size), or -1 if unknown. */
+    int64_t (*allocated)(struct block_node *n);
+    /* The host file name for queries ("filename", "file"). */
+    const char *(*filename)(struct block_node *n);
 };
 
 struct block_graph {
-    struct block_node *nodes;
+    struct block_node *nodes;  /* in creation order */
+    struct loop *loop;
+    struct uring *uring;
+    /* BLOCK_WRITE_THRESHOLD and other node events: name and data (stolen). */
+    void (*emit)(void *opaque, const char *name, json_t *data);
+    void *emit_opaque;
+    unsigned anon_counter;     /* for generated node names, "#block123" as QEMU */
 };
 
-struct block_graph *block_graph_new(void);
-/* Free the graph and every node in it. */
+struct block_node {
+    struct block_node *next;   /* graph->nodes */
+    struct block_graph *graph;
+    char *node_name;
+    const struct block_driver *drv;
+    void *opaque;              /* the driver's state */
+    struct block_node *file;   /* the child, for filter and format drivers; a reference */
+    unsigned refs;             /* parents and devices using this node, +1 while in the graph */
+    bool in_graph;             /* listed in graph->nodes (false once blockdev-del took it) */
+    bool implicit;             /* created inline as a child: goes with its last parent */
+    uint64_t size;             /* bytes */
+    uint32_t alignment;        /* bytes every request's offset and length must be multiple of */
+    bool read_only;
+    bool discard_unmap;        /* discard=unmap: discards reach the storage */
+    bool cache_direct;         /* cache.direct as asked for (QEMU reports the option) */
+    bool no_flush;             /* cache.no-flush */
+    /* Write threshold (QEMU's block-set-write-threshold): armed while not 0; one-shot. */
+    uint64_t write_threshold;
+    uint64_t wr_highest_offset;  /* the highest byte written + 1 */
+};
+
+/* A new, empty graph; file I/O goes to uring, events to emit. */
+struct block_graph *block_graph_new(struct loop *loop, struct uring *uring,
+                                    void (*emit)(void *opaque, const char *name, json_t *data),
+                                    void *emit_opaque);
+/* Free the graph and every node in it. Nothing may be in flight. */
 void block_graph_free(struct block_graph *g);
 
 /* The node named name, or NULL. */
 struct block_node *block_graph_find(struct block_graph *g, const char *name);
+
+/* Create a node from QEMU's BlockdevOptions (borrowed): "driver", "node-name", "read-only",
+ * "discard", "cache": {"direct", "no-flush"} and the driver's own members. Children given as
+ * an object are created too (anonymous ones get a "#blockN" name). Returns the node, with one
+ * reference held by the graph, or NULL with *errp set (QEMU's texts). */
+struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct error **errp);
+
+/* blockdev-del: remove a node nobody uses. Returns 0 or -1 with *errp set. */
+int block_node_delete(struct block_graph *g, const char *name, struct error **errp);
+
+/* Resolve a child reference of opts: a node name (string) or options for a new node (object).
+ * Returns the node with a new reference for the caller, or NULL with *errp set. */
+struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, const char *member,
+                                         struct error **errp);
+
+void block_node_ref(struct block_node *n);
+/* Drop a reference; the last one closes the node and drops its child's reference. */
+void block_node_unref(struct block_node *n);
+
+/* Submit req to n. Writes update the write threshold bookkeeping. */
+void node_submit(struct block_node *n, struct block_req *req);
+
+/* The node's entry of query-named-block-nodes (QEMU's BlockDeviceInfo). */
+json_t *block_node_info(struct block_node *n);
+
+/* Driver tables. */
+extern const struct block_driver block_driver_file;
+extern const struct block_driver block_driver_host_device; /* QEMU's name for "file" on a device */
+extern const struct block_driver block_driver_raw;
+extern const struct block_driver block_driver_fault;
 
 #endif

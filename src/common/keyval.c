@@ -38,6 +38,35 @@ static int keyval_store(json_t *obj, const char *key, const char *value, struct 
     }
 }
 
+/* QEMU's keyval.c: a key is dot-separated names of letters, digits, '-' and '_', each at
+ * most 127 characters. */
+static int check_key(const char *key, size_t len, struct error **errp)
+{
+    size_t frag = 0;
+
+    if (len == 0) {
+        error_setg(errp, "Invalid parameter ''");
+        return -1;
+    }
+    for (size_t i = 0; i < len; i++) {
+        char c = key[i];
+        if (c == '.') {
+            frag = 0;
+            continue;
+        }
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_')) {
+            error_setg(errp, "Invalid parameter '%.*s'", (int)len, key);
+            return -1;
+        }
+        if (++frag > 127) {
+            error_setg(errp, "Parameter '%.*s' is too long", (int)len, key);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 json_t *keyval_parse(const char *s, const char *implied_key, struct error **errp)
 {
     json_t *obj = json_object();
@@ -53,26 +82,29 @@ json_t *keyval_parse(const char *s, const char *implied_key, struct error **errp
         while (*p && *p != '=' && *p != ',')
             p++;
         bool has_eq = *p == '=';
-        if (!has_eq && !(first && implied_key)) {
-            error_setg(errp, "Expected '=' after parameter '%.*s'", (int)(p - k), k);
-            goto fail;
-        }
-        if (has_eq) {
-            buf_append(&key, k, p - k);
-            p++;
-        } else {
-            p = k; /* the whole element is the implied key's value */
+        if (!has_eq && first && implied_key && p > k) {
+            /* The implied key's value ends at the first comma: no ",," escape there. */
             buf_append(&key, implied_key, strlen(implied_key));
-        }
-        /* Value: up to a single ','; ",," is a literal comma. */
-        for (;;) {
-            if (*p == ',' && p[1] == ',') {
-                buf_append(&val, ",", 1);
-                p += 2;
-            } else if (*p == ',' || !*p) {
-                break;
-            } else {
-                buf_append(&val, p++, 1);
+            buf_append(&val, k, (size_t)(p - k));
+        } else {
+            if (check_key(k, (size_t)(p - k), errp) < 0)
+                goto fail;
+            if (!has_eq) {
+                error_setg(errp, "Expected '=' after parameter '%.*s'", (int)(p - k), k);
+                goto fail;
+            }
+            buf_append(&key, k, (size_t)(p - k));
+            p++;
+            /* Value: up to a single ','; ",," is a literal comma. */
+            for (;;) {
+                if (*p == ',' && p[1] == ',') {
+                    buf_append(&val, ",", 1);
+                    p += 2;
+                } else if (*p == ',' || !*p) {
+                    break;
+                } else {
+                    buf_append(&val, p++, 1);
+                }
             }
         }
         buf_append(&key, "", 1);

@@ -50,6 +50,8 @@ char *xasprintf(const char *fmt, ...)
 
 void buf_append(struct buf *b, const void *data, size_t len)
 {
+    if (len == 0)
+        return;  /* memcpy() into a NULL buffer is undefined even for 0 bytes */
     if (b->len + len > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (cap < b->len + len)

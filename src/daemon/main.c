@@ -8,7 +8,10 @@
 #include <unistd.h>
 
 #include "block/graph.h"
+#include "io/uring.h"
 #include "common/log.h"
+#include "device/device.h"
+#include "export/export.h"
 #include "common/util.h"
 #include "daemon/options.h"
 #include "loop/loop.h"
@@ -24,7 +27,11 @@ struct daemon {
     struct qmp_dispatcher *dispatcher;
     struct qmp_server *server;
     struct runstate *runstate;
+    struct uring *uring;
     struct block_graph *graph;
+    struct dev_context devs;
+    struct exports *exports;
+    struct qmp_services services;
     json_t *version;
     int sigfd;
 };
@@ -90,9 +97,12 @@ static int setup_signals(struct daemon *d)
     return loop_add_fd(d->loop, d->sigfd, LOOP_READ, on_signal, d);
 }
 
+/* Write our PID to path, locked for as long as we run (the fd stays open), as QEMU does: a
+ * second daemon given the same file fails instead of overwriting it. Returns the fd or -1. */
 static int write_pidfile(const char *path, struct error **errp)
 {
-    _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    struct flock lock = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
     char text[32];
     int len;
 
@@ -100,19 +110,80 @@ static int write_pidfile(const char *path, struct error **errp)
         error_setg_errno(errp, errno, "Cannot open pid file %s", path);
         return -1;
     }
-    len = snprintf(text, sizeof(text), "%d\n", (int)getpid());
-    if (write(fd, text, (size_t)len) != len) {
-        error_setg_errno(errp, errno, "Cannot write pid file %s", path);
+    if (fcntl(fd, F_SETLK, &lock) < 0) {
+        error_setg_errno(errp, errno, "Cannot lock pid file %s", path);
+        close(fd);
         return -1;
+    }
+    len = snprintf(text, sizeof(text), "%d\n", (int)getpid());
+    if (ftruncate(fd, 0) < 0 || pwrite(fd, text, (size_t)len, 0) != len) {
+        error_setg_errno(errp, errno, "Cannot write pid file %s", path);
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Apply --blockdev, --nbd-server and --export in the order given. */
+static int apply_cli_objects(struct daemon *d, const struct daemon_options *opts,
+                             struct error **errp)
+{
+    static const char *const opt_names[] = {
+        [CLI_BLOCKDEV] = "--blockdev", [CLI_NBD_SERVER] = "--nbd-server",
+        [CLI_EXPORT] = "--export",
+    };
+
+    for (size_t i = 0; i < opts->nobjects; i++) {
+        const struct cli_object *o = &opts->objects[i];
+        int r = 0;
+        switch (o->kind) {
+        case CLI_BLOCKDEV:
+            if (!json_object_get(o->opts, "node-name")) {
+                error_setg(errp, "'node-name' must be specified for the root node");
+                r = -1;
+            } else if (!block_node_create(d->graph, o->opts, errp)) {
+                r = -1;
+            }
+            break;
+        case CLI_NBD_SERVER:
+            r = exports_nbd_server_start(d->exports, o->opts, errp);
+            break;
+        case CLI_EXPORT:
+            r = exports_add(d->exports, o->opts, errp);
+            break;
+        }
+        if (r < 0) {
+            error_prepend(errp, "%s", opt_names[o->kind]);
+            return -1;
+        }
     }
     return 0;
 }
 
+/* After the loop: no more clients; let I/O already at the kernel finish, so nothing is freed
+ * under it, for at most a few seconds. */
+static void drain_io(struct daemon *d)
+{
+    uint64_t deadline = now_monotonic_ns() + EXIT_FLUSH_TIMEOUT_NS;
+
+    if (d->exports)
+        exports_shutdown(d->exports);
+    while (d->uring && uring_in_flight(d->uring) > 0 && now_monotonic_ns() < deadline)
+        loop_run_once(d->loop, 100);
+}
+
 static void daemon_free(struct daemon *d)
 {
+    if (d->loop)
+        loop_run_deferred(d->loop);  /* frees of closed clients, and the like */
+    drain_io(d);
+    exports_free(d->exports);
+    free(d->devs.last_stop.device);
+    free(d->devs.last_stop.node_name);
     qmp_server_free(d->server);  /* removes the socket files */
     runstate_free(d->runstate);
     block_graph_free(d->graph);
+    uring_free(d->uring);
     qmp_dispatcher_free(d->dispatcher);
     json_decref(d->version);
     if (d->sigfd >= 0)
@@ -125,7 +196,7 @@ int main(int argc, char **argv)
     struct daemon_options opts;
     struct daemon d = { .sigfd = -1 };
     struct error *err = NULL;
-    bool pidfile_written = false;
+    int pidfile_fd = -1;
     int ret = 1;
 
     log_program = "thinblkd";
@@ -156,14 +227,25 @@ int main(int argc, char **argv)
     d.version = qmp_version_info(THINBLK_VERSION);
     d.dispatcher = qmp_dispatcher_new();
     d.server = qmp_server_new(d.loop, d.dispatcher, d.version);
-    d.graph = block_graph_new();
+    d.uring = uring_new(d.loop, 256, &err);
+    if (!d.uring) {
+        log_error("%s", err->desc);
+        goto out;
+    }
+    d.graph = block_graph_new(d.loop, d.uring, emit_event, &d);
     d.runstate = runstate_new(d.loop, opts.prelaunch ? RUN_STATE_PRELAUNCH : RUN_STATE_RUNNING,
                               emit_event, &d);
     runstate_add_listener(d.runstate, on_state_change, &d);
+    d.devs = (struct dev_context){ .loop = d.loop, .runstate = d.runstate, .emit = emit_event,
+                                   .emit_opaque = &d };
+    d.exports = exports_new(d.graph, &d.devs);
+    d.services = (struct qmp_services){ .runstate = d.runstate, .graph = d.graph,
+                                        .devs = &d.devs, .exports = d.exports };
 
     qmp_register_control(d.dispatcher, d.version);
-    qmp_register_run(d.dispatcher, d.runstate);
-    qmp_register_block(d.dispatcher, d.graph);
+    qmp_register_run(d.dispatcher, &d.services);
+    qmp_register_block(d.dispatcher, &d.services);
+    qmp_register_export(d.dispatcher, &d.services);
 
     if (setup_signals(&d) < 0) {
         log_error("cannot set up signal handling: %s", strerror(errno));
@@ -175,13 +257,17 @@ int main(int argc, char **argv)
             goto out;
         }
     }
+    if (apply_cli_objects(&d, &opts, &err) < 0) {
+        log_error("%s", err->desc);
+        goto out;
+    }
     /* Written last: once it exists, every socket is listening. */
     if (opts.pidfile) {
-        if (write_pidfile(opts.pidfile, &err) < 0) {
+        pidfile_fd = write_pidfile(opts.pidfile, &err);
+        if (pidfile_fd < 0) {
             log_error("%s", err->desc);
             goto out;
         }
-        pidfile_written = true;
     }
 
     if (loop_run(d.loop) < 0) {
@@ -191,8 +277,10 @@ int main(int argc, char **argv)
     ret = 0;
 out:
     error_free(err);
-    if (pidfile_written)
+    if (pidfile_fd >= 0) {
         unlink(opts.pidfile);  /* as qemu-storage-daemon does */
+        close(pidfile_fd);
+    }
     daemon_free(&d);
     daemon_options_free(&opts);
     return ret;

@@ -8,6 +8,8 @@
 
 #include "common/keyval.h"
 #include "common/util.h"
+#include "qmp/json-stream.h"
+#include "qmp/keyval-types.h"
 
 /* QEMU's boolean spellings (qapi_bool_parse). */
 static int parse_bool(const char *opt, const char *key, const char *s, bool *out,
@@ -240,6 +242,13 @@ static int opt_qmp(struct daemon_options *o, const char *arg, struct error **err
 {
     const char *opt = "--qmp";
     const char *spec = strncmp(arg, "unix:", 5) == 0 ? arg + 5 : arg;
+    const char *colon = strchr(arg, ':');
+
+    /* QEMU's other chardev shorthands (tcp:, telnet:, stdio, ...) are not monitors we offer. */
+    if (spec == arg && colon && (!strchr(arg, '/') || colon < strchr(arg, '/'))) {
+        error_setg(errp, "%s: only Unix sockets are supported ('unix:PATH' or 'PATH')", opt);
+        return -1;
+    }
     const char *comma = strchr(spec, ',');
     _cleanup_free_ char *path = comma ? strndup(spec, (size_t)(comma - spec)) : xstrdup(spec);
     _cleanup_free_ char *id = xasprintf("qmp%zu", o->nchardevs);
@@ -266,7 +275,37 @@ static int opt_qmp(struct daemon_options *o, const char *arg, struct error **err
     return 0;
 }
 
-enum { OPT_CHARDEV = 256, OPT_MONITOR, OPT_QMP, OPT_PIDFILE };
+/* A JSON object if arg starts with '{' (as qemu-storage-daemon allows), else key=value. */
+static int opt_object(struct daemon_options *o, enum cli_object_kind kind, const char *opt,
+                      const char *arg, const char *implied, struct error **errp)
+{
+    json_t *obj;
+
+    if (arg[0] == '{') {
+        obj = json_stream_parse(arg, strlen(arg), errp);
+        if (obj && !json_is_object(obj)) {
+            json_decref(obj);
+            obj = NULL;
+            error_setg(errp, "expected a JSON object");
+        }
+    } else {
+        obj = keyval_parse(arg, implied, errp);
+        if (obj && qmp_keyval_coerce(obj, errp) < 0) {
+            json_decref(obj);
+            obj = NULL;
+        }
+    }
+    if (!obj) {
+        error_prepend(errp, "%s", opt);
+        return -1;
+    }
+    o->objects = xrealloc(o->objects, (o->nobjects + 1) * sizeof(*o->objects));
+    o->objects[o->nobjects++] = (struct cli_object){ kind, obj };
+    return 0;
+}
+
+enum { OPT_CHARDEV = 256, OPT_MONITOR, OPT_QMP, OPT_PIDFILE, OPT_BLOCKDEV, OPT_NBD_SERVER,
+       OPT_EXPORT };
 
 int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct error **errp)
 {
@@ -275,6 +314,9 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
         { "monitor", required_argument, NULL, OPT_MONITOR },
         { "qmp", required_argument, NULL, OPT_QMP },
         { "pidfile", required_argument, NULL, OPT_PIDFILE },
+        { "blockdev", required_argument, NULL, OPT_BLOCKDEV },
+        { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
+        { "export", required_argument, NULL, OPT_EXPORT },
         { "verbose", no_argument, NULL, 'v' },
         { "help", no_argument, NULL, 'h' },
         { "version", no_argument, NULL, 'V' },
@@ -291,6 +333,15 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
         case OPT_CHARDEV: r = opt_chardev(o, optarg, errp); break;
         case OPT_MONITOR: r = opt_monitor(o, optarg, errp); break;
         case OPT_QMP: r = opt_qmp(o, optarg, errp); break;
+        case OPT_BLOCKDEV:
+            r = opt_object(o, CLI_BLOCKDEV, "--blockdev", optarg, NULL, errp);
+            break;
+        case OPT_NBD_SERVER:
+            r = opt_object(o, CLI_NBD_SERVER, "--nbd-server", optarg, NULL, errp);
+            break;
+        case OPT_EXPORT:
+            r = opt_object(o, CLI_EXPORT, "--export", optarg, "type", errp);
+            break;
         case OPT_PIDFILE:
             free(o->pidfile);
             o->pidfile = xstrdup(optarg);
@@ -324,6 +375,9 @@ void daemon_options_free(struct daemon_options *o)
     }
     free(o->chardevs);
     free(o->monitors);
+    for (size_t i = 0; i < o->nobjects; i++)
+        json_decref(o->objects[i].opts);
+    free(o->objects);
     free(o->pidfile);
 }
 
@@ -337,6 +391,13 @@ void daemon_options_usage(const char *prog)
            "  --monitor [chardev=]ID[,mode=control][,pretty=on|off][,x-output-limit=SIZE]\n"
            "                         a QMP monitor on chardev ID\n"
            "  --qmp [unix:]PATH      shorthand for a --chardev and --monitor pair\n"
+           "  --blockdev OPTIONS     a block node (BlockdevOptions: key=value or JSON);\n"
+           "                         drivers: file, host_device, raw, fault\n"
+           "  --nbd-server addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=P\n"
+           "                         [,max-connections=N]   start the NBD server\n"
+           "  --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]\n"
+           "           [,description=TEXT][,werror=ACTION][,rerror=ACTION]\n"
+           "                         export a node; ACTION: report, ignore, stop, enospc\n"
            "  -S                     start in run state 'prelaunch' (no I/O until 'cont')\n"
            "  --pidfile PATH         write the process ID to PATH (removed at exit)\n"
            "  -v, --verbose          log more (repeat for debug)\n"

@@ -3,6 +3,11 @@
  *   --chardev socket,id=ID,path=PATH,server=on[,wait=off]
  *   --monitor [chardev=]ID[,mode=control][,pretty=on|off][,x-output-limit=SIZE]
  *   --qmp [unix:]PATH[,server=on][,wait=off]      (shorthand for the two above)
+ *   --blockdev OPTIONS                    (BlockdevOptions: key=value or a JSON object)
+ *   --nbd-server addr.type=unix,addr.path=PATH | addr.type=inet,addr.host=H,addr.port=P
+ *                [,max-connections=N]
+ *   --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]
+ *            [,description=TEXT][,werror=ACTION][,rerror=ACTION]
  *   -S, --pidfile PATH, -v/--verbose, -h/--help, -V/--version
  *
  * Option values use QEMU's key=value syntax (common/keyval.h).
@@ -13,6 +18,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include <jansson.h>
+
 #include "common/error.h"
 #include "qmp/server.h"
 
@@ -22,7 +29,18 @@ struct chardev_opt {
     bool used;  /* by a monitor */
 };
 
+/* --blockdev, --nbd-server and --export, applied in the order given, as qemu-storage-daemon
+ * does (an export needs its node and the NBD server before it). */
+enum cli_object_kind { CLI_BLOCKDEV, CLI_NBD_SERVER, CLI_EXPORT };
+
+struct cli_object {
+    enum cli_object_kind kind;
+    json_t *opts;  /* the QMP arguments, typed */
+};
+
 struct daemon_options {
+    struct cli_object *objects;
+    size_t nobjects;
     struct chardev_opt *chardevs;
     size_t nchardevs;
     struct qmp_monitor_config *monitors;  /* path borrowed from its chardev */

@@ -237,3 +237,5 @@ int loop_run(struct loop *loop)
 }
 
 void loop_stop(struct loop *loop) { loop->stop = true; }
+
+void loop_run_deferred(struct loop *loop) { run_deferred(loop); }

@@ -41,6 +41,9 @@ void loop_del_timer(struct loop *loop, uint64_t id);
  * Deferred calls run in the order they were made. */
 void loop_defer(struct loop *loop, loop_fn *fn, void *opaque);
 
+/* Run the deferred calls now (before tearing down what they refer to). */
+void loop_run_deferred(struct loop *loop);
+
 /* Run until loop_stop(). Returns 0, or -1 with errno if epoll fails. */
 int loop_run(struct loop *loop);
 /* Make loop_run() return after the current iteration. */

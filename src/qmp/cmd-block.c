@@ -1,24 +1,108 @@
-/* QMP commands of the block graph. */
+/* QMP commands of the block graph and devices: blockdev-add, blockdev-del,
+ * query-named-block-nodes, query-block, query-blockstats, block-set-write-threshold, and
+ * thinblk's __org.thinblk_fault-set. */
 #include "qmp/commands.h"
 
+#include <string.h>
+
+#include "block/fault.h"
 #include "block/graph.h"
 #include "common/util.h"
+#include "device/device.h"
 
-static json_t *block_set_write_threshold(struct qmp_call *call, json_t *args,
-                                         struct error **errp)
+static struct block_node *find_node(struct qmp_services *svc, const char *name,
+                                    struct error **errp)
 {
-    const char *name = json_string_value(json_object_get(args, "node-name"));
-    struct block_node *node = block_graph_find(call->opaque, name);
+    struct block_node *node = block_graph_find(svc->graph, name);
 
     if (!node) {
         json_t *n = qmp_string_sanitized(name);
         error_setg(errp, "Device '%s' not found", json_string_value(n));
         json_decref(n);
+    }
+    return node;
+}
+
+static json_t *block_set_write_threshold(struct qmp_call *call, json_t *args,
+                                         struct error **errp)
+{
+    const char *name = json_string_value(json_object_get(args, "node-name"));
+    struct block_node *node = find_node(call->opaque, name, errp);
+
+    if (!node)
+        return NULL;
+    /* As QEMU: armed until a write goes past it, then BLOCK_WRITE_THRESHOLD once; 0 disarms. */
+    node->write_threshold = qmp_arg_uint64(json_object_get(args, "write-threshold"));
+    return json_object();
+}
+
+static json_t *blockdev_add(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    struct qmp_services *svc = call->opaque;
+
+    if (!json_object_get(args, "node-name")) {
+        error_setg(errp, "'node-name' must be specified for the root node");
         return NULL;
     }
-    /* QEMU: the threshold is armed until crossed, then BLOCK_WRITE_THRESHOLD is sent once
-     * and it is disarmed; 0 disarms. Checked by the write path. */
-    node->write_threshold = qmp_arg_uint64(json_object_get(args, "write-threshold"));
+    if (!block_node_create(svc->graph, args, errp))
+        return NULL;
+    return json_object();
+}
+
+static json_t *blockdev_del(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    struct qmp_services *svc = call->opaque;
+
+    if (block_node_delete(svc->graph, json_string_value(json_object_get(args, "node-name")),
+                          errp) < 0)
+        return NULL;
+    return json_object();
+}
+
+static json_t *query_named_block_nodes(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    struct qmp_services *svc = call->opaque;
+    json_t *list = json_array();
+
+    /* Newest first, as QEMU lists them. No backing chains yet, so "flat" changes nothing. */
+    for (struct block_node *n = svc->graph->nodes; n; n = n->next)
+        json_array_insert_new(list, 0, block_node_info(n));
+    return list;
+}
+
+static json_t *query_block(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    struct qmp_services *svc = call->opaque;
+    json_t *list = json_array();
+
+    for (struct device *d = svc->devs->devices; d; d = device_next(d))
+        json_array_append_new(list, device_query_block(d));
+    return list;
+}
+
+static json_t *query_blockstats(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    struct qmp_services *svc = call->opaque;
+    json_t *list = json_array();
+
+    if (json_is_true(json_object_get(args, "query-nodes"))) {
+        error_setg(errp, "query-nodes is not supported; statistics are kept per device");
+        json_decref(list);
+        return NULL;
+    }
+    for (struct device *d = svc->devs->devices; d; d = device_next(d))
+        json_array_append_new(list, device_query_stats(d));
+    return list;
+}
+
+static json_t *fault_set(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    struct block_node *node = find_node(call->opaque,
+                                        json_string_value(json_object_get(args, "node-name")),
+                                        errp);
+
+    if (!node || fault_set_rules(node, json_object_get(args, "rules"), errp) < 0)
+        return NULL;
     return json_object();
 }
 
@@ -28,11 +112,38 @@ static const struct qmp_arg write_threshold_args[] = {
     { NULL },
 };
 
-static const struct qmp_command block_commands[] = {
-    { "block-set-write-threshold", block_set_write_threshold, write_threshold_args, 0 },
+static const struct qmp_arg node_name_args[] = {
+    { "node-name", QMP_ARG_STR },
+    { NULL },
 };
 
-void qmp_register_block(struct qmp_dispatcher *d, struct block_graph *graph)
+static const struct qmp_arg named_nodes_args[] = {
+    { "flat", QMP_ARG_BOOL, .optional = true },
+    { NULL },
+};
+
+static const struct qmp_arg blockstats_args[] = {
+    { "query-nodes", QMP_ARG_BOOL, .optional = true },
+    { NULL },
+};
+
+static const struct qmp_arg fault_set_args[] = {
+    { "node-name", QMP_ARG_STR },
+    { "rules", QMP_ARG_ARRAY },
+    { NULL },
+};
+
+static const struct qmp_command block_commands[] = {
+    { "blockdev-add", blockdev_add, NULL, QMP_CMD_OPEN_ARGS },
+    { "blockdev-del", blockdev_del, node_name_args, 0 },
+    { "query-named-block-nodes", query_named_block_nodes, named_nodes_args, 0 },
+    { "query-block", query_block, NULL, 0 },
+    { "query-blockstats", query_blockstats, blockstats_args, 0 },
+    { "block-set-write-threshold", block_set_write_threshold, write_threshold_args, 0 },
+    { "__org.thinblk_fault-set", fault_set, fault_set_args, 0 },
+};
+
+void qmp_register_block(struct qmp_dispatcher *d, struct qmp_services *svc)
 {
-    qmp_dispatcher_add(d, block_commands, ARRAY_SIZE(block_commands), graph);
+    qmp_dispatcher_add(d, block_commands, ARRAY_SIZE(block_commands), svc);
 }

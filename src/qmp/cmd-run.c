@@ -1,12 +1,16 @@
 /* QMP commands of the run state: query-status, stop, cont, quit. */
 #include "qmp/commands.h"
 
+#include <errno.h>
+#include <string.h>
+
 #include "common/util.h"
+#include "device/device.h"
 #include "runstate/runstate.h"
 
 static json_t *query_status(struct qmp_call *call, json_t *args, struct error **errp)
 {
-    struct runstate *rs = call->opaque;
+    struct runstate *rs = ((struct qmp_services *)call->opaque)->runstate;
 
     /* "singlestep" is a VM's; QEMU 7.2 always sends it, so clients may expect it. Members in
      * QEMU's schema order, which decides their order on the wire (json-writer.h). */
@@ -16,13 +20,13 @@ static json_t *query_status(struct qmp_call *call, json_t *args, struct error **
 
 static json_t *stop(struct qmp_call *call, json_t *args, struct error **errp)
 {
-    runstate_stop(call->opaque);
+    runstate_stop(((struct qmp_services *)call->opaque)->runstate);
     return json_object();
 }
 
 static json_t *cont(struct qmp_call *call, json_t *args, struct error **errp)
 {
-    if (runstate_cont(call->opaque, errp) < 0)
+    if (runstate_cont(((struct qmp_services *)call->opaque)->runstate, errp) < 0)
         return NULL;
     return json_object();
 }
@@ -31,8 +35,39 @@ static json_t *quit(struct qmp_call *call, json_t *args, struct error **errp)
 {
     /* SHUTDOWN goes out now, the response after it, then the daemon exits once both are
      * sent: the order QEMU's clients see. */
-    runstate_shutdown(call->opaque, RUNSTATE_SHUTDOWN_HOST_QMP_QUIT);
+    runstate_shutdown(((struct qmp_services *)call->opaque)->runstate,
+                      RUNSTATE_SHUTDOWN_HOST_QMP_QUIT);
     return json_object();
+}
+
+static json_t *timestamp(uint64_t ns)
+{
+    return json_pack("{s:I,s:I}", "seconds", (json_int_t)(ns / 1000000000u), "microseconds",
+                     (json_int_t)(ns % 1000000000u / 1000u));
+}
+
+/* thinblk's extension, proposed for QEMU in 2011 ("I/O error info & query-stop-reason") and
+ * never added: why the daemon is not running, in one call, for a client that connects late
+ * and missed the events. */
+static json_t *query_stop_reason(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    struct qmp_services *svc = call->opaque;
+    enum run_state state = runstate_get(svc->runstate);
+    json_t *ret = json_pack("{s:s,s:b,s:o}", "status", runstate_name(state), "running",
+                            state == RUN_STATE_RUNNING, "since",
+                            timestamp(runstate_since_ns(svc->runstate)));
+    const struct dev_stop_cause *c = &svc->devs->last_stop;
+
+    if (state == RUN_STATE_IO_ERROR && c->device) {
+        json_object_set_new(ret, "io-error",
+                            json_pack("{s:s,s:s,s:s,s:b,s:s,s:s,s:o}", "device", c->device,
+                                      "node-name", c->node_name, "operation", c->operation,
+                                      "nospace", c->err == ENOSPC, "errno",
+                                      strerrorname_np(c->err) ? strerrorname_np(c->err) : "",
+                                      "reason", strerror(c->err), "timestamp",
+                                      timestamp(c->when_ns)));
+    }
+    return ret;
 }
 
 static const struct qmp_command run_commands[] = {
@@ -40,9 +75,10 @@ static const struct qmp_command run_commands[] = {
     { "stop", stop, NULL, 0 },
     { "cont", cont, NULL, 0 },
     { "quit", quit, NULL, 0 },
+    { "__org.thinblk_query-stop-reason", query_stop_reason, NULL, 0 },
 };
 
-void qmp_register_run(struct qmp_dispatcher *d, struct runstate *rs)
+void qmp_register_run(struct qmp_dispatcher *d, struct qmp_services *svc)
 {
-    qmp_dispatcher_add(d, run_commands, ARRAY_SIZE(run_commands), rs);
+    qmp_dispatcher_add(d, run_commands, ARRAY_SIZE(run_commands), svc);
 }

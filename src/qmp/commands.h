@@ -8,13 +8,26 @@
 
 struct runstate;
 struct block_graph;
+struct dev_context;
+struct exports;
+
+/* What the command handlers act on; owned by the daemon, outliving the dispatcher. */
+struct qmp_services {
+    struct runstate *runstate;
+    struct block_graph *graph;
+    struct dev_context *devs;
+    struct exports *exports;
+};
 
 /* qmp_capabilities, query-version (answers version, borrowed: must outlive d), query-commands. */
 void qmp_register_control(struct qmp_dispatcher *d, json_t *version);
-/* query-status, stop, cont, quit. */
-void qmp_register_run(struct qmp_dispatcher *d, struct runstate *rs);
-/* block-set-write-threshold. */
-void qmp_register_block(struct qmp_dispatcher *d, struct block_graph *graph);
+/* query-status, stop, cont, quit, __org.thinblk_query-stop-reason. */
+void qmp_register_run(struct qmp_dispatcher *d, struct qmp_services *svc);
+/* blockdev-add/-del, query-named-block-nodes, query-block, query-blockstats,
+ * block-set-write-threshold, __org.thinblk_fault-set. */
+void qmp_register_block(struct qmp_dispatcher *d, struct qmp_services *svc);
+/* nbd-server-start/-stop, block-export-add/-del, query-block-exports. */
+void qmp_register_export(struct qmp_dispatcher *d, struct qmp_services *svc);
 
 /* The version object of the greeting and query-version for version "X.Y.Z": QEMU's shape,
  * {"qemu": {"major": X, "minor": Y, "micro": Z}, "package": "thinblk X.Y.Z"}. New reference. */

@@ -49,7 +49,8 @@ struct qmp_call {
  * Runs on the loop thread and must not block. */
 typedef json_t *qmp_handler_fn(struct qmp_call *call, json_t *args, struct error **errp);
 
-#define QMP_CMD_PRECAP 1u  /* may run before capabilities negotiation (qmp_capabilities) */
+#define QMP_CMD_PRECAP 1u     /* may run before capabilities negotiation (qmp_capabilities) */
+#define QMP_CMD_OPEN_ARGS 2u  /* arguments are a union the handler checks (blockdev-add) */
 
 struct qmp_command {
     const char *name;

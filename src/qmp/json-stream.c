@@ -42,6 +42,7 @@ struct json_stream {
     struct token *tokens;
     size_t ntokens, cap_tokens;
     struct buf text;
+    size_t size;           /* bytes of the tokens (text also has a NUL after each) */
     int braces, brackets;  /* open minus closed, as QEMU counts them */
 
     bool skipping;         /* past a limit: drop tokens until the message ends */
@@ -60,6 +61,7 @@ struct json_stream *json_stream_new(void)
 static void message_reset(struct json_stream *js)
 {
     js->ntokens = 0;
+    js->size = 0;
     buf_reset(&js->text);
     js->braces = js->brackets = 0;
     /* Keep memory bounded by typical messages, not by the largest one ever seen. */
@@ -200,8 +202,8 @@ static json_t *parse_string(struct parser *p, const struct token *t)
             s += n;
             continue;
         }
-        /* The lexer let through only valid escape letters. */
         char c = s[1], ch[4];
+        const char *esc = s;
         s += 2;
         switch (c) {
         case 'b': buf_append(&out, "\b", 1); break;
@@ -211,32 +213,32 @@ static json_t *parse_string(struct parser *p, const struct token *t)
         case 't': buf_append(&out, "\t", 1); break;
         case 'u': {
             int cp = end - s >= 4 ? hex4(s) : -1;
-            if (cp < 0) {
-                parse_error(p, "invalid hex escape sequence in string");
+            int lo = -1;
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                lo = end - s >= 10 && s[4] == '\\' && s[5] == 'u' ? hex4(s + 6) : -1;
+                if (lo >= 0xDC00 && lo <= 0xDFFF)
+                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            }
+            if (cp < 0 || (cp >= 0xD800 && cp <= 0xDFFF)) {
+                /* QEMU's words, quoting the escape (at most "\uXXXX"). */
+                int n = (int)MIN(end - esc, 6);
+                parse_error(p, "%.*s is not a valid Unicode character", n, esc);
                 goto fail;
             }
-            s += 4;
-            if (cp >= 0xD800 && cp <= 0xDBFF) {
-                int lo = end - s >= 6 && s[0] == '\\' && s[1] == 'u' ? hex4(s + 2) : -1;
-                if (lo < 0xDC00 || lo > 0xDFFF) {
-                    parse_error(p, "missing trail surrogate in string");
-                    goto fail;
-                }
-                s += 6;
-                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-            } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
-                parse_error(p, "stray trail surrogate in string");
-                goto fail;
-            } else if (cp == 0) {
+            s += cp >= 0x10000 ? 10 : 4;
+            if (cp == 0) {
                 parse_error(p, "\\u0000 is not supported");
                 goto fail;
             }
             buf_append(&out, ch, utf8_encode(ch, (uint32_t)cp));
             break;
         }
-        default: /* " ' \ / */
+        case '"': case '\'': case '\\': case '/':
             buf_append(&out, &c, 1);
             break;
+        default:
+            parse_error(p, "invalid escape sequence in string");
+            goto fail;
         }
     }
     v = json_stringn_nocheck(out.len ? out.data : "", out.len);
@@ -296,6 +298,12 @@ static json_t *parse_object(struct parser *p)
         if (!val) {
             json_decref(key);
             parse_error(p, "Missing value in dict");
+            goto fail;
+        }
+        if (json_object_getn(obj, json_string_value(key), json_string_length(key))) {
+            json_decref(key);
+            json_decref(val);
+            parse_error(p, "duplicate key");
             goto fail;
         }
         json_object_setn_new_nocheck(obj, json_string_value(key), json_string_length(key), val);
@@ -468,6 +476,7 @@ static void token_done(struct json_stream *js, enum tok_type type)
         js->tokens = xrealloc(js->tokens, js->cap_tokens * sizeof(*js->tokens));
     }
     js->tokens[js->ntokens++] = (struct token){ type, js->text.len, js->tok.len };
+    js->size += js->tok.len;
     buf_append(&js->text, js->tok.data, js->tok.len);
     buf_append(&js->text, "", 1);  /* each token's text is NUL-terminated */
     buf_reset(&js->tok);
@@ -475,7 +484,7 @@ static void token_done(struct json_stream *js, enum tok_type type)
     const char *limit = NULL;
     if (js->braces + js->brackets > JSON_STREAM_MAX_DEPTH)
         limit = "JSON nesting depth limit exceeded";
-    else if (js->text.len > JSON_STREAM_MAX_SIZE)
+    else if (js->size >= JSON_STREAM_MAX_SIZE)  /* QEMU's boundary: 64 MiB is one too many */
         limit = "JSON token size limit exceeded";
     else if (js->ntokens > JSON_STREAM_MAX_TOKENS)
         limit = "JSON token count limit exceeded";
@@ -502,7 +511,7 @@ static bool lex_byte(struct json_stream *js, unsigned char c)
 {
     /* The token being lexed counts towards the message size limit too: a client must not make
      * us hold more than the limit by never closing a string. */
-    if (!js->skipping && js->tok.len + js->text.len > JSON_STREAM_MAX_SIZE) {
+    if (!js->skipping && js->tok.len + js->size >= JSON_STREAM_MAX_SIZE) {
         int open = js->braces + js->brackets;
         emit_error(js, "JSON token size limit exceeded");
         buf_reset(&js->tok);
@@ -551,8 +560,10 @@ static bool lex_byte(struct json_stream *js, unsigned char c)
             token_done(js, TOK_STRING);
         } else if (c == '\\') {
             js->state = dq ? LEX_DQ_ESC : LEX_SQ_ESC;
-        } else if (c == 0 || c == 0xC0 || c == 0xC1 || c >= 0xF5) {
-            /* Never in UTF-8: the string cannot be valid. */
+        } else if (c < 0x20 || c >= 0xFE) {
+            /* Control characters must be escaped, and 0xFE/0xFF are the bytes a client sends
+             * to resynchronise: both end the string as an error, as in QEMU. Other bad UTF-8
+             * is left to the parser, which names it. */
             js->state = LEX_RECOVERY;
             token_done(js, TOK_ERROR);
         }
@@ -562,7 +573,8 @@ static bool lex_byte(struct json_stream *js, unsigned char c)
     case LEX_DQ_ESC:
     case LEX_SQ_ESC:
         TAKE();
-        if (strchr("\"'\\/bfnrtu", c) && c != 0) {
+        if (c >= 0x20 && c < 0xFE) {
+            /* Any escape letter: the parser says which are invalid. */
             js->state = js->state == LEX_DQ_ESC ? LEX_DQ : LEX_SQ;
         } else {
             js->state = LEX_RECOVERY;
@@ -584,6 +596,12 @@ static bool lex_byte(struct json_stream *js, unsigned char c)
 
     case LEX_ZERO:
     case LEX_INT:
+        if (js->state == LEX_ZERO && is_digit(c)) {
+            TAKE();  /* a leading zero: "01" is not a number */
+            js->state = LEX_RECOVERY;
+            token_done(js, TOK_ERROR);
+            return true;
+        }
         if (js->state == LEX_INT && is_digit(c)) {
             TAKE();
             return true;

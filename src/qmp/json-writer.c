@@ -35,6 +35,26 @@ static int member_cmp(const void *a, const void *b)
     return x->index > y->index ? -1 : x->index < y->index;
 }
 
+const char **qmp_json_keys(json_t *obj, size_t *n)
+{
+    size_t count = json_object_size(obj), i = 0;
+    struct member *m = xmalloc((count + 1) * sizeof(*m));
+    const char **keys = xmalloc((count + 1) * sizeof(*keys));
+    const char *key;
+    json_t *value;
+
+    json_object_foreach(obj, key, value) {
+        m[i] = (struct member){ key, value, qdict_bucket(key), i };
+        i++;
+    }
+    qsort(m, count, sizeof(*m), member_cmp);
+    for (i = 0; i < count; i++)
+        keys[i] = m[i].key;
+    free(m);
+    *n = count;
+    return keys;
+}
+
 static void put(struct buf *out, const char *s)
 {
     buf_append(out, s, strlen(s));

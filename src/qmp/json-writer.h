@@ -16,6 +16,11 @@
 
 #include "common/util.h"
 
+/* The keys of object obj in the order QEMU iterates them (its wire order): a new array of
+ * *n borrowed key pointers, caller frees the array. QEMU checks a request's members in this
+ * order too, which decides which error a request with several problems gets. */
+const char **qmp_json_keys(json_t *obj, size_t *n);
+
 /* Append v (borrowed) to out, compact or pretty. No line end is added. */
 void qmp_json_write(struct buf *out, json_t *v, bool pretty);
 

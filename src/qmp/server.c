@@ -23,6 +23,8 @@ struct monitor {
     struct qmp_server *srv;
     char *path;
     int fd;                 /* listening socket, -1 once closed */
+    dev_t sock_dev;         /* the socket file we created, so we remove ours only */
+    ino_t sock_ino;
     bool pretty;
     size_t output_limit;
     uint64_t retry_timer;   /* accept paused after EMFILE */
@@ -76,8 +78,8 @@ static void client_free_deferred(struct loop *loop, void *opaque)
     free(c);
 }
 
-/* Close the connection now; the memory goes after the current callback, which may hold c. */
-static void client_kill(struct client *c)
+/* Close the connection: off the list, fd closed. The memory stays (see client_kill()). */
+static void client_close(struct client *c)
 {
     struct qmp_server *srv = c->srv;
 
@@ -92,8 +94,16 @@ static void client_kill(struct client *c)
         srv->clients = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    loop_defer(srv->loop, client_free_deferred, c);
     check_flushed(srv);
+}
+
+/* Close the connection now; the memory goes after the current callback, which may hold c. */
+static void client_kill(struct client *c)
+{
+    if (c->dead)
+        return;
+    client_close(c);
+    loop_defer(c->srv->loop, client_free_deferred, c);
 }
 
 static void client_update_watch(struct client *c)
@@ -272,7 +282,10 @@ static void monitor_close(struct qmp_server *srv, struct monitor *mon)
         loop_del_fd(srv->loop, mon->fd);
     close(mon->fd);
     mon->fd = -1;
-    unlink(mon->path);
+    /* Another daemon may have taken the path over since; its socket is not ours to remove. */
+    struct stat st;
+    if (lstat(mon->path, &st) == 0 && st.st_dev == mon->sock_dev && st.st_ino == mon->sock_ino)
+        unlink(mon->path);
 }
 
 void qmp_server_close(struct qmp_server *srv)
@@ -289,9 +302,12 @@ void qmp_server_free(struct qmp_server *srv)
     if (!srv)
         return;
     qmp_server_close(srv);
+    /* No callback holds a client now: free them at once (the loop may be freed next). */
+    srv->flushed_fn = NULL;
     while (srv->clients) {
         struct client *c = srv->clients;
-        client_kill(c);
+        client_close(c);
+        client_free_deferred(srv->loop, c);
     }
     while (srv->monitors) {
         struct monitor *m = srv->monitors;
@@ -345,6 +361,10 @@ int qmp_server_add_monitor(struct qmp_server *srv, const struct qmp_monitor_conf
     mon->pretty = cfg->pretty;
     mon->output_limit = cfg->output_limit ? cfg->output_limit : QMP_SERVER_DEFAULT_OUTPUT_LIMIT;
     mon->fd = fd;
+    if (lstat(cfg->path, &st) == 0) {
+        mon->sock_dev = st.st_dev;
+        mon->sock_ino = st.st_ino;
+    }
     if (loop_add_fd(srv->loop, fd, LOOP_READ, accept_clients, mon) < 0) {
         error_setg_errno(errp, errno, "Failed to watch socket");
         unlink(cfg->path);

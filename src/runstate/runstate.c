@@ -1,6 +1,8 @@
 /* The run state machine. See runstate.h. */
 #include "runstate/runstate.h"
 
+#include <string.h>
+
 #include "common/util.h"
 #include "loop/loop.h"
 
@@ -12,6 +14,7 @@ struct listener {
 struct runstate {
     struct loop *loop;
     enum run_state state;
+    uint64_t since_ns;
     runstate_event_fn *emit;
     void *emit_opaque;
 
@@ -43,6 +46,7 @@ struct runstate *runstate_new(struct loop *loop, enum run_state initial, runstat
 
     rs->loop = loop;
     rs->state = initial;
+    rs->since_ns = now_realtime_ns();
     rs->emit = emit;
     rs->emit_opaque = emit_opaque;
     return rs;
@@ -61,6 +65,11 @@ enum run_state runstate_get(const struct runstate *rs)
     return rs->state;
 }
 
+uint64_t runstate_since_ns(const struct runstate *rs)
+{
+    return rs->since_ns;
+}
+
 bool runstate_is_running(const struct runstate *rs)
 {
     return rs->state == RUN_STATE_RUNNING;
@@ -72,11 +81,24 @@ void runstate_add_listener(struct runstate *rs, runstate_listener_fn *fn, void *
     rs->listeners[rs->nlisteners++] = (struct listener){ fn, opaque };
 }
 
+void runstate_remove_listener(struct runstate *rs, runstate_listener_fn *fn, void *opaque)
+{
+    for (size_t i = 0; i < rs->nlisteners; i++) {
+        if (rs->listeners[i].fn == fn && rs->listeners[i].opaque == opaque) {
+            memmove(&rs->listeners[i], &rs->listeners[i + 1],
+                    (rs->nlisteners - i - 1) * sizeof(*rs->listeners));
+            rs->nlisteners--;
+            return;
+        }
+    }
+}
+
 static void set_state(struct runstate *rs, enum run_state new_state)
 {
     enum run_state old = rs->state;
 
     rs->state = new_state;
+    rs->since_ns = now_realtime_ns();
     for (size_t i = 0; i < rs->nlisteners; i++)
         rs->listeners[i].fn(rs->listeners[i].opaque, old, new_state);
 }

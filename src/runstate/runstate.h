@@ -20,6 +20,7 @@
 #define THINBLK_RUNSTATE_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include <jansson.h>
 
@@ -55,12 +56,16 @@ struct runstate *runstate_new(struct loop *loop, enum run_state initial, runstat
 void runstate_free(struct runstate *rs);
 
 enum run_state runstate_get(const struct runstate *rs);
+/* Wall-clock time (ns) when the current state was entered. */
+uint64_t runstate_since_ns(const struct runstate *rs);
 bool runstate_is_running(const struct runstate *rs);
 /* QEMU's name: "prelaunch", "running", "paused", "io-error", "shutdown". */
 const char *runstate_name(enum run_state state);
 
-/* Watch state changes. Listeners are never removed (devices live as long as the daemon). */
+/* Watch state changes. */
 void runstate_add_listener(struct runstate *rs, runstate_listener_fn *fn, void *opaque);
+/* Stop watching (the pair given to runstate_add_listener()). */
+void runstate_remove_listener(struct runstate *rs, runstate_listener_fn *fn, void *opaque);
 
 /* The "stop" command: if running, go to paused and emit STOP. */
 void runstate_stop(struct runstate *rs);

@@ -1,0 +1,336 @@
+/* The "file" protocol driver: a regular file or a host block device, through io_uring.
+ *
+ * Options (QEMU's BlockdevOptionsFile): filename (required), aio ("threads", "native" and
+ * "io_uring" are accepted; I/O always goes through io_uring), locking ("auto", "on", "off":
+ * accepted, not enforced yet), and the generic cache.direct, discard, read-only.
+ *
+ * cache.direct=on opens with O_DIRECT where the file system supports it (a block device, ext4,
+ * xfs, tmpfs since Linux 6.6) and falls back to buffered I/O, with a note in the log, where it
+ * does not; requests are then aligned to the device's logical block size. A transfer that the
+ * kernel completes short is continued until it is whole or fails: a write either fully
+ * happened or reports the errno that stopped it.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "block/graph.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "io/uring.h"
+
+struct file_state {
+    int fd;
+    char *filename;
+    bool is_bdev;
+    bool direct;  /* O_DIRECT is in effect */
+};
+
+/* One request in flight at the file: a block_req may take several kernel operations. */
+struct file_op {
+    struct uring_op uop;
+    struct block_node *node;
+    struct block_req *req;
+    uint64_t done_bytes;  /* READ/WRITE: transferred so far */
+    int stage;            /* WRITE_ZEROES fallbacks, FUA's flush */
+    void *zero_buf;
+};
+
+static struct file_state *st(struct block_node *n)
+{
+    return n->opaque;
+}
+
+static int file_open(struct block_node *n, json_t *opts, struct error **errp)
+{
+    struct file_state *s;
+    const char *filename, *aio, *locking;
+    struct stat sb;
+    int flags, fd;
+
+    filename = json_string_value(json_object_get(opts, "filename"));
+    if (!json_object_get(opts, "filename")) {
+        error_setg(errp, "Parameter 'filename' is missing");
+        return -1;
+    }
+    if (!filename) {
+        error_setg(errp, "Invalid parameter type for 'filename', expected: string");
+        return -1;
+    }
+    aio = json_string_value(json_object_get(opts, "aio"));
+    if (json_object_get(opts, "aio") && (!aio || (strcmp(aio, "threads") && strcmp(aio, "native") &&
+                                                  strcmp(aio, "io_uring")))) {
+        error_setg(errp, "Parameter 'aio' does not accept value '%s'", aio ? aio : "");
+        return -1;
+    }
+    locking = json_string_value(json_object_get(opts, "locking"));
+    if (json_object_get(opts, "locking") && (!locking || (strcmp(locking, "auto") &&
+                                                          strcmp(locking, "on") &&
+                                                          strcmp(locking, "off")))) {
+        error_setg(errp, "Parameter 'locking' does not accept value '%s'", locking ? locking : "");
+        return -1;
+    }
+
+    flags = (n->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+    bool direct = n->cache_direct;
+    fd = open(filename, flags | (direct ? O_DIRECT : 0));
+    if (fd < 0 && direct && errno == EINVAL) {
+        log_info("%s: O_DIRECT not supported here; using the page cache", filename);
+        direct = false;
+        fd = open(filename, flags);
+    }
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Could not open '%s'", filename);
+        return -1;
+    }
+    if (fstat(fd, &sb) < 0) {
+        error_setg_errno(errp, errno, "Could not stat '%s'", filename);
+        close(fd);
+        return -1;
+    }
+
+    s = xzalloc(sizeof(*s));
+    s->fd = fd;
+    s->filename = xstrdup(filename);
+    s->direct = direct;
+    if (S_ISBLK(sb.st_mode)) {
+        uint64_t size;
+        int lbs = 512;
+        s->is_bdev = true;
+        if (ioctl(fd, BLKGETSIZE64, &size) < 0) {
+            error_setg_errno(errp, errno, "Could not get the size of '%s'", filename);
+            goto fail;
+        }
+        ioctl(fd, BLKSSZGET, &lbs);
+        n->size = size;
+        if (direct)
+            n->alignment = (uint32_t)lbs;
+    } else if (S_ISREG(sb.st_mode)) {
+        n->size = (uint64_t)sb.st_size;
+        if (direct)
+            n->alignment = 512;
+    } else {
+        error_setg(errp, "'%s' is not a file", filename);
+        goto fail;
+    }
+    n->opaque = s;
+    json_object_del(opts, "filename");
+    json_object_del(opts, "aio");
+    json_object_del(opts, "locking");
+    return 0;
+fail:
+    close(fd);
+    free(s->filename);
+    free(s);
+    return -1;
+}
+
+static void file_close(struct block_node *n)
+{
+    struct file_state *s = st(n);
+
+    close(s->fd);
+    free(s->filename);
+    free(s);
+}
+
+static void op_finish(struct file_op *op, int ret)
+{
+    struct block_req *req = op->req;
+
+    free(op->zero_buf);
+    free(op);
+    req->done(req, ret);
+}
+
+static void op_step(struct file_op *op);
+
+static void op_done(struct uring_op *uop, int res)
+{
+    struct file_op *op = container_of(uop, struct file_op, uop);
+    struct block_req *req = op->req;
+
+    if (res < 0) {
+        if (res == -EINTR || res == -EAGAIN) {
+            op_step(op);  /* transient: issue the same step again */
+            return;
+        }
+        /* WRITE_ZEROES: the file system cannot zero a range; fall back a stage. */
+        if (req->op == BLOCK_OP_WRITE_ZEROES && op->stage < 2 &&
+            (res == -EOPNOTSUPP || res == -EINVAL || res == -ENODEV)) {
+            op->stage++;
+            op_step(op);
+            return;
+        }
+        /* DISCARD is advisory: storage that cannot deallocate has nothing to do. */
+        if (req->op == BLOCK_OP_DISCARD && (res == -EOPNOTSUPP || res == -ENODEV))
+            res = 0;
+        else {
+            op_finish(op, res);
+            return;
+        }
+    }
+    switch (req->op) {
+    case BLOCK_OP_READ:
+        if (res == 0) {
+            /* Past the end of a file that shrank under us: reads as zeroes, as QEMU's. */
+            memset((char *)req->buf + op->done_bytes, 0, req->len - op->done_bytes);
+            op->done_bytes = req->len;
+        }
+        op->done_bytes += (uint64_t)res;
+        if (op->done_bytes < req->len) {
+            op_step(op);
+            return;
+        }
+        break;
+    case BLOCK_OP_WRITE:
+        if (op->stage == 0) {
+            op->done_bytes += (uint64_t)res;
+            if (res == 0) {
+                op_finish(op, -EIO);  /* the kernel made no progress and gave no reason */
+                return;
+            }
+            if (op->done_bytes < req->len) {
+                op_step(op);
+                return;
+            }
+            if (req->flags & BLOCK_REQ_FUA) {
+                op->stage = 3;
+                op_step(op);
+                return;
+            }
+        }
+        break;
+    case BLOCK_OP_WRITE_ZEROES:
+        if (op->stage == 2) {  /* writing a zeroed buffer */
+            op->done_bytes += (uint64_t)res;
+            if (res == 0) {
+                op_finish(op, -EIO);
+                return;
+            }
+            if (op->done_bytes < req->len) {
+                op_step(op);
+                return;
+            }
+        }
+        if (op->stage != 3 && (req->flags & BLOCK_REQ_FUA)) {
+            op->stage = 3;
+            op_step(op);
+            return;
+        }
+        break;
+    default:
+        break;
+    }
+    op_finish(op, 0);
+}
+
+#define ZERO_CHUNK (1u << 20)
+
+static void op_step(struct file_op *op)
+{
+    struct block_node *n = op->node;
+    struct file_state *s = st(n);
+    struct uring *u = n->graph->uring;
+    struct block_req *req = op->req;
+    uint64_t left = req->len - op->done_bytes;
+    uint32_t chunk = (uint32_t)MIN(left, 1u << 30);
+
+    if (op->stage == 3) {  /* FUA */
+        uring_fdatasync(u, &op->uop, s->fd);
+        return;
+    }
+    switch (req->op) {
+    case BLOCK_OP_READ:
+        uring_read(u, &op->uop, s->fd, (char *)req->buf + op->done_bytes, chunk,
+                   req->offset + op->done_bytes);
+        break;
+    case BLOCK_OP_WRITE:
+        uring_write(u, &op->uop, s->fd, (char *)req->buf + op->done_bytes, chunk,
+                    req->offset + op->done_bytes);
+        break;
+    case BLOCK_OP_FLUSH:
+        uring_fdatasync(u, &op->uop, s->fd);
+        break;
+    case BLOCK_OP_DISCARD:
+        uring_fallocate(u, &op->uop, s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        req->offset, req->len);
+        break;
+    case BLOCK_OP_WRITE_ZEROES:
+        /* Stage 0: deallocate (if allowed), 1: zero the range in place, 2: write zeroes. */
+        if (op->stage == 0 && !((req->flags & BLOCK_REQ_MAY_UNMAP) && n->discard_unmap))
+            op->stage = 1;
+        if (op->stage == 0) {
+            uring_fallocate(u, &op->uop, s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                            req->offset, req->len);
+        } else if (op->stage == 1) {
+            uring_fallocate(u, &op->uop, s->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                            req->offset, req->len);
+        } else {
+            chunk = (uint32_t)MIN(left, ZERO_CHUNK);
+            if (!op->zero_buf && posix_memalign(&op->zero_buf, 4096, ZERO_CHUNK) == 0)
+                memset(op->zero_buf, 0, ZERO_CHUNK);
+            if (!op->zero_buf) {
+                op_finish(op, -ENOMEM);
+                return;
+            }
+            uring_write(u, &op->uop, s->fd, op->zero_buf, chunk, req->offset + op->done_bytes);
+        }
+        break;
+    }
+}
+
+static void file_submit(struct block_node *n, struct block_req *req)
+{
+    struct file_op *op = xzalloc(sizeof(*op));
+
+    op->uop.done = op_done;
+    op->node = n;
+    op->req = req;
+    if ((req->op == BLOCK_OP_DISCARD && !n->discard_unmap) ||
+        (req->op == BLOCK_OP_FLUSH && n->no_flush)) {
+        /* discard=ignore, cache.no-flush=on: nothing to do, but done() still comes later. */
+        uring_nop(n->graph->uring, &op->uop);
+        return;
+    }
+    op_step(op);
+}
+
+static int64_t file_allocated(struct block_node *n)
+{
+    struct stat sb;
+
+    if (st(n)->is_bdev)
+        return 0;  /* QEMU reports 0 for a host device too */
+    if (fstat(st(n)->fd, &sb) < 0)
+        return -1;
+    return (int64_t)sb.st_blocks * 512;
+}
+
+static const char *file_filename(struct block_node *n)
+{
+    return st(n)->filename;
+}
+
+const struct block_driver block_driver_host_device = {
+    .name = "host_device",
+    .open = file_open,
+    .close = file_close,
+    .submit = file_submit,
+    .allocated = file_allocated,
+    .filename = file_filename,
+};
+
+const struct block_driver block_driver_file = {
+    .name = "file",
+    .open = file_open,
+    .close = file_close,
+    .submit = file_submit,
+    .allocated = file_allocated,
+    .filename = file_filename,
+};

@@ -1,0 +1,117 @@
+/* The "raw" format driver: the child's bytes, or a window of them (offset, size).
+ *
+ * Options (QEMU's BlockdevOptionsRaw): file (a node name or inline options), offset, size.
+ */
+#include <inttypes.h>
+#include <string.h>
+
+#include "block/graph.h"
+#include "common/util.h"
+
+struct raw_state {
+    uint64_t offset;
+};
+
+struct raw_op {
+    struct block_req child;  /* the request as the child sees it */
+    struct block_req *parent;
+};
+
+static int take_uint(json_t *opts, const char *key, uint64_t *out, bool *given,
+                     struct error **errp)
+{
+    json_t *v = json_object_get(opts, key);
+
+    *given = v != NULL;
+    if (!v)
+        return 0;
+    if (!json_is_integer(v) || json_integer_value(v) < 0) {
+        error_setg(errp, "Parameter '%s' expects uint64", key);
+        return -1;
+    }
+    *out = (uint64_t)json_integer_value(v);
+    json_object_del(opts, key);
+    return 0;
+}
+
+static int raw_open(struct block_node *n, json_t *opts, struct error **errp)
+{
+    uint64_t offset = 0, size = 0;
+    bool has_offset, has_size;
+    struct block_node *child;
+
+    if (take_uint(opts, "offset", &offset, &has_offset, errp) < 0 ||
+        take_uint(opts, "size", &size, &has_size, errp) < 0)
+        return -1;
+    child = block_node_open_child(n->graph, json_object_get(opts, "file"), "file", errp);
+    if (!child)
+        return -1;
+    json_object_del(opts, "file");
+    if (!has_size)
+        size = child->size > offset ? child->size - offset : 0;
+    if (offset > child->size || size > child->size - offset) {
+        error_setg(errp, "The sum of offset (%" PRIu64 ") and size (%" PRIu64 ") has to be "
+                   "smaller or equal to the  actual size of the containing file (%" PRIu64 ")",
+                   offset, size, child->size);
+        block_node_unref(child);
+        return -1;
+    }
+    if (offset % child->alignment) {
+        error_setg(errp, "offset must be a multiple of %" PRIu32, child->alignment);
+        block_node_unref(child);
+        return -1;
+    }
+    struct raw_state *s = xzalloc(sizeof(*s));
+    s->offset = offset;
+    n->opaque = s;
+    n->file = child;
+    n->size = size;
+    n->alignment = child->alignment;
+    n->read_only = n->read_only || child->read_only;
+    return 0;
+}
+
+static void raw_close(struct block_node *n)
+{
+    free(n->opaque);
+}
+
+static void raw_done(struct block_req *child, int ret)
+{
+    struct raw_op *op = container_of(child, struct raw_op, child);
+    struct block_req *parent = op->parent;
+
+    free(op);
+    parent->done(parent, ret);
+}
+
+static void raw_submit(struct block_node *n, struct block_req *req)
+{
+    struct raw_state *s = n->opaque;
+    struct raw_op *op = xmalloc(sizeof(*op));
+
+    op->child = *req;
+    op->child.offset = req->offset + s->offset;
+    op->child.done = raw_done;
+    op->parent = req;
+    node_submit(n->file, &op->child);
+}
+
+static const char *raw_filename(struct block_node *n)
+{
+    return n->file->drv->filename ? n->file->drv->filename(n->file) : "";
+}
+
+static int64_t raw_allocated(struct block_node *n)
+{
+    return n->file->drv->allocated ? n->file->drv->allocated(n->file) : -1;
+}
+
+const struct block_driver block_driver_raw = {
+    .name = "raw",
+    .open = raw_open,
+    .close = raw_close,
+    .submit = raw_submit,
+    .allocated = raw_allocated,
+    .filename = raw_filename,
+};

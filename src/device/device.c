@@ -1,0 +1,549 @@
+/* The device: error policy, io-status, parked and held requests. See device.h. */
+#include "device/device.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "loop/loop.h"
+
+#define EVENT_PERIOD_NS (1000 * 1000 * 1000ull)
+
+struct req_queue {
+    struct dev_req *head, **tail;
+};
+
+struct dev_stats {
+    uint64_t rd_bytes, wr_bytes, unmap_bytes;
+    uint64_t rd_ops, wr_ops, flush_ops, unmap_ops;
+    uint64_t rd_ns, wr_ns, flush_ns, unmap_ns;
+    uint64_t failed_rd, failed_wr, failed_flush, failed_unmap;
+    uint64_t last_done_ns;  /* for idle_time_ns */
+    uint64_t stopped_count, stopped_ns;  /* thinblk: times stopped and for how long */
+    uint64_t stopped_since;              /* 0 while running */
+};
+
+struct device {
+    struct device *next;  /* ctx->devices */
+    struct dev_context *ctx;
+    char *name;
+    struct block_node *root;
+    enum dev_error_action werror, rerror;
+    enum dev_iostatus iostatus;
+
+    uint64_t seq;
+    struct req_queue held;     /* came while stopped, in order */
+    struct req_queue parked;   /* failed with action stop, by seq */
+    struct req_queue flushes;  /* flushes waiting for earlier writes, in order */
+    unsigned in_flight;        /* at the root node */
+    unsigned unfinished_writes;
+    /* seq of every unfinished write, to know when a waiting flush may go; small in practice
+     * (bounded by the exports' in-flight limits), so a plain array. */
+    uint64_t *write_seqs;
+    size_t nwrite_seqs, cap_write_seqs;
+
+    struct dev_waiter *waiters;
+
+    uint64_t last_event_ns;    /* BLOCK_IO_ERROR throttling */
+    json_t *pending_event;     /* the latest event held back, sent at the period's end */
+    uint64_t event_timer;
+
+    struct dev_stats stats;
+    bool dying;                /* device_free() was called; freed when in_flight drops to 0 */
+};
+
+static const char *const action_names[] = {
+    [DEV_ACTION_REPORT] = "report", [DEV_ACTION_IGNORE] = "ignore",
+    [DEV_ACTION_STOP] = "stop", [DEV_ACTION_ENOSPC] = "enospc",
+};
+
+int dev_error_action_parse(const char *s)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(action_names); i++) {
+        if (strcmp(s, action_names[i]) == 0)
+            return (int)i;
+    }
+    return -1;
+}
+
+const char *dev_iostatus_name(enum dev_iostatus s)
+{
+    static const char *const names[] = {
+        [DEV_IOSTATUS_OK] = "ok", [DEV_IOSTATUS_FAILED] = "failed",
+        [DEV_IOSTATUS_NOSPACE] = "nospace",
+    };
+    return names[s];
+}
+
+static void queue_init(struct req_queue *q)
+{
+    q->head = NULL;
+    q->tail = &q->head;
+}
+
+static void queue_push(struct req_queue *q, struct dev_req *r)
+{
+    r->next = NULL;
+    *q->tail = r;
+    q->tail = &r->next;
+}
+
+static struct dev_req *queue_pop(struct req_queue *q)
+{
+    struct dev_req *r = q->head;
+
+    if (r) {
+        q->head = r->next;
+        if (!q->head)
+            q->tail = &q->head;
+        r->next = NULL;
+    }
+    return r;
+}
+
+/* Insert in seq order (parked requests may fail in any order). */
+static void queue_insert_sorted(struct req_queue *q, struct dev_req *r)
+{
+    struct dev_req **p = &q->head;
+
+    while (*p && (*p)->seq < r->seq)
+        p = &(*p)->next;
+    r->next = *p;
+    *p = r;
+    if (!r->next)
+        q->tail = &r->next;
+}
+
+static void write_seq_add(struct device *d, uint64_t seq)
+{
+    if (d->nwrite_seqs == d->cap_write_seqs) {
+        d->cap_write_seqs = d->cap_write_seqs ? d->cap_write_seqs * 2 : 64;
+        d->write_seqs = xrealloc(d->write_seqs, d->cap_write_seqs * sizeof(*d->write_seqs));
+    }
+    d->write_seqs[d->nwrite_seqs++] = seq;
+}
+
+static void write_seq_del(struct device *d, uint64_t seq)
+{
+    for (size_t i = 0; i < d->nwrite_seqs; i++) {
+        if (d->write_seqs[i] == seq) {
+            d->write_seqs[i] = d->write_seqs[--d->nwrite_seqs];
+            return;
+        }
+    }
+}
+
+/* Whether a write submitted before seq has not finished yet. */
+static bool earlier_write_pending(const struct device *d, uint64_t seq)
+{
+    for (size_t i = 0; i < d->nwrite_seqs; i++) {
+        if (d->write_seqs[i] < seq)
+            return true;
+    }
+    return false;
+}
+
+static bool is_running(const struct device *d)
+{
+    return runstate_is_running(d->ctx->runstate);
+}
+
+bool device_accepting(const struct device *d)
+{
+    return is_running(d) && !d->held.head;
+}
+
+void device_wait(struct device *d, struct dev_waiter *w)
+{
+    for (struct dev_waiter *x = d->waiters; x; x = x->next) {
+        if (x == w)
+            return;
+    }
+    w->next = d->waiters;
+    d->waiters = w;
+}
+
+void device_cancel_wait(struct device *d, struct dev_waiter *w)
+{
+    for (struct dev_waiter **p = &d->waiters; *p; p = &(*p)->next) {
+        if (*p == w) {
+            *p = w->next;
+            return;
+        }
+    }
+}
+
+static void wake_waiters(struct device *d)
+{
+    struct dev_waiter *w = d->waiters;
+
+    d->waiters = NULL;
+    while (w) {
+        struct dev_waiter *next = w->next;
+        w->next = NULL;
+        w->fn(w);
+        w = next;
+    }
+}
+
+/* ---- statistics ---- */
+
+static void account(struct device *d, struct dev_req *r, int ret)
+{
+    struct dev_stats *s = &d->stats;
+    uint64_t now = now_monotonic_ns(), ns = now - r->start_ns;
+
+    s->last_done_ns = now;
+    switch (r->breq.op) {
+    case BLOCK_OP_READ:
+        if (ret < 0) { s->failed_rd++; break; }
+        s->rd_ops++, s->rd_bytes += r->breq.len, s->rd_ns += ns;
+        break;
+    case BLOCK_OP_WRITE:
+    case BLOCK_OP_WRITE_ZEROES:
+        if (ret < 0) { s->failed_wr++; break; }
+        s->wr_ops++, s->wr_bytes += r->breq.len, s->wr_ns += ns;
+        break;
+    case BLOCK_OP_FLUSH:
+        if (ret < 0) { s->failed_flush++; break; }
+        s->flush_ops++, s->flush_ns += ns;
+        break;
+    case BLOCK_OP_DISCARD:
+        if (ret < 0) { s->failed_unmap++; break; }
+        s->unmap_ops++, s->unmap_bytes += r->breq.len, s->unmap_ns += ns;
+        break;
+    }
+}
+
+/* ---- BLOCK_IO_ERROR ---- */
+
+static void send_pending_event(struct loop *loop, void *opaque)
+{
+    struct device *d = opaque;
+
+    d->event_timer = 0;
+    if (!d->pending_event)
+        return;
+    d->last_event_ns = now_monotonic_ns();
+    d->ctx->emit(d->ctx->emit_opaque, "BLOCK_IO_ERROR", d->pending_event);
+    d->pending_event = NULL;
+}
+
+static void io_error_event(struct device *d, const struct dev_req *r, enum dev_error_action act,
+                           int err)
+{
+    const char *action = act == DEV_ACTION_REPORT ? "report"
+                       : act == DEV_ACTION_IGNORE ? "ignore" : "stop";
+    /* Members in QEMU's schema order; "nospace" is there as io-status is always enabled. */
+    json_t *data = json_pack("{s:s,s:s,s:s,s:s,s:b,s:s}", "device", d->name, "node-name",
+                             d->root->node_name, "operation",
+                             r->breq.op == BLOCK_OP_READ ? "read" : "write", "action", action,
+                             "nospace", err == ENOSPC, "reason", strerror(err));
+    uint64_t now = now_monotonic_ns();
+
+    if (d->last_event_ns == 0 || now - d->last_event_ns >= EVENT_PERIOD_NS) {
+        d->last_event_ns = now;
+        d->ctx->emit(d->ctx->emit_opaque, "BLOCK_IO_ERROR", data);
+        return;
+    }
+    json_decref(d->pending_event);
+    d->pending_event = data;
+    if (!d->event_timer)
+        d->event_timer = loop_add_timer(d->ctx->loop, d->last_event_ns + EVENT_PERIOD_NS - now,
+                                        send_pending_event, d);
+}
+
+/* ---- the request path ---- */
+
+static void dispatch(struct device *d, struct dev_req *r);
+
+static void complete(struct device *d, struct dev_req *r, int ret)
+{
+    account(d, r, ret);
+    r->done(r, ret);
+}
+
+static void write_finished(struct device *d, struct dev_req *r)
+{
+    write_seq_del(d, r->seq);
+    /* Flushes that were waiting for this write may go now, in order. */
+    while (d->flushes.head && !earlier_write_pending(d, d->flushes.head->seq)) {
+        struct dev_req *f = queue_pop(&d->flushes);
+        d->in_flight++;
+        node_submit(d->root, &f->breq);
+    }
+}
+
+static void really_free(struct device *d);
+
+static void on_block_done(struct block_req *breq, int ret)
+{
+    struct dev_req *r = container_of(breq, struct dev_req, breq);
+    struct device *d = r->dev;
+    enum dev_error_action act;
+    int err = -ret;
+
+    d->in_flight--;
+    if (d->dying) {
+        /* The export is gone: no policy, no parking; the request just ends. */
+        r->done(r, ret < 0 ? ret : 0);
+        if (d->in_flight == 0)
+            really_free(d);
+        return;
+    }
+    if (ret == 0) {
+        if (r->is_write)
+            write_finished(d, r);
+        complete(d, r, 0);
+        return;
+    }
+
+    act = r->breq.op == BLOCK_OP_READ ? d->rerror : d->werror;
+    if (act == DEV_ACTION_ENOSPC)
+        act = err == ENOSPC ? DEV_ACTION_STOP : DEV_ACTION_REPORT;
+
+    if (act != DEV_ACTION_STOP) {
+        io_error_event(d, r, act, err);
+        if (r->is_write)
+            write_finished(d, r);
+        complete(d, r, act == DEV_ACTION_IGNORE ? 0 : ret);
+        return;
+    }
+
+    /* Park it, whole, for cont. io-status first, so a query after the event agrees with it;
+     * then the event; the stop itself is deferred to the end of this batch of completions. */
+    queue_insert_sorted(&d->parked, r);
+    if (d->iostatus == DEV_IOSTATUS_OK)
+        d->iostatus = err == ENOSPC ? DEV_IOSTATUS_NOSPACE : DEV_IOSTATUS_FAILED;
+    struct dev_stop_cause *c = &d->ctx->last_stop;
+    free(c->device);
+    free(c->node_name);
+    c->device = xstrdup(d->name);
+    c->node_name = xstrdup(d->root->node_name);
+    c->operation = r->breq.op == BLOCK_OP_READ ? "read" : "write";
+    c->err = err;
+    c->when_ns = now_realtime_ns();
+    log_info("device %s: %s failed at %" PRIu64 " (+%" PRIu64 "): %s; parked until cont",
+             d->name, c->operation, r->breq.offset, r->breq.len, strerror(err));
+    io_error_event(d, r, DEV_ACTION_STOP, err);
+    runstate_request_stop(d->ctx->runstate, RUN_STATE_IO_ERROR);
+}
+
+static void dispatch(struct device *d, struct dev_req *r)
+{
+    if (r->breq.op == BLOCK_OP_FLUSH && earlier_write_pending(d, r->seq)) {
+        queue_push(&d->flushes, r);
+        return;
+    }
+    d->in_flight++;
+    node_submit(d->root, &r->breq);
+}
+
+void device_submit(struct device *d, struct dev_req *r)
+{
+    r->dev = d;
+    r->seq = ++d->seq;
+    r->start_ns = now_monotonic_ns();
+    r->breq.done = on_block_done;
+    r->is_write = r->breq.op == BLOCK_OP_WRITE || r->breq.op == BLOCK_OP_WRITE_ZEROES ||
+                  r->breq.op == BLOCK_OP_DISCARD;
+    if (r->is_write)
+        write_seq_add(d, r->seq);
+    if (!device_accepting(d)) {
+        queue_push(&d->held, r);
+        return;
+    }
+    dispatch(d, r);
+}
+
+/* cont: parked requests first, in submission order, then the held ones. */
+static void resume(struct device *d)
+{
+    struct dev_req *r;
+
+    d->iostatus = DEV_IOSTATUS_OK;
+    while (is_running(d) && (r = queue_pop(&d->parked)))
+        dispatch(d, r);
+    while (is_running(d) && (r = queue_pop(&d->held)))
+        dispatch(d, r);
+    if (is_running(d))
+        wake_waiters(d);
+}
+
+static void on_runstate(void *opaque, enum run_state old_state, enum run_state new_state)
+{
+    struct device *d = opaque;
+    uint64_t now = now_monotonic_ns();
+
+    if (new_state == RUN_STATE_RUNNING) {
+        if (d->stats.stopped_since) {
+            d->stats.stopped_ns += now - d->stats.stopped_since;
+            d->stats.stopped_since = 0;
+        }
+        resume(d);
+    } else if (old_state == RUN_STATE_RUNNING) {
+        d->stats.stopped_count++;
+        d->stats.stopped_since = now;
+    }
+}
+
+/* ---- lifecycle and queries ---- */
+
+struct device *device_new(struct dev_context *ctx, const char *name, struct block_node *root,
+                          enum dev_error_action werror, enum dev_error_action rerror,
+                          struct error **errp)
+{
+    struct device *d;
+
+    if (device_find(ctx, name)) {
+        error_setg(errp, "Device with id '%s' already exists", name);
+        return NULL;
+    }
+    d = xzalloc(sizeof(*d));
+    d->ctx = ctx;
+    d->name = xstrdup(name);
+    d->root = root;
+    block_node_ref(root);
+    d->werror = werror;
+    d->rerror = rerror;
+    queue_init(&d->held);
+    queue_init(&d->parked);
+    queue_init(&d->flushes);
+    if (!runstate_is_running(ctx->runstate))
+        d->stats.stopped_since = now_monotonic_ns();
+    runstate_add_listener(ctx->runstate, on_runstate, d);
+
+    struct device **p = &ctx->devices;
+    while (*p)
+        p = &(*p)->next;
+    *p = d;
+    return d;
+}
+
+void device_abort(struct device *d)
+{
+    struct dev_req *r;
+
+    while ((r = queue_pop(&d->flushes)))
+        r->done(r, -ESHUTDOWN);
+    while ((r = queue_pop(&d->parked)))
+        r->done(r, -ESHUTDOWN);
+    while ((r = queue_pop(&d->held)))
+        r->done(r, -ESHUTDOWN);
+    d->nwrite_seqs = 0;
+    d->iostatus = DEV_IOSTATUS_OK;
+}
+
+static void really_free(struct device *d)
+{
+    block_node_unref(d->root);
+    free(d->write_seqs);
+    free(d->name);
+    free(d);
+}
+
+void device_free(struct device *d)
+{
+    if (!d)
+        return;
+    device_abort(d);
+    for (struct device **p = &d->ctx->devices; *p; p = &(*p)->next) {
+        if (*p == d) {
+            *p = d->next;
+            break;
+        }
+    }
+    runstate_remove_listener(d->ctx->runstate, on_runstate, d);
+    if (d->event_timer)
+        loop_del_timer(d->ctx->loop, d->event_timer);
+    json_decref(d->pending_event);
+    d->pending_event = NULL;
+    d->waiters = NULL;
+    d->dying = true;
+    if (d->in_flight == 0)
+        really_free(d);
+}
+
+struct device *device_find(struct dev_context *ctx, const char *name)
+{
+    for (struct device *d = ctx->devices; d; d = d->next) {
+        if (strcmp(d->name, name) == 0)
+            return d;
+    }
+    return NULL;
+}
+
+struct device *device_next(const struct device *d)
+{
+    return d->next;
+}
+
+const char *device_name(const struct device *d)
+{
+    return d->name;
+}
+
+struct block_node *device_root(const struct device *d)
+{
+    return d->root;
+}
+
+bool device_busy(const struct device *d)
+{
+    return d->in_flight || d->held.head || d->parked.head || d->flushes.head;
+}
+
+json_t *device_query_block(struct device *d)
+{
+    /* Members in QEMU's schema order (BlockInfo). */
+    return json_pack("{s:s,s:s,s:b,s:b,s:o,s:s}", "device", d->name, "type", "unknown",
+                     "removable", 0, "locked", 0, "inserted", block_node_info(d->root),
+                     "io-status", dev_iostatus_name(d->iostatus));
+}
+
+json_t *device_query_stats(struct device *d)
+{
+    const struct dev_stats *s = &d->stats;
+    uint64_t now = now_monotonic_ns();
+    uint64_t stopped_ns = s->stopped_ns + (s->stopped_since ? now - s->stopped_since : 0);
+    json_t *stats = json_object();
+
+#define SET(k, v) json_object_set_new(stats, k, json_integer((json_int_t)(v)))
+    /* QEMU's BlockDeviceStats, in its schema order. */
+    SET("rd_bytes", s->rd_bytes);
+    SET("wr_bytes", s->wr_bytes);
+    SET("unmap_bytes", s->unmap_bytes);
+    SET("rd_operations", s->rd_ops);
+    SET("wr_operations", s->wr_ops);
+    SET("flush_operations", s->flush_ops);
+    SET("unmap_operations", s->unmap_ops);
+    SET("rd_total_time_ns", s->rd_ns);
+    SET("wr_total_time_ns", s->wr_ns);
+    SET("flush_total_time_ns", s->flush_ns);
+    SET("unmap_total_time_ns", s->unmap_ns);
+    SET("wr_highest_offset", d->root->wr_highest_offset);
+    SET("rd_merged", 0);
+    SET("wr_merged", 0);
+    SET("unmap_merged", 0);
+    if (s->last_done_ns)
+        SET("idle_time_ns", now - s->last_done_ns);
+    SET("failed_rd_operations", s->failed_rd);
+    SET("failed_wr_operations", s->failed_wr);
+    SET("failed_flush_operations", s->failed_flush);
+    SET("failed_unmap_operations", s->failed_unmap);
+    SET("invalid_rd_operations", 0);
+    SET("invalid_wr_operations", 0);
+    SET("invalid_flush_operations", 0);
+    SET("invalid_unmap_operations", 0);
+    json_object_set_new(stats, "account_invalid", json_false());
+    json_object_set_new(stats, "account_failed", json_true());
+    json_object_set_new(stats, "timed_stats", json_array());
+    /* thinblk's extension, named by QMP's rule for downstream members. */
+    SET("__org.thinblk_stopped-count", s->stopped_count);
+    SET("__org.thinblk_stopped-time-ns", stopped_ns);
+#undef SET
+    return json_pack("{s:s,s:s,s:o}", "device", d->name, "node-name", d->root->node_name,
+                     "stats", stats);
+}

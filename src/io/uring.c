@@ -1,0 +1,170 @@
+/* io_uring on the event loop. See uring.h. */
+#include "io/uring.h"
+
+#include <errno.h>
+#include <liburing.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "loop/loop.h"
+
+struct uring {
+    struct loop *loop;
+    struct io_uring ring;
+    int efd;               /* signalled by the kernel on completions */
+    unsigned queued;       /* prepared, not yet submitted */
+    unsigned in_flight;    /* queued + submitted, not completed */
+    bool submit_scheduled;
+};
+
+static void reap(struct uring *u)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+
+    /* done() may queue more operations; they are submitted by the deferred call. */
+    io_uring_for_each_cqe(&u->ring, head, cqe) {
+        struct uring_op *op = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        io_uring_cqe_seen(&u->ring, cqe);
+        u->in_flight--;
+        n++;
+        op->done(op, res);
+    }
+    (void)n;
+}
+
+static void on_eventfd(struct loop *loop, int fd, unsigned events, void *opaque)
+{
+    struct uring *u = opaque;
+    uint64_t v;
+
+    if (read(fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        log_warn("io_uring eventfd: %s", strerror(errno));
+    reap(u);
+}
+
+static void submit(struct uring *u)
+{
+    while (u->queued > 0) {
+        int r = io_uring_submit(&u->ring);
+        if (r < 0) {
+            if (r == -EINTR || r == -EAGAIN || r == -EBUSY) {
+                /* Completions must be reaped to make room; they come back through on_eventfd. */
+                reap(u);
+                continue;
+            }
+            log_error("io_uring_submit: %s", strerror(-r));
+            abort(); /* the ring is broken: nothing sane is left to do with queued requests */
+        }
+        u->queued -= (unsigned)r <= u->queued ? (unsigned)r : u->queued;
+        if (r == 0)
+            break;
+    }
+}
+
+static void deferred_submit(struct loop *loop, void *opaque)
+{
+    struct uring *u = opaque;
+
+    u->submit_scheduled = false;
+    submit(u);
+}
+
+static struct io_uring_sqe *get_sqe(struct uring *u, struct uring_op *op)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+
+    if (!sqe) {
+        /* The submission queue is full: send what is there and take a fresh slot. */
+        submit(u);
+        sqe = io_uring_get_sqe(&u->ring);
+        if (!sqe)
+            abort();
+    }
+    io_uring_sqe_set_data(sqe, op);
+    u->queued++;
+    u->in_flight++;
+    if (!u->submit_scheduled) {
+        u->submit_scheduled = true;
+        loop_defer(u->loop, deferred_submit, u);
+    }
+    return sqe;
+}
+
+struct uring *uring_new(struct loop *loop, unsigned entries, struct error **errp)
+{
+    struct uring *u = xzalloc(sizeof(*u));
+    struct io_uring_params p = { 0 };
+    int r;
+
+    u->loop = loop;
+    u->efd = -1;
+    /* A completion queue four times the submission queue: completions are only reaped
+     * between loop iterations, and many requests may be in flight at once. */
+    p.flags = IORING_SETUP_CQSIZE;
+    p.cq_entries = entries * 4;
+    r = io_uring_queue_init_params(entries, &u->ring, &p);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "Cannot set up io_uring");
+        free(u);
+        return NULL;
+    }
+    u->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (u->efd < 0 || io_uring_register_eventfd(&u->ring, u->efd) < 0 ||
+        loop_add_fd(loop, u->efd, LOOP_READ, on_eventfd, u) < 0) {
+        error_setg_errno(errp, errno, "Cannot watch io_uring completions");
+        if (u->efd >= 0)
+            close(u->efd);
+        io_uring_queue_exit(&u->ring);
+        free(u);
+        return NULL;
+    }
+    return u;
+}
+
+void uring_free(struct uring *u)
+{
+    if (!u)
+        return;
+    loop_del_fd(u->loop, u->efd);
+    close(u->efd);
+    io_uring_queue_exit(&u->ring);
+    free(u);
+}
+
+unsigned uring_in_flight(const struct uring *u)
+{
+    return u->in_flight;
+}
+
+void uring_read(struct uring *u, struct uring_op *op, int fd, void *buf, uint32_t len,
+                uint64_t offset)
+{
+    io_uring_prep_read(get_sqe(u, op), fd, buf, len, offset);
+}
+
+void uring_write(struct uring *u, struct uring_op *op, int fd, const void *buf, uint32_t len,
+                 uint64_t offset)
+{
+    io_uring_prep_write(get_sqe(u, op), fd, buf, len, offset);
+}
+
+void uring_nop(struct uring *u, struct uring_op *op)
+{
+    io_uring_prep_nop(get_sqe(u, op));
+}
+
+void uring_fdatasync(struct uring *u, struct uring_op *op, int fd)
+{
+    io_uring_prep_fsync(get_sqe(u, op), fd, IORING_FSYNC_DATASYNC);
+}
+
+void uring_fallocate(struct uring *u, struct uring_op *op, int fd, int mode, uint64_t offset,
+                     uint64_t len)
+{
+    io_uring_prep_fallocate(get_sqe(u, op), fd, mode, (off_t)offset, (off_t)len);
+}

@@ -1,0 +1,374 @@
+/* The NBD server: listening socket, accepting, the exports and the connection list.
+ * See server.h; the connections themselves are in connection.c. */
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "loop/loop.h"
+#include "nbd/internal.h"
+
+/* After accept() ran out of file descriptors, try again this much later. */
+#define ACCEPT_RETRY_NS (100ull * 1000 * 1000)
+
+struct nbd_server *nbd_server_new(struct loop *loop, uint32_t max_connections)
+{
+    struct nbd_server *s = xzalloc(sizeof(*s));
+
+    s->loop = loop;
+    s->listen_fd = -1;
+    s->max_connections = max_connections;
+    return s;
+}
+
+static bool at_limit(const struct nbd_server *s)
+{
+    return s->max_connections && s->nconns >= s->max_connections;
+}
+
+static void set_accepting(struct nbd_server *s, bool on)
+{
+    if (s->listen_fd < 0 || s->listen_paused == !on)
+        return;
+    if (loop_mod_fd(s->loop, s->listen_fd, on ? LOOP_READ : 0) == 0)
+        s->listen_paused = !on;
+}
+
+static void on_accept_retry(struct loop *loop, void *opaque)
+{
+    struct nbd_server *s = opaque;
+
+    s->accept_timer = 0;
+    if (!at_limit(s))
+        set_accepting(s, true);
+}
+
+static void on_listen(struct loop *loop, int fd, unsigned events, void *opaque)
+{
+    struct nbd_server *s = opaque;
+
+    for (;;) {
+        /* Over the limit, clients wait in the backlog, as with QEMU's max-connections. */
+        if (at_limit(s)) {
+            set_accepting(s, false);
+            return;
+        }
+        int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (cfd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                log_warn("nbd: cannot accept a connection: %s", strerror(errno));
+                set_accepting(s, false);
+                if (!s->accept_timer)
+                    s->accept_timer = loop_add_timer(loop, ACCEPT_RETRY_NS, on_accept_retry, s);
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                log_warn("nbd: accept: %s", strerror(errno));
+            }
+            return;
+        }
+        if (s->listen_inet) {
+            int one = 1;
+            setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        }
+        nbd_conn_new(s, cfd);
+    }
+}
+
+int nbd_server_add_client(struct nbd_server *s, int fd, struct error **errp)
+{
+    if (at_limit(s)) {
+        close(fd);
+        error_setg(errp, "NBD server has reached its connection limit");
+        return -1;
+    }
+    nbd_conn_new(s, fd);
+    return 0;
+}
+
+void nbd_server_forget_conn(struct nbd_server *s, struct nbd_conn *c)
+{
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    s->nconns--;
+    if (c->exp)
+        c->exp->clients--;
+    if (!at_limit(s) && !s->accept_timer)
+        set_accepting(s, true);
+}
+
+/* ---- listening ---- */
+
+static int listen_unix(struct nbd_server *s, const char *path, struct error **errp)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    struct stat st;
+    int fd;
+
+    _cleanup_free_ char *tmp = xasprintf("%s.%d.tmp", path, (int)getpid());
+    const char *bind_path;
+
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        error_setg(errp, "UNIX socket path '%s' is too long", path);
+        return -1;
+    }
+    /* Bound under a temporary name and renamed once listening, so a client that sees the
+     * file can connect (a path too long for that is bound in place). */
+    bind_path = strlen(tmp) < sizeof(sa.sun_path) ? tmp : path;
+    memcpy(sa.sun_path, bind_path, strlen(bind_path) + 1);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Failed to create Unix socket");
+        return -1;
+    }
+    /* bind() creates the file with the socket's mode: no window where others may connect. */
+    fchmod(fd, 0600);
+    /* A socket left behind by an earlier run is replaced; anything else is not ours. */
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+        unlink(path);
+    if (bind_path == tmp)
+        unlink(tmp);
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        error_setg_errno(errp, errno, "Failed to bind socket to %s", path);
+        close(fd);
+        return -1;
+    }
+    chmod(bind_path, 0600);
+    if (listen(fd, SOMAXCONN) < 0 || (bind_path == tmp && rename(tmp, path) < 0)) {
+        error_setg_errno(errp, errno, "Failed to listen on socket %s", path);
+        unlink(bind_path);
+        close(fd);
+        return -1;
+    }
+    s->unix_path = xstrdup(path);
+    return fd;
+}
+
+static int listen_inet(struct nbd_server *s, const char *host, const char *port,
+                       struct error **errp)
+{
+    struct addrinfo hints = {
+        .ai_flags = AI_PASSIVE | AI_ADDRCONFIG,
+        .ai_family = AF_UNSPEC,
+        .ai_socktype = SOCK_STREAM,
+    };
+    struct addrinfo *res;
+    int r, fd = -1, err = 0;
+
+    r = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+    if (r != 0) {
+        error_setg(errp, "address resolution failed for %s:%s: %s", host, port,
+                   gai_strerror(r));
+        return -1;
+    }
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        int one = 1;
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                    ai->ai_protocol);
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0)
+            break;
+        err = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        error_setg_errno(errp, err, "Failed to bind socket");
+        return -1;
+    }
+    s->listen_inet = true;
+    return fd;
+}
+
+/* A string member of addr: QEMU takes the port as a string; a number is accepted too. */
+static const char *addr_member(json_t *addr, const char *key, char *num, size_t num_size,
+                               struct error **errp)
+{
+    json_t *v = json_object_get(addr, key);
+
+    if (!v) {
+        error_setg(errp, "Parameter 'addr.%s' is missing", key);
+        return NULL;
+    }
+    if (json_is_integer(v)) {
+        snprintf(num, num_size, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+        return num;
+    }
+    if (!json_is_string(v)) {
+        error_setg(errp, "Invalid parameter type for 'addr.%s', expected: string", key);
+        return NULL;
+    }
+    return json_string_value(v);
+}
+
+struct nbd_server *nbd_server_start(struct loop *loop, json_t *addr, uint32_t max_connections,
+                                    struct error **errp)
+{
+    char num[32];
+    const char *type, *host, *port, *path;
+    struct nbd_server *s;
+    int fd;
+
+    if (!json_is_object(addr)) {
+        error_setg(errp, "Invalid parameter type for 'addr', expected: object");
+        return NULL;
+    }
+    if (!(type = addr_member(addr, "type", num, sizeof(num), errp)))
+        return NULL;
+    s = nbd_server_new(loop, max_connections);
+    if (strcmp(type, "unix") == 0) {
+        if (!(path = addr_member(addr, "path", num, sizeof(num), errp)))
+            goto fail;
+        fd = listen_unix(s, path, errp);
+    } else if (strcmp(type, "inet") == 0) {
+        if (!(host = addr_member(addr, "host", num, sizeof(num), errp)))
+            goto fail;
+        host = xstrdup(host);
+        port = addr_member(addr, "port", num, sizeof(num), errp);
+        fd = port ? listen_inet(s, host, port, errp) : -1;
+        free((char *)host);
+    } else {
+        error_setg(errp, "Parameter 'addr.type' does not accept value '%s'", type);
+        goto fail;
+    }
+    if (fd < 0)
+        goto fail;
+    s->listen_fd = fd;
+    if (loop_add_fd(loop, fd, LOOP_READ, on_listen, s) < 0) {
+        error_setg_errno(errp, errno, "Cannot watch the NBD server socket");
+        goto fail;
+    }
+    return s;
+fail:
+    nbd_server_stop(s);
+    return NULL;
+}
+
+void nbd_server_stop(struct nbd_server *s)
+{
+    if (!s)
+        return;
+    if (s->listen_fd >= 0) {
+        loop_del_fd(s->loop, s->listen_fd);
+        close(s->listen_fd);
+        s->listen_fd = -1;
+    }
+    if (s->unix_path)
+        unlink(s->unix_path);
+    if (s->accept_timer) {
+        loop_del_timer(s->loop, s->accept_timer);
+        s->accept_timer = 0;
+    }
+    while (s->conns)
+        nbd_conn_close(s->conns, "server stopped");
+    while (s->exports) {
+        struct nbd_export *e = s->exports;
+        s->exports = e->next;
+        free(e->name);
+        free(e->description);
+        free(e);
+    }
+    free(s->unix_path);
+    free(s);
+}
+
+/* ---- exports ---- */
+
+struct nbd_export *nbd_server_find_export(struct nbd_server *s, const char *name,
+                                          size_t name_len)
+{
+    for (struct nbd_export *e = s->exports; e; e = e->next) {
+        if (e->name_len == name_len && memcmp(e->name, name, name_len) == 0)
+            return e;
+    }
+    return NULL;
+}
+
+int nbd_server_add_export(struct nbd_server *s, const char *name, const char *description,
+                          struct device *dev, bool writable, struct error **errp)
+{
+    struct nbd_export *e, **p;
+
+    if (strlen(name) > NBD_MAX_STRING) {
+        error_setg(errp, "export name '%.64s...' too long", name);
+        return -1;
+    }
+    if (description && strlen(description) > NBD_MAX_STRING) {
+        error_setg(errp, "description '%.64s...' too long", description);
+        return -1;
+    }
+    if (nbd_server_find_export(s, name, strlen(name))) {
+        error_setg(errp, "NBD server already has export named '%s'", name);
+        return -1;
+    }
+    e = xzalloc(sizeof(*e));
+    e->name = xstrdup(name);
+    e->name_len = strlen(name);
+    e->description = description ? xstrdup(description) : NULL;
+    e->dev = dev;
+    e->writable = writable;
+    /* In creation order, so NBD_OPT_LIST lists them so. */
+    for (p = &s->exports; *p; p = &(*p)->next)
+        ;
+    *p = e;
+    return 0;
+}
+
+int nbd_server_remove_export(struct nbd_server *s, const char *name, bool hard,
+                             struct error **errp)
+{
+    struct nbd_export *e = nbd_server_find_export(s, name, strlen(name));
+
+    if (!e) {
+        error_setg(errp, "Export '%s' is not found", name);
+        return -1;
+    }
+    if (e->clients > 0 && !hard) {
+        error_setg(errp, "export '%s' still in use", name);
+        return -1;
+    }
+    for (struct nbd_conn *c = s->conns, *next; c; c = next) {
+        next = c->next;
+        if (c->exp == e)
+            nbd_conn_close(c, "export removed");
+    }
+    for (struct nbd_export **p = &s->exports; *p; p = &(*p)->next) {
+        if (*p == e) {
+            *p = e->next;
+            break;
+        }
+    }
+    free(e->name);
+    free(e->description);
+    free(e);
+    return 0;
+}
+
+unsigned nbd_server_export_clients(struct nbd_server *s, const char *name)
+{
+    struct nbd_export *e = nbd_server_find_export(s, name, strlen(name));
+
+    return e ? e->clients : 0;
+}
+
+unsigned nbd_server_clients(struct nbd_server *s)
+{
+    return s->nconns;
+}
