@@ -1,0 +1,398 @@
+"""Boot a real Linux guest under QEMU TCG whose disk is served by an external block server.
+
+    from guest import build_guest, Guest, FileDisk, NbdDisk, VhostUserBlkDisk
+
+    image = build_guest()                        # cached kernel + initramfs (build-guest.sh)
+    with Guest(image, NbdDisk(sock, "disk"), job="write", mb=8, workdir=tmp_path) as g:
+        console, rc = g.wait(timeout=120)
+        r = g.result()                           # {'job': 'write', 'write-sha256': ..., ...}
+        assert r["write-sha256"] == r["readback-sha256"] and not g.io_error
+
+The guest's /init (tests/guest/init) documents the jobs and the THINBLK-* console markers.
+Synchronise on the console with wait_for_line(); never with sleeps.
+
+The kernel and initramfs are cached in $THINBLK_GUEST_CACHE (default ~/.cache/thinblk-guest);
+the first build downloads Debian's cloud kernel package and takes a few seconds.
+"""
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+KIT_DIR = Path(__file__).resolve().parent
+BUILD_SCRIPT = KIT_DIR / "build-guest.sh"
+QEMU = "qemu-system-x86_64"
+MIB = 1 << 20
+
+
+class GuestError(Exception):
+    """The guest did not do what was expected; the message ends with the console's tail."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    kver: str
+
+
+def qemu_path():
+    """Path of qemu-system-x86_64, or None if it is not installed."""
+    return shutil.which(QEMU)
+
+
+_built = {}
+
+
+def default_cache_dir():
+    """$THINBLK_GUEST_CACHE, else $XDG_CACHE_HOME/thinblk-guest (~/.cache/thinblk-guest)."""
+    if os.environ.get("THINBLK_GUEST_CACHE"):
+        return Path(os.environ["THINBLK_GUEST_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "thinblk-guest"
+
+
+def build_guest(cache_dir=None, refresh=False):
+    """Runs build-guest.sh (fast when cached) and returns a GuestImage. Memoised per cache_dir
+    (default: default_cache_dir())."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = str(cache_dir)
+    if key in _built and not refresh:
+        return _built[key]
+    cmd = ["bash", str(BUILD_SCRIPT)]
+    if refresh:
+        cmd.append("--refresh")
+    cmd.append(str(cache_dir))
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise GuestError(f"build-guest.sh failed ({p.returncode}):\n{p.stderr}")
+    out = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    image = GuestImage(Path(out["KERNEL"]), Path(out["INITRD"]), out["KVER"])
+    _built[key] = image
+    return image
+
+
+# ---- disks -----------------------------------------------------------------------------------
+
+@dataclass
+class FileDisk:
+    """A virtio-blk disk on a local raw image, opened by QEMU itself (no external server)."""
+    path: str
+    shared_memory = False
+
+    def qemu_args(self, i):
+        return ["-blockdev", f"driver=file,node-name=file{i},filename={self.path}",
+                "-blockdev", f"driver=raw,node-name=raw{i},file=file{i}",
+                "-device", f"virtio-blk-pci,id=vblk{i},drive=raw{i}"]
+
+
+@dataclass
+class NbdDisk:
+    """A virtio-blk disk on an NBD export over a Unix socket. werror/rerror=report hand server
+    errors to the guest (QEMU would otherwise stop the VM itself on ENOSPC)."""
+    socket: str
+    export: str = ""
+    werror: str = "report"
+    rerror: str = "report"
+    shared_memory = False
+
+    def qemu_args(self, i):
+        node = f"nbd{i}"
+        blockdev = f"driver=nbd,node-name={node},server.type=unix,server.path={self.socket}"
+        if self.export:
+            blockdev += f",export={self.export}"
+        return ["-blockdev", blockdev,
+                "-device", f"virtio-blk-pci,id=vblk{i},drive={node},"
+                           f"werror={self.werror},rerror={self.rerror}"]
+
+
+@dataclass
+class VhostUserBlkDisk:
+    """A vhost-user-blk disk: QEMU connects to the server's socket; guest RAM must be shared."""
+    socket: str
+    num_queues: int = 0     # 0: QEMU's default
+
+    shared_memory = True
+
+    def qemu_args(self, i):
+        dev = f"vhost-user-blk-pci,id=vublk{i},chardev=vub{i}"
+        if self.num_queues:
+            dev += f",num-queues={self.num_queues}"
+        return ["-chardev", f"socket,id=vub{i},path={self.socket}", "-device", dev]
+
+
+# ---- helpers for tests -------------------------------------------------------------------------
+
+def pattern(mb, seed, off=0):
+    """The bytes the write job writes with thinblk.seed=SEED at OFF MiB: one 512-byte line per
+    sector, 'thinblk seed=S sector=N' padded with spaces, N the absolute sector number."""
+    first = off * 2048
+    return b"".join(
+        (f"thinblk seed={seed} sector={s}".ljust(511) + "\n").encode()
+        for s in range(first, first + mb * 2048))
+
+
+def file_sha256(path, offset=0, length=None):
+    """sha256 hex digest of LENGTH bytes of PATH from OFFSET (to the end if None)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left is None or left > 0:
+            chunk = f.read(MIB if left is None else min(MIB, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def wait_until(predicate, timeout, what, interval=0.02):
+    """Polls PREDICATE until it returns a true value (returned) or TIMEOUT seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = predicate()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_socket(path, timeout=10, proc=None):
+    """Waits until a Unix socket accepts connections. Do not use it on servers that count or
+    refuse extra clients (vhost-user, qemu-nbd without --shared): wait for their pid file."""
+    def ready():
+        if proc is not None and proc.poll() is not None:
+            raise GuestError(f"server exited with {proc.returncode} before {path} was ready")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+    wait_until(ready, timeout, f"socket {path}")
+
+
+def _die_with_parent():
+    # So that QEMU does not outlive a killed test run. (The signal follows the thread that
+    # started QEMU: start guests from a thread that lives as long as they do.)
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+# ---- the guest ---------------------------------------------------------------------------------
+
+_RESULT_RE = re.compile(r"THINBLK-RESULT ([^\n]*)")
+_INT_KEYS = {"mb", "off", "dd-status", "read-status"}
+
+
+class Guest:
+    """One QEMU TCG guest running one /init job against DISKS. Use as a context manager: QEMU
+    is started on entry and killed on exit if still running. The serial console is written to
+    WORKDIR/console.log (QEMU's stderr to WORKDIR/qemu.err); WORKDIR defaults to a temporary
+    folder removed on close."""
+
+    def __init__(self, image, disks, job="write", mb=8, off=0, bs=None, seed=None, mem=512,
+                 append="", extra_args=(), workdir=None, qmp=False):
+        self.image = image
+        self.disks = list(disks) if isinstance(disks, (list, tuple)) else [disks]
+        self.mem = mem
+        params = {"job": job, "mb": mb, "off": off, "bs": bs, "seed": seed}
+        self.append = " ".join(["console=ttyS0 quiet panic=-1"] +
+                               [f"thinblk.{k}={v}" for k, v in params.items() if v is not None] +
+                               ([append] if append else []))
+        self.extra_args = list(extra_args)
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="thinblk-guest-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.console_path = self.workdir / "console.log"
+        self.stderr_path = self.workdir / "qemu.err"
+        self.qmp_socket = self.workdir / "qmp.sock" if qmp else None
+        self.proc = None
+        self.started_at = None
+        self.elapsed = None     # seconds from start() to QEMU's exit, set by wait()
+
+    def command(self):
+        machine = "q35"
+        args = []
+        if any(d.shared_memory for d in self.disks):
+            # vhost-user back-ends map guest RAM: it must be a shareable memfd.
+            args += ["-object", f"memory-backend-memfd,id=mem,size={self.mem}M,share=on"]
+            machine += ",memory-backend=mem"
+        args = [qemu_path() or QEMU, "-accel", "tcg", "-machine", machine, "-m", str(self.mem),
+                "-nographic", "-no-reboot", "-nic", "none",
+                "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+                "-append", self.append] + args
+        for i, d in enumerate(self.disks):
+            args += d.qemu_args(i)
+        if self.qmp_socket:
+            args += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        return args + self.extra_args
+
+    def start(self):
+        with open(self.console_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.started_at = time.monotonic()
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=err, preexec_fn=_die_with_parent)
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def kill(self):
+        """Stops QEMU if it still runs (SIGTERM, then SIGKILL); the console stays readable."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def close(self):
+        """Kills QEMU if it still runs; removes the workdir if we created it."""
+        self.kill()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- console
+
+    @property
+    def console(self):
+        """Everything the guest printed so far, with \\r removed."""
+        try:
+            data = self.console_path.read_bytes()
+        except FileNotFoundError:
+            return ""
+        return data.decode("utf-8", "replace").replace("\r", "")
+
+    def stderr(self):
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _fail(self, why):
+        tail = "\n".join(self.console.splitlines()[-40:])
+        err = self.stderr().strip()
+        raise GuestError(f"{why}\n--- qemu stderr ---\n{err}\n--- console (tail) ---\n{tail}")
+
+    def wait_for_line(self, pattern, timeout=60):
+        """Waits until a console line matches the regex PATTERN (re.search) and returns the
+        match. Raises GuestError on timeout or if QEMU exits first."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            # Read the console before polling the process, so output written just before the
+            # exit is not missed.
+            for line in self.console.splitlines():
+                m = rx.search(line)
+                if m:
+                    return m
+            if self.proc.poll() is not None:
+                self._fail(f"QEMU exited ({self.proc.returncode}) before a line matched {pattern!r}")
+            if time.monotonic() >= deadline:
+                self._fail(f"no console line matched {pattern!r} within {timeout}s")
+            time.sleep(0.05)
+
+    def wait(self, timeout=120):
+        """Waits for QEMU to exit (the guest powers off after its job) and returns (console,
+        QEMU's exit code). On timeout, kills QEMU and raises GuestError."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self._fail(f"guest still running after {timeout}s")
+        if self.elapsed is None:
+            self.elapsed = time.monotonic() - self.started_at
+        return self.console, rc
+
+    # -- parsed markers
+
+    def markers(self, name):
+        """The text after 'THINBLK-NAME' of every such marker line, in order."""
+        rx = re.compile(rf"THINBLK-{re.escape(name)}(?: (.*))?$")
+        return [m.group(1) or "" for m in map(rx.search, self.console.splitlines()) if m]
+
+    def result(self):
+        """The THINBLK-RESULT line as a dict ('job', 'mb', 'off', 'write-sha256',
+        'readback-sha256', 'read-sha256', 'dd-status', 'read-status'; ints where numeric)."""
+        m = _RESULT_RE.search(self.console)
+        if not m:
+            self._fail("no THINBLK-RESULT line on the console")
+        r = {}
+        for tok in m.group(1).split():
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                r[k] = int(v) if k in _INT_KEYS and v.lstrip("-").isdigit() else v
+        return r
+
+    @property
+    def io_error(self):
+        """True if the guest reported a block I/O error in its dmesg (THINBLK-IOERROR)."""
+        return bool(self.markers("IOERROR"))
+
+    @property
+    def dmesg(self):
+        """The guest's dmesg lines about its disk or I/O errors (THINBLK-DMESG)."""
+        return self.markers("DMESG")
+
+    @property
+    def status(self):
+        """The job's status from THINBLK-END (0: success), or None if it did not get there."""
+        ends = self.markers("END")
+        m = re.match(r"status=(\d+)", ends[-1]) if ends else None
+        return int(m.group(1)) if m else None
+
+
+def main():
+    """Debug: boot the guest on a disk, console on this terminal. Example:
+    python3 tests/guest/guest.py --nbd /tmp/nbd.sock --export disk --job shell"""
+    import argparse
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--file", metavar="IMAGE", help="a local raw image")
+    g.add_argument("--nbd", metavar="SOCK")
+    g.add_argument("--vhost-user", metavar="SOCK")
+    ap.add_argument("--export", default="")
+    ap.add_argument("--job", default="shell")
+    ap.add_argument("--mb", type=int, default=8)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--cache-dir")
+    a = ap.parse_args()
+    if a.file:
+        disk = FileDisk(a.file)
+    elif a.nbd:
+        disk = NbdDisk(a.nbd, a.export)
+    else:
+        disk = VhostUserBlkDisk(a.vhost_user)
+    guest = Guest(build_guest(a.cache_dir), disk, job=a.job, mb=a.mb, seed=a.seed,
+                  workdir=tempfile.gettempdir())
+    cmd = guest.command()
+    os.execvp(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()
