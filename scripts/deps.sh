@@ -11,6 +11,8 @@ THINBLK_PACKAGES=(
     # integration tests and benchmarks: real peers
     python3 python3-pytest python3-libnbd qemu-system-x86 qemu-utils qemu-block-extra
     nbdkit libnbd-bin fio
+    # the test guest (its kernel is fetched by tests/guest/build-guest.sh)
+    busybox-static cpio
 )
 
 missing=()
