@@ -1,0 +1,336 @@
+#!/bin/bash
+# bench/nbd.sh [BUILD_DIR]: NBD data path, thinblkd against nbdkit, qemu-storage-daemon and
+# qemu-nbd, in one run, with fio on the raw file as the no-server limit. See README.md.
+#
+# One image file of random data (not sparse) on tmpfs is served by each server in turn; fio's
+# nbd engine drives it over a Unix socket. Each (job, server) pair gets a freshly started
+# server, so every row's peak RSS and CPU time belong to that job alone. All servers are
+# buffered (the page cache, which on tmpfs is the file itself), none uses O_DIRECT.
+#
+# Environment (defaults in brackets):
+#   SIZE     image size, with an IEC suffix [1G]
+#   IMG_DIR  a tmpfs directory for the image [/dev/shm]
+#   RUNTIME  seconds measured per job [10]       RAMP  seconds of warm-up per job [1]
+#   REPEAT   rounds of every job and server; each row is the round with the median
+#            throughput, and a column gives the spread [1]
+#   SERVERS  which rows, in order [thinblkd nbdkit qsd qemu-nbd raw]
+#   JOBS     which jobs, in order [all of them, see the table below]
+#   PIN      1: servers on CPU 0, fio on CPU 1 [0: nothing pinned]
+#   KEEP     1: keep the temporary directory (logs, fio JSON) and say where [0]
+# Exits non-zero if a binary is missing or nothing could run; a peer that cannot start, or a
+# job that fails against it, is reported in its row and the run goes on.
+set -euo pipefail
+
+build=${1:-/work/main/build}
+size=${SIZE:-1G}
+img_dir=${IMG_DIR:-/dev/shm}
+runtime=${RUNTIME:-10}
+ramp=${RAMP:-1}
+repeat=${REPEAT:-1}
+read -ra servers <<<"${SERVERS:-thinblkd nbdkit qsd qemu-nbd raw}"
+python=/usr/bin/python3
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+report=$here/nbd-report.py
+
+# name rw bs iodepth numjobs raw-engine. The qd32x2 row runs two fio processes (one NBD
+# connection each) because one fio process saturates a CPU well below what the servers can do.
+all_jobs=(
+    "randread-4k-qd1     randread  4k 1  1 psync"
+    "randread-4k-qd32    randread  4k 32 1 io_uring"
+    "randread-4k-qd32x2  randread  4k 32 2 io_uring"
+    "randwrite-4k-qd32   randwrite 4k 32 1 io_uring"
+    "seqread-1m-qd8      read      1m 8  1 io_uring"
+    "seqwrite-1m-qd8     write     1m 8  1 io_uring"
+)
+
+die() { echo "nbd.sh: $*" >&2; exit 1; }
+note() { echo "nbd.sh: $*" >&2; }
+
+need() {  # need BINARY WHAT: the full path of BINARY, or die naming WHAT needs it
+    command -v "$1" 2>/dev/null || die "missing $1 in PATH ($2)"
+}
+
+[[ $runtime =~ ^[0-9]+$ && $runtime -ge 2 ]] || die "RUNTIME must be an integer >= 2"
+[[ $ramp =~ ^[0-9]+$ ]] || die "RAMP must be a whole number of seconds"
+[[ $repeat =~ ^[0-9]+$ && $repeat -ge 1 ]] || die "REPEAT must be a positive integer"
+[[ -x $python ]] || die "missing $python"
+[[ -r $report ]] || die "missing $report"
+fio=$(need fio "the load generator")
+nbdinfo=$(need nbdinfo "libnbd-bin: waits for each server's socket")
+"$fio" --enghelp=nbd >/dev/null 2>&1 || die "$fio has no nbd engine"
+declare -A bin
+for s in "${servers[@]}"; do
+    case $s in
+    thinblkd)
+        [[ -d $build ]] || die "build directory not found: $build"
+        bin[$s]=$(cd "$build" && pwd)/src/daemon/thinblkd
+        [[ -x ${bin[$s]} ]] || die "missing ${bin[$s]} (build it: ninja -C $build)" ;;
+    nbdkit) bin[$s]=$(need nbdkit "package nbdkit") ;;
+    qsd) bin[$s]=$(need qemu-storage-daemon "package qemu-system-x86 or qemu-utils") ;;
+    qemu-nbd) bin[$s]=$(need qemu-nbd "package qemu-utils") ;;
+    raw) ;;
+    *) die "unknown server in SERVERS: $s" ;;
+    esac
+done
+
+job_list=()
+if [[ -n ${JOBS:-} ]]; then
+    for want in $JOBS; do
+        found=
+        for j in "${all_jobs[@]}"; do
+            [[ ${j%% *} == "$want" ]] && { job_list+=("$j"); found=1; }
+        done
+        [[ -n $found ]] || die "unknown job in JOBS: $want"
+    done
+else
+    job_list=("${all_jobs[@]}")
+fi
+
+if [[ ${PIN:-0} == 1 ]]; then
+    [[ $(nproc) -ge 2 ]] || die "PIN=1 needs two CPUs"
+    need taskset "PIN=1" >/dev/null
+    server_pin=(taskset -c 0)
+    client_pin=(taskset -c 1)
+    pin_note="servers on CPU 0, fio on CPU 1"
+else
+    server_pin=()
+    client_pin=()
+    pin_note="nothing pinned (servers and fio share all CPUs)"
+fi
+
+size_bytes=$(numfmt --from=iec "$size") || die "bad SIZE: $size"
+[[ -d $img_dir ]] || die "IMG_DIR not found: $img_dir"
+img_fs=$(stat -f -c %T "$img_dir")
+[[ $img_fs == tmpfs ]] || note "warning: $img_dir is $img_fs, not tmpfs; numbers include that file system"
+((size_bytes > 0 && size_bytes % (1 << 20) == 0)) || die "SIZE must be a whole number of MiB"
+avail=$(($(stat -f -c '%a * %S' "$img_dir")))
+((avail > size_bytes + (64 << 20))) || die "$img_dir has $avail bytes free, the image needs $size_bytes"
+
+tmp=$(mktemp -d /tmp/thinblk-bench-nbd.XXXXXX)
+img=$(mktemp "$img_dir/thinblk-bench-nbd.XXXXXX.img")
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -f "$img"
+    if [[ ${KEEP:-0} == 1 ]]; then
+        note "kept $tmp"
+    else
+        rm -rf "$tmp"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Random data written once, so no server or file system can shortcut holes or zeroes.
+dd if=/dev/urandom of="$img" bs=1M count=$((size_bytes >> 20)) iflag=fullblock \
+    status=none conv=fsync
+
+hz=$(getconf CLK_TCK)
+
+# server_cmd NAME SOCK: the command line of server NAME on SOCK, in the array cmd.
+server_cmd() {
+    local sock=$2
+    case $1 in
+    thinblkd)
+        cmd=("${bin[thinblkd]}"
+             --blockdev "driver=file,node-name=f0,filename=$img,cache.direct=off"
+             --nbd-server "addr.type=unix,addr.path=$sock"
+             --export "type=nbd,id=e0,node-name=f0,name=disk,writable=on") ;;
+    nbdkit)
+        # Multi-threaded (the file plugin's parallel model, 16 threads by default).
+        # -e only names the export for --run; the file plugin serves any name.
+        cmd=("${bin[nbdkit]}" -U "$sock" -f -e disk file "file=$img") ;;
+    qsd)
+        cmd=("${bin[qsd]}"
+             --blockdev "driver=file,node-name=f0,filename=$img,cache.direct=off"
+             --nbd-server "addr.type=unix,addr.path=$sock"
+             --export "type=nbd,id=e0,node-name=f0,name=disk,writable=on") ;;
+    qemu-nbd)
+        # -t: survive the readiness probe's disconnect; -e 8: the two-connection job.
+        cmd=("${bin[qemu-nbd]}" -k "$sock" -f raw -x disk --cache=writeback -t -e 8 "$img") ;;
+    esac
+}
+
+# start NAME SOCK LOG: starts server NAME (stdin closed, output to LOG) and waits up to 10 s
+# until nbdinfo can connect to its export. Sets started_pid. Returns 1 if it exits or never
+# answers (the process is then stopped).
+start() {
+    local name=$1 sock=$2 log=$3 deadline=$((SECONDS + 10)) cmd
+    server_cmd "$name" "$sock"
+    echo "+ ${cmd[*]}" >>"$log"
+    "${server_pin[@]}" "${cmd[@]}" </dev/null >>"$log" 2>&1 &
+    started_pid=$!
+    pids+=("$started_pid")
+    while kill -0 "$started_pid" 2>/dev/null; do
+        if "$nbdinfo" --can connect "nbd+unix:///disk?socket=$sock" 2>/dev/null; then
+            return 0
+        fi
+        if ((SECONDS >= deadline)); then
+            echo "nbd.sh: no NBD server on $sock after 10 s" >>"$log"
+            stop "$started_pid"
+            return 1
+        fi
+        sleep 0.05
+    done
+    wait "$started_pid" 2>/dev/null || true
+    forget "$started_pid"
+    return 1
+}
+
+# forget PID: drops PID from pids once it has been reaped, so cleanup never signals a
+# number the kernel may have handed to another process since.
+forget() {
+    local p keep=()
+    for p in "${pids[@]}"; do
+        [[ $p == "$1" ]] || keep+=("$p")
+    done
+    pids=("${keep[@]}")
+}
+
+# stop PID: SIGTERM, then SIGKILL after 5 s; waits, so the image lock is free afterwards.
+stop() {
+    local pid=$1 i
+    if kill -TERM "$pid" 2>/dev/null; then
+        for ((i = 0; i < 50; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    forget "$pid"
+}
+
+# cpu_ticks PID: utime+stime+cutime+cstime of PID in clock ticks. /proc/PID/stat sums every
+# thread of the process, including threads that have already exited (qemu's thread pool).
+cpu_ticks() {
+    local s f
+    read -r s <"/proc/$1/stat" || return 1
+    s=${s##*) }  # skip "pid (comm) "; comm may contain spaces
+    read -ra f <<<"$s"
+    echo $((f[11] + f[12] + f[13] + f[14]))
+}
+
+now_us() { echo "${EPOCHREALTIME/./}"; }
+
+# sleep_until_us T: sleeps until now_us >= T. In the background, so that a signal's trap runs
+# at once (bash defers traps until a foreground command ends) rather than after the sleep.
+sleep_until_us() {
+    local d=$(($1 - $(now_us))) sp
+    ((d > 0)) || return 0
+    sleep "$((d / 1000000)).$(printf %06d $((d % 1000000)))" &
+    sp=$!
+    pids+=("$sp")
+    wait "$sp" || true
+    forget "$sp"
+}
+
+results=$tmp/results.tsv
+: >"$results"
+
+# run_one JOB SERVER ROUND: one fio run of JOB against a fresh SERVER (or the raw file);
+# appends a line to $results: job server status json cpu_s wall_s hwm_kib.
+run_one() {
+    local job=$1 name=$2 round=$3 jname rw bs depth nj raw_engine
+    read -r jname rw bs depth nj raw_engine <<<"$job"
+    local sock=$tmp/$name.sock log=$tmp/$jname.$name.$round.log
+    local json=$tmp/$jname.$name.$round.json
+    local pid='' target margin t0 c1 c2 w1 w2 hwm=- cpu=- wall=-
+    local args=(--name="$jname" --rw="$rw" --bs="$bs" --iodepth="$depth" --numjobs="$nj"
+                --group_reporting --time_based --runtime="$runtime" --ramp_time="$ramp"
+                --norandommap --randrepeat=0 --output-format=json --output="$json")
+
+    if [[ $name == raw ]]; then
+        target=(--ioengine="$raw_engine" --filename="$img" --direct=0)
+    else
+        rm -f "$sock"
+        if ! start "$name" "$sock" "$log"; then
+            note "$name did not start for $jname, skipped; log:"
+            sed 's/^/    /' "$log" | tail -n 5 >&2
+            printf '%s\t%s\tskipped\t-\t-\t-\t-\n' "$jname" "$name" >>"$results"
+            return 0
+        fi
+        pid=$started_pid
+        target=(--ioengine=nbd --uri="nbd+unix:///disk?socket=$sock")
+    fi
+
+    # Server CPU is sampled inside the measured period (after the ramp, away from either
+    # end), as a rate; CPU per op is that rate over fio's ops per second.
+    margin=$((runtime >= 4 ? 500000 : 250000))
+    echo "+ fio ${args[*]} ${target[*]}" >>"$log"
+    t0=$(now_us)
+    "${client_pin[@]}" "$fio" "${args[@]}" "${target[@]}" >>"$log" 2>&1 &
+    local fio_pid=$! fio_rc=0
+    pids+=("$fio_pid")
+    if [[ -n $pid ]]; then
+        sleep_until_us $((t0 + ramp * 1000000 + margin))
+        c1=$(cpu_ticks "$pid") && w1=$(now_us)
+        sleep_until_us $((t0 + (ramp + runtime) * 1000000 - margin))
+        c2=$(cpu_ticks "$pid") && w2=$(now_us)
+    fi
+    wait "$fio_pid" || fio_rc=$?
+    forget "$fio_pid"
+    if ((fio_rc != 0)); then
+        note "fio failed: $jname against $name; log:"
+        sed 's/^/    /' "$log" | tail -n 5 >&2
+        printf '%s\t%s\tfailed\t-\t-\t-\t-\n' "$jname" "$name" >>"$results"
+        [[ -z $pid ]] || stop "$pid"
+        return 0
+    fi
+    if [[ -n $pid ]]; then
+        if [[ -n ${c1:-} && -n ${c2:-} ]]; then
+            cpu=$(awk -v d=$((c2 - c1)) -v hz="$hz" 'BEGIN { printf "%.4f", d / hz }')
+            wall=$(awk -v d=$((w2 - w1)) 'BEGIN { printf "%.6f", d / 1e6 }')
+        fi
+        hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status")
+        stop "$pid"
+    fi
+    printf '%s\t%s\tok\t%s\t%s\t%s\t%s\n' "$jname" "$name" "$json" "$cpu" "$wall" "$hwm" \
+        >>"$results"
+}
+
+version() {
+    case $1 in
+    thinblkd) echo "${bin[thinblkd]}" ;;
+    nbdkit) "${bin[nbdkit]}" --version | head -n 1 ;;
+    qsd) "${bin[qsd]}" --version | head -n 1 ;;
+    qemu-nbd) "${bin[qemu-nbd]}" --version | head -n 1 ;;
+    raw) "$fio" --version ;;
+    esac
+}
+
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+echo "NBD benchmark: $(date -u '+%Y-%m-%d %H:%M:%SZ'), $(uname -sr)"
+echo "CPU: ${cpu_model:-unknown}, $(nproc) CPUs online; $pin_note"
+echo "load average before: $(loadavg) (other work on the machine skews every number)"
+echo "image: $size random data on $img_fs ($img_dir), all servers buffered"
+echo "each job: ${ramp} s ramp + ${runtime} s measured; a fresh server per job and server;" \
+     "$repeat round(s)"
+echo "fio: $("$fio" --version), nbd engine over a Unix socket; raw: psync (qd1) or io_uring"
+for s in "${servers[@]}"; do
+    [[ $s == raw ]] || echo "$s: $(version "$s")"
+done
+
+# Rounds outermost, so a burst of outside load hits one round of many rows, not every round
+# of one row.
+for ((round = 1; round <= repeat; round++)); do
+    for job in "${job_list[@]}"; do
+        for s in "${servers[@]}"; do
+            note "round $round/$repeat, ${job%% *}: $s"
+            run_one "$job" "$s" "$round"
+        done
+    done
+done
+
+echo "load average after: $(loadavg)"
+echo
+"$python" "$report" "$results"
+grep -q $'\tok\t' "$results" || die "no job ran"
