@@ -13,6 +13,8 @@ THINBLK_PACKAGES=(
     nbdkit libnbd-bin fio
     # the test guest (its kernel is fetched by tests/guest/build-guest.sh)
     busybox-static cpio
+    # the loop-device ENOSPC test
+    e2fsprogs util-linux mount
 )
 
 missing=()
