@@ -392,7 +392,6 @@ class Daemon:
         reports = _sanitizer_reports(self.stderr())
         if reports:
             problems.append("sanitizer reports:\n" + "\n".join(reports[:20]))
-        shutil.rmtree(self.rundir, ignore_errors=True)
         return problems
 
 
@@ -403,6 +402,7 @@ class DaemonFactory:
     def __init__(self, logdir):
         self.logdir = Path(logdir)
         self.daemons = []
+        self.rundirs = []
 
     def binary(self):
         if AGAINST_QEMU:
@@ -416,7 +416,10 @@ class DaemonFactory:
         return str(THINBLKD)
 
     def rundir(self):
-        return Path(tempfile.mkdtemp(prefix="thinblk-test-", dir="/tmp"))
+        """A new short private directory, removed at cleanup."""
+        path = Path(tempfile.mkdtemp(prefix="thinblk-test-", dir="/tmp"))
+        self.rundirs.append(path)
+        return path
 
     def start_raw(self, args, sockets=(), wait=True, rundir=None):
         """thinblkd (or QEMU) with exactly these arguments."""
@@ -460,7 +463,9 @@ class DaemonFactory:
         problems = []
         for d in self.daemons:
             problems += [f"{d!r}: {p}" for p in d.shutdown()]
-        self.daemons = []
+        for path in self.rundirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self.daemons, self.rundirs = [], []
         return problems
 
 
