@@ -176,6 +176,7 @@ struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, str
     json_t *opts = json_deep_copy(opts_in);
     const struct block_driver *drv = NULL;
     struct block_node *n = NULL;
+    bool opened = false;
     const char *name;
     json_t *v;
 
@@ -228,10 +229,14 @@ struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, str
     json_object_del(opts, "driver");
     if (take_generic(n, opts, errp) < 0)
         goto fail;
-    if (drv->open(n, opts, errp) < 0) {
-        n->drv = NULL; /* nothing to close */
+    /* Implicit children created by the driver inherit these options (block_node_open_child). */
+    struct block_node *outer = g->opening;
+    g->opening = n;
+    int r = drv->open(n, opts, errp);
+    g->opening = outer;
+    if (r < 0)
         goto fail;
-    }
+    opened = true;
     /* What the driver did not take is not an option of it. */
     if (json_object_size(opts) > 0) {
         error_setg(errp, "Parameter '%s' is unexpected",
@@ -251,8 +256,11 @@ struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, str
 
 fail:
     json_decref(opts);
-    if (n)
+    if (n) {
+        if (!opened)
+            n->drv = NULL;  /* the driver has nothing to close */
         node_close(n);
+    }
     return NULL;
 }
 
@@ -278,7 +286,23 @@ struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, con
         error_setg(errp, "Invalid parameter type for '%s', expected: object", member);
         return NULL;
     }
-    child = block_node_create(g, ref, errp);
+    /* As in QEMU, an implicit child takes its parent's read-only, discard and cache options
+     * unless it sets its own. */
+    json_t *opts = json_deep_copy(ref);
+    struct block_node *parent = g->opening;
+    if (parent) {
+        if (!json_object_get(opts, "read-only"))
+            json_object_set_new(opts, "read-only", json_boolean(parent->read_only));
+        if (!json_object_get(opts, "discard"))
+            json_object_set_new(opts, "discard",
+                                json_string(parent->discard_unmap ? "unmap" : "ignore"));
+        if (!json_object_get(opts, "cache"))
+            json_object_set_new(opts, "cache", json_pack("{s:b,s:b}", "direct",
+                                                         parent->cache_direct, "no-flush",
+                                                         parent->no_flush));
+    }
+    child = block_node_create(g, opts, errp);
+    json_decref(opts);
     if (!child)
         return NULL;
     /* Listed in the graph as QEMU lists implicit nodes, and gone with its last parent. */

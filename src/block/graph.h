@@ -68,6 +68,7 @@ struct block_graph {
     void (*emit)(void *opaque, const char *name, json_t *data);
     void *emit_opaque;
     unsigned anon_counter;     /* for generated node names, "#block123" as QEMU */
+    struct block_node *opening;  /* the node whose driver is opening (for its children) */
 };
 
 struct block_node {

@@ -34,7 +34,7 @@ void error_setg(struct error **errp, const char *fmt, ...) __attribute__((format
 void error_setg_errno(struct error **errp, int errnum, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* Prepend "prefix: " to the description of *errp, if set. */
+/* Prepend the formatted text to the description of *errp, if set (add ": " yourself). */
 void error_prepend(struct error **errp, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Move src into *dst (freeing src if *dst is already set or dst is NULL). */

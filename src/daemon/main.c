@@ -97,14 +97,12 @@ static int setup_signals(struct daemon *d)
     return loop_add_fd(d->loop, d->sigfd, LOOP_READ, on_signal, d);
 }
 
-/* Write our PID to path, locked for as long as we run (the fd stays open), as QEMU does: a
- * second daemon given the same file fails instead of overwriting it. Returns the fd or -1. */
-static int write_pidfile(const char *path, struct error **errp)
+/* Open and lock the pid file, as QEMU does: a second daemon given the same file fails here,
+ * before it touches any socket of the first. Returns the fd or -1. */
+static int lock_pidfile(const char *path, struct error **errp)
 {
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     struct flock lock = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
-    char text[32];
-    int len;
 
     if (fd < 0) {
         error_setg_errno(errp, errno, "Cannot open pid file %s", path);
@@ -115,13 +113,20 @@ static int write_pidfile(const char *path, struct error **errp)
         close(fd);
         return -1;
     }
-    len = snprintf(text, sizeof(text), "%d\n", (int)getpid());
+    return fd;
+}
+
+/* Write our PID into the locked pid file; done once every socket listens. */
+static int write_pid(int fd, const char *path, struct error **errp)
+{
+    char text[32];
+    int len = snprintf(text, sizeof(text), "%d\n", (int)getpid());
+
     if (ftruncate(fd, 0) < 0 || pwrite(fd, text, (size_t)len, 0) != len) {
         error_setg_errno(errp, errno, "Cannot write pid file %s", path);
-        close(fd);
         return -1;
     }
-    return fd;
+    return 0;
 }
 
 /* Apply --blockdev, --nbd-server and --export in the order given. */
@@ -153,7 +158,7 @@ static int apply_cli_objects(struct daemon *d, const struct daemon_options *opts
             break;
         }
         if (r < 0) {
-            error_prepend(errp, "%s", opt_names[o->kind]);
+            error_prepend(errp, "%s: ", opt_names[o->kind]);
             return -1;
         }
     }
@@ -251,6 +256,13 @@ int main(int argc, char **argv)
         log_error("cannot set up signal handling: %s", strerror(errno));
         goto out;
     }
+    if (opts.pidfile) {
+        pidfile_fd = lock_pidfile(opts.pidfile, &err);
+        if (pidfile_fd < 0) {
+            log_error("%s", err->desc);
+            goto out;
+        }
+    }
     for (size_t i = 0; i < opts.nmonitors; i++) {
         if (qmp_server_add_monitor(d.server, &opts.monitors[i], &err) < 0) {
             log_error("%s", err->desc);
@@ -261,13 +273,10 @@ int main(int argc, char **argv)
         log_error("%s", err->desc);
         goto out;
     }
-    /* Written last: once it exists, every socket is listening. */
-    if (opts.pidfile) {
-        pidfile_fd = write_pidfile(opts.pidfile, &err);
-        if (pidfile_fd < 0) {
-            log_error("%s", err->desc);
-            goto out;
-        }
+    /* The PID goes in last: once the file holds it, every socket is listening. */
+    if (pidfile_fd >= 0 && write_pid(pidfile_fd, opts.pidfile, &err) < 0) {
+        log_error("%s", err->desc);
+        goto out;
     }
 
     if (loop_run(d.loop) < 0) {

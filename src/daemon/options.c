@@ -296,7 +296,7 @@ static int opt_object(struct daemon_options *o, enum cli_object_kind kind, const
         }
     }
     if (!obj) {
-        error_prepend(errp, "%s", opt);
+        error_prepend(errp, "%s: ", opt);
         return -1;
     }
     o->objects = xrealloc(o->objects, (o->nobjects + 1) * sizeof(*o->objects));

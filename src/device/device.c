@@ -51,6 +51,7 @@ struct device {
     uint64_t event_timer;
 
     struct dev_stats stats;
+    bool writethrough;
     bool dying;                /* device_free() was called; freed when in_flight drops to 0 */
 };
 
@@ -349,6 +350,8 @@ void device_submit(struct device *d, struct dev_req *r)
     r->breq.done = on_block_done;
     r->is_write = r->breq.op == BLOCK_OP_WRITE || r->breq.op == BLOCK_OP_WRITE_ZEROES ||
                   r->breq.op == BLOCK_OP_DISCARD;
+    if (d->writethrough && (r->breq.op == BLOCK_OP_WRITE || r->breq.op == BLOCK_OP_WRITE_ZEROES))
+        r->breq.flags |= BLOCK_REQ_FUA;
     if (r->is_write)
         write_seq_add(d, r->seq);
     if (!device_accepting(d)) {
@@ -473,6 +476,11 @@ struct device *device_find(struct dev_context *ctx, const char *name)
             return d;
     }
     return NULL;
+}
+
+void device_set_writethrough(struct device *d, bool on)
+{
+    d->writethrough = on;
 }
 
 struct device *device_next(const struct device *d)

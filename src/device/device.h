@@ -12,6 +12,7 @@
  *   enospc  stop on ENOSPC, report otherwise
  * BLOCK_IO_ERROR is sent for every action, at most one a second per device (the first at once,
  * later ones within the second coalesced into the last one, sent at its end; QEMU 9.2's rule).
+ * So the first BLOCK_IO_ERROR of a stop always precedes its STOP; coalesced ones may follow it.
  *
  * On cont (the run state entering running), io-status returns to ok and parked requests are
  * resubmitted whole, in the order they were submitted, then the held ones. A flush is not
@@ -103,6 +104,10 @@ void device_abort(struct device *d);
 /* Remove the device. Requests in flight at storage still complete through their done();
  * the memory goes after the last one. */
 void device_free(struct device *d);
+
+/* writethrough (QEMU's block-export-add option): every write is made durable before it
+ * completes, as if it carried FUA. */
+void device_set_writethrough(struct device *d, bool on);
 
 struct device *device_find(struct dev_context *ctx, const char *name);
 /* The device after d in ctx->devices, or NULL. */

@@ -193,6 +193,7 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
     const char *id = opt_str(opts, "id", errp, &bad);
     const char *node_name = opt_str(opts, "node-name", errp, &bad);
     bool writable = opt_bool(opts, "writable", errp, &bad);
+    bool writethrough = opt_bool(opts, "writethrough", errp, &bad);
     const char *name = opt_str(opts, "name", errp, &bad);
     const char *desc = opt_str(opts, "description", errp, &bad);
     int werror = opt_action(opts, "werror", DEV_ACTION_ENOSPC, errp, &bad);
@@ -248,6 +249,7 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
                                     (enum dev_error_action)rerror, errp);
     if (!dev)
         return -1;
+    device_set_writethrough(dev, writethrough);
     if (nbd_server_add_export(x->nbd, name, desc, dev, writable, errp) < 0) {
         device_free(dev);
         return -1;

@@ -15,6 +15,7 @@
 #define THINBLK_NBD_INTERNAL_H
 
 #include <stdbool.h>
+#include <sys/types.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -72,7 +73,9 @@ struct nbd_server {
     bool listen_inet;          /* TCP: set TCP_NODELAY on clients */
     bool listen_paused;        /* not accepting: max_connections reached or out of fds */
     uint64_t accept_timer;     /* resumes accepting after running out of fds */
-    char *unix_path;           /* removed at stop */
+    char *unix_path;           /* removed at stop, if it is still our socket: */
+    dev_t unix_dev;
+    ino_t unix_ino;
     uint32_t max_connections;  /* 0: no limit */
     struct nbd_export *exports;
     struct nbd_conn *conns;    /* open connections */

@@ -133,24 +133,36 @@ static int listen_unix(struct nbd_server *s, const char *path, struct error **er
         error_setg_errno(errp, errno, "Failed to create Unix socket");
         return -1;
     }
-    /* bind() creates the file with the socket's mode: no window where others may connect. */
-    fchmod(fd, 0600);
     /* A socket left behind by an earlier run is replaced; anything else is not ours. */
-    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            error_setg(errp, "Failed to bind socket to %s: File exists and is not a socket",
+                       path);
+            close(fd);
+            return -1;
+        }
         unlink(path);
+    }
     if (bind_path == tmp)
         unlink(tmp);
-    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+    /* The mode comes from the umask at bind(): nobody else may connect, at any moment. */
+    mode_t old_umask = umask(0177);
+    int r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+    umask(old_umask);
+    if (r < 0) {
         error_setg_errno(errp, errno, "Failed to bind socket to %s", path);
         close(fd);
         return -1;
     }
-    chmod(bind_path, 0600);
     if (listen(fd, SOMAXCONN) < 0 || (bind_path == tmp && rename(tmp, path) < 0)) {
         error_setg_errno(errp, errno, "Failed to listen on socket %s", path);
         unlink(bind_path);
         close(fd);
         return -1;
+    }
+    if (lstat(path, &st) == 0) {
+        s->unix_dev = st.st_dev;
+        s->unix_ino = st.st_ino;
     }
     s->unix_path = xstrdup(path);
     return fd;
@@ -270,7 +282,10 @@ void nbd_server_stop(struct nbd_server *s)
         close(s->listen_fd);
         s->listen_fd = -1;
     }
-    if (s->unix_path)
+    /* Only the socket we made: another daemon may have taken the path over since. */
+    struct stat st;
+    if (s->unix_path && lstat(s->unix_path, &st) == 0 && st.st_dev == s->unix_dev &&
+        st.st_ino == s->unix_ino)
         unlink(s->unix_path);
     if (s->accept_timer) {
         loop_del_timer(s->loop, s->accept_timer);

@@ -72,8 +72,11 @@ uint16_t nbd_export_flags(const struct nbd_conn *c, const struct nbd_export *e)
 {
     /* Every connection goes through the one device, and a flush covers what any of them
      * wrote (the device orders flushes after earlier writes): multi-conn is safe. */
-    uint16_t flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA |
-                     NBD_FLAG_CAN_MULTI_CONN;
+    uint16_t flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
+
+    /* As QEMU: a server limited to one connection does not invite more. */
+    if (!c->server || c->server->max_connections != 1)
+        flags |= NBD_FLAG_CAN_MULTI_CONN;
 
     if (!e->writable || device_root(e->dev)->read_only)
         flags |= NBD_FLAG_READ_ONLY;

@@ -11,8 +11,9 @@
  * nothing (unless a stop request is pending: then STOP and RESUME, and the request is dropped).
  *
  * The I/O-error path does not stop at once: runstate_request_stop() defers the stop to the end
- * of the current loop iteration, as QEMU's qemu_system_vmstop_request() does, so every
- * BLOCK_IO_ERROR raised by the same completion batch goes out before the one STOP.
+ * of the current loop iteration, as QEMU's qemu_system_vmstop_request() does, so the
+ * BLOCK_IO_ERROR that caused it goes out before the one STOP (later ones of the same batch may
+ * be held back by the device's event rate limit, device.h).
  *
  * Owned by the daemon; used from the loop thread only.
  */
