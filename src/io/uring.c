@@ -18,23 +18,33 @@ struct uring {
     unsigned queued;       /* prepared, not yet submitted */
     unsigned in_flight;    /* queued + submitted, not completed */
     bool submit_scheduled;
+    bool reaping;          /* inside reap() */
 };
 
+/* Run done() for every completion. A done() may queue more operations (submitted by the
+ * deferred call) and, through a full submission queue, come back here: the outer call goes on. */
 static void reap(struct uring *u)
 {
     struct io_uring_cqe *cqe;
-    unsigned head, n = 0;
 
-    /* done() may queue more operations; they are submitted by the deferred call. */
-    io_uring_for_each_cqe(&u->ring, head, cqe) {
-        struct uring_op *op = io_uring_cqe_get_data(cqe);
-        int res = cqe->res;
-        io_uring_cqe_seen(&u->ring, cqe);
-        u->in_flight--;
-        n++;
-        op->done(op, res);
+    if (u->reaping)
+        return;
+    u->reaping = true;
+    for (;;) {
+        while (io_uring_peek_cqe(&u->ring, &cqe) == 0) {
+            struct uring_op *op = io_uring_cqe_get_data(cqe);
+            int res = cqe->res;
+            io_uring_cqe_seen(&u->ring, cqe);
+            u->in_flight--;
+            op->done(op, res);
+        }
+        /* Completions that found the completion queue full wait in the kernel and do not
+         * signal the eventfd: bring them in, or their requests would hang. */
+        if (!io_uring_cq_has_overflow(&u->ring))
+            break;
+        io_uring_get_events(&u->ring);
     }
-    (void)n;
+    u->reaping = false;
 }
 
 static void on_eventfd(struct loop *loop, int fd, unsigned events, void *opaque)
@@ -47,13 +57,23 @@ static void on_eventfd(struct loop *loop, int fd, unsigned events, void *opaque)
     reap(u);
 }
 
+static void deferred_submit(struct loop *loop, void *opaque);
+
 static void submit(struct uring *u)
 {
     while (u->queued > 0) {
         int r = io_uring_submit(&u->ring);
         if (r < 0) {
             if (r == -EINTR || r == -EAGAIN || r == -EBUSY) {
-                /* Completions must be reaped to make room; they come back through on_eventfd. */
+                /* Completions must be reaped to make room. Inside reap() already, leave the
+                 * rest to the deferred submission, after reap() has made room. */
+                if (u->reaping) {
+                    if (!u->submit_scheduled) {
+                        u->submit_scheduled = true;
+                        loop_defer(u->loop, deferred_submit, u);
+                    }
+                    return;
+                }
                 reap(u);
                 continue;
             }
