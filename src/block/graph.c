@@ -14,6 +14,7 @@ static const struct block_driver *const drivers[] = {
     &block_driver_host_device,
     &block_driver_raw,
     &block_driver_fault,
+    &block_driver_qcow2,
 };
 
 struct block_graph *block_graph_new(struct loop *loop, struct uring *uring,

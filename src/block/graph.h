@@ -131,5 +131,6 @@ extern const struct block_driver block_driver_file;
 extern const struct block_driver block_driver_host_device; /* QEMU's name for "file" on a device */
 extern const struct block_driver block_driver_raw;
 extern const struct block_driver block_driver_fault;
+extern const struct block_driver block_driver_qcow2;
 
 #endif

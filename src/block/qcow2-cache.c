@@ -1,0 +1,215 @@
+/* The qcow2 metadata caches (L2 tables, refcount blocks): LRU over a hash by offset.
+ *
+ * Write-through: the cache never holds anything the disk does not (qcow2-alloc.c writes an
+ * entry's chunk first and patches the cache once the write is done), so eviction is free.
+ * A load races with a write to the same table only when a reader misses while the allocator
+ * updates that table; the patch then marks the load to be read again.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "block/qcow2.h"
+#include "common/util.h"
+
+struct slot {
+    struct slot *hnext;             /* hash chain */
+    struct slot *lprev, *lnext;     /* LRU list, most recent first */
+    uint64_t offset;
+    void *table;
+    bool loading, reload;
+    struct qcow2_waiter *waiters;   /* while loading, in arrival order */
+    struct qcow2_waiter **wtail;
+    struct block_req req;
+    struct qcow2_cache *cache;
+};
+
+struct qcow2_cache {
+    struct block_node *file;
+    uint32_t table_size;
+    unsigned capacity, count;
+    struct slot **buckets;
+    size_t nbuckets;                /* a power of two */
+    struct slot *lru_head, *lru_tail;
+};
+
+struct qcow2_cache *qcow2_cache_new(struct block_node *file, uint32_t table_size,
+                                    unsigned capacity)
+{
+    struct qcow2_cache *c = xzalloc(sizeof(*c));
+
+    c->file = file;
+    c->table_size = table_size;
+    c->capacity = MAX(capacity, 4u);
+    c->nbuckets = 16;
+    while (c->nbuckets < 2 * (size_t)c->capacity)
+        c->nbuckets *= 2;
+    c->buckets = xzalloc(c->nbuckets * sizeof(*c->buckets));
+    return c;
+}
+
+static size_t bucket(const struct qcow2_cache *c, uint64_t offset)
+{
+    return (size_t)((offset >> 9) * 0x9e3779b97f4a7c15ULL >> 20) & (c->nbuckets - 1);
+}
+
+static struct slot *find(struct qcow2_cache *c, uint64_t offset)
+{
+    for (struct slot *sl = c->buckets[bucket(c, offset)]; sl; sl = sl->hnext) {
+        if (sl->offset == offset)
+            return sl;
+    }
+    return NULL;
+}
+
+static void lru_unlink(struct qcow2_cache *c, struct slot *sl)
+{
+    if (sl->lprev)
+        sl->lprev->lnext = sl->lnext;
+    else
+        c->lru_head = sl->lnext;
+    if (sl->lnext)
+        sl->lnext->lprev = sl->lprev;
+    else
+        c->lru_tail = sl->lprev;
+    sl->lprev = sl->lnext = NULL;
+}
+
+static void lru_push(struct qcow2_cache *c, struct slot *sl)
+{
+    sl->lprev = NULL;
+    sl->lnext = c->lru_head;
+    if (c->lru_head)
+        c->lru_head->lprev = sl;
+    c->lru_head = sl;
+    if (!c->lru_tail)
+        c->lru_tail = sl;
+}
+
+static void slot_remove(struct qcow2_cache *c, struct slot *sl)
+{
+    for (struct slot **p = &c->buckets[bucket(c, sl->offset)]; *p; p = &(*p)->hnext) {
+        if (*p == sl) {
+            *p = sl->hnext;
+            break;
+        }
+    }
+    lru_unlink(c, sl);
+    c->count--;
+    free(sl->table);
+    free(sl);
+}
+
+/* Make room: drop least recently used tables that are not loading. */
+static void evict(struct qcow2_cache *c)
+{
+    struct slot *sl = c->lru_tail;
+
+    while (c->count > c->capacity && sl) {
+        struct slot *prev = sl->lprev;
+        if (!sl->loading)
+            slot_remove(c, sl);
+        sl = prev;
+    }
+}
+
+static struct slot *slot_new(struct qcow2_cache *c, uint64_t offset)
+{
+    struct slot *sl = xzalloc(sizeof(*sl));
+    size_t b = bucket(c, offset);
+
+    sl->cache = c;
+    sl->offset = offset;
+    sl->table = qcow2_alloc_buf(c->table_size);
+    sl->hnext = c->buckets[b];
+    c->buckets[b] = sl;
+    lru_push(c, sl);
+    c->count++;
+    return sl;
+}
+
+static void load_done(struct block_req *req, int ret)
+{
+    struct slot *sl = container_of(req, struct slot, req);
+    struct qcow2_cache *c = sl->cache;
+
+    if (ret == 0 && sl->reload) {
+        sl->reload = false;
+        node_submit(c->file, &sl->req);
+        return;
+    }
+    /* Detach the waiters first: their callbacks may use the cache, evicting this slot. */
+    struct qcow2_waiter *w = sl->waiters;
+    sl->waiters = NULL;
+    sl->loading = false;
+    if (ret < 0)
+        slot_remove(c, sl);
+    else
+        evict(c);
+    while (w) {
+        struct qcow2_waiter *next = w->next;
+        w->cb(w, ret);
+        w = next;
+    }
+}
+
+const void *qcow2_cache_get(struct qcow2_cache *c, uint64_t offset, struct qcow2_waiter *w)
+{
+    struct slot *sl = find(c, offset);
+
+    if (sl && !sl->loading) {
+        lru_unlink(c, sl);
+        lru_push(c, sl);
+        return sl->table;
+    }
+    w->next = NULL;
+    if (sl) {
+        *sl->wtail = w;
+        sl->wtail = &w->next;
+        return NULL;
+    }
+    sl = slot_new(c, offset);
+    sl->loading = true;
+    sl->waiters = w;
+    sl->wtail = &w->next;
+    sl->req = (struct block_req){.op = BLOCK_OP_READ, .offset = offset, .len = c->table_size,
+                                 .buf = sl->table, .done = load_done};
+    node_submit(c->file, &sl->req);
+    return NULL;
+}
+
+void qcow2_cache_patch(struct qcow2_cache *c, uint64_t offset, uint32_t pos, const void *data,
+                       uint32_t len)
+{
+    struct slot *sl = find(c, offset);
+
+    if (!sl)
+        return;
+    if (sl->loading)
+        sl->reload = true;
+    else
+        memcpy((char *)sl->table + pos, data, len);
+}
+
+void qcow2_cache_insert(struct qcow2_cache *c, uint64_t offset, const void *table)
+{
+    struct slot *sl = find(c, offset);
+
+    if (sl && sl->loading) {
+        sl->reload = true;
+        return;
+    }
+    if (!sl)
+        sl = slot_new(c, offset);
+    memcpy(sl->table, table, c->table_size);
+    evict(c);
+}
+
+void qcow2_cache_free(struct qcow2_cache *c)
+{
+    if (!c)
+        return;
+    while (c->lru_head)
+        slot_remove(c, c->lru_head);
+    free(c->buckets);
+    free(c);
+}

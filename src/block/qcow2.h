@@ -1,0 +1,193 @@
+/* Internals of the qcow2 format driver, shared by qcow2*.c. Not an API for other modules:
+ * they use block_driver_qcow2 (graph.h).
+ *
+ * Files: qcow2.c (open, header checks, request splitting, reads and in-place writes),
+ * qcow2-alloc.c (cluster allocation: the one place that changes metadata),
+ * qcow2-refcount.c (refcount entries of any width, the open-time scan),
+ * qcow2-cache.c (the L2 table and refcount block caches).
+ *
+ * Tables are kept in memory exactly as on disk (big-endian), so that a metadata update is a
+ * copy of the aligned chunk holding the entry, patched, written, and copied back on success:
+ * memory never runs ahead of the disk. Everything runs on the loop thread.
+ */
+#ifndef THINBLK_BLOCK_QCOW2_H
+#define THINBLK_BLOCK_QCOW2_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "block/graph.h"
+#include "io/uring.h"
+
+#define QCOW2_MAGIC 0x514649fbu
+#define QCOW2_OFFSET_MASK 0x00fffffffffffe00ULL
+#define QCOW2_OFLAG_COPIED (1ULL << 63)
+#define QCOW2_OFLAG_COMPRESSED (1ULL << 62)
+#define QCOW2_OFLAG_ZERO 1ULL
+#define QCOW2_L1_RESERVED 0x7f000000000001ffULL
+#define QCOW2_L2_RESERVED 0x3f000000000001feULL
+#define QCOW2_RT_RESERVED 0xff000000000001ffULL
+
+#define QCOW2_INCOMPAT_DIRTY (1ULL << 0)
+#define QCOW2_INCOMPAT_CORRUPT (1ULL << 1)
+#define QCOW2_INCOMPAT_DATA_FILE (1ULL << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ULL << 3)
+#define QCOW2_INCOMPAT_EXTL2 (1ULL << 4)
+
+/* Someone waiting for a table to be loaded into a cache: cb(w, 0) once it is there, or
+ * cb(w, -errno). Embedded in the waiter's own struct. */
+struct qcow2_waiter {
+    struct qcow2_waiter *next;
+    void (*cb)(struct qcow2_waiter *w, int ret);
+};
+
+struct qcow2_cache;
+
+/* A cache of up to capacity tables of table_size bytes read from file (more while that
+ * many are loading). */
+struct qcow2_cache *qcow2_cache_new(struct block_node *file, uint32_t table_size,
+                                    unsigned capacity);
+/* Free the cache; nothing may be loading. */
+void qcow2_cache_free(struct qcow2_cache *c);
+/* The table at offset, or NULL if it is being loaded: then w->cb is called later (never
+ * inside this call). The pointer is valid until the next return to the loop. */
+const void *qcow2_cache_get(struct qcow2_cache *c, uint64_t offset, struct qcow2_waiter *w);
+/* The disk now holds data at [pos, pos+len) of the table at offset: update the cached copy,
+ * or have a load in flight read again. */
+void qcow2_cache_patch(struct qcow2_cache *c, uint64_t offset, uint32_t pos, const void *data,
+                       uint32_t len);
+/* A table just written in whole at offset (a new one): cache a copy. */
+void qcow2_cache_insert(struct qcow2_cache *c, uint64_t offset, const void *table);
+
+enum qcow2_ctype {
+    QCOW2_UNALLOCATED,  /* reads as zeroes (there are no backing files yet) */
+    QCOW2_ZERO_PLAIN,   /* zero flag, no host cluster */
+    QCOW2_ZERO_ALLOC,   /* zero flag, host cluster kept (with refcount 1) */
+    QCOW2_NORMAL,
+    QCOW2_COMPRESSED,
+    QCOW2_BAD,          /* reserved bits or a misaligned offset: the image is corrupt */
+};
+
+struct qcow2_state;
+struct qcow2_req;
+
+struct qcow2_refop {
+    uint64_t cluster;
+    int delta;
+};
+
+/* One request split at cluster boundaries: a part stays within one cluster. */
+struct qcow2_part {
+    struct qcow2_req *r;
+    struct qcow2_part *next;   /* the allocation queue */
+    struct qcow2_waiter w;     /* L2 table loads */
+    struct block_req child;
+    uint64_t voff;             /* guest offset */
+    uint32_t len;
+    char *buf;                 /* READ, WRITE: into the parent's buffer */
+};
+
+/* The allocation in progress (one at a time per image: the allocation lock). */
+struct qcow2_alloc {
+    struct qcow2_part *part;
+    int step;
+    struct qcow2_waiter w;
+    struct block_req req;      /* the one metadata or data write in flight */
+    void *iobuf;               /* its buffer, if ours */
+    int patch_kind;            /* what the write updates in memory once done */
+    uint64_t patch_table;      /* cache tables: the table's offset */
+    uint32_t patch_pos, patch_len;
+    uint64_t l1_idx, l2_idx;
+    uint64_t l2_off, data_off; /* host offsets */
+    bool new_l2, data_fresh, l2_fresh;
+    void *l2_table;            /* a new L2 table as written */
+    /* Clusters whose refcount is 1 on disk but nothing links yet; back to the spare list on
+     * failure. */
+    uint64_t owned[2];
+    unsigned nowned;
+    /* Refcount changes to make, one by one. */
+    struct qcow2_refop *ops;
+    size_t nops, ops_cap, iop;
+    /* Refcount structure growth: new blocks (and a new table) at clusters [c, c+k+m). */
+    uint64_t c, k, m;
+    uint64_t *new_blocks;      /* their block indices, m of them */
+    void *cover_buf;           /* (k+m) clusters: table then blocks */
+    uint64_t old_rt_offset, old_rt_clusters;
+    size_t link_i;
+};
+
+struct qcow2_state {
+    struct block_node *node;
+    struct block_node *file;
+    uint32_t version;
+    uint32_t cluster_bits;
+    uint32_t cluster_size;
+    uint32_t refcount_order;    /* refcount width is 1 << refcount_order bits */
+    uint32_t rb_bits;           /* log2 of the entries of a refcount block */
+    uint32_t meta_align;        /* granularity of metadata writes: >= 512, <= cluster */
+    uint64_t incompat, compat, autoclear;
+    uint64_t l1_offset;
+    uint32_t l1_size;           /* entries */
+    uint64_t rt_offset;
+    uint32_t rt_clusters;
+    uint64_t rt_entries;
+    void *header;               /* the image's first meta_align bytes */
+    uint64_t *l1;               /* big-endian, as on disk (rounded up to meta_align) */
+    uint64_t *rt;               /* big-endian, as on disk: rt_clusters clusters */
+    struct qcow2_cache *l2_cache;
+    struct qcow2_cache *rb_cache;
+    bool writable;
+    bool backing_null;          /* backing=null: a backing file named in the image is ignored */
+    /* Allocation: next_free is the first cluster of the free space at the end of the image
+     * (every cluster from there has refcount 0); spare clusters have refcount 1 and nothing
+     * pointing at them (left by failed allocations), used first. */
+    uint64_t next_free;
+    uint64_t *spare;
+    size_t nspare, spare_cap;
+    bool alloc_busy, kicking;
+    struct qcow2_part *queue_head, **queue_tail;
+    struct qcow2_alloc alloc;
+    bool warned_compressed;
+    /* Parts running (at most QCOW2_MAX_ACTIVE) and parts waiting for a turn: a large request
+     * of small clusters must not flood the ring with thousands of operations at once. */
+    unsigned active;
+    struct qcow2_part *wait_head, **wait_tail;
+    struct uring_op resume_uop;
+    bool resume_scheduled;
+};
+
+#define QCOW2_MAX_ACTIVE 64
+
+/* qcow2.c */
+enum qcow2_ctype qcow2_classify(const struct qcow2_state *s, uint64_t l2e);
+/* The L2 entry for guest offset voff in *l2e (0 if no L2 table): returns 0, or 1 if w waits
+ * for the L2 table to load, or -errno. */
+int qcow2_lookup(struct qcow2_state *s, uint64_t voff, struct qcow2_waiter *w, uint64_t *l2e);
+/* The part is done with ret: completes the request once all its parts are. */
+void qcow2_part_done(struct qcow2_part *p, int ret);
+/* Write the part in place at host cluster offset host. */
+void qcow2_part_write_host(struct qcow2_part *p, uint64_t host);
+/* An aligned buffer (for O_DIRECT children) of len bytes, zeroed; aborts on failure. */
+void *qcow2_alloc_buf(size_t len);
+
+/* qcow2-alloc.c */
+/* Queue a write part needing a new cluster; done through qcow2_part_done(). */
+void qcow2_alloc_enqueue(struct qcow2_state *s, struct qcow2_part *p);
+void qcow2_alloc_cleanup(struct qcow2_state *s);
+
+/* qcow2-refcount.c */
+uint64_t qcow2_refcount_get(const struct qcow2_state *s, const void *block, uint64_t idx);
+/* The bytes of the entry idx once it holds value: *pos and *len in the block, into out[8]. */
+void qcow2_refcount_encode(const struct qcow2_state *s, const void *block, uint64_t idx,
+                           uint64_t value, uint32_t *pos, uint32_t *len, uint8_t out[8]);
+/* Set entry idx to value in a block in memory. */
+void qcow2_refcount_set(const struct qcow2_state *s, void *block, uint64_t idx, uint64_t value);
+uint64_t qcow2_refcount_max(const struct qcow2_state *s);
+/* The refcount block at index b of the table, 0 if none. */
+uint64_t qcow2_rt_block(const struct qcow2_state *s, uint64_t b);
+/* Open: validate the refcount table and set next_free from the last referenced cluster,
+ * reading refcount blocks synchronously. Returns 0 or -1 with *errp set. */
+int qcow2_refcount_scan(struct qcow2_state *s, struct error **errp);
+
+#endif

@@ -1,0 +1,506 @@
+"""The qcow2 format driver, with qemu-img and qemu-io as the oracle.
+
+Images are created by qemu-img, served by thinblkd (file node + qcow2 node, NBD export),
+written by qemu-io and python3-libnbd while the same bytes go to a raw reference file; then
+the daemon stops and `qemu-img compare` must find the image identical to the reference and
+`qemu-img check` must find no error and no leak.
+"""
+import os
+import random
+import re
+import struct
+import subprocess
+import threading
+
+import nbd
+import pytest
+
+from conftest import thinblk_only
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+pytestmark = thinblk_only
+
+
+def qemu_img(*args, check=True):
+    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
+                          check=check)
+
+
+def create(path, size, cluster_size=64 * KiB, compat="1.1", refcount_bits=16, extra=""):
+    opts = f"cluster_size={cluster_size},compat={compat}"
+    if compat != "0.10":
+        opts += f",refcount_bits={refcount_bits}"
+    if extra:
+        opts += "," + extra
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, path, size)
+
+
+def assert_clean(img, ref):
+    r = qemu_img("compare", "-f", "qcow2", "-F", "raw", img, ref, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Images are identical" in r.stdout
+    r = qemu_img("check", img, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "No errors were found on the image" in r.stdout, r.stdout
+    assert "leaked" not in r.stdout + r.stderr, r.stdout
+
+
+class Served:
+    """thinblkd serving one qcow2 image over NBD, with a monitor."""
+
+    def __init__(self, daemons, img, writable=True, qcow2_opts="", fault=False):
+        self.daemons = daemons
+        rundir = daemons.rundir()
+        self.sock = rundir / "nbd.sock"
+        child = "f0"
+        args = ["--blockdev", f"driver=file,node-name=f0,filename={img}"]
+        if fault:
+            args += ["--blockdev", "driver=fault,node-name=flt,file=f0"]
+            child = "flt"
+        args += ["--blockdev", f"driver=qcow2,node-name=q0,file={child}{qcow2_opts}",
+                "--nbd-server", f"addr.type=unix,addr.path={self.sock}",
+                "--export", "type=nbd,id=d0,node-name=q0,name=disk,writable="
+                + ("on" if writable else "off")]
+        self.d = daemons.start(args=args)
+        self.qmp = self.d.negotiated()
+        self.uri = f"nbd+unix:///disk?socket={self.sock}"
+
+    def nbd(self):
+        h = nbd.NBD()
+        h.connect_uri(self.uri)
+        return h
+
+    def qemu_io(self, *cmds):
+        argv = ["qemu-io", "-f", "raw"]
+        for c in cmds:
+            argv += ["-c", c]
+        r = subprocess.run(argv + [self.uri], capture_output=True, text=True)
+        assert r.returncode == 0 and "error" not in r.stdout.lower() + r.stderr.lower(), \
+            r.stdout + r.stderr
+        return r.stdout
+
+    def stop(self):
+        problems = self.d.shutdown()
+        assert problems == [], problems
+        assert "ERROR" not in self.d.stderr(), self.d.stderr()
+
+
+def ref_write(ref, off, data):
+    with open(ref, "r+b") as f:
+        f.seek(off)
+        f.write(data)
+
+
+def make_ref(ref, size):
+    with open(ref, "wb") as f:
+        f.truncate(size)
+
+
+def random_workload(srv, ref, size, cluster_size, seed):
+    """qemu-io patterns and libnbd random bytes, aligned and not, spanning clusters."""
+    rnd = random.Random(seed)
+    # qemu-io: whole and partial clusters.
+    for i in range(6):
+        pattern = rnd.randrange(1, 256)
+        length = rnd.choice([cluster_size, 2 * cluster_size, 4 * KiB, 512, 3 * 512])
+        off = rnd.randrange(0, (size - length) // 512) * 512
+        srv.qemu_io(f"write -P {pattern} {off} {length}")
+        ref_write(ref, off, bytes([pattern]) * length)
+    # libnbd: unaligned offsets and lengths, many in flight.
+    h = srv.nbd()
+    cookies = []
+    writes = []
+    for i in range(40):
+        length = rnd.choice([1, 7, 511, 513, 4095, cluster_size + 3, 3 * cluster_size // 2,
+                             rnd.randrange(1, 300 * KiB)])
+        off = rnd.randrange(0, size - length)
+        data = rnd.randbytes(length)
+        writes.append((off, data))
+    # Overlapping writes in flight at once have no defined order: send them one by one
+    # where they overlap, and many at once where they do not.
+    busy = []
+    for off, data in writes:
+        if any(off < o + l and o < off + len(data) for o, l in busy):
+            for c in cookies:
+                while not h.aio_command_completed(c):
+                    h.poll(-1)
+            cookies, busy = [], []
+        cookies.append(h.aio_pwrite(bytearray(data), off))
+        busy.append((off, len(data)))
+        ref_write(ref, off, data)
+    for c in cookies:
+        while not h.aio_command_completed(c):
+            h.poll(-1)
+    # A sequential run across many clusters (and L2 tables for small clusters).
+    seq = rnd.randbytes(min(4 * MiB, size // 4))
+    h.pwrite(seq, size // 2)
+    ref_write(ref, size // 2, seq)
+    h.flush()
+    # Read back through the daemon.
+    with open(ref, "rb") as f:
+        for off, data in writes + [(size // 2, seq)]:
+            f.seek(off)
+            assert h.pread(len(data), off) == f.read(len(data)), f"differs at {off}"
+    h.shutdown()
+
+
+GEOMETRIES = [
+    # cluster size, compat, refcount bits
+    (512, "1.1", 1),
+    (512, "1.1", 64),
+    (512, "0.10", 16),
+    (4 * KiB, "1.1", 16),
+    (4 * KiB, "1.1", 64),
+    (64 * KiB, "0.10", 16),
+    (64 * KiB, "1.1", 1),
+    (2 * MiB, "1.1", 16),
+    (2 * MiB, "1.1", 64),
+]
+
+
+@pytest.mark.parametrize("cluster_size,compat,refcount_bits", GEOMETRIES)
+def test_random_writes_match_raw_reference(daemons, tmp_path, cluster_size, compat,
+                                           refcount_bits):
+    size = 64 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, cluster_size, compat, refcount_bits)
+    make_ref(ref, size)
+    srv = Served(daemons, img)
+    random_workload(srv, ref, size, cluster_size, seed=cluster_size * 7 + refcount_bits)
+    srv.stop()
+    assert_clean(img, ref)
+
+
+def test_refcount_table_grows(daemons, tmp_path):
+    """512-byte clusters, 64-bit refcounts: a refcount block covers 32 KiB and the first
+    table 2 MiB, so writing 8 MiB needs new blocks and a larger table, several times."""
+    size = 16 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, 512, "1.1", 64)
+    before = qemu_img("info", "--output=json", img).stdout
+    make_ref(ref, size)
+    srv = Served(daemons, img)
+    h = srv.nbd()
+    data = random.Random(9).randbytes(8 * MiB)
+    for off in range(0, len(data), MiB):
+        h.pwrite(data[off:off + MiB], 4 * MiB + off)
+    ref_write(ref, 4 * MiB, data)
+    assert h.pread(len(data), 4 * MiB) == data
+    h.shutdown()
+    srv.stop()
+    assert_clean(img, ref)
+    with open(img, "rb") as f:
+        hdr = f.read(64)
+    rt_clusters = struct.unpack(">I", hdr[56:60])[0]
+    assert rt_clusters > 1, before
+
+
+def test_reads_images_written_by_qemu(daemons, tmp_path):
+    """qemu-io writes the image (data, zero clusters with and without their cluster,
+    discarded clusters); thinblkd reads what qemu reads, then writes into a zeroed
+    cluster, and the image stays clean."""
+    size = 32 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, 64 * KiB, "1.1", 16)
+    cmds = ["write -P 0x11 0 1M", "write -P 0x22 3M 200k", "write -P 0x33 20M 64k",
+            "write -z 256k 128k",            # zero flag, cluster kept
+            "write -z -u 512k 128k",         # zero flag, cluster freed
+            "discard 3M 64k",
+            "write -P 0x44 31M 1M"]
+    args = ["qemu-io", "-f", "qcow2"]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run(args + [str(img)], check=True, capture_output=True)
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", img, ref)
+    srv = Served(daemons, img)
+    r = qemu_img("compare", "-f", "raw", "-F", "raw", srv.uri, ref, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Partial writes into a zero cluster that keeps its host cluster, and a freed one.
+    srv.qemu_io("write -P 0x55 300k 4k", "write -P 0x66 600k 1k", "write -P 0x77 3M 512")
+    ref_write(ref, 300 * KiB, b"\x55" * 4 * KiB)
+    ref_write(ref, 600 * KiB, b"\x66" * KiB)
+    ref_write(ref, 3 * MiB, b"\x77" * 512)
+    srv.stop()
+    assert_clean(img, ref)
+
+
+def test_write_zeroes_and_discard(daemons, tmp_path):
+    size = 8 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size)
+    make_ref(ref, size)
+    srv = Served(daemons, img)
+    h = srv.nbd()
+    h.pwrite(b"\xaa" * MiB, 0)
+    h.zero(10 * KiB, 100 * KiB)           # (count, offset): inside an allocated cluster
+    h.zero(2 * MiB, 2 * MiB)              # unallocated: nothing to do
+    h.trim(64 * KiB, 512 * KiB)           # advisory: data stays
+    ref_write(ref, 0, b"\xaa" * MiB)
+    ref_write(ref, 100 * KiB, bytes(10 * KiB))
+    with open(ref, "rb") as f:
+        assert h.pread(MiB, 0) == f.read(MiB)
+    assert h.pread(2 * MiB, 2 * MiB) == bytes(2 * MiB)
+    h.shutdown()
+    srv.stop()
+    assert_clean(img, ref)
+
+
+def test_fua_and_flush(daemons, tmp_path):
+    size = 4 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size)
+    make_ref(ref, size)
+    srv = Served(daemons, img)
+    h = srv.nbd()
+    h.pwrite(b"\x01" * 70000, 12345, nbd.CMD_FLAG_FUA)
+    ref_write(ref, 12345, b"\x01" * 70000)
+    h.flush()
+    h.shutdown()
+    srv.stop()
+    assert_clean(img, ref)
+
+
+def test_query_named_block_nodes(daemons, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    create(img, 10 * MiB)
+    srv = Served(daemons, img)
+    nodes = {n["node-name"]: n for n in srv.qmp.cmd("query-named-block-nodes")["return"]}
+    q0 = nodes["q0"]
+    assert q0["drv"] == "qcow2"
+    assert q0["image"]["format"] == "qcow2"
+    assert q0["image"]["virtual-size"] == 10 * MiB
+    assert q0["file"] == str(img)
+    srv.stop()
+
+
+def test_read_only_image(daemons, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    create(img, 4 * MiB)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 0 64k", str(img)],
+                   check=True, capture_output=True)
+    srv = Served(daemons, img, writable=False)
+    h = srv.nbd()
+    assert h.is_read_only()
+    assert h.pread(64 * KiB, 0) == b"\x42" * 64 * KiB
+    h.shutdown()
+    srv.stop()
+
+
+# ---- refused images -------------------------------------------------------------------
+
+def open_error(daemons, img, extra=""):
+    """The error blockdev-add gives for a qcow2 node on img."""
+    d = daemons.start()
+    qmp = d.negotiated()
+    r = qmp.cmd("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(img)})
+    assert r == {"return": {}}
+    opts = {"driver": "qcow2", "node-name": "q0", "file": "f0"}
+    opts.update(extra or {})
+    r = qmp.cmd("blockdev-add", opts)
+    assert "error" in r, r
+    assert r["error"]["class"] == "GenericError"
+    # The daemon keeps running and the file node is unused again.
+    assert qmp.cmd("blockdev-del", {"node-name": "f0"}) == {"return": {}}
+    return r["error"]["desc"]
+
+
+def patch_header(img, offset, fmt, value):
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def test_backing_file_refused(daemons, tmp_path):
+    base, img = tmp_path / "base.qcow2", tmp_path / "overlay.qcow2"
+    create(base, MiB)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", img)
+    desc = open_error(daemons, img)
+    assert desc.startswith("qcow2: backing files are not supported yet"), desc
+    assert str(base) in desc
+
+
+def test_backing_option_refused(daemons, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    create(img, MiB)
+    assert open_error(daemons, img, {"backing": "f0"}) == \
+        "qcow2: backing files are not supported yet"
+
+
+def test_unknown_incompatible_feature_refused(daemons, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    create(img, MiB)
+    patch_header(img, 72, ">Q", 1 << 40)
+    assert open_error(daemons, img) == \
+        "Unsupported qcow2 feature(s): Unknown incompatible feature: 10000000000"
+
+
+def test_extended_l2_refused_by_name(daemons, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    create(img, MiB, extra="extended_l2=on")
+    assert open_error(daemons, img) == "Unsupported qcow2 feature(s): extended L2 entries"
+
+
+def test_not_qcow2_refused(daemons, tmp_path):
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    assert open_error(daemons, img) == "Image is not in qcow2 format"
+
+
+def test_corrupt_image_refused_read_write(daemons, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    create(img, MiB)
+    patch_header(img, 72, ">Q", 2)
+    assert open_error(daemons, img) == "qcow2: Image is corrupt; cannot be opened read/write"
+    d = daemons.start()
+    qmp = d.negotiated()
+    assert qmp.cmd("blockdev-add", {"driver": "file", "node-name": "f0", "read-only": True,
+                                    "filename": str(img)}) == {"return": {}}
+    assert qmp.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q0", "file": "f0",
+                                    "read-only": True}) == {"return": {}}
+
+
+def test_dirty_image_refused_read_write(daemons, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    create(img, MiB)
+    patch_header(img, 72, ">Q", 1)
+    assert "dirty" in open_error(daemons, img)
+
+
+def test_refused_on_command_line(daemons, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    create(img, MiB)
+    patch_header(img, 72, ">Q", 1 << 20)
+    r = subprocess.run([daemons.binary(), "--blockdev",
+                        f"driver=file,node-name=f0,filename={img}",
+                        "--blockdev", "driver=qcow2,node-name=q0,file=f0"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1
+    assert "Unsupported qcow2 feature(s): Unknown incompatible feature: 100000" in r.stderr
+
+
+# ---- running out of space -------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs: needs root")
+    mnt = tmp_path / "store"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "thinblk-qcow2", str(mnt)],
+                   check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def grow(mnt, size):
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+
+class Writer(threading.Thread):
+    def __init__(self, h, chunks):
+        super().__init__(daemon=True)
+        self.h, self.chunks, self.errors = h, chunks, []
+
+    def run(self):
+        try:
+            cookies = [self.h.aio_pwrite(bytearray(d), off) for off, d in self.chunks]
+            cookies.append(self.h.aio_flush())
+            for c in cookies:
+                while not self.h.aio_command_completed(c):
+                    self.h.poll(-1)
+        except nbd.Error as e:
+            self.errors.append(str(e))
+
+
+@pytest.mark.parametrize("cluster_size", [64 * KiB, 4 * KiB])
+def test_enospc_stops_and_cont_completes(daemons, tmpfs, tmp_path, cluster_size):
+    size = 64 * MiB
+    img, ref = tmpfs / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, cluster_size)
+    make_ref(ref, size)
+    srv = Served(daemons, img)
+    rnd = random.Random(cluster_size)
+    # 16 MiB in 1 MiB writes, some shifted off cluster boundaries.
+    chunks = [(off + rnd.choice([0, 0, 512, 3000]), rnd.randbytes(MiB))
+              for off in range(0, 16 * MiB, 2 * MiB)]
+    chunks += [(off, rnd.randbytes(MiB)) for off in range(33 * MiB, 41 * MiB, MiB)]
+    h = srv.nbd()
+    w = Writer(h, chunks)
+    w.start()
+    rounds = 0
+    limit = 8
+    saw_error = False
+    while w.is_alive():
+        try:
+            ev = srv.qmp.events.pop(0) if srv.qmp.events else srv.qmp.read_event(timeout=1)
+        except TimeoutError:
+            continue
+        if ev["event"] == "BLOCK_IO_ERROR":
+            assert ev["data"]["nospace"] is True and ev["data"]["action"] == "stop", ev
+            saw_error = True
+        elif ev["event"] == "STOP":
+            assert saw_error, "STOP without BLOCK_IO_ERROR"
+            assert srv.qmp.cmd("query-status")["return"]["status"] == "io-error"
+            rounds += 1
+            limit = min(limit + 6, 80)
+            grow(tmpfs, f"{limit}M")
+            assert srv.qmp.cmd("cont") == {"return": {}}
+    w.join(60)
+    assert not w.is_alive() and w.errors == []
+    assert rounds >= 1
+    for off, data in chunks:
+        ref_write(ref, off, data)
+        assert h.pread(len(data), off) == data
+    h.shutdown()
+    srv.stop()
+    assert_clean(img, ref)
+
+
+def run_until_done(srv, w):
+    """Let the writer finish, sending cont whenever the disk stops. Returns the stops."""
+    stops = 0
+    while w.is_alive():
+        try:
+            ev = srv.qmp.events.pop(0) if srv.qmp.events else srv.qmp.read_event(timeout=0.05)
+        except TimeoutError:
+            continue
+        if ev["event"] == "BLOCK_IO_ERROR":
+            assert ev["data"]["nospace"] is True, ev
+        if ev["event"] == "STOP":
+            stops += 1
+            assert srv.qmp.cmd("cont") == {"return": {}}
+    w.join()
+    return stops
+
+
+@pytest.mark.parametrize("cluster_size,refcount_bits", [(512, 64), (4 * KiB, 16)])
+def test_enospc_at_every_metadata_step(daemons, tmp_path, cluster_size, refcount_bits):
+    """ENOSPC injected on the Nth write of an allocating request, for N = 0, 1, 2...: data,
+    L2 table, refcount block, refcount table growth, L1/L2 links. Each time the disk stops,
+    cont retries the request, and in the end the image is what was written, with no
+    corruption and no leak."""
+    size = 16 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, cluster_size, "1.1", refcount_bits)
+    make_ref(ref, size)
+    srv = Served(daemons, img, fault=True)
+    h = srv.nbd()
+    rnd = random.Random(cluster_size)
+    total_stops = 0
+    for n in range(40):
+        off = n * 300 * KiB + 777
+        data = rnd.randbytes(40 * cluster_size + 5)
+        assert srv.qmp.cmd("__org.thinblk_fault-set", {"node-name": "flt", "rules": [
+            {"op": "write", "errno": "ENOSPC", "once": True, "after": n}]}) == {"return": {}}
+        w = Writer(h, [(off, data)])
+        w.start()
+        total_stops += run_until_done(srv, w)
+        assert w.errors == []
+        ref_write(ref, off, data)
+        assert h.pread(len(data), off) == data
+    assert total_stops >= 30
+    h.shutdown()
+    srv.stop()
+    assert_clean(img, ref)
