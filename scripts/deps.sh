@@ -5,7 +5,7 @@ set -euo pipefail
 
 THINBLK_PACKAGES=(
     # build
-    gcc meson ninja-build pkg-config libjansson-dev liburing-dev scdoc
+    gcc meson ninja-build pkg-config libjansson-dev liburing-dev zlib1g-dev scdoc
     # unit tests and the fuzz target
     libcmocka-dev clang libclang-rt-14-dev
     # integration tests and benchmarks: real peers

@@ -9,7 +9,8 @@
  *    refuses, with a clear error, backing files, external data files, encryption, extended L2
  *    entries, compression other than zlib and unknown incompatible features; opens corrupt,
  *    dirty (lazy refcounts not yet repaired) and snapshotted images read-only only;
- *  - reads: unallocated and zero clusters read as zeroes; compressed clusters fail ENOTSUP;
+ *  - reads: unallocated and zero clusters read as zeroes; compressed clusters (zlib) are
+ *    inflated when built with zlib (THINBLK_HAVE_ZLIB), fail ENOTSUP otherwise and on writes;
  *  - writes: in place to allocated clusters, through qcow2-alloc.c to new ones;
  *  - write-zeroes: nothing to do where a cluster already reads as zeroes (unallocated, zero
  *    flag: there is no backing file), zeroes written in place elsewhere; no cluster is freed;
@@ -33,6 +34,10 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "io/uring.h"
+
+#ifdef THINBLK_HAVE_ZLIB
+#include <zlib.h>
+#endif
 
 #define MAX_L1_BYTES (32u << 20)
 #define MAX_RT_BYTES (8u << 20)
@@ -494,6 +499,7 @@ void qcow2_part_done(struct qcow2_part *p, int ret)
     struct qcow2_req *r = p->r;
     struct qcow2_state *s = r->s;
 
+    free(p->zbuf);
     free(p);
     s->active--;
     if (s->wait_head && !s->resume_scheduled) {
@@ -525,6 +531,76 @@ void qcow2_part_write_host(struct qcow2_part *p, uint64_t host)
     part_submit_child(p, BLOCK_OP_WRITE, host);
 }
 
+#ifdef THINBLK_HAVE_ZLIB
+/* Compressed clusters (the spec's compressed cluster descriptor): with x = 62 - (cluster_bits
+ * - 8), bits 0..x-1 are the host byte offset of the data, bits x..61 the number of 512-byte
+ * sectors it takes beyond the one holding the offset. The data is a raw deflate stream
+ * (no zlib header) of the whole cluster. The part reads the sectors (widened to the child's
+ * alignment; past the end of the file reads as zeroes), inflates the cluster and copies its
+ * slice out. */
+static void compressed_read_done(struct block_req *child, int ret)
+{
+    struct qcow2_part *p = container_of(child, struct qcow2_part, child);
+    struct qcow2_state *s = p->r->s;
+    uint8_t *out;
+    z_stream z = {0};
+    int zr;
+
+    if (ret < 0) {
+        qcow2_part_done(p, ret);
+        return;
+    }
+    out = xmalloc(s->cluster_size);
+    if (inflateInit2(&z, -12) != Z_OK) {
+        free(out);
+        qcow2_part_done(p, -ENOMEM);
+        return;
+    }
+    z.next_in = (Bytef *)p->zbuf + p->zskip;
+    z.avail_in = p->zlen;
+    z.next_out = out;
+    z.avail_out = s->cluster_size;
+    zr = inflate(&z, Z_FINISH);
+    /* As QEMU: the stream may end early only if the cluster is full (trailing bytes of the
+     * last sector are padding). */
+    if (zr == Z_STREAM_END || (zr == Z_BUF_ERROR && z.avail_out == 0)) {
+        if (z.avail_out == 0) {
+            memcpy(p->buf, out + (p->voff & (s->cluster_size - 1)), p->len);
+            ret = 0;
+        } else {
+            ret = -EIO;
+        }
+    } else {
+        ret = -EIO;
+    }
+    inflateEnd(&z);
+    free(out);
+    if (ret < 0)
+        log_error("qcow2 %s: cannot decompress the cluster for offset %" PRIu64,
+                  s->node->node_name, p->voff);
+    qcow2_part_done(p, ret);
+}
+
+static void part_read_compressed(struct qcow2_part *p, uint64_t l2e)
+{
+    struct qcow2_state *s = p->r->s;
+    uint32_t x = 62 - (s->cluster_bits - 8);
+    uint64_t off = l2e & ((1ULL << x) - 1);
+    uint64_t sectors = ((l2e & ~QCOW2_OFLAG_COMPRESSED & ~QCOW2_OFLAG_COPIED) >> x) + 1;
+    uint64_t len = sectors * 512 - (off & 511);
+    uint64_t a = s->meta_align;
+    uint64_t start = off & ~(a - 1), end = (off + len + a - 1) & ~(a - 1);
+
+    /* sectors <= 2^(cluster_bits - 8): the data takes at most about 2 clusters. */
+    p->zbuf = qcow2_alloc_buf(end - start);
+    p->zskip = (uint32_t)(off - start);
+    p->zlen = (uint32_t)len;
+    p->child = (struct block_req){.op = BLOCK_OP_READ, .offset = start, .len = end - start,
+                                  .buf = p->zbuf, .done = compressed_read_done};
+    node_submit(s->file, &p->child);
+}
+#endif
+
 static void part_run(struct qcow2_part *p)
 {
     struct qcow2_state *s = p->r->s;
@@ -542,9 +618,19 @@ static void part_run(struct qcow2_part *p)
     uint64_t host = l2e & QCOW2_OFFSET_MASK;
     switch (t) {
     case QCOW2_COMPRESSED:
+#ifdef THINBLK_HAVE_ZLIB
+        if (op == BLOCK_OP_READ) {
+            part_read_compressed(p, l2e);
+            return;
+        }
         if (!s->warned_compressed)
-            log_warn("qcow2 %s: compressed clusters are not supported yet",
+            log_warn("qcow2 %s: writing to compressed clusters is not supported yet",
                      s->node->node_name);
+#else
+        if (!s->warned_compressed)
+            log_warn("qcow2 %s: compressed clusters are not supported (built without zlib)",
+                     s->node->node_name);
+#endif
         s->warned_compressed = true;
         qcow2_part_done(p, -ENOTSUP);
         return;

@@ -86,6 +86,8 @@ struct qcow2_part {
     uint64_t voff;             /* guest offset */
     uint32_t len;
     char *buf;                 /* READ, WRITE: into the parent's buffer */
+    void *zbuf;                /* compressed reads: the sectors read (freed with the part) */
+    uint32_t zskip, zlen;      /* where the compressed data is in zbuf */
 };
 
 /* The allocation in progress (one at a time per image: the allocation lock). */
