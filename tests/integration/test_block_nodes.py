@@ -1,0 +1,221 @@
+"""Block nodes and exports over QMP: blockdev-add/-del, the raw window, discard and actual-size,
+host block devices, query-block-exports and block-export-del, an NBD server on TCP."""
+import os
+import random
+import socket
+import subprocess
+
+import nbd
+import pytest
+
+from conftest import without_timestamp
+
+MiB = 1 << 20
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounts or loop devices: needs root")
+
+
+def ok(reply):
+    assert reply == {"return": {}}, reply
+
+
+def error(desc):
+    return {"error": {"class": "GenericError", "desc": desc}}
+
+
+def image(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def nbd_unix(sock, name):
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///{name}?socket={sock}")
+    return h
+
+
+def test_blockdev_add_query_and_del(daemons, tmp_path):
+    img = image(tmp_path / "disk.raw", MiB)
+    qmp = daemons.start().negotiated()
+    ok(qmp.cmd("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(img)}))
+    ok(qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "r0", "file": "f0",
+                                "offset": 4096, "size": 65536}))
+    nodes = qmp.cmd("query-named-block-nodes")["return"]
+    assert [n["node-name"] for n in nodes] == ["r0", "f0"]  # newest first, as QEMU
+    r0, f0 = nodes
+    assert (r0["drv"], r0["ro"], r0["file"]) == ("raw", False, str(img))
+    assert r0["image"]["virtual-size"] == 65536 and r0["image"]["format"] == "raw"
+    assert (f0["drv"], f0["image"]["virtual-size"], f0["write_threshold"]) == ("file", MiB, 0)
+
+    assert qmp.cmd("blockdev-del", {"node-name": "f0"}) == error(
+        "Node 'f0' is busy: node is used as root of a block device or as a child of another node")
+    ok(qmp.cmd("blockdev-del", {"node-name": "r0"}))
+    ok(qmp.cmd("blockdev-del", {"node-name": "f0"}))
+    assert qmp.cmd("query-named-block-nodes") == {"return": []}
+    assert qmp.cmd("blockdev-del", {"node-name": "f0"}) == error(
+        "Failed to find node with node-name='f0'")
+
+
+def test_blockdev_add_errors(daemons, tmp_path):
+    qmp = daemons.start().negotiated()
+    assert qmp.cmd("blockdev-add", {"driver": "file", "filename": "/x"}) == error(
+        "'node-name' must be specified for the root node")
+    assert qmp.cmd("blockdev-add", {"driver": "nope", "node-name": "a"}) == error(
+        "Parameter 'driver' does not accept value 'nope'")
+    assert qmp.cmd("blockdev-add", {"driver": "file", "node-name": "1a", "filename": "/x"}) == \
+        error("Invalid node-name: '1a'")
+    assert qmp.cmd("blockdev-add", {"driver": "file", "node-name": "a",
+                                    "filename": str(tmp_path / "missing")}) == error(
+        f"Could not open '{tmp_path / 'missing'}': No such file or directory")
+    assert qmp.cmd("query-named-block-nodes") == {"return": []}
+
+
+def test_raw_window_writes_at_its_offset(daemons, tmp_path):
+    img = image(tmp_path / "disk.raw", MiB)
+    sock = tmp_path / "nbd.sock"
+    daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=f0,filename={img}",
+        "--blockdev", "driver=raw,node-name=r0,file=f0,offset=65536,size=131072",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=r0,name=win,writable=on"])
+    h = nbd_unix(sock, "win")
+    assert h.get_size() == 131072
+    data = random.randbytes(4096)
+    h.pwrite(data, 8192)
+    h.flush()
+    with open(img, "rb") as f:
+        f.seek(65536 + 8192)
+        assert f.read(4096) == data
+    h.shutdown()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32M", "thinblk-test", str(mnt)],
+                   check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@root_only
+@pytest.mark.parametrize("discard", ["unmap", "ignore"])
+def test_discard_and_actual_size(daemons, tmp_path, tmpfs, discard):
+    img = image(tmpfs / "disk.raw", 16 * MiB)
+    sock = tmp_path / "nbd.sock"
+    d = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=f0,filename={img},discard={discard}",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on"])
+    qmp = d.negotiated()
+
+    def actual_size():
+        return qmp.cmd("query-named-block-nodes")["return"][0]["image"]["actual-size"]
+
+    assert actual_size() == 0
+    h = nbd_unix(sock, "disk")
+    data = random.randbytes(4 * MiB)
+    h.pwrite(data, 0)
+    h.flush()
+    assert actual_size() == 4 * MiB
+    h.trim(4 * MiB, 0)
+    h.flush()
+    if discard == "unmap":
+        assert actual_size() == 0
+        assert h.pread(4 * MiB, 0) == bytes(4 * MiB)
+    else:
+        assert actual_size() == 4 * MiB
+        assert h.pread(4 * MiB, 0) == data
+    h.shutdown()
+
+
+@root_only
+@pytest.mark.parametrize("driver,direct", [("host_device", False), ("file", True)])
+def test_host_block_device(daemons, tmp_path, driver, direct):
+    backing = image(tmp_path / "backing.img", 16 * MiB)
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        sock = tmp_path / "nbd.sock"
+        d = daemons.start(args=[
+            "--blockdev", f"driver={driver},node-name=d0,filename={dev},"
+                          f"cache.direct={'on' if direct else 'off'}",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=e0,node-name=d0,name=disk,writable=on"])
+        node = d.negotiated().cmd("query-named-block-nodes")["return"][0]
+        assert node["image"]["virtual-size"] == 16 * MiB
+        assert node["image"]["actual-size"] == 0  # as QEMU reports for a device
+        assert node["cache"]["direct"] is direct
+        h = nbd_unix(sock, "disk")
+        data = random.randbytes(MiB)
+        h.pwrite(data, 3 * MiB)
+        h.flush()
+        assert h.pread(MiB, 3 * MiB) == data
+        h.shutdown()
+        d.shutdown()
+        with open(backing, "rb") as f:
+            f.seek(3 * MiB)
+            assert f.read(MiB) == data
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_query_block_exports_and_del(daemons, tmp_path):
+    img = image(tmp_path / "disk.raw", MiB)
+    sock = tmp_path / "nbd.sock"
+    qmp = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=f0,filename={img}",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=f0,name=disk"]).negotiated()
+    assert qmp.cmd("query-block-exports") == {"return": [
+        {"type": "nbd", "id": "e0", "node-name": "f0", "shutting-down": False}]}
+    assert [b["device"] for b in qmp.cmd("query-block")["return"]] == ["e0"]
+    assert qmp.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "f0"}) == \
+        error("Block export id 'e0' is already in use")
+    ok(qmp.cmd("block-export-del", {"id": "e0"}))
+    assert [without_timestamp(e) for e in qmp.take_events()] == [
+        {"event": "BLOCK_EXPORT_DELETED", "data": {"id": "e0"}}]
+    assert qmp.cmd("query-block-exports") == {"return": []}
+    assert qmp.cmd("query-block") == {"return": []}
+    assert qmp.cmd("block-export-del", {"id": "e0"}) == error("Export 'e0' is not found")
+
+
+def free_tcp_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_addresses(port):
+    """Local addresses with a TCP socket listening on port (from /proc/net/tcp)."""
+    found = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if int(p, 16) == port and state == "0A":
+                found.append(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    return found
+
+
+def test_nbd_server_on_tcp_binds_only_where_asked(daemons, tmp_path):
+    img = image(tmp_path / "disk.raw", MiB)
+    qmp = daemons.start(args=["--blockdev", f"driver=file,node-name=f0,filename={img}"]) \
+        .negotiated()
+    port = free_tcp_port()
+    ok(qmp.cmd("nbd-server-start", {"addr": {"type": "inet", "data": {
+        "host": "127.0.0.1", "port": str(port)}}}))
+    assert listening_addresses(port) == ["127.0.0.1"]
+    ok(qmp.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "f0",
+                                    "name": "disk", "writable": True}))
+    h = nbd.NBD()
+    h.connect_uri(f"nbd://127.0.0.1:{port}/disk")
+    h.pwrite(b"\x42" * 512, 0)
+    assert h.pread(512, 0) == b"\x42" * 512
+    h.shutdown()
+    assert qmp.cmd("nbd-server-start", {"addr": {"type": "inet", "data": {
+        "host": "127.0.0.1", "port": str(port)}}}) == error("NBD server already running")
+    ok(qmp.cmd("nbd-server-stop"))
+    assert listening_addresses(port) == []
+    assert qmp.cmd("query-block-exports") == {"return": []}
