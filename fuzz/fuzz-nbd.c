@@ -20,6 +20,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "fuzz-block.h"
 #include "block/graph.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -36,24 +37,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static struct {
-    struct loop *loop;
-    struct uring *uring;
-    struct block_graph *graph;
+    struct fuzz_block fb;
     struct runstate *runstate;
     struct dev_context devs;
     struct device *dev;
 } g;
-
-static void emit(void *opaque, const char *name, json_t *data)
-{
-    json_decref(data);
-}
-
-static void die(const char *what, struct error *err)
-{
-    fprintf(stderr, "fuzz-nbd: %s: %s\n", what, err ? err->desc : strerror(errno));
-    abort();
-}
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
@@ -61,31 +49,25 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     char path[] = "/tmp/fuzz-nbd-XXXXXX";
     int fd;
 
-    log_max_level = LOG_LEVEL_ERROR;
-    g.loop = loop_new();
-    if (!g.loop)
-        die("loop_new", NULL);
-    g.uring = uring_new(g.loop, 256, &err);
-    if (!g.uring)
-        die("uring_new", err);
-    g.graph = block_graph_new(g.loop, g.uring, emit, NULL);
-    g.runstate = runstate_new(g.loop, RUN_STATE_RUNNING, emit, NULL);
-    g.devs = (struct dev_context){ .loop = g.loop, .runstate = g.runstate, .emit = emit };
+    fuzz_block_init(&g.fb, "fuzz-nbd");
+    g.runstate = runstate_new(g.fb.loop, RUN_STATE_RUNNING, fuzz_drop_event, NULL);
+    g.devs = (struct dev_context){ .loop = g.fb.loop, .runstate = g.runstate,
+                                   .emit = fuzz_drop_event };
 
     fd = mkstemp(path);
     if (fd < 0 || ftruncate(fd, IMAGE_SIZE) < 0)
-        die("temporary image", NULL);
+        fuzz_die("temporary image", NULL);
     close(fd);
     json_t *opts = json_pack("{s:s,s:s,s:s,s:s}", "driver", "file", "node-name", "f0",
                              "filename", path, "discard", "unmap");
-    struct block_node *node = block_node_create(g.graph, opts, &err);
+    struct block_node *node = block_node_create(g.fb.graph, opts, &err);
     json_decref(opts);
     unlink(path);  /* the node keeps it open */
     if (!node)
-        die("block_node_create", err);
+        fuzz_die("block_node_create", err);
     g.dev = device_new(&g.devs, "e0", node, DEV_ACTION_REPORT, DEV_ACTION_REPORT, &err);
     if (!g.dev)
-        die("device_new", err);
+        fuzz_die("device_new", err);
     return 0;
 }
 
@@ -100,7 +82,7 @@ static void drain(int fd)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    struct nbd_server *s = nbd_server_new(g.loop, 0);
+    struct nbd_server *s = nbd_server_new(g.fb.loop, 0);
     size_t chunk, pos = 0;
     int sv[2];
 
@@ -108,7 +90,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         nbd_server_add_export(s, "ro", NULL, g.dev, false, NULL) < 0)
         abort();
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
-        die("socketpair", NULL);
+        fuzz_die("socketpair", NULL);
     if (nbd_server_add_client(s, sv[0], NULL) < 0)
         abort();
 
@@ -121,7 +103,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;  /* the server closed the connection */
         if (n > 0)
             pos += (size_t)n;
-        loop_run_once(g.loop, 0);
+        loop_run_once(g.fb.loop, 0);
         drain(sv[1]);
     }
     shutdown(sv[1], SHUT_WR);
@@ -129,15 +111,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
      * has answered every request. */
     for (unsigned rounds = 0; rounds < MAX_ROUNDS; rounds++) {
         if (nbd_server_clients(s) == 0 && !device_busy(g.dev) &&
-            uring_in_flight(g.uring) == 0)
+            uring_in_flight(g.fb.uring) == 0)
             break;
-        loop_run_once(g.loop, 10);
+        loop_run_once(g.fb.loop, 10);
         drain(sv[1]);
     }
     nbd_server_stop(s);
-    while (device_busy(g.dev) || uring_in_flight(g.uring) > 0)
-        loop_run_once(g.loop, 10);
-    loop_run_once(g.loop, 0);  /* deferred calls of closed connections */
+    while (device_busy(g.dev) || uring_in_flight(g.fb.uring) > 0)
+        loop_run_once(g.fb.loop, 10);
+    loop_run_once(g.fb.loop, 0);  /* deferred calls of closed connections */
     close(sv[1]);
     return 0;
 }

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fuzz-block.h"
 #include "block/graph.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -29,9 +30,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static struct {
-    struct loop *loop;
-    struct uring *uring;
-    struct block_graph *graph;
+    struct fuzz_block fb;
 } g;
 
 struct rd {
@@ -39,29 +38,9 @@ struct rd {
     bool done;
 };
 
-static void emit(void *opaque, const char *name, json_t *data)
-{
-    json_decref(data);
-}
-
-static void die(const char *what, struct error *err)
-{
-    fprintf(stderr, "fuzz-qcow2: %s: %s\n", what, err ? err->desc : strerror(errno));
-    abort();
-}
-
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-    struct error *err = NULL;
-
-    log_max_level = LOG_LEVEL_ERROR;
-    g.loop = loop_new();
-    if (!g.loop)
-        die("loop_new", NULL);
-    g.uring = uring_new(g.loop, 256, &err);
-    if (!g.uring)
-        die("uring_new", err);
-    g.graph = block_graph_new(g.loop, g.uring, emit, NULL);
+    fuzz_block_init(&g.fb, "fuzz-qcow2");
     return 0;
 }
 
@@ -97,13 +76,13 @@ static void read_some(struct block_node *n)
         bool all = true;
         for (int i = 0; i < NREADS; i++)
             all = all && rds[i].done;
-        if (all && uring_in_flight(g.uring) == 0)
+        if (all && uring_in_flight(g.fb.uring) == 0)
             break;
         if (rounds == MAX_ROUNDS) {
             fprintf(stderr, "fuzz-qcow2: reads did not complete\n");
             abort();
         }
-        loop_run_once(g.loop, 10);
+        loop_run_once(g.fb.loop, 10);
     }
     for (int i = 0; i < NREADS; i++)
         free(bufs[i]);
@@ -117,11 +96,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t done = 0;
 
     if (fd < 0)
-        die("mkstemp", NULL);
+        fuzz_die("mkstemp", NULL);
     while (done < size) {
         ssize_t w = write(fd, data + done, size - done);
         if (w <= 0)
-            die("write", NULL);
+            fuzz_die("write", NULL);
         done += (size_t)w;
     }
     close(fd);
@@ -129,7 +108,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     json_t *opts = json_pack("{s:s,s:s,s:b,s:{s:s,s:s,s:b}}", "driver", "qcow2",
                              "node-name", "q0", "read-only", 1, "file", "driver", "file",
                              "filename", path, "read-only", 1);
-    struct block_node *n = block_node_create(g.graph, opts, &err);
+    struct block_node *n = block_node_create(g.fb.graph, opts, &err);
     json_decref(opts);
     unlink(path);  /* the file node keeps it open; open() has read the metadata */
     if (!n) {
@@ -137,8 +116,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
     read_some(n);
-    if (block_node_delete(g.graph, "q0", &err) < 0)
-        die("block_node_delete", err);
-    loop_run_once(g.loop, 0);
+    if (block_node_delete(g.fb.graph, "q0", &err) < 0)
+        fuzz_die("block_node_delete", err);
+    loop_run_once(g.fb.loop, 0);
     return 0;
 }

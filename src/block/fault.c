@@ -254,21 +254,9 @@ static void fault_submit(struct block_node *n, struct block_req *req)
     node_submit(n->file, &op->child);
 }
 
-static const char *fault_filename(struct block_node *n)
-{
-    return n->file->drv->filename ? n->file->drv->filename(n->file) : "";
-}
-
-static int64_t fault_allocated(struct block_node *n)
-{
-    return n->file->drv->allocated ? n->file->drv->allocated(n->file) : -1;
-}
-
 const struct block_driver block_driver_fault = {
     .name = "fault",
     .open = fault_open,
     .close = fault_close,
     .submit = fault_submit,
-    .allocated = fault_allocated,
-    .filename = fault_filename,
 };

@@ -355,10 +355,19 @@ void node_submit(struct block_node *n, struct block_req *req)
     n->drv->submit(n, req);
 }
 
+/* The file under n, whose name and allocation the queries report for every node above it. */
+static struct block_node *host_file_node(struct block_node *n)
+{
+    while (!n->drv->filename && n->file)
+        n = n->file;
+    return n;
+}
+
 json_t *block_node_info(struct block_node *n)
 {
-    const char *filename = n->drv->filename ? n->drv->filename(n) : "";
-    int64_t allocated = n->drv->allocated ? n->drv->allocated(n) : -1;
+    struct block_node *f = host_file_node(n);
+    const char *filename = f->drv->filename ? f->drv->filename(f) : "";
+    int64_t allocated = f->drv->allocated ? f->drv->allocated(f) : -1;
     json_t *image = json_pack("{s:s,s:s,s:b}", "filename", filename, "format", n->drv->name,
                               "dirty-flag", 0);
     json_t *info;

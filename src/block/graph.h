@@ -54,9 +54,10 @@ struct block_driver {
     int (*open)(struct block_node *n, json_t *opts, struct error **errp);
     void (*close)(struct block_node *n);
     void (*submit)(struct block_node *n, struct block_req *req);
-    /* Bytes allocated on the host (QEMU's actual-size), or -1 if unknown. */
+    /* Bytes allocated on the host (QEMU's actual-size), or -1 if unknown. NULL in drivers
+     * over a child: the child's answer is used (and its own child's, down to the file). */
     int64_t (*allocated)(struct block_node *n);
-    /* The host file name for queries ("filename", "file"). */
+    /* The host file name for queries ("filename", "file"). NULL over a child, as above. */
     const char *(*filename)(struct block_node *n);
 };
 

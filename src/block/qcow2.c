@@ -709,21 +709,9 @@ static void qcow2_submit(struct block_node *n, struct block_req *req)
     }
 }
 
-static const char *qcow2_filename(struct block_node *n)
-{
-    return n->file->drv->filename ? n->file->drv->filename(n->file) : "";
-}
-
-static int64_t qcow2_allocated(struct block_node *n)
-{
-    return n->file->drv->allocated ? n->file->drv->allocated(n->file) : -1;
-}
-
 const struct block_driver block_driver_qcow2 = {
     .name = "qcow2",
     .open = qcow2_open,
     .close = qcow2_close,
     .submit = qcow2_submit,
-    .allocated = qcow2_allocated,
-    .filename = qcow2_filename,
 };

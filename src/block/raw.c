@@ -97,21 +97,9 @@ static void raw_submit(struct block_node *n, struct block_req *req)
     node_submit(n->file, &op->child);
 }
 
-static const char *raw_filename(struct block_node *n)
-{
-    return n->file->drv->filename ? n->file->drv->filename(n->file) : "";
-}
-
-static int64_t raw_allocated(struct block_node *n)
-{
-    return n->file->drv->allocated ? n->file->drv->allocated(n->file) : -1;
-}
-
 const struct block_driver block_driver_raw = {
     .name = "raw",
     .open = raw_open,
     .close = raw_close,
     .submit = raw_submit,
-    .allocated = raw_allocated,
-    .filename = raw_filename,
 };
