@@ -272,6 +272,22 @@ class QMPClient:
             else:
                 return msg
 
+    def wait_event(self, name, timeout=None):
+        """The first event called name: from those cmd() set aside, else the next to come
+        (others that come first are set aside too). TimeoutError past the timeout."""
+        for i, e in enumerate(self.events):
+            if e["event"] == name:
+                return self.events.pop(i)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {name} event; saw {self.events}")
+            e = self.read_event(left)
+            if e["event"] == name:
+                return e
+            self.events.append(e)
+
     def take_events(self):
         events, self.events = self.events, []
         return events

@@ -6,82 +6,17 @@ BLOCK_IO_ERROR and STOP as QEMU does, hold everything that comes while stopped, 
 (after the test grew the storage) retry each parked request exactly once, so that the client
 never sees an error and every byte reads back as written.
 """
-import json
 import os
 import random
-import socket
 import subprocess
 import threading
-import time
 
 import nbd
 import pytest
 
-BUILD = os.environ.get("THINBLK_BUILD", os.path.join(os.path.dirname(__file__), "../../build"))
-THINBLKD = os.path.join(BUILD, "src/daemon/thinblkd")
 MiB = 1 << 20
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
-
-
-class Qmp:
-    """A minimal QMP client that keeps the events it sees."""
-
-    def __init__(self, path, deadline=10.0):
-        end = time.monotonic() + deadline
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.01)  # polling for the socket to appear, not synchronisation
-        self.buf = b""
-        self.events = []
-        self.greeting = self._read(10)
-        assert self.cmd("qmp_capabilities") == {"return": {}}
-
-    def _read(self, timeout):
-        self.sock.settimeout(timeout)
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("monitor closed")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, timeout=30, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode())
-        while True:
-            m = self._read(timeout)
-            if "event" in m:
-                self.events.append(m)
-            else:
-                return m
-
-    def wait_event(self, name, timeout=30):
-        """The first event called name not yet taken."""
-        end = time.monotonic() + timeout
-        while True:
-            for i, e in enumerate(self.events):
-                if e["event"] == name:
-                    return self.events.pop(i)
-            left = end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no {name} event; saw {self.events}")
-            m = self._read(left)
-            assert "event" in m, f"unexpected reply {m}"
-            self.events.append(m)
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture
@@ -99,21 +34,19 @@ def grow(mnt, size):
 
 
 class Daemon:
-    def __init__(self, tmp_path, image, werror=None, extra=()):
-        self.qmp_path = str(tmp_path / "qmp.sock")
+    """thinblkd serving image as NBD export "disk" (device disk0 on node fmt0 over proto0)."""
+
+    def __init__(self, daemons, tmp_path, image, werror=None):
         self.nbd_path = str(tmp_path / "nbd.sock")
         export = "type=nbd,id=disk0,node-name=fmt0,name=disk,writable=on"
         if werror:
             export += f",werror={werror}"
-        self.stderr = open(tmp_path / "thinblkd.log", "w+")
-        self.proc = subprocess.Popen(
-            [THINBLKD, "--qmp", self.qmp_path,
-             "--blockdev", f"driver=file,node-name=proto0,filename={image}",
-             "--blockdev", "driver=raw,node-name=fmt0,file=proto0",
-             "--nbd-server", f"addr.type=unix,addr.path={self.nbd_path}",
-             "--export", export, *extra],
-            stderr=self.stderr)
-        self.qmp = Qmp(self.qmp_path)
+        self.daemon = daemons.start(args=[
+            "--blockdev", f"driver=file,node-name=proto0,filename={image}",
+            "--blockdev", "driver=raw,node-name=fmt0,file=proto0",
+            "--nbd-server", f"addr.type=unix,addr.path={self.nbd_path}",
+            "--export", export])
+        self.qmp = self.daemon.negotiated()
 
     def nbd(self):
         h = nbd.NBD()
@@ -121,20 +54,19 @@ class Daemon:
         return h
 
     def stop(self):
+        """Shut down (the daemons fixture checks the exit status and sanitizers) and check
+        that nothing was logged as an error."""
         self.qmp.close()
-        self.proc.terminate()
-        assert self.proc.wait(10) == 0
-        self.stderr.seek(0)
-        log = self.stderr.read()
-        assert "ERROR" not in log and "AddressSanitizer" not in log, log
+        assert self.daemon.shutdown() == []
+        assert ": error: " not in self.daemon.stderr(), self.daemon.stderr()
 
 
 @pytest.fixture
-def daemon_on_tmpfs(tmpfs, tmp_path):
+def daemon_on_tmpfs(daemons, tmpfs, tmp_path):
     image = tmpfs / "disk.raw"
     with open(image, "wb") as f:
         f.truncate(64 * MiB)
-    d = Daemon(tmp_path, image)
+    d = Daemon(daemons, tmp_path, image)
     yield d, tmpfs, image
     d.stop()
 
@@ -275,11 +207,11 @@ def test_several_stop_cont_rounds(daemon_on_tmpfs):
     h.shutdown()
 
 
-def test_werror_report_passes_enospc_to_client(tmpfs, tmp_path):
+def test_werror_report_passes_enospc_to_client(daemons, tmpfs, tmp_path):
     image = tmpfs / "disk.raw"
     with open(image, "wb") as f:
         f.truncate(64 * MiB)
-    d = Daemon(tmp_path, image, werror="report")
+    d = Daemon(daemons, tmp_path, image, werror="report")
     try:
         h = d.nbd()
         data = bytes(MiB)

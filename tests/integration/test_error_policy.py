@@ -55,14 +55,7 @@ class Disk:
                             {"node-name": "flt", "rules": [rule]}) == {"return": {}}
 
     def event(self, name):
-        for i, e in enumerate(self.qmp.events):
-            if e["event"] == name:
-                return self.qmp.events.pop(i)
-        while True:
-            e = self.qmp.read_event()
-            if e["event"] == name:
-                return e
-            self.qmp.events.append(e)
+        return self.qmp.wait_event(name)
 
     def status(self):
         return self.qmp.cmd("query-status")["return"]["status"]
