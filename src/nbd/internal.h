@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/unix-socket.h"
 #include "common/util.h"
 #include "device/device.h"
 #include "nbd/protocol.h"
@@ -73,9 +74,7 @@ struct nbd_server {
     bool listen_inet;          /* TCP: set TCP_NODELAY on clients */
     bool listen_paused;        /* not accepting: max_connections reached or out of fds */
     uint64_t accept_timer;     /* resumes accepting after running out of fds */
-    char *unix_path;           /* removed at stop, if it is still our socket: */
-    dev_t unix_dev;
-    ino_t unix_ino;
+    struct unix_listener unix_sock;  /* removed at stop (if still ours) */
     uint32_t max_connections;  /* 0: no limit */
     struct nbd_export *exports;
     struct nbd_conn *conns;    /* open connections */

@@ -111,63 +111,6 @@ void nbd_server_forget_conn(struct nbd_server *s, struct nbd_conn *c)
 
 /* ---- listening ---- */
 
-static int listen_unix(struct nbd_server *s, const char *path, struct error **errp)
-{
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    struct stat st;
-    int fd;
-
-    _cleanup_free_ char *tmp = xasprintf("%s.%d.tmp", path, (int)getpid());
-    const char *bind_path;
-
-    if (strlen(path) >= sizeof(sa.sun_path)) {
-        error_setg(errp, "UNIX socket path '%s' is too long", path);
-        return -1;
-    }
-    /* Bound under a temporary name and renamed once listening, so a client that sees the
-     * file can connect (a path too long for that is bound in place). */
-    bind_path = strlen(tmp) < sizeof(sa.sun_path) ? tmp : path;
-    memcpy(sa.sun_path, bind_path, strlen(bind_path) + 1);
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        error_setg_errno(errp, errno, "Failed to create Unix socket");
-        return -1;
-    }
-    /* A socket left behind by an earlier run is replaced; anything else is not ours. */
-    if (lstat(path, &st) == 0) {
-        if (!S_ISSOCK(st.st_mode)) {
-            error_setg(errp, "Failed to bind socket to %s: File exists and is not a socket",
-                       path);
-            close(fd);
-            return -1;
-        }
-        unlink(path);
-    }
-    if (bind_path == tmp)
-        unlink(tmp);
-    /* The mode comes from the umask at bind(): nobody else may connect, at any moment. */
-    mode_t old_umask = umask(0177);
-    int r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
-    umask(old_umask);
-    if (r < 0) {
-        error_setg_errno(errp, errno, "Failed to bind socket to %s", path);
-        close(fd);
-        return -1;
-    }
-    if (listen(fd, SOMAXCONN) < 0 || (bind_path == tmp && rename(tmp, path) < 0)) {
-        error_setg_errno(errp, errno, "Failed to listen on socket %s", path);
-        unlink(bind_path);
-        close(fd);
-        return -1;
-    }
-    if (lstat(path, &st) == 0) {
-        s->unix_dev = st.st_dev;
-        s->unix_ino = st.st_ino;
-    }
-    s->unix_path = xstrdup(path);
-    return fd;
-}
-
 static int listen_inet(struct nbd_server *s, const char *host, const char *port,
                        struct error **errp)
 {
@@ -248,7 +191,7 @@ struct nbd_server *nbd_server_start(struct loop *loop, json_t *addr, uint32_t ma
     if (strcmp(type, "unix") == 0) {
         if (!(path = addr_member(addr, "path", num, sizeof(num), errp)))
             goto fail;
-        fd = listen_unix(s, path, errp);
+        fd = unix_listen(path, &s->unix_sock, errp);
     } else if (strcmp(type, "inet") == 0) {
         if (!(host = addr_member(addr, "host", num, sizeof(num), errp)))
             goto fail;
@@ -282,11 +225,7 @@ void nbd_server_stop(struct nbd_server *s)
         close(s->listen_fd);
         s->listen_fd = -1;
     }
-    /* Only the socket we made: another daemon may have taken the path over since. */
-    struct stat st;
-    if (s->unix_path && lstat(s->unix_path, &st) == 0 && st.st_dev == s->unix_dev &&
-        st.st_ino == s->unix_ino)
-        unlink(s->unix_path);
+    unix_listener_remove(&s->unix_sock);
     if (s->accept_timer) {
         loop_del_timer(s->loop, s->accept_timer);
         s->accept_timer = 0;
@@ -300,7 +239,6 @@ void nbd_server_stop(struct nbd_server *s)
         free(e->description);
         free(e);
     }
-    free(s->unix_path);
     free(s);
 }
 

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/unix-socket.h"
 #include "common/util.h"
 #include "loop/loop.h"
 #include "qmp/dispatch.h"
@@ -21,10 +22,9 @@
 struct monitor {
     struct monitor *next;
     struct qmp_server *srv;
-    char *path;
+    struct unix_listener sock;  /* its path, and which file is ours */
+    char *path;             /* for the log, after the socket is gone */
     int fd;                 /* listening socket, -1 once closed */
-    dev_t sock_dev;         /* the socket file we created, so we remove ours only */
-    ino_t sock_ino;
     bool pretty;
     size_t output_limit;
     uint64_t retry_timer;   /* accept paused after EMFILE */
@@ -282,10 +282,7 @@ static void monitor_close(struct qmp_server *srv, struct monitor *mon)
         loop_del_fd(srv->loop, mon->fd);
     close(mon->fd);
     mon->fd = -1;
-    /* Another daemon may have taken the path over since; its socket is not ours to remove. */
-    struct stat st;
-    if (lstat(mon->path, &st) == 0 && st.st_dev == mon->sock_dev && st.st_ino == mon->sock_ino)
-        unlink(mon->path);
+    unix_listener_remove(&mon->sock);
 }
 
 void qmp_server_close(struct qmp_server *srv)
@@ -322,57 +319,26 @@ void qmp_server_free(struct qmp_server *srv)
 int qmp_server_add_monitor(struct qmp_server *srv, const struct qmp_monitor_config *cfg,
                            struct error **errp)
 {
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    _cleanup_close_ int fd = -1;
-
-    if (strlen(cfg->path) >= sizeof(sa.sun_path)) {
-        error_setg(errp, "UNIX socket path '%s' is too long", cfg->path);
-        return -1;
-    }
-    strcpy(sa.sun_path, cfg->path);
-
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        error_setg_errno(errp, errno, "Failed to create socket");
-        return -1;
-    }
-    /* A socket file left by a previous run would make bind() fail; QEMU removes it too. */
-    struct stat st;
-    if (lstat(cfg->path, &st) == 0 && S_ISSOCK(st.st_mode))
-        unlink(cfg->path);
-    /* The monitor controls the daemon: only its owner may connect. The mode comes from the
-     * umask at bind(), so nobody can connect before it is set. */
-    mode_t old = umask(0177);
-    int r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
-    umask(old);
-    if (r < 0) {
-        error_setg_errno(errp, errno, "Failed to bind socket to %s", cfg->path);
-        return -1;
-    }
-    if (listen(fd, 128) < 0) {
-        error_setg_errno(errp, errno, "Failed to listen on socket");
-        unlink(cfg->path);
-        return -1;
-    }
-
     struct monitor *mon = xzalloc(sizeof(*mon));
+
+    /* The monitor controls the daemon: only its owner may connect (unix_listen: 0600). */
+    mon->fd = unix_listen(cfg->path, &mon->sock, errp);
+    if (mon->fd < 0) {
+        free(mon);
+        return -1;
+    }
     mon->srv = srv;
     mon->path = xstrdup(cfg->path);
     mon->pretty = cfg->pretty;
     mon->output_limit = cfg->output_limit ? cfg->output_limit : QMP_SERVER_DEFAULT_OUTPUT_LIMIT;
-    mon->fd = fd;
-    if (lstat(cfg->path, &st) == 0) {
-        mon->sock_dev = st.st_dev;
-        mon->sock_ino = st.st_ino;
-    }
-    if (loop_add_fd(srv->loop, fd, LOOP_READ, accept_clients, mon) < 0) {
+    if (loop_add_fd(srv->loop, mon->fd, LOOP_READ, accept_clients, mon) < 0) {
         error_setg_errno(errp, errno, "Failed to watch socket");
-        unlink(cfg->path);
+        close(mon->fd);
+        unix_listener_remove(&mon->sock);
         free(mon->path);
         free(mon);
         return -1;
     }
-    fd = -1;
     mon->next = srv->monitors;
     srv->monitors = mon;
     return 0;
