@@ -11,12 +11,20 @@
 #include "common/util.h"
 #include "loop/loop.h"
 
+/* An operation that found no free submission slot: prepared here, copied into the ring
+ * when a slot frees up. */
+struct backlog {
+    struct backlog *next;
+    struct io_uring_sqe sqe;
+};
+
 struct uring {
     struct loop *loop;
     struct io_uring ring;
     int efd;               /* signalled by the kernel on completions */
-    unsigned queued;       /* prepared, not yet submitted */
-    unsigned in_flight;    /* queued + submitted, not completed */
+    unsigned queued;       /* prepared in the ring, not yet submitted */
+    unsigned in_flight;    /* backlog + queued + submitted, not completed */
+    struct backlog *backlog, **backlog_tail;  /* in the order they were queued */
     bool submit_scheduled;
     bool reaping;          /* inside reap() */
 };
@@ -59,10 +67,31 @@ static void on_eventfd(struct loop *loop, int fd, unsigned events, void *opaque)
 
 static void deferred_submit(struct loop *loop, void *opaque);
 
+/* Move backlogged operations into free submission slots, oldest first. */
+static void fill_from_backlog(struct uring *u)
+{
+    struct io_uring_sqe *sqe;
+
+    while (u->backlog && (sqe = io_uring_get_sqe(&u->ring))) {
+        struct backlog *b = u->backlog;
+        *sqe = b->sqe;
+        u->backlog = b->next;
+        if (!u->backlog)
+            u->backlog_tail = &u->backlog;
+        free(b);
+        u->queued++;
+    }
+}
+
 static void submit(struct uring *u)
 {
-    while (u->queued > 0) {
-        int r = io_uring_submit(&u->ring);
+    for (;;) {
+        int r;
+
+        fill_from_backlog(u);
+        if (u->queued == 0)
+            break;
+        r = io_uring_submit(&u->ring);
         if (r < 0) {
             if (r == -EINTR || r == -EAGAIN || r == -EBUSY) {
                 /* Completions must be reaped to make room. Inside reap() already, leave the
@@ -94,19 +123,30 @@ static void deferred_submit(struct loop *loop, void *opaque)
     submit(u);
 }
 
+/* A submission slot for op: in the ring, or in the backlog when the ring is full and cannot be
+ * emptied now (the kernel refuses submissions until completions are reaped, and we are
+ * inside reap()). Operations already backlogged go first. */
 static struct io_uring_sqe *get_sqe(struct uring *u, struct uring_op *op)
 {
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+    struct io_uring_sqe *sqe = NULL;
 
-    if (!sqe) {
-        /* The submission queue is full: send what is there and take a fresh slot. */
-        submit(u);
+    if (!u->backlog) {
         sqe = io_uring_get_sqe(&u->ring);
-        if (!sqe)
-            abort();
+        if (!sqe) {
+            submit(u);
+            if (!u->backlog)
+                sqe = io_uring_get_sqe(&u->ring);
+        }
+    }
+    if (sqe) {
+        u->queued++;
+    } else {
+        struct backlog *b = xzalloc(sizeof(*b));
+        *u->backlog_tail = b;
+        u->backlog_tail = &b->next;
+        sqe = &b->sqe;
     }
     io_uring_sqe_set_data(sqe, op);
-    u->queued++;
     u->in_flight++;
     if (!u->submit_scheduled) {
         u->submit_scheduled = true;
@@ -123,6 +163,7 @@ struct uring *uring_new(struct loop *loop, unsigned entries, struct error **errp
 
     u->loop = loop;
     u->efd = -1;
+    u->backlog_tail = &u->backlog;
     /* A completion queue four times the submission queue: completions are only reaped
      * between loop iterations, and many requests may be in flight at once. */
     p.flags = IORING_SETUP_CQSIZE;
@@ -150,6 +191,11 @@ void uring_free(struct uring *u)
 {
     if (!u)
         return;
+    while (u->backlog) {
+        struct backlog *b = u->backlog;
+        u->backlog = b->next;
+        free(b);
+    }
     loop_del_fd(u->loop, u->efd);
     close(u->efd);
     io_uring_queue_exit(&u->ring);

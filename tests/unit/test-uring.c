@@ -76,11 +76,60 @@ static void test_more_completions_than_the_queue_holds(void **state)
     loop_free(loop);
 }
 
+struct chain {
+    struct uring *u;
+    struct counted *ops;
+    unsigned next, n, fanout;
+    unsigned done;
+};
+
+static struct chain *the_chain;
+
+/* Each completion queues fanout more, from inside the completion: with a tiny ring the
+ * submission queue fills while completions are being reaped. */
+static void chain_done(struct uring_op *op, int res)
+{
+    struct chain *ch = the_chain;
+
+    count_done(op, res);
+    for (unsigned i = 0; i < ch->fanout && ch->next < ch->n; i++) {
+        struct counted *c = &ch->ops[ch->next++];
+        *c = (struct counted){ .op.done = chain_done, .done = &ch->done, .res = -1 };
+        uring_nop(ch->u, &c->op);
+    }
+}
+
+static void test_operations_queued_from_completions_with_a_full_ring(void **state)
+{
+    enum { N = 20000 };
+    struct loop *loop = loop_new();
+    struct chain ch = { .u = uring_new(loop, 2, NULL), .n = N, .fanout = 7 };
+
+    assert_non_null(ch.u);
+    ch.ops = xzalloc(N * sizeof(*ch.ops));
+    the_chain = &ch;
+    for (; ch.next < 4; ch.next++) {
+        ch.ops[ch.next] = (struct counted){ .op.done = chain_done, .done = &ch.done, .res = -1 };
+        uring_nop(ch.u, &ch.ops[ch.next].op);
+    }
+    for (int i = 0; i < 100000 && ch.done < N; i++)
+        assert_int_equal(loop_run_once(loop, 100), 0);
+    assert_int_equal(ch.next, N);
+    assert_int_equal(ch.done, N);
+    for (int i = 0; i < N; i++)
+        assert_int_equal(ch.ops[i].res, 0);
+    assert_int_equal(uring_in_flight(ch.u), 0);
+    free(ch.ops);
+    uring_free(ch.u);
+    loop_free(loop);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nop_completes_later_not_inline),
         cmocka_unit_test(test_more_completions_than_the_queue_holds),
+        cmocka_unit_test(test_operations_queued_from_completions_with_a_full_ring),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
