@@ -11,7 +11,8 @@ op is CPU per second over fio's ops per second.
 A job and server may appear several times (REPEAT rounds): the row shown is the round with
 the median throughput (the lower middle one for an even count), and "spread" is
 (max - min) / median of the throughput over the rounds that ran. The check column counts
-every round, not only the one shown. Prints one markdown table for all jobs, then the goals
+every round, not only the one shown; for alloc jobs it adds the image's end offset after the
+round shown (qemu-img check's image-end-offset: how much file the allocation used). Prints one markdown table for all jobs, then the goals
 against qemu-storage-daemon. Standard library only.
 """
 import json
@@ -44,16 +45,17 @@ def fio_numbers(path):
 
 
 def check_detail(verdict, path):
-    """The check column's text for one round: the verdict, with counts when not clean."""
-    if verdict in ("clean", "-"):
-        return verdict
+    """(the check column's text for one round: the verdict, with counts when not clean;
+    the image's end offset in bytes from the same report, or None)."""
+    if verdict == "-":
+        return verdict, None
     try:
         with open(path) as f:
             doc = json.load(f)
-        n = {"leaks": doc.get("leaks", 0), "CORRUPT": doc.get("corruptions", 0)}.get(verdict)
-        return f"{verdict} {n}" if n else verdict
     except (OSError, ValueError):
-        return verdict
+        return verdict, None
+    n = {"leaks": doc.get("leaks", 0), "CORRUPT": doc.get("corruptions", 0)}.get(verdict)
+    return (f"{verdict} {n}" if n else verdict), doc.get("image-end-offset")
 
 
 def ratio(a, b):
@@ -78,9 +80,10 @@ def main():
     for line in open(sys.argv[1]):
         (job, kind, server, status, path, cpu, wall, hwm, verdict,
          chk) = line.rstrip("\n").split("\t")
+        check, end = check_detail(verdict, chk)
         row = {"server": server, "status": status, "tput": None, "cpu_us": None,
-               "hwm": int(hwm) if hwm.isdigit() else None,
-               "check": check_detail(verdict, chk)}
+               "hwm": int(hwm) if hwm.isdigit() else None, "check": check,
+               "end": end if kind == "alloc" else None}
         if status == "ok":
             iops, bw, total, bs, depth = fio_numbers(path)
             row.update(big=bs >= BIG_BS, depth=depth)
@@ -119,7 +122,10 @@ def main():
             cells += [ratio(r["cpu_us"], ref[x]["cpu_us"]) if x in ref else "-" for x in REFS]
             cells.append(str(r["hwm"]) if r["hwm"] is not None else "-")
             cells += [ratio(r["hwm"], ref[x]["hwm"]) if x in ref else "-" for x in REFS]
-            cells += [spread, r["checks"]]
+            if r["end"] is not None:
+                cells += [spread, f"{r['checks']}; file {r['end'] / (1 << 20):.0f} MiB"]
+            else:
+                cells += [spread, r["checks"]]
             print("| " + " | ".join(cells) + " |")
         if "thinblkd" in ref and "qsd" in ref:
             t, q = ref["thinblkd"], ref["qsd"]
