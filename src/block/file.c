@@ -324,6 +324,21 @@ static int64_t file_allocated(struct block_node *n)
     return (int64_t)sb.st_blocks * 512;
 }
 
+void file_node_refresh_size(struct block_node *n)
+{
+    struct file_state *s = st(n);
+    struct stat sb;
+    uint64_t size;
+
+    /* Metadata the kernel has at hand: no I/O to wait for, as file_allocated(). */
+    if (s->is_bdev) {
+        if (ioctl(s->fd, BLKGETSIZE64, &size) == 0)
+            n->size = size;
+    } else if (fstat(s->fd, &sb) == 0) {
+        n->size = (uint64_t)sb.st_size;
+    }
+}
+
 static const char *file_filename(struct block_node *n)
 {
     return st(n)->filename;

@@ -134,4 +134,8 @@ extern const struct block_driver block_driver_raw;
 extern const struct block_driver block_driver_fault;
 extern const struct block_driver block_driver_qcow2;
 
+/* Re-read the size of a "file"/"host_device" node n from the kernel (after blockdev-create
+ * wrote past the end of its file). Does not block on I/O. */
+void file_node_refresh_size(struct block_node *n);
+
 #endif

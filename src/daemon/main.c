@@ -9,6 +9,7 @@
 
 #include "block/graph.h"
 #include "io/uring.h"
+#include "job/job.h"
 #include "common/log.h"
 #include "device/device.h"
 #include "export/export.h"
@@ -31,6 +32,7 @@ struct daemon {
     struct block_graph *graph;
     struct dev_context devs;
     struct exports *exports;
+    struct job_list *jobs;
     struct qmp_services services;
     json_t *version;
     int sigfd;
@@ -173,7 +175,8 @@ static void drain_io(struct daemon *d)
 
     if (d->exports)
         exports_shutdown(d->exports);
-    while (d->uring && uring_in_flight(d->uring) > 0 && now_monotonic_ns() < deadline)
+    while (((d->uring && uring_in_flight(d->uring) > 0) || job_list_busy(d->jobs)) &&
+           now_monotonic_ns() < deadline)
         loop_run_once(d->loop, 100);
 }
 
@@ -183,6 +186,8 @@ static void daemon_free(struct daemon *d)
         loop_run_deferred(d->loop);  /* frees of closed clients, and the like */
     drain_io(d);
     exports_free(d->exports);
+    if (!job_list_busy(d->jobs))
+        job_list_free(d->jobs);  /* else a job's work still refers to it: leave it */
     free(d->devs.last_stop.device);
     free(d->devs.last_stop.node_name);
     qmp_server_free(d->server);  /* removes the socket files */
@@ -244,13 +249,16 @@ int main(int argc, char **argv)
     d.devs = (struct dev_context){ .loop = d.loop, .runstate = d.runstate, .emit = emit_event,
                                    .emit_opaque = &d };
     d.exports = exports_new(d.graph, &d.devs);
+    d.jobs = job_list_new(emit_event, &d);
     d.services = (struct qmp_services){ .runstate = d.runstate, .graph = d.graph,
-                                        .devs = &d.devs, .exports = d.exports };
+                                        .devs = &d.devs, .exports = d.exports,
+                                        .jobs = d.jobs };
 
     qmp_register_control(d.dispatcher, d.version);
     qmp_register_run(d.dispatcher, &d.services);
     qmp_register_block(d.dispatcher, &d.services);
     qmp_register_export(d.dispatcher, &d.services);
+    qmp_register_job(d.dispatcher, &d.services);
 
     if (setup_signals(&d) < 0) {
         log_error("cannot set up signal handling: %s", strerror(errno));

@@ -10,6 +10,7 @@ struct runstate;
 struct block_graph;
 struct dev_context;
 struct exports;
+struct job_list;
 
 /* What the command handlers act on; owned by the daemon, outliving the dispatcher. */
 struct qmp_services {
@@ -17,6 +18,7 @@ struct qmp_services {
     struct block_graph *graph;
     struct dev_context *devs;
     struct exports *exports;
+    struct job_list *jobs;
 };
 
 /* qmp_capabilities, query-version (answers version, borrowed: must outlive d), query-commands. */
@@ -28,6 +30,9 @@ void qmp_register_run(struct qmp_dispatcher *d, struct qmp_services *svc);
 void qmp_register_block(struct qmp_dispatcher *d, struct qmp_services *svc);
 /* nbd-server-start/-stop, block-export-add/-del, query-block-exports. */
 void qmp_register_export(struct qmp_dispatcher *d, struct qmp_services *svc);
+
+/* query-jobs, job-finalize, job-dismiss, job-complete, job-cancel, blockdev-create. */
+void qmp_register_job(struct qmp_dispatcher *d, struct qmp_services *svc);
 
 /* The version object of the greeting and query-version for version "X.Y.Z": QEMU's shape,
  * {"qemu": {"major": X, "minor": Y, "micro": Z}, "package": "thinblk X.Y.Z"}. New reference. */

@@ -1,0 +1,74 @@
+/* blockdev-create: creating an image, as a job (QEMU's BlockdevCreateOptions).
+ *
+ * Drivers: "file" (a regular file: create, truncate to 0, extend to size; preallocation
+ * "off" only; nocow and extent-size-hint accepted and ignored) and "qcow2" (an empty image
+ * written through the node named by "file", see qcow2-create.c). Options are checked against
+ * QEMU's schema when the command runs (errors go back to the command, QEMU's texts); what
+ * QEMU checks inside the job (option values, the node, the I/O) fails the job instead.
+ *
+ * Everything runs on the loop thread; blocking system calls go to a thread (job/offload.h),
+ * image writes through node_submit().
+ */
+#ifndef THINBLK_BLOCK_CREATE_H
+#define THINBLK_BLOCK_CREATE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "common/error.h"
+
+struct block_graph;
+struct job;
+
+struct block_create;
+
+/* Check options (borrowed) against QEMU's schema. Returns the creation to run, or NULL with
+ * *errp set. */
+struct block_create *block_create_prepare(struct block_graph *g, json_t *options,
+                                          struct error **errp);
+/* Run it as job (running): the job ends with job_finish(), now or later; c is freed then. */
+void block_create_run(struct block_create *c, struct job *job);
+/* Free a creation that was not run. */
+void block_create_free(struct block_create *c);
+
+/* ---- internal to create.c and qcow2-create.c ---- */
+
+/* An option of a creation driver, in QEMU's schema order. */
+enum create_opt_type {
+    CREATE_OPT_STR,
+    CREATE_OPT_SIZE,     /* uint64, QEMU's "size" */
+    CREATE_OPT_INT,
+    CREATE_OPT_BOOL,
+    CREATE_OPT_ENUM,     /* a string from values */
+    CREATE_OPT_REF,      /* BlockdevRef: a node name or an object of options */
+    CREATE_OPT_OBJECT,
+};
+
+struct create_opt {
+    const char *name;
+    enum create_opt_type type;
+    bool optional;
+    const char *const *values;  /* CREATE_OPT_ENUM: NULL-terminated */
+};
+
+/* QEMU's BlockdevDriver and PreallocMode values. */
+extern const char *const block_driver_names[];
+extern const char *const block_prealloc_names[];
+
+struct block_create {
+    struct block_graph *graph;
+    json_t *opts;        /* the options, checked (a copy, owned) */
+    struct job *job;
+    void (*run)(struct block_create *c);
+};
+
+/* qcow2-create.c */
+extern const struct create_opt qcow2_create_opts[];
+void qcow2_create_run(struct block_create *c);
+
+/* End the creation: finish its job with err (stolen) and free c. */
+void block_create_finish(struct block_create *c, struct error *err);
+
+#endif
