@@ -182,6 +182,7 @@ enum job_status job_status(const struct job *job)
 void job_finish(struct job *job, struct error *err)
 {
     job->busy = false;
+    job->progress_current = job->progress_total;  /* QEMU's: done, failed or not */
     /* As QEMU's job_update_rc(): a cancelled job fails, with strerror(ECANCELED) if its
      * work did not fail by itself. */
     if (!err && job->cancelled)
