@@ -118,8 +118,9 @@ static int check_values(json_t *o, struct qcow2_layout *l, struct error **errp)
         return -1;
     }
     if (l->version < 3 && bits != 16) {
-        error_setg(errp, "Different refcount widths than 16 bits require compatibility level 1.1 or "
-                   "above (use version=v3 or greater)");
+        /* QEMU says "or above" here, "and above" in the others. */
+        error_setg(errp, "Different refcount widths than 16 bits require compatibility "
+                   "level 1.1 or above (use version=v3 or greater)");
         return -1;
     }
     l->refcount_order = (uint32_t)__builtin_ctzll((unsigned long long)bits);
