@@ -339,7 +339,10 @@ static void decide_cont(struct mon *m, json_t *block)
         if (m->reported != R_WAITING || strcmp(m->waiting_text, why)) {
             snprintf(m->waiting_text, sizeof(m->waiting_text), "%s", why);
             m->reported = R_WAITING;
-            log_warn("daemon %s: stopped on an I/O error; not resuming: %s", m->conf->name, why);
+            /* Waiting for our own extension is the normal course; anything else is news. */
+            log_msg(strstr(why, "an extension is running") ? LOG_LEVEL_INFO : LOG_LEVEL_WARN,
+                    "daemon %s: stopped on an I/O error; not resuming yet: %s", m->conf->name,
+                    why);
         }
         return;
     }
@@ -369,6 +372,7 @@ static void process(struct mon *m)
                  m->conf->name);
         return;
     }
+    log_debug("daemon %s: reconciling: status %s", m->conf->name, st);
     bool io_error = strcmp(st, "io-error") == 0;
     if (io_error) {
         /* When it stopped: an extension finished after that covers the stop. Without
