@@ -202,9 +202,11 @@ static void arm(struct mon *m, struct disk *d, uint64_t threshold, uint64_t size
 
     if (d->armed == threshold)
         return;
-    if (mon_call(m, "block-set-write-threshold",
-                 json_pack("{s:s,s:I}", "node-name", d->proto_node, "write-threshold",
-                           (json_int_t)threshold), NULL, NULL) < 0)
+    json_t *args = json_pack("{s:s,s:I}", "node-name", d->proto_node, "write-threshold",
+                             (json_int_t)threshold);
+    int r = mon_call(m, "block-set-write-threshold", args, NULL, NULL);
+    json_decref(args);
+    if (r < 0)
         return;
     /* Said once per volume size: a re-arm after a reconnect is not news. */
     report(d, R_ARMED, LOG_LEVEL_INFO, "write threshold at %s on node %s (volume %s, "

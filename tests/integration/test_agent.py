@@ -206,6 +206,7 @@ class Agent:
             self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(timeout=TIMEOUT) == 0, self.log()
         assert "terminating on signal 15" in self.log()
+        assert not _sanitizer_reports(self.log()), self.log()
 
 
 @pytest.fixture
@@ -384,7 +385,9 @@ def test_disk_at_cap_stays_stopped_and_is_reported(daemons, loopdisks, agents):
     assert len(a.lines(r"disk0: stopped on ENOSPC at its cap")) == 1, a.log()
     assert len(a.lines(r"daemon default: stopped on an I/O error; not resuming yet: disk0: at "
                        r"its cap")) == 1, a.log()
-    assert not a.lines(r"resuming \(cont\)")
+    # It may have stopped and been resumed below the cap (a slow machine); not since.
+    log = a.log()
+    assert "resuming (cont)" not in log[log.index("at its cap"):], log
     w.kill()
     w.wait()
     a.stop()
