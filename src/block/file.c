@@ -339,6 +339,16 @@ void file_node_refresh_size(struct block_node *n)
     }
 }
 
+/* A host block device can be extended while open (lvextend, a loop device's new capacity):
+ * queries report its size now, so management sees the extension without a restart. Writes
+ * past the old end need nothing: the kernel checks them against the device's current size.
+ * A regular file keeps the size it had when opened (or created: file_node_refresh_size()). */
+static void file_refresh_size(struct block_node *n)
+{
+    if (st(n)->is_bdev)
+        file_node_refresh_size(n);
+}
+
 static const char *file_filename(struct block_node *n)
 {
     return st(n)->filename;
@@ -351,6 +361,7 @@ const struct block_driver block_driver_host_device = {
     .submit = file_submit,
     .allocated = file_allocated,
     .filename = file_filename,
+    .refresh_size = file_refresh_size,
 };
 
 const struct block_driver block_driver_file = {
@@ -360,4 +371,5 @@ const struct block_driver block_driver_file = {
     .submit = file_submit,
     .allocated = file_allocated,
     .filename = file_filename,
+    .refresh_size = file_refresh_size,
 };
