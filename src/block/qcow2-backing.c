@@ -228,6 +228,13 @@ int qcow2_backing_open(struct block_node *n, struct error **errp)
     }
     if (s->backing_null || (!s->backing_opt && !s->backing_name))
         return 0;
+    if (json_is_string(s->backing_opt) &&
+        !block_graph_find(n->graph, json_string_value(s->backing_opt))) {
+        error_setg(errp, "Could not open backing file: Cannot find device='%s' nor "
+                   "node-name='%s'", json_string_value(s->backing_opt),
+                   json_string_value(s->backing_opt));
+        return -1;
+    }
     if (s->backing_opt) {
         opts = json_incref(s->backing_opt);
         if (json_is_object(opts)) {  /* a backing node is read-only unless asked otherwise */
