@@ -8,6 +8,7 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "qmp/json-writer.h"
 
 static const struct block_driver *const drivers[] = {
     &block_driver_file,
@@ -38,6 +39,8 @@ static void node_close(struct block_node *n)
         n->drv->close(n);
     if (n->file)
         block_node_unref(n->file);
+    if (n->backing)
+        block_node_unref(n->backing);
     free(n->node_name);
     free(n);
 }
@@ -232,6 +235,7 @@ struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, str
         goto fail;
     /* Implicit children created by the driver inherit these options (block_node_open_child). */
     struct block_node *outer = g->opening;
+    n->opener = outer;
     g->opening = n;
     int r = drv->open(n, opts, errp);
     g->opening = outer;
@@ -252,6 +256,19 @@ struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, str
     while (*p)
         p = &(*p)->next;
     *p = n;
+    if (drv->open_backing) {
+        /* After the node is listed: QEMU lists it before its backing chain. */
+        g->opening = n;
+        r = drv->open_backing(n, errp);
+        g->opening = outer;
+        if (r < 0) {
+            graph_unlink(g, n);
+            n->refs = 0;
+            node_close(n);
+            return NULL;
+        }
+    }
+    n->opener = NULL;
     log_info("block node %s: driver %s, %" PRIu64 " bytes", n->node_name, drv->name, n->size);
     return n;
 
@@ -320,6 +337,13 @@ int block_node_delete(struct block_graph *g, const char *name, struct error **er
         error_setg(errp, "Failed to find node with node-name='%s'", name);
         return -1;
     }
+    for (struct block_node *p = g->nodes; p; p = p->next) {
+        if (p->backing == n) {
+            error_setg(errp, "Node '%s' is busy: node is used as backing hd of '%s'", name,
+                       p->node_name);
+            return -1;
+        }
+    }
     if (n->refs > 1) {
         error_setg(errp, "Node '%s' is busy: node is used as root of a block device or as a "
                    "child of another node", name);
@@ -363,27 +387,93 @@ static struct block_node *host_file_node(struct block_node *n)
     return n;
 }
 
-json_t *block_node_info(struct block_node *n)
+/* QEMU's full_open_options: what opens the node again, for "json:" filenames. */
+static json_t *open_options(struct block_node *n)
 {
     struct block_node *f = host_file_node(n);
-    const char *filename = f->drv->filename ? f->drv->filename(f) : "";
+    json_t *o = json_pack("{s:s}", "driver", n->drv->name);
+
+    if (n == f || !n->file) {
+        json_object_set_new(o, "filename", json_string(f->drv->filename ? f->drv->filename(f)
+                                                                        : ""));
+        return o;
+    }
+    json_object_set_new(o, "file", open_options(n->file));
+    if (n->drv->backing_overridden && n->drv->backing_overridden(n))
+        json_object_set_new(o, "backing", n->backing ? open_options(n->backing) : json_null());
+    return o;
+}
+
+char *block_node_filename(struct block_node *n)
+{
+    struct block_node *f = host_file_node(n);
+
+    if (n->drv->backing_overridden && n->drv->backing_overridden(n)) {
+        json_t *o = open_options(n);
+        struct buf b = {0};
+        buf_append(&b, "json:", 5);
+        qmp_json_write(&b, o, false);  /* QEMU's qobject_to_json(), key order included */
+        buf_append(&b, "", 1);
+        json_decref(o);
+        return b.data;
+    }
+    return xstrdup(f->drv->filename ? f->drv->filename(f) : "");
+}
+
+/* QEMU's ImageInfo of one node. */
+static json_t *image_info(struct block_node *n)
+{
+    struct block_node *f = host_file_node(n);
+    char *filename = block_node_filename(n);
     int64_t allocated = f->drv->allocated ? f->drv->allocated(f) : -1;
     json_t *image = json_pack("{s:s,s:s,s:b}", "filename", filename, "format", n->drv->name,
                               "dirty-flag", 0);
-    json_t *info;
 
     if (n->drv->refresh_size)
         n->drv->refresh_size(n);
+    free(filename);
     if (allocated >= 0)
         json_object_set_new(image, "actual-size", json_integer(allocated));
     json_object_set_new(image, "virtual-size", json_integer((json_int_t)n->size));
+    if (n->drv->query_image)
+        n->drv->query_image(n, image);
+    return image;
+}
 
+json_t *block_node_info(struct block_node *n)
+{
+    return block_node_info_flat(n, false);
+}
+
+json_t *block_node_info_flat(struct block_node *n, bool flat)
+{
+    char *filename = block_node_filename(n);
+    json_t *image = image_info(n);
+    json_t *info;
+    int depth = 0;
+
+    /* As QEMU: backing images nested, and their count, only when not flat. */
+    if (!flat) {
+        json_t *img = image;
+        for (struct block_node *b = n->backing; b; b = b->backing) {
+            json_t *bi = image_info(b);
+            json_object_set_new(img, "backing-image", bi);
+            img = bi;
+            depth++;
+        }
+    }
     /* Members in QEMU's schema order (BlockDeviceInfo); see qmp/json-writer.h. */
     info = json_pack("{s:s,s:s,s:b,s:s,s:i,s:b,s:s,s:i,s:i,s:i,s:i,s:i,s:i}",
                      "file", filename, "node-name", n->node_name, "ro", n->read_only,
-                     "drv", n->drv->name, "backing_file_depth", 0, "encrypted", 0,
+                     "drv", n->drv->name, "backing_file_depth", depth, "encrypted", 0,
                      "detect_zeroes", "off", "bps", 0, "bps_rd", 0, "bps_wr", 0, "iops", 0,
                      "iops_rd", 0, "iops_wr", 0);
+    free(filename);
+    if (n->backing) {
+        filename = block_node_filename(n->backing);
+        json_object_set_new(info, "backing_file", json_string(filename));
+        free(filename);
+    }
     json_object_set_new(info, "image", image);
     json_object_set_new(info, "cache", json_pack("{s:b,s:b,s:b}", "writeback", 1, "direct",
                                                  n->cache_direct, "no-flush", n->no_flush));

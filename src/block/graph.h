@@ -62,6 +62,14 @@ struct block_driver {
     /* Update n->size from the storage, whose size may change under the node (a host block
      * device that was extended: QEMU's host_device has a variable length too). May be NULL. */
     void (*refresh_size)(struct block_node *n);
+    /* Backing files (optional; qcow2). open_backing: attach n->backing once n is in the graph
+     * (QEMU lists a node before its backing chain); runs with graph->opening == n. Returns 0
+     * or -1 with *errp set, and the node is then removed. backing_overridden: whether the
+     * backing differs from what the image names (QEMU then reports a "json:" filename).
+     * query_image: add the driver's members to the node's ImageInfo. */
+    int (*open_backing)(struct block_node *n, struct error **errp);
+    bool (*backing_overridden)(struct block_node *n);
+    void (*query_image)(struct block_node *n, json_t *image);
 };
 
 struct block_graph {
@@ -82,6 +90,8 @@ struct block_node {
     const struct block_driver *drv;
     void *opaque;              /* the driver's state */
     struct block_node *file;   /* the child, for filter and format drivers; a reference */
+    struct block_node *backing; /* the backing (copy-on-write) child, a reference, or NULL */
+    struct block_node *opener; /* while this node opens: the node whose open created it */
     unsigned refs;             /* parents and devices using this node, +1 while in the graph */
     bool in_graph;             /* listed in graph->nodes (false once blockdev-del took it) */
     bool implicit;             /* created inline as a child: goes with its last parent */
@@ -127,9 +137,14 @@ void block_node_unref(struct block_node *n);
 /* Submit req to n. Writes update the write threshold bookkeeping. */
 void node_submit(struct block_node *n, struct block_req *req);
 
-/* The node's entry of query-named-block-nodes (QEMU's BlockDeviceInfo). The size of a node
- * that can change under it (a host block device) is read again first. */
+/* The node's entry of query-named-block-nodes (QEMU's BlockDeviceInfo), with the backing
+ * chain's images nested (flat=false, as query-block) or not. The size of a node that can
+ * change under it (a host block device) is read again first. */
 json_t *block_node_info(struct block_node *n);
+json_t *block_node_info_flat(struct block_node *n, bool flat);
+/* The node's filename as QEMU reports it: its file's name, or "json:{...}" where options
+ * (an overridden backing) make the file name alone not describe it. Caller frees. */
+char *block_node_filename(struct block_node *n);
 
 /* Driver tables. */
 extern const struct block_driver block_driver_file;

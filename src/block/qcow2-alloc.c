@@ -13,7 +13,8 @@
  *      themselves; then increments in existing blocks for those of them they cover; then the
  *      link: the refcount table entries, or the header's table offset and size (one write);
  *      then the old table's clusters are freed (a failure there only leaks them);
- *   2. the data cluster, whole: the guest's bytes with zeroes around them (no backing file);
+ *   2. the data cluster, whole: the guest's bytes with zeroes around them, or the backing
+ *      file's bytes (copy-on-write: qcow2_backing_fill());
  *   3. a new L2 table, whole, if the L1 entry was empty;
  *   4. the refcount increments of the new clusters;
  *   5. the link: the L2 entry, or the L1 entry for a new L2 table.
@@ -488,9 +489,16 @@ static void alloc_run(struct qcow2_state *s)
             if (p->len == cs) {
                 alloc_write(s, a->data_off, p->buf, cs, false);
             } else {
-                char *buf = qcow2_alloc_buf(cs);
-                memcpy(buf + (p->voff & (cs - 1)), p->buf, p->len);
-                alloc_write(s, a->data_off, buf, cs, true);
+                if (!a->iobuf) {  /* backing file: the rest of the cluster is the backing's */
+                    a->iobuf = qcow2_alloc_buf(cs);
+                    ret = qcow2_backing_fill(s, p->voff, a->iobuf, &a->w);
+                    if (ret < 0)
+                        alloc_fail(s, ret);
+                    if (ret != 0)
+                        return;  /* failed, or a->w comes back to this step */
+                }
+                memcpy((char *)a->iobuf + (p->voff & (cs - 1)), p->buf, p->len);
+                alloc_write(s, a->data_off, a->iobuf, cs, true);
             }
             return;
         case A_L2:

@@ -1,19 +1,22 @@
 /* The "qcow2" format driver: QEMU's image format (docs/interop/qcow2.txt), versions 2 and 3.
  *
  * Options (QEMU's BlockdevOptionsQcow2, the part we have): file (the child: a node name or
- * inline options), backing (only null: the image is read without its backing file),
+ * inline options), backing (a node name, inline options, or null: the image is read without
+ * its backing file; absent: the file the image names, see qcow2-backing.c),
  * l2-cache-size and refcount-cache-size (bytes).
  *
  * What this version does (see issue 4 for the rest):
  *  - opens images qemu-img writes: cluster sizes 512 B to 2 MiB, refcounts 1 to 64 bits wide;
- *    refuses, with a clear error, backing files, external data files, encryption, extended L2
+ *    refuses, with a clear error, external data files, encryption, extended L2
  *    entries, compression other than zlib and unknown incompatible features; opens corrupt,
  *    dirty (lazy refcounts not yet repaired) and snapshotted images read-only only;
- *  - reads: unallocated and zero clusters read as zeroes; compressed clusters (zlib) are
+ *  - reads: unallocated clusters read from the backing node (zeroes without one), zero
+ *    clusters as zeroes; compressed clusters (zlib) are
  *    inflated when built with zlib (THINBLK_HAVE_ZLIB), fail ENOTSUP otherwise and on writes;
  *  - writes: in place to allocated clusters, through qcow2-alloc.c to new ones;
- *  - write-zeroes: nothing to do where a cluster already reads as zeroes (unallocated, zero
- *    flag: there is no backing file), zeroes written in place elsewhere; no cluster is freed;
+ *  - write-zeroes: nothing to do where a cluster already reads as zeroes (zero flag, or
+ *    unallocated without a backing node), zeroes written in place elsewhere and allocated
+ *    over a backing node; no cluster is freed;
  *  - discard: advisory, does nothing (freeing clusters is still to do);
  *  - flush: the child's. Metadata is written through before a request completes, so a flush
  *    only has to reach the storage. FUA: one flush of the child after the request's writes.
@@ -149,7 +152,6 @@ static int parse_header(struct qcow2_state *s, const uint8_t *c0, uint32_t cs,
                         uint64_t *size, struct error **errp)
 {
     uint32_t header_length = 72, ext_start;
-    uint64_t backing_off = be64_at(c0 + 8);
 
     s->version = be32_at(c0 + 4);
     s->refcount_order = 4;
@@ -194,16 +196,8 @@ static int parse_header(struct qcow2_state *s, const uint8_t *c0, uint32_t cs,
                    c0[104]);
         return -1;
     }
-    if (backing_off && !s->backing_null) {
-        uint32_t blen = be32_at(c0 + 16);
-        if (backing_off < cs && blen <= cs - backing_off && blen < 1024)
-            error_setg(errp, "qcow2: backing files are not supported yet (the image has "
-                       "backing file '%.*s'); open it with backing=null to read it without",
-                       (int)blen, (const char *)c0 + backing_off);
-        else
-            error_setg(errp, "qcow2: backing files are not supported yet");
+    if (qcow2_backing_header(s, c0, cs, ext_start, errp) < 0)  /* qcow2-backing.c */
         return -1;
-    }
     if (s->writable && (s->incompat & QCOW2_INCOMPAT_CORRUPT)) {
         error_setg(errp, "qcow2: Image is corrupt; cannot be opened read/write");
         return -1;
@@ -278,6 +272,7 @@ static void state_free(struct qcow2_state *s)
     free(s->header);
     free(s->l1);
     free(s->rt);
+    qcow2_backing_cleanup(s);
     free(s);
 }
 
@@ -291,14 +286,16 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
     json_t *backing = json_object_get(opts, "backing");
     bool backing_null = false;
 
-    if (backing) {
-        if (!json_is_null(backing)) {
-            error_setg(errp, "qcow2: backing files are not supported yet");
-            return -1;
-        }
-        backing_null = true;
-        json_object_del(opts, "backing");
+    if (backing && json_is_string(backing) && !*json_string_value(backing)) {
+        log_warn("Use of \"backing\": \"\" is deprecated; use \"backing\": null instead");
+        backing = json_null();  /* as QEMU */
     }
+    if (backing && !json_is_null(backing) && !json_is_string(backing) &&
+        !json_is_object(backing)) {
+        error_setg(errp, "Invalid parameter type for 'backing', expected: BlockdevRefOrNull");
+        return -1;
+    }
+    backing_null = backing && json_is_null(backing);
     if (take_size(opts, "l2-cache-size", &l2_bytes, errp) < 0 ||
         take_size(opts, "refcount-cache-size", &rb_bytes, errp) < 0)
         return -1;
@@ -327,6 +324,9 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
     s->node = n;
     s->file = child;
     s->backing_null = backing_null;
+    if (backing && !backing_null)
+        s->backing_opt = json_incref(backing);  /* opened by qcow2_backing_open() */
+    json_object_del(opts, "backing");
     s->cluster_bits = cluster_bits;
     s->cluster_size = 1u << cluster_bits;
     s->meta_align = MAX(512u, child->alignment);
@@ -650,10 +650,18 @@ static void part_run(struct qcow2_part *p)
         }
         part_submit_child(p, op == BLOCK_OP_WRITE_ZEROES ? BLOCK_OP_WRITE_ZEROES : op, host);
         return;
-    default:  /* reads as zeroes */
-        if (op == BLOCK_OP_READ) {
+    default:  /* reads as zeroes, or unallocated: from the backing node if there is one */
+        if (op == BLOCK_OP_READ && t == QCOW2_UNALLOCATED && s->node->backing) {
+            qcow2_backing_read(s, p);  /* qcow2-backing.c */
+        } else if (op == BLOCK_OP_READ) {
             memset(p->buf, 0, p->len);
             qcow2_part_done(p, 0);
+        } else if (op == BLOCK_OP_WRITE_ZEROES && t == QCOW2_UNALLOCATED &&
+                   s->node->backing) {
+            /* The backing's bytes must not show through: allocate zeroes. */
+            p->zbuf = qcow2_alloc_buf(p->len);
+            p->buf = p->zbuf;
+            qcow2_alloc_enqueue(s, p);
         } else if (op == BLOCK_OP_WRITE_ZEROES) {
             qcow2_part_done(p, 0);
         } else {
@@ -714,4 +722,7 @@ const struct block_driver block_driver_qcow2 = {
     .open = qcow2_open,
     .close = qcow2_close,
     .submit = qcow2_submit,
+    .open_backing = qcow2_backing_open,
+    .backing_overridden = qcow2_backing_overridden,
+    .query_image = qcow2_query_image,
 };

@@ -4,7 +4,8 @@
  * Files: qcow2.c (open, header checks, request splitting, reads and in-place writes),
  * qcow2-alloc.c (cluster allocation: the one place that changes metadata),
  * qcow2-refcount.c (refcount entries of any width, the open-time scan),
- * qcow2-cache.c (the L2 table and refcount block caches).
+ * qcow2-cache.c (the L2 table and refcount block caches),
+ * qcow2-backing.c (backing files: opening the chain, reads and copy-on-write through it).
  *
  * Tables are kept in memory exactly as on disk (big-endian), so that a metadata update is a
  * copy of the aligned chunk holding the entry, patched, written, and copied back on success:
@@ -16,6 +17,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "block/graph.h"
 #include "io/uring.h"
@@ -61,7 +63,7 @@ void qcow2_cache_patch(struct qcow2_cache *c, uint64_t offset, uint32_t pos, con
 void qcow2_cache_insert(struct qcow2_cache *c, uint64_t offset, const void *table);
 
 enum qcow2_ctype {
-    QCOW2_UNALLOCATED,  /* reads as zeroes (there are no backing files yet) */
+    QCOW2_UNALLOCATED,  /* reads from the backing node, or as zeroes without one */
     QCOW2_ZERO_PLAIN,   /* zero flag, no host cluster */
     QCOW2_ZERO_ALLOC,   /* zero flag, host cluster kept (with refcount 1) */
     QCOW2_NORMAL,
@@ -141,6 +143,15 @@ struct qcow2_state {
     struct qcow2_cache *rb_cache;
     bool writable;
     bool backing_null;          /* backing=null: a backing file named in the image is ignored */
+    /* ---- backing file (qcow2-backing.c); the node itself is node->backing ---- */
+    char *backing_name;         /* the backing file name in the image header, or NULL */
+    char *backing_fmt;          /* the header's backing format extension, or NULL */
+    json_t *backing_opt;        /* the "backing" option (node name or options) until opened */
+    bool backing_implicit;      /* node->backing was opened from backing_name */
+    bool have_img_id;           /* img_dev/img_ino name the image file (loop detection) */
+    dev_t img_dev;
+    ino_t img_ino;
+    /* ---- end backing file ---- */
     /* Allocation: next_free is the first cluster of the free space at the end of the image
      * (every cluster from there has refcount 0); spare clusters have refcount 1 and nothing
      * pointing at them (left by failed allocations), used first. */
@@ -177,6 +188,26 @@ void *qcow2_alloc_buf(size_t len);
 /* Queue a write part needing a new cluster; done through qcow2_part_done(). */
 void qcow2_alloc_enqueue(struct qcow2_state *s, struct qcow2_part *p);
 void qcow2_alloc_cleanup(struct qcow2_state *s);
+
+/* qcow2-backing.c */
+/* Parse the backing file name (header) and format (extension) of the image in cluster 0.
+ * Returns 0 or -1 with *errp set (QEMU's texts). */
+int qcow2_backing_header(struct qcow2_state *s, const uint8_t *c0, uint32_t cs,
+                         uint32_t ext_start, struct error **errp);
+/* The driver's open_backing, backing_overridden and query_image (graph.h). */
+int qcow2_backing_open(struct block_node *n, struct error **errp);
+bool qcow2_backing_overridden(struct block_node *n);
+void qcow2_query_image(struct block_node *n, json_t *image);
+/* Read an unallocated READ part from the backing node (zeroes past its end); completes it
+ * through qcow2_part_done(). There must be a backing node. */
+void qcow2_backing_read(struct qcow2_state *s, struct qcow2_part *p);
+/* Copy-on-write: fill buf (one cluster, zeroed by the caller) with what the guest cluster
+ * holding voff reads as before it is allocated: the backing's bytes if its L2 entry is
+ * unallocated and there is a backing node (zeroes past the backing's end), else nothing.
+ * Returns 0 if buf is ready, 1 if w->cb(w, ret) will be called (never inside this call),
+ * or -errno. buf must stay valid until then. */
+int qcow2_backing_fill(struct qcow2_state *s, uint64_t voff, void *buf, struct qcow2_waiter *w);
+void qcow2_backing_cleanup(struct qcow2_state *s);
 
 /* qcow2-refcount.c */
 uint64_t qcow2_refcount_get(const struct qcow2_state *s, const void *block, uint64_t idx);

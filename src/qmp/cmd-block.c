@@ -64,9 +64,11 @@ static json_t *query_named_block_nodes(struct qmp_call *call, json_t *args, stru
     struct qmp_services *svc = call->opaque;
     json_t *list = json_array();
 
-    /* Newest first, as QEMU lists them. No backing chains yet, so "flat" changes nothing. */
+    bool flat = json_is_true(json_object_get(args, "flat"));
+
+    /* Newest first, as QEMU lists them; backing images nested unless flat. */
     for (struct block_node *n = svc->graph->nodes; n; n = n->next)
-        json_array_insert_new(list, 0, block_node_info(n));
+        json_array_insert_new(list, 0, block_node_info_flat(n, flat));
     return list;
 }
 

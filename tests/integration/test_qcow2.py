@@ -395,22 +395,6 @@ def patch_header(img, offset, fmt, value):
         f.write(struct.pack(fmt, value))
 
 
-def test_backing_file_refused(daemons, tmp_path):
-    base, img = tmp_path / "base.qcow2", tmp_path / "overlay.qcow2"
-    create(base, MiB)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", img)
-    desc = open_error(daemons, img)
-    assert desc.startswith("qcow2: backing files are not supported yet"), desc
-    assert str(base) in desc
-
-
-def test_backing_option_refused(daemons, tmp_path):
-    img = tmp_path / "disk.qcow2"
-    create(img, MiB)
-    assert open_error(daemons, img, {"backing": "f0"}) == \
-        "qcow2: backing files are not supported yet"
-
-
 def test_unknown_incompatible_feature_refused(daemons, tmp_path):
     img = tmp_path / "disk.qcow2"
     create(img, MiB)
