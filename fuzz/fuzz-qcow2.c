@@ -105,9 +105,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     close(fd);
 
-    json_t *opts = json_pack("{s:s,s:s,s:b,s:{s:s,s:s,s:b}}", "driver", "qcow2",
-                             "node-name", "q0", "read-only", 1, "file", "driver", "file",
-                             "filename", path, "read-only", 1);
+    /* backing=null: the header's backing file name is still parsed and checked, but a fuzzed
+     * name must not make the target open arbitrary host files (a FIFO would block it). */
+    json_t *opts = json_pack("{s:s,s:s,s:b,s:n,s:{s:s,s:s,s:b}}", "driver", "qcow2",
+                             "node-name", "q0", "read-only", 1, "backing", "file", "driver",
+                             "file", "filename", path, "read-only", 1);
     struct block_node *n = block_node_create(g.fb.graph, opts, &err);
     json_decref(opts);
     unlink(path);  /* the file node keeps it open; open() has read the metadata */

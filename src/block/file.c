@@ -88,7 +88,10 @@ static int file_open(struct block_node *n, json_t *opts, struct error **errp)
         return -1;
     }
 
-    flags = (n->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+    /* O_NONBLOCK for the open only: a FIFO named here (by a person, or by a qcow2 image as its
+     * backing file) must not block the daemon; it is refused below. The flag is cleared before
+     * any I/O, as io_uring would otherwise fail reads and writes with EAGAIN. */
+    flags = (n->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK;
     bool direct = n->cache_direct;
     fd = open(filename, flags | (direct ? O_DIRECT : 0));
     if (fd < 0 && direct && errno == EINVAL) {
@@ -102,6 +105,13 @@ static int file_open(struct block_node *n, json_t *opts, struct error **errp)
     }
     if (fstat(fd, &sb) < 0) {
         error_setg_errno(errp, errno, "Could not stat '%s'", filename);
+        close(fd);
+        return -1;
+    }
+
+    if ((S_ISREG(sb.st_mode) || S_ISBLK(sb.st_mode)) &&
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0) {
+        error_setg_errno(errp, errno, "Could not open '%s'", filename);
         close(fd);
         return -1;
     }

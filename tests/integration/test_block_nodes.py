@@ -67,6 +67,12 @@ def test_blockdev_add_errors(daemons, tmp_path):
     assert qmp.cmd("blockdev-add", {"driver": "file", "node-name": "a",
                                     "filename": str(tmp_path / "missing")}) == error(
         f"Could not open '{tmp_path / 'missing'}': No such file or directory")
+    # A FIFO nobody writes to: refused at once, not waited on (the open would block).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for driver, ro in (("file", True), ("host_device", False)):
+        assert qmp.cmd("blockdev-add", {"driver": driver, "node-name": "a", "read-only": ro,
+                                        "filename": str(fifo)}) == error(f"'{fifo}' is not a file")
     assert qmp.cmd("query-named-block-nodes") == {"return": []}
 
 
