@@ -45,17 +45,6 @@
 #define DEFAULT_L2_CACHE_BYTES (32u << 20)
 #define DEFAULT_RB_CACHE_BYTES (4u << 20)
 
-/* A request from the parent: its parts, and a flush after them for FUA. */
-struct qcow2_req {
-    struct qcow2_state *s;
-    struct block_req *parent;
-    unsigned pending;          /* parts not done, +1 while submitting */
-    int err;                   /* the first error */
-    bool fua;
-    struct uring_op uop;       /* completing without I/O, off the submitter's stack */
-    struct block_req child;    /* FLUSH */
-};
-
 void *qcow2_alloc_buf(size_t len)
 {
     void *p;
@@ -366,6 +355,7 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
                                                 MAX(s->l1_size, 4)));
     s->rb_cache = qcow2_cache_new(child, s->cluster_size,
                                   (unsigned)MIN(MAX(rb_bytes / s->cluster_size, 4), 4096));
+    s->hwm = (child->size + s->cluster_size - 1) & ~(uint64_t)(s->cluster_size - 1);
     n->opaque = s;
     n->size = size;
     n->alignment = child->alignment;
@@ -499,6 +489,10 @@ void qcow2_part_done(struct qcow2_part *p, int ret)
     struct qcow2_req *r = p->r;
     struct qcow2_state *s = r->s;
 
+    if (p->inplace) {
+        s->inplace--;
+        qcow2_alloc_inplace_done(s);
+    }
     free(p->zbuf);
     free(p);
     s->active--;
@@ -514,7 +508,12 @@ void qcow2_part_done(struct qcow2_part *p, int ret)
 
 static void part_child_done(struct block_req *child, int ret)
 {
-    qcow2_part_done(container_of(child, struct qcow2_part, child), ret);
+    struct qcow2_part *p = container_of(child, struct qcow2_part, child);
+
+    if (ret < 0 && child->op != BLOCK_OP_READ)
+        log_warn("qcow2 %s: write in place at %" PRIu64 " failed: %s", p->r->s->node->node_name,
+                 child->offset, strerror(-ret));
+    qcow2_part_done(p, ret);
 }
 
 static void part_submit_child(struct qcow2_part *p, enum block_op op, uint64_t host)
@@ -528,62 +527,74 @@ static void part_submit_child(struct qcow2_part *p, enum block_op op, uint64_t h
 
 void qcow2_part_write_host(struct qcow2_part *p, uint64_t host)
 {
-    part_submit_child(p, BLOCK_OP_WRITE, host);
-}
-
-#ifdef THINBLK_HAVE_ZLIB
-/* Compressed clusters (the spec's compressed cluster descriptor): with x = 62 - (cluster_bits
- * - 8), bits 0..x-1 are the host byte offset of the data, bits x..61 the number of 512-byte
- * sectors it takes beyond the one holding the offset. The data is a raw deflate stream
- * (no zlib header) of the whole cluster. The part reads the sectors (widened to the child's
- * alignment; past the end of the file reads as zeroes), inflates the cluster and copies its
- * slice out. */
-static void compressed_read_done(struct block_req *child, int ret)
-{
-    struct qcow2_part *p = container_of(child, struct qcow2_part, child);
     struct qcow2_state *s = p->r->s;
-    uint8_t *out;
-    z_stream z = {0};
-    int zr;
+    enum block_op op = p->r->parent->op == BLOCK_OP_WRITE_ZEROES ? BLOCK_OP_WRITE_ZEROES
+                                                                 : BLOCK_OP_WRITE;
+    int ret = qcow2_pre_write(s, host + (p->voff & (s->cluster_size - 1)), p->len, false);
 
     if (ret < 0) {
         qcow2_part_done(p, ret);
         return;
     }
-    out = xmalloc(s->cluster_size);
-    if (inflateInit2(&z, -12) != Z_OK) {
-        free(out);
-        qcow2_part_done(p, -ENOMEM);
-        return;
-    }
-    z.next_in = (Bytef *)p->zbuf + p->zskip;
-    z.avail_in = p->zlen;
-    z.next_out = out;
-    z.avail_out = s->cluster_size;
-    zr = inflate(&z, Z_FINISH);
-    /* As QEMU: the stream may end early only if the cluster is full (trailing bytes of the
-     * last sector are padding). */
-    if (zr == Z_STREAM_END || (zr == Z_BUF_ERROR && z.avail_out == 0)) {
-        if (z.avail_out == 0) {
-            memcpy(p->buf, out + (p->voff & (s->cluster_size - 1)), p->len);
-            ret = 0;
-        } else {
-            ret = -EIO;
-        }
-    } else {
-        ret = -EIO;
-    }
-    inflateEnd(&z);
-    free(out);
-    if (ret < 0)
-        log_error("qcow2 %s: cannot decompress the cluster for offset %" PRIu64,
-                  s->node->node_name, p->voff);
-    qcow2_part_done(p, ret);
+    p->inplace = true;
+    s->inplace++;
+    part_submit_child(p, op, host);
 }
 
-static void part_read_compressed(struct qcow2_part *p, uint64_t l2e)
+void qcow2_compressed_span(const struct qcow2_state *s, uint64_t l2e, uint64_t *first,
+                           uint64_t *n)
 {
-    struct qcow2_state *s = p->r->s;
+    uint32_t x = 62 - (s->cluster_bits - 8);
+    uint64_t off = (l2e & ((1ULL << x) - 1)) & ~511ULL;
+    uint64_t sectors = ((l2e & ~QCOW2_OFLAG_COMPRESSED & ~QCOW2_OFLAG_COPIED) >> x) + 1;
+    uint64_t end = off + sectors * 512;
+
+    *first = off >> s->cluster_bits;
+    *n = ((end + s->cluster_size - 1) >> s->cluster_bits) - *first;
+}
+
+/* Compressed clusters (the spec's compressed cluster descriptor): with x = 62 - (cluster_bits
+ * - 8), bits 0..x-1 are the host byte offset of the data, bits x..61 the number of 512-byte
+ * sectors it takes beyond the one holding the offset. The data is a raw deflate stream
+ * (no zlib header) of the whole cluster. The sectors are read (widened to the child's
+ * alignment; past the end of the file reads as zeroes) and inflated. */
+static void zread_done(struct block_req *req, int ret)
+{
+    struct qcow2_zread *zr = container_of(req, struct qcow2_zread, req);
+    struct qcow2_state *s = zr->s;
+
+#ifdef THINBLK_HAVE_ZLIB
+    z_stream z = {0};
+    int r;
+
+    if (ret == 0 && inflateInit2(&z, -12) != Z_OK)
+        ret = -ENOMEM;
+    if (ret == 0) {
+        z.next_in = (Bytef *)zr->zbuf + zr->zskip;
+        z.avail_in = zr->zlen;
+        z.next_out = zr->out;
+        z.avail_out = s->cluster_size;
+        r = inflate(&z, Z_FINISH);
+        /* As QEMU: the stream may end early only if the cluster is full (trailing bytes of
+         * the last sector are padding). */
+        if (!((r == Z_STREAM_END || r == Z_BUF_ERROR) && z.avail_out == 0))
+            ret = -EIO;
+        inflateEnd(&z);
+        if (ret < 0)
+            log_error("qcow2 %s: cannot decompress a compressed cluster", s->node->node_name);
+    }
+#else
+    (void)s;
+    if (ret == 0)
+        ret = -ENOTSUP;
+#endif
+    free(zr->zbuf);
+    zr->zbuf = NULL;
+    zr->done(zr, ret);
+}
+
+void qcow2_zread_start(struct qcow2_state *s, struct qcow2_zread *z, uint64_t l2e)
+{
     uint32_t x = 62 - (s->cluster_bits - 8);
     uint64_t off = l2e & ((1ULL << x) - 1);
     uint64_t sectors = ((l2e & ~QCOW2_OFLAG_COMPRESSED & ~QCOW2_OFLAG_COPIED) >> x) + 1;
@@ -592,20 +603,46 @@ static void part_read_compressed(struct qcow2_part *p, uint64_t l2e)
     uint64_t start = off & ~(a - 1), end = (off + len + a - 1) & ~(a - 1);
 
     /* sectors <= 2^(cluster_bits - 8): the data takes at most about 2 clusters. */
-    p->zbuf = qcow2_alloc_buf(end - start);
-    p->zskip = (uint32_t)(off - start);
-    p->zlen = (uint32_t)len;
-    p->child = (struct block_req){.op = BLOCK_OP_READ, .offset = start, .len = end - start,
-                                  .buf = p->zbuf, .done = compressed_read_done};
-    node_submit(s->file, &p->child);
+    z->s = s;
+    z->zbuf = qcow2_alloc_buf(end - start);
+    z->zskip = (uint32_t)(off - start);
+    z->zlen = (uint32_t)len;
+    z->req = (struct block_req){.op = BLOCK_OP_READ, .offset = start, .len = end - start,
+                                .buf = z->zbuf, .done = zread_done};
+    node_submit(s->file, &z->req);
 }
-#endif
+
+static void part_zread_done(struct qcow2_zread *z, int ret)
+{
+    struct qcow2_part *p = z->opaque;
+    struct qcow2_state *s = p->r->s;
+
+    if (ret == 0)
+        memcpy(p->buf, (char *)z->out + (p->voff & (s->cluster_size - 1)), p->len);
+    else
+        log_error("qcow2 %s: cannot decompress the cluster for offset %" PRIu64,
+                  s->node->node_name, p->voff);
+    free(z->out);
+    free(z);
+    qcow2_part_done(p, ret);
+}
+
+int qcow2_pre_write(struct qcow2_state *s, uint64_t off, uint64_t len, bool meta)
+{
+    uint64_t end = (off + len + s->cluster_size - 1) & ~(uint64_t)(s->cluster_size - 1);
+
+    (void)meta;
+    if (s->corrupt)
+        return -EIO;
+    s->hwm = MAX(s->hwm, end);
+    return 0;
+}
 
 static void part_run(struct qcow2_part *p)
 {
     struct qcow2_state *s = p->r->s;
     enum block_op op = p->r->parent->op;
-    uint64_t l2e;
+    uint64_t l2e, host;
     int ret = qcow2_lookup(s, p->voff, &p->w, &l2e);
 
     if (ret == 1)
@@ -615,52 +652,42 @@ static void part_run(struct qcow2_part *p)
         return;
     }
     enum qcow2_ctype t = qcow2_classify(s, l2e);
-    uint64_t host = l2e & QCOW2_OFFSET_MASK;
-    switch (t) {
-    case QCOW2_COMPRESSED:
-#ifdef THINBLK_HAVE_ZLIB
-        if (op == BLOCK_OP_READ) {
-            part_read_compressed(p, l2e);
+    if (op == BLOCK_OP_READ) {
+        switch (t) {
+        case QCOW2_COMPRESSED: {
+            struct qcow2_zread *z = xzalloc(sizeof(*z));
+            z->out = xmalloc(s->cluster_size);
+            z->done = part_zread_done;
+            z->opaque = p;
+            qcow2_zread_start(s, z, l2e);
             return;
         }
-        if (!s->warned_compressed)
-            log_warn("qcow2 %s: writing to compressed clusters is not supported yet",
-                     s->node->node_name);
-#else
-        if (!s->warned_compressed)
-            log_warn("qcow2 %s: compressed clusters are not supported (built without zlib)",
-                     s->node->node_name);
-#endif
-        s->warned_compressed = true;
-        qcow2_part_done(p, -ENOTSUP);
-        return;
-    case QCOW2_BAD:
-        log_error("qcow2 %s: corrupt L2 entry 0x%" PRIx64 " for offset %" PRIu64
-                  "; the image needs 'qemu-img check -r all'", s->node->node_name, l2e,
-                  p->voff);
-        qcow2_part_done(p, -EIO);
-        return;
-    case QCOW2_NORMAL:
-        if (op != BLOCK_OP_READ && !(l2e & QCOW2_OFLAG_COPIED)) {
-            /* Shared with a snapshot (or a refcount that check must repair): COW needed. */
-            log_error("qcow2 %s: cluster at %" PRIu64 " is shared; cannot write in place",
-                      s->node->node_name, host);
+        case QCOW2_BAD:
+            log_error("qcow2 %s: corrupt L2 entry 0x%" PRIx64 " for offset %" PRIu64
+                      "; the image needs 'qemu-img check -r all'", s->node->node_name, l2e,
+                      p->voff);
             qcow2_part_done(p, -EIO);
             return;
-        }
-        part_submit_child(p, op == BLOCK_OP_WRITE_ZEROES ? BLOCK_OP_WRITE_ZEROES : op, host);
-        return;
-    default:  /* reads as zeroes */
-        if (op == BLOCK_OP_READ) {
+        case QCOW2_NORMAL:
+            part_submit_child(p, op, l2e & QCOW2_OFFSET_MASK);
+            return;
+        default:  /* reads as zeroes (no backing file) */
             memset(p->buf, 0, p->len);
             qcow2_part_done(p, 0);
-        } else if (op == BLOCK_OP_WRITE_ZEROES) {
-            qcow2_part_done(p, 0);
-        } else {
-            qcow2_alloc_enqueue(s, p);
+            return;
         }
+    }
+    if (s->corrupt) {
+        qcow2_part_done(p, -EIO);
         return;
     }
+    ret = qcow2_plan(s, p, l2e, &host);
+    if (ret == QCOW2_PLAN_HOST)
+        qcow2_part_write_host(p, host);
+    else if (ret == QCOW2_PLAN_META)
+        qcow2_alloc_enqueue(s, p);
+    else
+        qcow2_part_done(p, ret < 0 ? ret : 0);
 }
 
 static void part_wait_done(struct qcow2_waiter *w, int ret)
@@ -687,9 +714,9 @@ static void qcow2_submit(struct block_node *n, struct block_req *req)
         req_finish(r);
         return;
     }
-    /* DISCARD: advisory, and nothing is freed yet. */
+    /* DISCARD frees clusters only with discard=unmap (as QEMU's pass-discard-request). */
     r->pending = 1;  /* held while submitting: nothing completes inside node_submit() */
-    if (req->op != BLOCK_OP_DISCARD) {
+    if (req->op != BLOCK_OP_DISCARD || n->discard_unmap) {
         r->fua = (req->flags & BLOCK_REQ_FUA) != 0;
         for (uint64_t off = req->offset; off < end;) {
             uint64_t len = MIN(end - off, cs - (off & (cs - 1)));

@@ -339,7 +339,8 @@ def test_reads_compressed_image(daemons, tmp_path, cluster_size):
 
 def test_corrupt_compressed_cluster_fails_read(daemons, tmp_path):
     """Garbage in a compressed cluster's deflate stream: reading it fails (EIO), its
-    neighbours still read; writing a compressed cluster is refused (no COW yet)."""
+    neighbours still read; a partial write over it fails too (nothing to copy), and one
+    over a good compressed cluster works."""
     if not built_with_zlib():
         pytest.skip("thinblkd built without zlib: compressed clusters are not supported")
     cs = 64 * KiB
@@ -364,11 +365,51 @@ def test_corrupt_compressed_cluster_fails_read(daemons, tmp_path):
         h.pread(4 * KiB, cs + 4 * KiB)
     assert h.pread(2 * cs, 2 * cs) == data[2 * cs:]
     with pytest.raises(nbd.Error):
-        h.pwrite(b"x" * 512, 0)
-    assert h.pread(cs, 0) == data[:cs]
+        h.pwrite(b"x" * 512, cs + 512)
+    h.pwrite(b"x" * 512, 512)
+    assert h.pread(cs, 0) == data[:512] + b"x" * 512 + data[1024:cs]
     h.shutdown()
     assert srv.d.shutdown() == []
     assert "cannot decompress" in srv.d.stderr(), srv.d.stderr()
+    assert "copy-on-write for offset %d failed: Input/output error" % (cs + 512) \
+        in srv.d.stderr(), srv.d.stderr()
+
+
+@pytest.mark.parametrize("cluster_size", [512, 64 * KiB])
+def test_writes_over_compressed_clusters(daemons, tmp_path, cluster_size):
+    """Writes over compressed clusters (partial, whole, spanning several; write-zeroes and
+    discard over them): a new cluster gets the decompressed data around the written bytes,
+    and the compressed cluster's refcounts drop; qemu-img finds the image identical to the
+    reference with no leak, and fewer compressed clusters."""
+    if not built_with_zlib():
+        pytest.skip("thinblkd built without zlib: compressed clusters are not supported")
+    cs = cluster_size
+    raw, img = tmp_path / "ref.raw", tmp_path / "comp.qcow2"
+    size = 2 * MiB
+    text = b"".join(b"line %08d of some compressible text\n" % i for i in range(60000))
+    raw.write_bytes(text[:size])
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={cs}", raw, img)
+    before = json.loads(qemu_img("check", "--output=json", img).stdout)["compressed-clusters"]
+    srv = Served(daemons, img, qcow2_opts=",discard=unmap")
+    h = srv.nbd()
+    rnd = random.Random(cs)
+    writes = [(cs + 100, 7), (3 * cs, cs), (5 * cs - 300, 2 * cs + 600), (size - 1, 1)]
+    for off, n in writes:
+        d = rnd.randbytes(n)
+        h.pwrite(d, off)
+        ref_write(raw, off, d)
+    h.zero(cs, 9 * cs)                       # whole cluster, unmap allowed
+    ref_write(raw, 9 * cs, bytes(cs))
+    h.zero(100, 11 * cs + 50)                # partial: copy-on-write of zeroes
+    ref_write(raw, 11 * cs + 50, bytes(100))
+    h.trim(2 * cs, 13 * cs)                  # discard: reads as zeroes after
+    ref_write(raw, 13 * cs, bytes(2 * cs))
+    assert h.pread(size, 0) == raw.read_bytes()
+    h.shutdown()
+    srv.stop()
+    assert_clean(img, raw)
+    after = json.loads(qemu_img("check", "--output=json", img).stdout)["compressed-clusters"]
+    assert after < before
 
 
 # ---- refused images -------------------------------------------------------------------
@@ -558,13 +599,20 @@ def run_until_done(srv, w):
     return stops
 
 
+# What the driver logs when a write of each kind of metadata (or data) fails.
+WRITE_KINDS = ["refcount block write", "new refcount blocks write",
+               "refcount table link write", "new L2 table write", "L1 table write",
+               "L2 table write at", "data write"]
+
+
 @pytest.mark.parametrize("cluster_size,refcount_bits", [(512, 64), (4 * KiB, 16)])
 def test_enospc_at_every_metadata_step(daemons, tmp_path, cluster_size, refcount_bits):
-    """ENOSPC injected on the Nth write of an allocating request, for N = 0, 1, 2...: data,
-    L2 table, refcount block, refcount table growth, L1/L2 links. Each time the disk stops,
-    cont retries the request, and in the end the image is what was written, with no
-    corruption and no leak."""
-    size = 16 * MiB
+    """ENOSPC injected on the Nth write of an allocating request (or its Nth flush), for
+    N = 0, 1, 2...: refcount blocks, refcount structure growth (new blocks, table, header
+    and table links), new L2 tables, L1 and L2 entries, data. Each time the disk stops, cont
+    retries the request, and in the end the image is what was written, with no corruption
+    and no leak; every kind of write has failed at least once."""
+    size = 128 * MiB
     img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
     create(img, size, cluster_size, "1.1", refcount_bits)
     make_ref(ref, size)
@@ -572,18 +620,65 @@ def test_enospc_at_every_metadata_step(daemons, tmp_path, cluster_size, refcount
     h = srv.nbd()
     rnd = random.Random(cluster_size)
     total_stops = 0
-    for n in range(40):
-        off = n * 300 * KiB + 777
+    # Requests apart, a new L2 table for every other one or more.
+    stride = max(cluster_size * cluster_size // 16, 48 * cluster_size)
+    for n in range(60):
+        off = n * stride + 777
         data = rnd.randbytes(40 * cluster_size + 5)
+        op = "flush" if n % 10 == 9 else "write"
         assert srv.qmp.cmd("__org.thinblk_fault-set", {"node-name": "flt", "rules": [
-            {"op": "write", "errno": "ENOSPC", "once": True, "after": n}]}) == {"return": {}}
+            {"op": op, "errno": "ENOSPC", "once": True, "after": (n // 2) % 8}]}) == {"return": {}}
         w = Writer(h, [(off, data)])
         w.start()
         total_stops += run_until_done(srv, w)
         assert w.errors == []
         ref_write(ref, off, data)
         assert h.pread(len(data), off) == data
-    assert total_stops >= 30
+    assert total_stops >= 20
     h.shutdown()
     srv.stop()
+    log = srv.d.stderr()
+    missing = [k for k in WRITE_KINDS
+               if not re.search(re.escape(k) + r".*No space left on device", log)]
+    if cluster_size > 512:  # one refcount block covers the whole run
+        missing = [k for k in missing if "link" not in k and "new refcount" not in k]
+    assert missing == [], log
+    assert "flush failed: No space left on device" in log
+    assert_clean(img, ref)
+
+
+@pytest.mark.parametrize("where", ["header", "refcount-table"])
+def test_enospc_linking_refcount_structures(daemons, tmp_path, where):
+    """512-byte clusters with 64-bit refcounts: a refcount block covers 32 KiB and the first
+    refcount table 2 MiB. ENOSPC on the write that links new refcount blocks (a refcount
+    table entry, or the header pointing at a new, larger table): the disk stops, cont
+    retries, and the image ends clean with what was written."""
+    size = 16 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, 512, "1.1", 64)
+    make_ref(ref, size)
+    with open(img, "rb") as f:
+        rt_offset = struct.unpack(">Q", f.read(56)[48:56])[0]
+    srv = Served(daemons, img, fault=True)
+    h = srv.nbd()
+    rule = {"op": "write", "errno": "ENOSPC", "once": True}
+    rule.update({"offset": 0, "length": 512} if where == "header" else
+                {"offset": rt_offset, "length": 512})
+    # The rule fires once; set it again after each stop until the data is written.
+    data = random.Random(3).randbytes(6 * MiB)
+    stops = 0
+    for i in range(0, len(data), 256 * KiB):
+        assert srv.qmp.cmd("__org.thinblk_fault-set", {"node-name": "flt",
+                                                       "rules": [rule]}) == {"return": {}}
+        w = Writer(h, [(i, data[i:i + 256 * KiB])])
+        w.start()
+        stops += run_until_done(srv, w)
+        assert w.errors == []
+    ref_write(ref, 0, data)
+    assert h.pread(len(data), 0) == data
+    assert stops >= 2
+    h.shutdown()
+    srv.stop()
+    kind = "header link write" if where == "header" else "refcount table link write"
+    assert re.search(kind + r" failed: No space left on device", srv.d.stderr())
     assert_clean(img, ref)
