@@ -682,3 +682,68 @@ def test_enospc_linking_refcount_structures(daemons, tmp_path, where):
     kind = "header link write" if where == "header" else "refcount table link write"
     assert re.search(kind + r" failed: No space left on device", srv.d.stderr())
     assert_clean(img, ref)
+
+
+def qemu_map(img):
+    return json.loads(qemu_img("map", "--output=json", "-f", "qcow2", img).stdout)
+
+
+def extent_at(m, off):
+    return next(e for e in m if e["start"] <= off < e["start"] + e["length"])
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_discard_and_write_zeroes_free_clusters(daemons, tmp_path, compat):
+    """discard=unmap: discard clears whole clusters' entries and frees them (the file shrinks
+    in use: qemu-img check counts fewer allocated clusters, no leak); write-zeroes with
+    unmap sets the zero flag and frees the cluster, without unmap keeps it flagged zero
+    (v3); v2 writes zeroes. Partial clusters get zeroes in place (discard: untouched).
+    Freed clusters are used again by later writes."""
+    cs = 64 * KiB
+    size = 8 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, cs, compat)
+    make_ref(ref, size)
+    srv = Served(daemons, img, qcow2_opts=",discard=unmap")
+    h = srv.nbd()
+    h.pwrite(b"\xaa" * (2 * MiB), 0)
+    ref_write(ref, 0, b"\xaa" * (2 * MiB))
+    h.trim(2 * cs, 2 * cs)                    # clusters 2, 3
+    ref_write(ref, 2 * cs, bytes(2 * cs))
+    h.trim(100, 6 * cs + 10)                  # partial: data stays
+    h.zero(2 * cs, 8 * cs)                    # clusters 8, 9: may unmap
+    ref_write(ref, 8 * cs, bytes(2 * cs))
+    h.zero(cs, 12 * cs, nbd.CMD_FLAG_NO_HOLE)  # cluster 12: keep it allocated
+    ref_write(ref, 12 * cs, bytes(cs))
+    h.zero(1000, 14 * cs + 24)                # partial: zeroes in place
+    ref_write(ref, 14 * cs + 24, bytes(1000))
+    freed = [2, 3, 8, 9] if compat == "1.1" else [2, 3]
+    # Freed clusters are used again.
+    h.pwrite(b"\x55" * (len(freed) * cs), 4 * MiB)
+    ref_write(ref, 4 * MiB, b"\x55" * (len(freed) * cs))
+    with open(ref, "rb") as f:
+        assert h.pread(size, 0) == f.read(size)
+    h.shutdown()
+    srv.stop()
+    assert_clean(img, ref)
+    m = qemu_map(img)
+    for c in freed:
+        e = extent_at(m, c * cs)
+        assert e["zero"] is True and "offset" not in e, (c, e)
+    if compat == "0.10":
+        e = extent_at(m, 8 * cs)
+        assert e["data"] is True, e             # v2: zeroes written
+    e = extent_at(m, 12 * cs)
+    if compat == "1.1":
+        assert e["zero"] is True and e["data"] is False and "offset" in e, e  # flag, kept
+    else:
+        assert e["data"] is True, e
+    for c in (6, 14):
+        e = extent_at(m, c * cs)
+        assert e["data"] is True and e["zero"] is False, (c, e)
+    last = extent_at(m, 31 * cs)["offset"] + (31 * cs - extent_at(m, 31 * cs)["start"])
+    for c in range(len(freed)):
+        e = extent_at(m, 4 * MiB + c * cs)
+        assert e["offset"] + (4 * MiB + c * cs - e["start"]) < last, e
+    allocated = json.loads(qemu_img("check", "--output=json", img).stdout)["allocated-clusters"]
+    assert allocated == 32
