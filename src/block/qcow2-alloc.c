@@ -875,6 +875,7 @@ static void step_linked(struct qcow2_state *s, struct qcow2_batch *b)
     for (size_t j = 0; j < b->nnl2; j++) {
         if (b->nl2[j].l1->ret == 0) {
             b->resv[b->nl2[j].ri].linked = true;
+            qcow2_meta_add(s, b->nl2[j].host / cs);
             qcow2_cache_insert(s->l2_cache, b->nl2[j].host, b->nl2[j].table);
         }
     }
@@ -1419,6 +1420,8 @@ static void cover_linked(struct qcow2_state *s)
         s->rt_clusters = (uint32_t)c->k;
         s->rt_entries = c->k * cs / 8;
     }
+    for (uint64_t j = 0; j < c->m; j++)
+        qcow2_meta_add(s, c->c + c->k + j);
     for (uint64_t j = 0; j < c->m; j++)
         qcow2_cache_insert(s->rb_cache, (c->c + c->k + j) * cs,
                            (char *)c->cover_buf + (c->k + j) * cs);

@@ -265,6 +265,7 @@ static void state_free(struct qcow2_state *s)
     qcow2_cache_free(s->l2_cache);
     qcow2_cache_free(s->rb_cache);
     free(s->header);
+    free(s->meta_set);
     free(s->l1);
     free(s->rt);
     free(s);
@@ -356,6 +357,12 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
     s->rb_cache = qcow2_cache_new(child, s->cluster_size,
                                   (unsigned)MIN(MAX(rb_bytes / s->cluster_size, 4), 4096));
     s->hwm = (child->size + s->cluster_size - 1) & ~(uint64_t)(s->cluster_size - 1);
+    if (s->writable) {
+        for (uint32_t i = 0; i < s->l1_size; i++)
+            qcow2_meta_add(s, (be64toh(s->l1[i]) & QCOW2_OFFSET_MASK) >> s->cluster_bits);
+        for (uint64_t b = 0; b < s->rt_entries; b++)
+            qcow2_meta_add(s, qcow2_rt_block(s, b) >> s->cluster_bits);
+    }
     n->opaque = s;
     n->size = size;
     n->alignment = child->alignment;
@@ -627,13 +634,110 @@ static void part_zread_done(struct qcow2_zread *z, int ret)
     qcow2_part_done(p, ret);
 }
 
+static size_t meta_slot(const struct qcow2_state *s, uint64_t cl)
+{
+    size_t i = (size_t)(cl * 0x9e3779b97f4a7c15ULL >> 17) & (s->meta_cap - 1);
+
+    while (s->meta_set[i] && s->meta_set[i] != cl)
+        i = (i + 1) & (s->meta_cap - 1);
+    return i;
+}
+
+void qcow2_meta_add(struct qcow2_state *s, uint64_t cl)
+{
+    if (cl == 0)
+        return;
+    if (2 * (s->meta_n + 1) > s->meta_cap) {
+        uint64_t *old = s->meta_set;
+        size_t old_cap = s->meta_cap;
+        s->meta_cap = s->meta_cap ? 2 * s->meta_cap : 256;
+        s->meta_set = xzalloc(s->meta_cap * sizeof(*s->meta_set));
+        for (size_t i = 0; i < old_cap; i++) {
+            if (old[i])
+                s->meta_set[meta_slot(s, old[i])] = old[i];
+        }
+        free(old);
+    }
+    size_t i = meta_slot(s, cl);
+    if (!s->meta_set[i]) {
+        s->meta_set[i] = cl;
+        s->meta_n++;
+    }
+}
+
+/* What metadata in use cluster cl holds (QEMU's names), or NULL: QEMU's overlap-check
+ * "cached" (inactive L1/L2 tables and snapshots do not exist here). */
+static const char *meta_overlap(const struct qcow2_state *s, uint64_t cl)
+{
+    uint64_t cs = s->cluster_size;
+
+    if (cl == 0)
+        return "qcow2_header";
+    if (cl >= s->l1_offset / cs && cl * cs < s->l1_offset + (uint64_t)s->l1_size * 8)
+        return "active L1 table";
+    if (cl >= s->rt_offset / cs && cl < s->rt_offset / cs + s->rt_clusters)
+        return "refcount table";
+    if (s->meta_cap && s->meta_set[meta_slot(s, cl)] == cl) {
+        for (uint64_t b = 0; b < s->rt_entries; b++) {
+            if (qcow2_rt_block(s, b) == cl * cs)
+                return "refcount block";
+        }
+        return "active L2 table";
+    }
+    return NULL;
+}
+
+static void corrupt_header_done(struct block_req *req, int ret)
+{
+    free(req->buf);
+    free(req);
+}
+
+/* As QEMU's qcow2_signal_corruption(): mark the image corrupt (the header bit, v3), emit
+ * BLOCK_IMAGE_CORRUPTED once, refuse writes from now on. */
+static void mark_corrupt(struct qcow2_state *s, uint64_t off, uint64_t len, const char *what)
+{
+    char msg[160];
+    struct block_graph *g = s->node->graph;
+
+    if (s->corrupt)
+        return;
+    s->corrupt = true;
+    snprintf(msg, sizeof(msg), "Preventing invalid write on metadata (overlaps with %s)",
+             what);
+    log_error("qcow2: Marking image as corrupt: %s; further corruption events will be "
+              "suppressed", msg);
+    if (g->emit)
+        g->emit(g->emit_opaque, "BLOCK_IMAGE_CORRUPTED",
+                json_pack("{s:s, s:s, s:s, s:I, s:I, s:b}", "device", "",
+                          "node-name", s->node->node_name, "msg", msg,
+                          "offset", (json_int_t)off, "size", (json_int_t)len, "fatal", 1));
+    if (s->version >= 3) {
+        uint8_t *h = qcow2_alloc_buf(s->meta_align);
+        ((uint8_t *)s->header)[79] |= QCOW2_INCOMPAT_CORRUPT;  /* incompatible: 72..79 */
+        memcpy(h, s->header, s->meta_align);
+        struct block_req *req = xzalloc(sizeof(*req));
+        *req = (struct block_req){.op = BLOCK_OP_WRITE, .offset = 0, .len = s->meta_align,
+                                  .buf = h, .done = corrupt_header_done};
+        node_submit(s->file, req);
+    }
+}
+
 int qcow2_pre_write(struct qcow2_state *s, uint64_t off, uint64_t len, bool meta)
 {
     uint64_t end = (off + len + s->cluster_size - 1) & ~(uint64_t)(s->cluster_size - 1);
 
-    (void)meta;
     if (s->corrupt)
         return -EIO;
+    if (!meta) {
+        for (uint64_t cl = off >> s->cluster_bits; cl < end >> s->cluster_bits; cl++) {
+            const char *what = meta_overlap(s, cl);
+            if (what) {
+                mark_corrupt(s, off, len, what);
+                return -EIO;
+            }
+        }
+    }
     s->hwm = MAX(s->hwm, end);
     return 0;
 }

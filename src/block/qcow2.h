@@ -178,6 +178,10 @@ struct qcow2_state {
     struct qcow2_part *queue_head, **queue_tail;
     struct qcow2_batch *batch;  /* the batch in progress: one at a time */
     bool corrupt;               /* marked corrupt: every write fails */
+    /* Clusters of L2 tables and refcount blocks in use (open addressing, 0 = empty slot:
+     * cluster 0 is the header's), for the overlap checks. */
+    uint64_t *meta_set;
+    size_t meta_cap, meta_n;
     bool warned_compressed;
     /* Parts running (at most QCOW2_MAX_ACTIVE) and parts waiting for a turn: a large request
      * of small clusters must not flood the ring with thousands of operations at once. */
@@ -206,6 +210,8 @@ void qcow2_compressed_span(const struct qcow2_state *s, uint64_t l2e, uint64_t *
 /* Before writing [off, off+len) of the file (data unless meta): 0, or -EIO if it overlaps
  * metadata in use, the image then marked corrupt. Also keeps s->hwm. */
 int qcow2_pre_write(struct qcow2_state *s, uint64_t off, uint64_t len, bool meta);
+/* Note that cluster cl now holds an L2 table or a refcount block. */
+void qcow2_meta_add(struct qcow2_state *s, uint64_t cl);
 /* An aligned buffer (for O_DIRECT children) of len bytes, zeroed; aborts on failure. */
 void *qcow2_alloc_buf(size_t len);
 

@@ -747,3 +747,53 @@ def test_discard_and_write_zeroes_free_clusters(daemons, tmp_path, compat):
         assert e["offset"] + (4 * MiB + c * cs - e["start"]) < last, e
     allocated = json.loads(qemu_img("check", "--output=json", img).stdout)["allocated-clusters"]
     assert allocated == 32
+
+
+@pytest.mark.parametrize("target", ["l1", "refcount-block", "l2"])
+def test_write_overlapping_metadata_marks_corrupt(daemons, tmp_path, target):
+    """An L2 entry pointing at metadata in use (the L1 table, a refcount block, the L2 table
+    itself): a write there is refused with EIO before it reaches the file, the image is
+    marked corrupt on disk and BLOCK_IMAGE_CORRUPTED goes out with QEMU's fields; later
+    writes fail too, and the image no longer opens read/write."""
+    cs = 64 * KiB
+    img = tmp_path / "disk.qcow2"
+    create(img, 4 * MiB, cs)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", str(img)],
+                   check=True, capture_output=True)
+    with open(img, "r+b") as f:
+        hdr = f.read(72)
+        l1_off = struct.unpack(">Q", hdr[40:48])[0]
+        rt_off = struct.unpack(">Q", hdr[48:56])[0]
+        f.seek(l1_off)
+        l2_off = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+        f.seek(rt_off)
+        rb_off = struct.unpack(">Q", f.read(8))[0]
+        bad = {"l1": l1_off, "refcount-block": rb_off, "l2": l2_off}[target]
+        f.seek(l2_off)
+        f.write(struct.pack(">Q", bad | (1 << 63)))
+        f.seek(0)
+        before = f.read()
+    srv = Served(daemons, img)
+    h = srv.nbd()
+    with pytest.raises(nbd.Error):
+        h.pwrite(b"\x22" * 512, 4096)
+    ev = srv.qmp.wait_event("BLOCK_IMAGE_CORRUPTED")
+    what = {"l1": "active L1 table", "refcount-block": "refcount block",
+            "l2": "active L2 table"}[target]
+    assert ev["data"] == {"device": "", "node-name": "q0",
+                          "msg": f"Preventing invalid write on metadata (overlaps with {what})",
+                          "offset": bad + 4096, "size": 512, "fatal": True}
+    with pytest.raises(nbd.Error):
+        h.pwrite(b"\x33" * 512, 2 * MiB)          # an allocating write
+    h.shutdown()
+    srv.d.shutdown()
+    assert "Marking image as corrupt" in srv.d.stderr()
+    with open(img, "rb") as f:
+        after = f.read()
+    incompat = struct.unpack(">Q", after[72:80])[0]
+    assert incompat & 2
+    # Nothing else changed: the metadata the write aimed at is intact.
+    assert after[:72] == before[:72] and after[80:] == before[80:len(after)]
+    info = json.loads(qemu_img("info", "--output=json", img).stdout)
+    assert info["format-specific"]["data"]["corrupt"] is True
+    assert open_error(daemons, img) == "qcow2: Image is corrupt; cannot be opened read/write"
