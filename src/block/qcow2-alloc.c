@@ -1,30 +1,37 @@
-/* qcow2 cluster allocation: the only code that changes the image's metadata.
+/* qcow2 metadata changes: cluster allocation, copy-on-write, discard and write-zeroes.
  *
- * One allocation at a time per image (the allocation lock): write parts that need a new
- * cluster wait in a FIFO queue. That serialises every change to L1, L2 tables, refcount
- * blocks, the refcount table and the header, so the state machine below never races with
- * itself; reads and in-place writes run beside it (they only read L1/L2).
+ * The only code that changes the image's metadata. Parts that need a change wait in a FIFO
+ * queue; the allocator takes every queued part into one batch (at most BATCH_MAX, one part
+ * per guest cluster: a second part for the same cluster waits for the next batch and then
+ * finds the cluster allocated) and runs the batch in phases, each waiting for the one
+ * before, so that a process killed or a power failure at any point leaves at worst leaked
+ * clusters, never an entry pointing at a cluster with refcount 0 or at unwritten data:
  *
- * The order of writes, each waiting for the one before (so a process killed at any point
- * leaves at worst leaked clusters, never a reference to a cluster with refcount 0 or to
- * unwritten data):
- *   1. refcount coverage, if the clusters to allocate have no refcount block yet: new blocks
- *      (and a new, larger refcount table if needed) written at the end of the image, counting
- *      themselves; then increments in existing blocks for those of them they cover; then the
- *      link: the refcount table entries, or the header's table offset and size (one write);
- *      then the old table's clusters are freed (a failure there only leaks them);
- *   2. the data cluster, whole: the guest's bytes with zeroes around them, or the backing
- *      file's bytes (copy-on-write: qcow2_backing_fill());
- *   3. a new L2 table, whole, if the L1 entry was empty;
- *   4. the refcount increments of the new clusters;
- *   5. the link: the L2 entry, or the L1 entry for a new L2 table.
- * New space is written (1, 2, 3) before anything refers to it, so running out of space
- * (ENOSPC) fails the request with nothing committed; a retry allocates the same clusters
- * again. A failure after step 4 leaves clusters with refcount 1 that nothing refers to: they
- * go to the spare list and the next allocation uses them, so a retried write does not leak.
+ *   prepare  L2 lookups; host clusters reserved: spares (refcount 1 already), then free
+ *            clusters, then a contiguous run at next_free, after growing the refcount
+ *            structures if the run has no refcount block (struct cover: new blocks and table
+ *            written, increments, flush, link, flush, old table freed);
+ *   A        in parallel: the refcount increments (one write per run of dirty refcount block
+ *            chunks), the data clusters (guest bytes plus qcow2_cow_fill(); runs of clusters
+ *            contiguous in guest, host and buffer merged into one write), new L2 tables whole
+ *            (with their entries);
+ *   flush    one child flush (skipped with cache.no-flush);
+ *   B        in parallel: the L2 entries (one write per run of dirty L2 chunks) and the L1
+ *            entries of new L2 tables: the changes become reachable here;
+ *   flush    only if clusters are to be freed (C must never reach the disk before B);
+ *   C        refcount decrements of the clusters B unlinked (discard, write-zeroes with
+ *            unmap, compressed clusters rewritten), then discards of the freed clusters down
+ *            to the file.
  *
- * No flush barriers between the steps yet: ordered completion protects against a killed
- * process, not against a power failure (that needs a flush before each link step).
+ * Memory follows the disk (qcow2.h): a chunk is copied from the table in memory when the
+ * batch first touches it, patched there, and copied back once its write succeeded.
+ * Failures: a part whose link (its L2 chunk, or the L1 chunk of its new table) was not
+ * written fails, and is retryable: clusters reserved for it whose refcount reached the disk
+ * go to the spare list, the others to the free list (their refcount is still 0), so a retry
+ * uses the same clusters and nothing leaks. A failed decrement leaks its clusters.
+ *
+ * Dirty bit and lazy refcounts: refcounts are written before anything links a cluster, so
+ * the image is never dirty and this driver never sets the dirty bit.
  */
 #include <endian.h>
 #include <errno.h>
@@ -35,163 +42,1307 @@
 #include "common/log.h"
 #include "common/util.h"
 
-enum {
-    PATCH_NONE, PATCH_L1, PATCH_RT, PATCH_HEADER, PATCH_L2, PATCH_RB,
+#define BATCH_MAX 512
+#define MERGE_MAX (4u << 20)  /* bytes: larger runs are written in several requests */
+
+enum { K_L1, K_L2, K_RB };
+
+/* A meta_align piece of a table (L1, an L2 table, a refcount block) as it will be on disk. */
+struct qcow2_chunk {
+    uint64_t disk;       /* where it goes */
+    uint64_t table;      /* L2, RB: the table's offset (the cache key) */
+    uint32_t pos, len;   /* in the table */
+    uint8_t kind;
+    int ret;             /* 1 until written, then the write's result */
+    char *buf;
+};
+
+struct chunkset {
+    struct qcow2_chunk **v;
+    size_t n, cap;
+    struct qcow2_chunk **h;  /* open addressing on disk offset */
+    size_t hcap;
+};
+
+/* A metadata write: a run of chunks contiguous on disk. */
+struct mwrite {
+    struct block_req req;
+    struct qcow2_state *s;
+    struct qcow2_chunk **c;
+    size_t n;
+    char *merged;
+};
+
+/* A host cluster reserved by the batch. */
+struct resv {
+    uint64_t cluster;
+    bool inc;                /* needs an increment (not a spare, whose refcount is 1) */
+    struct qcow2_chunk *rb;  /* the increment's chunk */
+    bool linked;
+};
+
+struct newl2 {
+    uint64_t l1_idx;
+    uint64_t host;
+    int32_t ri;
+    uint64_t *table;
+    struct qcow2_chunk *l1;
 };
 
 enum {
-    A_LOOKUP, A_COVER, A_COVER_WRITE, A_COVER_INCS, A_COVER_LINK, A_COVER_DONE, A_COVER_FREE,
-    A_ASSIGN, A_DATA, A_L2, A_INCS, A_LINK, A_DONE,
+    B_LOOKUP, B_ASSIGN, B_INCS, B_BUILD, B_A, B_FLUSH1, B_B, B_FLUSH2, B_DECS, B_C,
+    B_DISCARD, B_END,
 };
 
-static void alloc_run(struct qcow2_state *s);
+struct qcow2_batch {
+    struct qcow2_state *s;
+    struct qcow2_part **p;
+    size_t n;
+    size_t i;                /* progress of the step that may wait for a table */
+    int step;
+    unsigned pending;        /* I/O in flight */
+    int err;                 /* the first failure of the phase */
+    struct qcow2_waiter w;
+    struct chunkset links;   /* L1 and L2 chunks: B */
+    struct chunkset incs;    /* refcount increments: A */
+    struct chunkset decs;    /* refcount decrements: C */
+    struct newl2 *nl2;
+    size_t nnl2;
+    struct resv *resv;
+    size_t nresv;
+    struct qcow2_u64v dec;   /* clusters to decrement, repeated as many times */
+    struct qcow2_u64v freed; /* clusters whose refcount reached 0 in C */
+    struct block_req flush;
+    struct block_req *discards;
+    struct qcow2_cover *cover;
+    bool wrote;              /* A wrote something: flush before B */
+};
+
+/* Refcount structure growth, one write at a time (rare: once per refcount block's worth). */
+enum { C_WRITE, C_INCS, C_FLUSH1, C_LINK, C_FLUSH2, C_FREE, C_END };
+
+struct qcow2_cover {
+    int step;
+    struct block_req req;
+    void *iobuf;
+    int patch_kind;          /* K_L1 unused; K_RB; or -1 header, -2 refcount table */
+    uint64_t patch_table;
+    uint32_t patch_pos, patch_len;
+    uint64_t c, k, m;        /* new blocks (and a new table) at clusters [c, c+k+m) */
+    uint64_t *new_blocks;    /* their block indices, m of them */
+    void *cover_buf;         /* (k+m) clusters: table then blocks */
+    uint64_t old_rt_offset, old_rt_clusters;
+    struct qcow2_u64v ops;   /* increments (C_INCS) or decrements (C_FREE) */
+    size_t iop, link_i;
+    bool committed;          /* something reached the disk: skip the clusters on failure */
+};
+
+static void batch_run(struct qcow2_state *s);
 static void kick(struct qcow2_state *s);
+static void cover_run(struct qcow2_state *s);
+static void cover_end(struct qcow2_state *s, int ret);
 
-static void spare_push(struct qcow2_state *s, uint64_t cluster)
+/* ---- small helpers ----------------------------------------------------------------------- */
+
+static void vpush(struct qcow2_u64v *v, uint64_t x)
 {
-    if (s->nspare == s->spare_cap) {
-        s->spare_cap = s->spare_cap ? 2 * s->spare_cap : 8;
-        s->spare = xrealloc(s->spare, s->spare_cap * sizeof(*s->spare));
+    if (v->n == v->cap) {
+        v->cap = v->cap ? 2 * v->cap : 16;
+        v->v = xrealloc(v->v, v->cap * sizeof(*v->v));
     }
-    s->spare[s->nspare++] = cluster;
+    v->v[v->n++] = x;
 }
 
-static void ops_add(struct qcow2_alloc *a, uint64_t cluster, int delta)
+static uint64_t l1_len(const struct qcow2_state *s)
 {
-    if (a->nops == a->ops_cap) {
-        a->ops_cap = a->ops_cap ? 2 * a->ops_cap : 8;
-        a->ops = xrealloc(a->ops, a->ops_cap * sizeof(*a->ops));
-    }
-    a->ops[a->nops++] = (struct qcow2_refop){cluster, delta};
+    return ((uint64_t)s->l1_size * 8 + s->meta_align - 1) & ~(uint64_t)(s->meta_align - 1);
 }
 
-/* Release the lock and complete the part (ret < 0), or hand it to an in-place write. */
-static void alloc_finish(struct qcow2_state *s, int ret, uint64_t host)
+static bool flush_needed(const struct qcow2_state *s)
 {
-    struct qcow2_alloc *a = &s->alloc;
-    struct qcow2_part *p = a->part;
-    struct qcow2_refop *ops = a->ops;
-    size_t ops_cap = a->ops_cap;
+    return !s->file->no_flush;
+}
 
-    free(a->iobuf);
-    free(a->l2_table);
-    free(a->cover_buf);
-    free(a->new_blocks);
-    *a = (struct qcow2_alloc){.ops = ops, .ops_cap = ops_cap};
-    s->alloc_busy = false;
-    if (host)
-        qcow2_part_write_host(p, host);
-    else
+static struct qcow2_chunk *chunk_find(struct chunkset *cs, uint64_t disk)
+{
+    if (!cs->hcap)
+        return NULL;
+    for (size_t i = (size_t)((disk >> 9) * 0x9e3779b97f4a7c15ULL) & (cs->hcap - 1);;
+         i = (i + 1) & (cs->hcap - 1)) {
+        if (!cs->h[i] || cs->h[i]->disk == disk)
+            return cs->h[i];
+    }
+}
+
+static void chunk_hash_add(struct chunkset *cs, struct qcow2_chunk *c)
+{
+    size_t i = (size_t)((c->disk >> 9) * 0x9e3779b97f4a7c15ULL) & (cs->hcap - 1);
+
+    while (cs->h[i])
+        i = (i + 1) & (cs->hcap - 1);
+    cs->h[i] = c;
+}
+
+/* The chunk of the table image (image_len bytes in memory, at disk offset base) holding byte
+ * off: the batch's copy, made now if this is the first touch. */
+static struct qcow2_chunk *chunk_touch(struct qcow2_state *s, struct chunkset *cs, int kind,
+                                       uint64_t table, const void *image, uint64_t image_len,
+                                       uint64_t base, uint64_t off)
+{
+    uint32_t g = s->meta_align;
+    uint64_t pos = off & ~(uint64_t)(g - 1);
+    struct qcow2_chunk *c = chunk_find(cs, base + pos);
+
+    if (c)
+        return c;
+    if (2 * (cs->n + 1) > cs->hcap) {
+        free(cs->h);
+        cs->hcap = cs->hcap ? 2 * cs->hcap : 64;
+        cs->h = xzalloc(cs->hcap * sizeof(*cs->h));
+        for (size_t i = 0; i < cs->n; i++)
+            chunk_hash_add(cs, cs->v[i]);
+    }
+    if (cs->n == cs->cap) {
+        cs->cap = cs->cap ? 2 * cs->cap : 16;
+        cs->v = xrealloc(cs->v, cs->cap * sizeof(*cs->v));
+    }
+    c = xzalloc(sizeof(*c));
+    c->disk = base + pos;
+    c->table = table;
+    c->pos = (uint32_t)pos;
+    c->len = (uint32_t)MIN((uint64_t)g, image_len - pos);
+    c->kind = (uint8_t)kind;
+    c->ret = 1;
+    c->buf = qcow2_alloc_buf(g);
+    memcpy(c->buf, (const char *)image + pos, c->len);
+    cs->v[cs->n++] = c;
+    chunk_hash_add(cs, c);
+    return c;
+}
+
+static void chunkset_free(struct chunkset *cs)
+{
+    for (size_t i = 0; i < cs->n; i++) {
+        free(cs->v[i]->buf);
+        free(cs->v[i]);
+    }
+    free(cs->v);
+    free(cs->h);
+    *cs = (struct chunkset){0};
+}
+
+static void chunk_commit(struct qcow2_state *s, struct qcow2_chunk *c)
+{
+    switch (c->kind) {
+    case K_L1:
+        memcpy((char *)s->l1 + c->pos, c->buf, c->len);
+        break;
+    case K_L2:
+        qcow2_cache_patch(s->l2_cache, c->table, c->pos, c->buf, c->len);
+        break;
+    case K_RB:
+        qcow2_cache_patch(s->rb_cache, c->table, c->pos, c->buf, c->len);
+        break;
+    }
+}
+
+static void batch_io_done(struct qcow2_state *s, int ret)
+{
+    struct qcow2_batch *b = s->batch;
+
+    if (ret < 0 && !b->err)
+        b->err = ret;
+    if (--b->pending == 0)
+        batch_run(s);
+}
+
+static void mwrite_done(struct block_req *req, int ret)
+{
+    struct mwrite *w = container_of(req, struct mwrite, req);
+    struct qcow2_state *s = w->s;
+
+    for (size_t i = 0; i < w->n; i++) {
+        w->c[i]->ret = ret;
+        if (ret == 0)
+            chunk_commit(s, w->c[i]);
+    }
+    if (ret < 0) {
+        static const char *const names[] = {[K_L1] = "L1 table", [K_L2] = "L2 table",
+                                            [K_RB] = "refcount block"};
+        log_warn("qcow2 %s: %s write at %" PRIu64 " failed: %s", s->node->node_name,
+                 names[w->c[0]->kind], req->offset, strerror(-ret));
+    }
+    free(w->merged);
+    free(w->c);
+    free(w);
+    batch_io_done(s, ret);
+}
+
+static int chunk_cmp(const void *a, const void *b)
+{
+    const struct qcow2_chunk *x = *(struct qcow2_chunk *const *)a;
+    const struct qcow2_chunk *y = *(struct qcow2_chunk *const *)b;
+
+    return x->disk < y->disk ? -1 : x->disk > y->disk;
+}
+
+/* Write every chunk of cs, runs contiguous on disk merged; b->pending counts the writes. */
+static void chunks_write(struct qcow2_state *s, struct chunkset *cs)
+{
+    struct qcow2_batch *b = s->batch;
+
+    qsort(cs->v, cs->n, sizeof(*cs->v), chunk_cmp);
+    for (size_t i = 0; i < cs->n;) {
+        size_t j = i + 1;
+        uint64_t len = cs->v[i]->len;
+        while (j < cs->n && cs->v[j - 1]->disk + cs->v[j - 1]->len == cs->v[j]->disk &&
+               cs->v[j - 1]->len == s->meta_align && len + cs->v[j]->len <= MERGE_MAX)
+            len += cs->v[j++]->len;
+        struct mwrite *w = xzalloc(sizeof(*w));
+        w->s = s;
+        w->n = j - i;
+        w->c = xmalloc(w->n * sizeof(*w->c));
+        memcpy(w->c, cs->v + i, w->n * sizeof(*w->c));
+        void *buf = cs->v[i]->buf;
+        if (w->n > 1) {
+            w->merged = qcow2_alloc_buf(len);
+            for (size_t k = 0, at = 0; k < w->n; at += w->c[k]->len, k++)
+                memcpy(w->merged + at, w->c[k]->buf, w->c[k]->len);
+            buf = w->merged;
+        }
+        w->req = (struct block_req){.op = BLOCK_OP_WRITE, .offset = cs->v[i]->disk,
+                                    .len = len, .buf = buf, .done = mwrite_done};
+        b->pending++;
+        qcow2_pre_write(s, w->req.offset, len, true);
+        node_submit(s->file, &w->req);
+        i = j;
+    }
+}
+
+/* Touch the refcount entry of cluster cl in cs and add delta to it there. Returns the chunk,
+ * NULL if the block is loading (b->w waits), or an error in *err. */
+static struct qcow2_chunk *refcount_touch(struct qcow2_state *s, struct chunkset *cs,
+                                          uint64_t cl, int delta, int *err)
+{
+    struct qcow2_batch *b = s->batch;
+    uint64_t block = qcow2_rt_block(s, cl >> s->rb_bits);
+    uint64_t idx = cl & ((1ULL << s->rb_bits) - 1);
+    uint32_t o = s->refcount_order;
+
+    *err = 0;
+    if (!block) {
+        log_error("qcow2 %s: no refcount block for cluster %" PRIu64, s->node->node_name, cl);
+        *err = -EIO;
+        return NULL;
+    }
+    uint64_t byte = (idx << o) >> 3;
+    struct qcow2_chunk *c = chunk_find(cs, block + (byte & ~(uint64_t)(s->meta_align - 1)));
+    if (!c) {
+        const void *table = qcow2_cache_get(s->rb_cache, block, &b->w);
+        if (!table)
+            return NULL;
+        c = chunk_touch(s, cs, K_RB, block, table, s->cluster_size, block, byte);
+    }
+    uint64_t ci = idx - (c->pos * 8ULL >> o);
+    uint64_t old = qcow2_refcount_get(s, c->buf, ci);
+    if ((delta > 0 && old == qcow2_refcount_max(s)) || (delta < 0 && old == 0)) {
+        log_error("qcow2 %s: refcount of cluster %" PRIu64 " is %" PRIu64 ": cannot change "
+                  "it by %d", s->node->node_name, cl, old, delta);
+        *err = -EIO;
+        return NULL;
+    }
+    qcow2_refcount_set(s, c->buf, ci, delta > 0 ? old + 1 : old - 1);
+    return c;
+}
+
+/* ---- planning ------------------------------------------------------------------------- */
+
+/* The entry a discarded cluster gets: unallocated, or with a backing file on v3 the zero flag,
+ * so that the backing's old data does not show through (QEMU does the same; on v2 it may). */
+static uint64_t discarded_entry(const struct qcow2_state *s)
+{
+    return s->node->backing && s->version >= 3 ? QCOW2_OFLAG_ZERO : 0;
+}
+
+int qcow2_plan(struct qcow2_state *s, struct qcow2_part *p, uint64_t l2e, uint64_t *host)
+{
+    struct block_req *parent = p->r->parent;
+    enum qcow2_ctype t = qcow2_classify(s, l2e);
+    uint64_t h = l2e & QCOW2_OFFSET_MASK;
+    bool whole = p->len == s->cluster_size;
+    bool copied = (l2e & QCOW2_OFLAG_COPIED) != 0;
+
+    *host = h;
+    p->old_l2e = l2e;
+    if (t == QCOW2_BAD) {
+        log_error("qcow2 %s: corrupt L2 entry 0x%" PRIx64 " for offset %" PRIu64
+                  "; the image needs 'qemu-img check -r all'", s->node->node_name, l2e,
+                  p->voff);
+        return -EIO;
+    }
+    if ((t == QCOW2_NORMAL || t == QCOW2_ZERO_ALLOC) && !copied) {
+        /* Shared with a snapshot (or a refcount that check must repair): COW needed. */
+        log_error("qcow2 %s: cluster at %" PRIu64 " is shared; cannot change it in place",
+                  s->node->node_name, h);
+        return -EIO;
+    }
+    switch (parent->op) {
+    case BLOCK_OP_WRITE:
+        if (t == QCOW2_NORMAL)
+            return QCOW2_PLAN_HOST;
+        p->act = t == QCOW2_ZERO_ALLOC ? QCOW2_ACT_REWRITE : QCOW2_ACT_ALLOC;
+        return QCOW2_PLAN_META;
+    case BLOCK_OP_WRITE_ZEROES:
+        if (t == QCOW2_COMPRESSED && (!whole || s->version < 3)) {
+            /* Copy-on-write of the rest of the cluster, zeroes written in the new one. */
+            if (!p->zbuf)
+                p->zbuf = qcow2_alloc_buf(p->len);
+            p->buf = p->zbuf;
+            p->act = QCOW2_ACT_ALLOC;
+            return QCOW2_PLAN_META;
+        }
+        if (t == QCOW2_NORMAL && (!whole || s->version < 3))
+            return QCOW2_PLAN_HOST;  /* zeroes in place */
+        if (t == QCOW2_UNALLOCATED && s->node->backing && (!whole || s->version < 3)) {
+            /* The backing's bytes must not show through: a new cluster, zeroes written
+             * over what copy-on-write brings from the backing. */
+            if (!p->zbuf)
+                p->zbuf = qcow2_alloc_buf(p->len);
+            p->buf = p->zbuf;
+            p->act = QCOW2_ACT_ALLOC;
+            return QCOW2_PLAN_META;
+        }
+        if ((t == QCOW2_UNALLOCATED && !s->node->backing) || t == QCOW2_ZERO_PLAIN || !whole)
+            return QCOW2_PLAN_DONE;  /* reads as zeroes already */
+        if (parent->flags & BLOCK_REQ_MAY_UNMAP) {
+            p->new_l2e = QCOW2_OFLAG_ZERO;
+        } else {
+            if (t == QCOW2_ZERO_ALLOC)
+                return QCOW2_PLAN_DONE;
+            /* Keep the cluster (preallocated stays preallocated), flag it zero. */
+            p->new_l2e = t == QCOW2_NORMAL ? h | QCOW2_OFLAG_COPIED | QCOW2_OFLAG_ZERO
+                                           : QCOW2_OFLAG_ZERO;
+        }
+        p->act = QCOW2_ACT_SET;
+        return QCOW2_PLAN_META;
+    case BLOCK_OP_DISCARD:
+        /* As QEMU: partial clusters are not discarded; an unallocated one only needs the zero
+         * flag when a backing file would show through (v3). */
+        if (!whole || t == QCOW2_ZERO_PLAIN ||
+            (t == QCOW2_UNALLOCATED && discarded_entry(s) == 0))
+            return QCOW2_PLAN_DONE;
+        p->new_l2e = discarded_entry(s);
+        p->act = QCOW2_ACT_SET;
+        return QCOW2_PLAN_META;
+    default:
+        return -EINVAL;
+    }
+}
+
+/* ---- copy-on-write ---------------------------------------------------------------------- */
+
+static void cow_zread_done(struct qcow2_zread *z, int ret)
+{
+    struct qcow2_part *p = z->opaque;
+    struct qcow2_state *s = z->s;
+
+    if (ret == 0)
+        memcpy((char *)p->cow_buf + (p->voff & (s->cluster_size - 1)), p->buf, p->len);
+    p->fill_done(p, ret);
+}
+
+/* Whether p's new cluster takes the bytes it does not write from the backing file: an
+ * unallocated entry (zero-flagged ones read as zeroes) under a node with a backing. */
+static bool cow_from_backing(const struct qcow2_state *s, const struct qcow2_part *p)
+{
+    return p->act == QCOW2_ACT_ALLOC && p->len != s->cluster_size && s->node->backing &&
+           qcow2_classify(s, p->old_l2e) == QCOW2_UNALLOCATED;
+}
+
+static void cow_backing_done(struct qcow2_waiter *w, int ret)
+{
+    struct qcow2_part *p = container_of(w, struct qcow2_part, w);
+    struct qcow2_state *s = p->r->s;
+
+    if (ret == 0)
+        memcpy((char *)p->cow_buf + (p->voff & (s->cluster_size - 1)), p->buf, p->len);
+    p->fill_done(p, ret);
+}
+
+/* THE copy-on-write fill: the bytes of a newly allocated data cluster that the write does not
+ * cover come from here, and only from here. Sources, in order: the cluster's old compressed
+ * data (a write over a compressed cluster); the backing node's bytes of the guest cluster
+ * where the entry was unallocated (qcow2_backing_fill(), zeroes past the backing's end);
+ * else zeroes, as the cluster read before.
+ *
+ * p->cow_buf becomes the whole cluster with the guest's bytes in place, or stays NULL when
+ * the write covers the cluster or nothing needs filling: zeroes over a host cluster that
+ * reads as zeroes already (p->fill_skip: never written, past the file's end at open). */
+void qcow2_cow_fill(struct qcow2_state *s, struct qcow2_part *p,
+                    void (*done)(struct qcow2_part *p, int ret))
+{
+    uint32_t cs = s->cluster_size;
+    bool compressed = p->act == QCOW2_ACT_ALLOC &&
+                      qcow2_classify(s, p->old_l2e) == QCOW2_COMPRESSED;
+
+    bool backing = !compressed && cow_from_backing(s, p);
+
+    if (p->len == cs || (p->fill_skip && !compressed && !backing)) {
+        done(p, 0);
+        return;
+    }
+    p->cow_buf = qcow2_alloc_buf(cs);  /* zeroed */
+    if (backing) {
+        int ret;
+
+        p->fill_done = done;
+        p->w.cb = cow_backing_done;
+        ret = qcow2_backing_fill(s, p->voff, p->cow_buf, &p->w);
+        if (ret != 1)
+            cow_backing_done(&p->w, ret < 0 ? ret : 0);
+        return;
+    }
+    if (compressed) {
+        p->fill_done = done;
+        p->zr = xzalloc(sizeof(*p->zr));
+        p->zr->out = p->cow_buf;
+        p->zr->done = cow_zread_done;
+        p->zr->opaque = p;
+        qcow2_zread_start(s, p->zr, p->old_l2e);
+        return;
+    }
+    memcpy((char *)p->cow_buf + (p->voff & (cs - 1)), p->buf, p->len);
+    done(p, 0);
+}
+
+/* ---- phase A: data ---------------------------------------------------------------------- */
+
+static void data_done(struct block_req *req, int ret)
+{
+    struct qcow2_part *p = container_of(req, struct qcow2_part, child);
+    struct qcow2_state *s = p->r->s;
+
+    for (struct qcow2_part *q = p; q; q = q->run_next)
+        q->ret = ret;
+    if (ret < 0)
+        log_warn("qcow2 %s: data write at %" PRIu64 " failed: %s", s->node->node_name,
+                 req->offset, strerror(-ret));
+    batch_io_done(s, ret);
+}
+
+static void data_submit(struct qcow2_state *s, struct qcow2_part *p)
+{
+    uint32_t cs = s->cluster_size;
+    uint64_t off, len = 0;
+    void *buf;
+
+    if (p->cow_buf) {
+        off = p->host;
+        len = cs;
+        buf = p->cow_buf;
+    } else {
+        off = p->host + (p->voff & (cs - 1));
+        buf = p->buf;
+        for (struct qcow2_part *q = p; q; q = q->run_next)
+            len += q->len;
+    }
+    int ret = qcow2_pre_write(s, off, len, false);
+    if (ret < 0) {
+        data_done(&p->child, ret);
+        return;
+    }
+    p->child = (struct block_req){.op = BLOCK_OP_WRITE, .offset = off, .len = len, .buf = buf,
+                                  .done = data_done};
+    node_submit(s->file, &p->child);
+}
+
+static void fill_done(struct qcow2_part *p, int ret)
+{
+    struct qcow2_state *s = p->r->s;
+
+    if (ret < 0) {
+        log_warn("qcow2 %s: copy-on-write for offset %" PRIu64 " failed: %s",
+                 s->node->node_name, p->voff, strerror(-ret));
+        p->ret = ret;
+        batch_io_done(s, ret);
+        return;
+    }
+    data_submit(s, p);
+}
+
+static bool from_compressed(const struct qcow2_state *s, const struct qcow2_part *p)
+{
+    return qcow2_classify(s, p->old_l2e) == QCOW2_COMPRESSED;
+}
+
+/* Merge p's followers into its data write where guest, host and buffer are contiguous and
+ * nothing needs filling. Returns the index after the run. */
+static size_t data_run(struct qcow2_state *s, struct qcow2_batch *b, size_t i)
+{
+    struct qcow2_part *p = b->p[i];
+    uint32_t cs = s->cluster_size;
+    uint64_t total = p->len;
+    size_t j = i + 1;
+
+    p->run_next = NULL;
+    if (p->act != QCOW2_ACT_ALLOC || from_compressed(s, p) || cow_from_backing(s, p) ||
+        (p->len != cs && !p->fill_skip))
+        return j;
+    struct qcow2_part *last = p;
+    while (j < b->n && total < MERGE_MAX) {
+        struct qcow2_part *q = b->p[j];
+        bool ok = q->act == QCOW2_ACT_ALLOC && q->r == p->r && !from_compressed(s, q) &&
+                  (last->voff + last->len) % cs == 0 && q->voff == last->voff + last->len &&
+                  q->host == last->host + cs && q->buf == last->buf + last->len &&
+                  !cow_from_backing(s, q) && (q->len == cs || q->fill_skip);
+        if (!ok)
+            break;
+        last->run_next = q;
+        q->run_next = NULL;
+        last = q;
+        total += q->len;
+        j++;
+    }
+    return j;
+}
+
+/* ---- the batch ------------------------------------------------------------------------ */
+
+static int part_cmp(const void *a, const void *b)
+{
+    const struct qcow2_part *x = *(struct qcow2_part *const *)a;
+    const struct qcow2_part *y = *(struct qcow2_part *const *)b;
+
+    return x->voff < y->voff ? -1 : x->voff > y->voff;
+}
+
+static int32_t reserve(struct qcow2_batch *b, uint64_t cluster, bool spare)
+{
+    b->resv = xrealloc(b->resv, (b->nresv + 1) * sizeof(*b->resv));
+    b->resv[b->nresv] = (struct resv){.cluster = cluster, .inc = !spare};
+    return (int32_t)b->nresv++;
+}
+
+/* Take the batch's parts: the queue, up to BATCH_MAX, one part per guest cluster. */
+static struct qcow2_batch *batch_new(struct qcow2_state *s)
+{
+    struct qcow2_batch *b = xzalloc(sizeof(*b));
+    struct qcow2_part *keep = NULL, **keep_tail = &keep;
+    uint64_t cs = s->cluster_size;
+
+    b->p = xmalloc(BATCH_MAX * sizeof(*b->p));
+    while (s->queue_head && b->n < BATCH_MAX) {
+        struct qcow2_part *p = s->queue_head;
+        s->queue_head = p->next;
+        p->next = NULL;
+        b->p[b->n++] = p;
+    }
+    qsort(b->p, b->n, sizeof(*b->p), part_cmp);
+    size_t n = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        struct qcow2_part *p = b->p[i];
+        if (n && b->p[n - 1]->voff / cs == p->voff / cs) {
+            *keep_tail = p;       /* the same cluster: next batch */
+            keep_tail = &p->next;
+            continue;
+        }
+        b->p[n++] = p;
+    }
+    b->n = n;
+    *keep_tail = s->queue_head;
+    s->queue_head = keep;
+    s->queue_tail = &s->queue_head;
+    while (*s->queue_tail)
+        s->queue_tail = &(*s->queue_tail)->next;
+    return b;
+}
+
+/* Drop part i from the batch (handed on or finished). */
+static void batch_drop(struct qcow2_batch *b, size_t i)
+{
+    memmove(b->p + i, b->p + i + 1, (b->n - i - 1) * sizeof(*b->p));
+    b->n--;
+}
+
+/* Lookups and plans from part b->i on. Returns 1 to go on, 0 if waiting, -errno. */
+static int step_lookup(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    uint32_t l2_bits = s->cluster_bits - 3;
+    uint64_t cs = s->cluster_size;
+
+    while (b->i < b->n) {
+        struct qcow2_part *p = b->p[b->i];
+        uint64_t l2e, host;
+        int ret = qcow2_lookup(s, p->voff, &b->w, &l2e);
+        if (ret == 1)
+            return 0;
+        if (ret == 0) {
+            p->act = QCOW2_ACT_NONE;
+            ret = qcow2_plan(s, p, l2e, &host);
+        }
+        if (ret != QCOW2_PLAN_META) {
+            batch_drop(b, b->i);
+            if (ret == QCOW2_PLAN_HOST)
+                qcow2_part_write_host(p, host);
+            else
+                qcow2_part_done(p, ret < 0 ? ret : 0);
+            continue;
+        }
+        uint64_t l1_idx = p->voff >> (s->cluster_bits + l2_bits);
+        uint64_t l1e = be64toh(s->l1[l1_idx]);
+        uint64_t l2_off = l1e & QCOW2_OFFSET_MASK;
+        p->ri = p->li = -1;
+        p->cow_buf = NULL;
+        p->run_next = NULL;
+        p->ret = 0;
+        p->link = NULL;
+        p->fill_skip = false;
+        if (l2_off && !(l1e & QCOW2_OFLAG_COPIED)) {
+            log_error("qcow2 %s: L2 table %" PRIu64 " is shared; cannot update it in place",
+                      s->node->node_name, l1_idx);
+            batch_drop(b, b->i);
+            qcow2_part_done(p, -EIO);
+            continue;
+        }
+        if (p->act == QCOW2_ACT_REWRITE)
+            p->host = l2e & QCOW2_OFFSET_MASK;
+        if (l2_off) {
+            /* The table is in the cache: qcow2_lookup() just found it. */
+            const void *table = qcow2_cache_get(s->l2_cache, l2_off, &b->w);
+            uint64_t l2_idx = (p->voff >> s->cluster_bits) & ((1ULL << l2_bits) - 1);
+            p->link = chunk_touch(s, &b->links, K_L2, l2_off, table, cs, l2_off, l2_idx * 8);
+        } else {
+            size_t j;
+            for (j = 0; j < b->nnl2 && b->nl2[j].l1_idx != l1_idx; j++)
+                ;
+            if (j == b->nnl2) {
+                b->nl2 = xrealloc(b->nl2, (b->nnl2 + 1) * sizeof(*b->nl2));
+                b->nl2[j] = (struct newl2){.l1_idx = l1_idx, .ri = -1};
+                b->nnl2++;
+            }
+            p->li = (int32_t)j;
+        }
+        b->i++;
+    }
+    return 1;
+}
+
+/* Take n clusters: spares, free clusters, then a run at next_free. Returns 1, or 0 if the
+ * run has no refcount blocks yet (nothing taken). */
+static int take_clusters(struct qcow2_state *s, size_t n, uint64_t *out, bool *fresh,
+                         bool *spare)
+{
+    size_t got = 0;
+    uint64_t nf = n - MIN(n, s->spare.n + s->free.n);
+
+    for (uint64_t cl = s->next_free; cl < s->next_free + nf; cl++) {
+        if (!qcow2_rt_block(s, cl >> s->rb_bits))
+            return 0;
+    }
+    while (got < n && s->spare.n) {
+        spare[got] = true;
+        fresh[got] = false;
+        out[got++] = s->spare.v[--s->spare.n];
+    }
+    while (got < n && s->free.n) {
+        spare[got] = false;
+        fresh[got] = false;
+        out[got++] = s->free.v[--s->free.n];
+    }
+    while (got < n) {
+        spare[got] = false;
+        fresh[got] = true;
+        out[got++] = s->next_free++;
+    }
+    return 1;
+}
+
+static int cover_start(struct qcow2_state *s, uint64_t n);
+
+/* Reserve clusters: new L2 tables first, then data in guest order (contiguous when fresh).
+ * Returns 1, 0 if the refcount structures grow first, or -errno. */
+static int step_assign(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    uint64_t cs = s->cluster_size;
+    size_t n = b->nnl2;
+
+    for (size_t i = 0; i < b->n; i++)
+        n += b->p[i]->act == QCOW2_ACT_ALLOC;
+    if (n == 0)
+        return 1;
+    uint64_t *cl = xmalloc(n * sizeof(*cl));
+    bool *fresh = xmalloc(n * sizeof(*fresh)), *spare = xmalloc(n * sizeof(*spare));
+    size_t nf = n - MIN(n, s->spare.n + s->free.n);
+    int ret = take_clusters(s, n, cl, fresh, spare);
+    if (ret == 0) {
+        free(cl);
+        free(fresh);
+        free(spare);
+        return cover_start(s, nf);
+    }
+    size_t k = 0;
+    for (size_t j = 0; j < b->nnl2; j++, k++) {
+        b->nl2[j].host = cl[k] * cs;
+        b->nl2[j].ri = reserve(b, cl[k], spare[k]);
+    }
+    for (size_t i = 0; i < b->n; i++) {
+        struct qcow2_part *p = b->p[i];
+        if (p->act != QCOW2_ACT_ALLOC)
+            continue;
+        p->host = cl[k] * cs;
+        p->fill_skip = fresh[k] && p->host >= s->hwm;
+        p->ri = reserve(b, cl[k], spare[k]);
+        k++;
+    }
+    free(cl);
+    free(fresh);
+    free(spare);
+    return 1;
+}
+
+/* Refcount increments of the reserved clusters from b->i on. */
+static int step_incs(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    while (b->i < b->nresv) {
+        struct resv *r = &b->resv[b->i];
+        if (r->inc) {
+            int err;
+            struct qcow2_chunk *c = refcount_touch(s, &b->incs, r->cluster, +1, &err);
+            if (err)
+                return err;
+            if (!c)
+                return 0;
+            r->rb = c;
+        }
+        b->i++;
+    }
+    return 1;
+}
+
+/* Entries: new L2 tables in memory, L2 chunks, L1 chunks. */
+static void step_build(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    uint64_t cs = s->cluster_size;
+    uint32_t l2_bits = s->cluster_bits - 3;
+
+    for (size_t j = 0; j < b->nnl2; j++) {
+        struct newl2 *t = &b->nl2[j];
+        uint64_t e = htobe64(t->host | QCOW2_OFLAG_COPIED);
+        t->table = qcow2_alloc_buf(cs);
+        t->l1 = chunk_touch(s, &b->links, K_L1, 0, s->l1, l1_len(s), s->l1_offset,
+                            t->l1_idx * 8);
+        memcpy(t->l1->buf + (t->l1_idx * 8 - t->l1->pos), &e, 8);
+    }
+    for (size_t i = 0; i < b->n; i++) {
+        struct qcow2_part *p = b->p[i];
+        uint64_t l2_idx = (p->voff >> s->cluster_bits) & ((1ULL << l2_bits) - 1);
+        uint64_t e = p->act == QCOW2_ACT_SET ? p->new_l2e : p->host | QCOW2_OFLAG_COPIED;
+        e = htobe64(e);
+        if (p->li >= 0) {
+            b->nl2[p->li].table[l2_idx] = e;
+            p->link = b->nl2[p->li].l1;
+        } else {
+            memcpy(p->link->buf + (l2_idx * 8 - p->link->pos), &e, 8);
+        }
+    }
+}
+
+static void newl2_done(struct block_req *req, int ret)
+{
+    struct qcow2_state *s = req->opaque;
+
+    if (ret < 0)
+        log_warn("qcow2 %s: new L2 table write at %" PRIu64 " failed: %s", s->node->node_name,
+                 req->offset, strerror(-ret));
+    free(req);
+    batch_io_done(s, ret);
+}
+
+static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    b->pending = 1;
+    b->wrote = b->incs.n || b->nnl2;
+    chunks_write(s, &b->incs);
+    for (size_t j = 0; j < b->nnl2; j++) {
+        int ret = qcow2_pre_write(s, b->nl2[j].host, s->cluster_size, false);
+        if (ret < 0) {
+            if (!b->err)
+                b->err = ret;
+            continue;
+        }
+        struct block_req *req = xzalloc(sizeof(*req));
+        *req = (struct block_req){.op = BLOCK_OP_WRITE, .offset = b->nl2[j].host,
+                                  .len = s->cluster_size, .buf = b->nl2[j].table,
+                                  .done = newl2_done, .opaque = s};
+        b->pending++;
+        node_submit(s->file, req);
+    }
+    for (size_t i = 0; i < b->n;) {
+        struct qcow2_part *p = b->p[i];
+        if (p->act == QCOW2_ACT_SET) {
+            i++;
+            continue;
+        }
+        size_t j = data_run(s, b, i);
+        b->pending++;
+        b->wrote = true;
+        qcow2_cow_fill(s, p, fill_done);
+        i = j;
+    }
+    batch_io_done(s, 0);
+}
+
+static void flush_done(struct block_req *req, int ret)
+{
+    struct qcow2_state *s = req->opaque;
+
+    if (ret < 0)
+        log_warn("qcow2 %s: flush failed: %s", s->node->node_name, strerror(-ret));
+    batch_io_done(s, ret);
+}
+
+static void step_flush(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    b->pending = 1;
+    b->flush = (struct block_req){.op = BLOCK_OP_FLUSH, .done = flush_done, .opaque = s};
+    node_submit(s->file, &b->flush);
+}
+
+/* After B: which parts are linked, what to decrement. */
+static void step_linked(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    uint64_t cs = s->cluster_size;
+
+    for (size_t j = 0; j < b->nnl2; j++) {
+        if (b->nl2[j].l1->ret == 0) {
+            b->resv[b->nl2[j].ri].linked = true;
+            qcow2_meta_add(s, b->nl2[j].host / cs);
+            qcow2_cache_insert(s->l2_cache, b->nl2[j].host, b->nl2[j].table);
+        }
+    }
+    for (size_t i = 0; i < b->n; i++) {
+        struct qcow2_part *p = b->p[i];
+        if (p->link->ret != 0) {
+            p->ret = p->link->ret;
+            continue;
+        }
+        if (p->ri >= 0)
+            b->resv[p->ri].linked = true;
+        enum qcow2_ctype t = qcow2_classify(s, p->old_l2e);
+        uint64_t h = p->old_l2e & QCOW2_OFFSET_MASK;
+        if (t == QCOW2_COMPRESSED) {
+            uint64_t first, n;
+            qcow2_compressed_span(s, p->old_l2e, &first, &n);
+            for (uint64_t k = 0; k < n; k++)
+                vpush(&b->dec, first + k);
+        } else if (p->act == QCOW2_ACT_SET && h && !(p->new_l2e & QCOW2_OFFSET_MASK)) {
+            vpush(&b->dec, h / cs);
+        }
+    }
+}
+
+/* Refcount decrements from b->i on. */
+static int step_decs(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    while (b->i < b->dec.n) {
+        int err;
+        struct qcow2_chunk *c = refcount_touch(s, &b->decs, b->dec.v[b->i], -1, &err);
+        if (err)
+            return err;
+        if (!c)
+            return 0;
+        b->i++;
+    }
+    return 1;
+}
+
+static void discard_done(struct block_req *req, int ret)
+{
+    (void)ret;  /* advisory */
+    batch_io_done(req->opaque, 0);
+}
+
+/* Which decremented clusters reached 0 (their chunk written); discard them in the file. */
+static void step_discard(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    uint64_t cs = s->cluster_size;
+
+    for (size_t i = 0; i < b->dec.n; i++) {
+        uint64_t cl = b->dec.v[i];
+        uint64_t block = qcow2_rt_block(s, cl >> s->rb_bits);
+        uint64_t idx = cl & ((1ULL << s->rb_bits) - 1);
+        uint64_t byte = (idx << s->refcount_order) >> 3;
+        struct qcow2_chunk *c = chunk_find(&b->decs,
+                                           block + (byte & ~(uint64_t)(s->meta_align - 1)));
+        if (!c || c->ret != 0)
+            continue;
+        if (qcow2_refcount_get(s, c->buf, idx - (c->pos * 8ULL >> s->refcount_order)) != 0)
+            continue;
+        bool dup = false;
+        for (size_t k = 0; k < b->freed.n && !dup; k++)
+            dup = b->freed.v[k] == cl;
+        if (!dup)
+            vpush(&b->freed, cl);
+    }
+    b->pending = 1;
+    b->discards = xzalloc((b->freed.n + 1) * sizeof(*b->discards));
+    for (size_t i = 0; i < b->freed.n; i++) {
+        b->discards[i] = (struct block_req){.op = BLOCK_OP_DISCARD,
+                                            .offset = b->freed.v[i] * cs, .len = cs,
+                                            .done = discard_done, .opaque = s};
+        b->pending++;
+        node_submit(s->file, &b->discards[i]);
+    }
+    batch_io_done(s, 0);
+}
+
+/* Finish: clusters back to the lists, parts completed, the next batch. */
+static void batch_end(struct qcow2_state *s, struct qcow2_batch *b, int err)
+{
+    for (size_t r = 0; r < b->nresv; r++) {
+        struct resv *v = &b->resv[r];
+        if (v->linked)
+            continue;
+        if (!v->inc || (v->rb && v->rb->ret == 0))
+            vpush(&s->spare, v->cluster);   /* refcount 1, nothing links it */
+        else
+            vpush(&s->free, v->cluster);    /* refcount 0 */
+    }
+    for (size_t i = 0; i < b->freed.n; i++)
+        vpush(s->inplace ? &s->freeing : &s->free, b->freed.v[i]);
+    for (size_t j = 0; j < b->nnl2; j++)
+        free(b->nl2[j].table);
+    free(b->nl2);
+    free(b->resv);
+    chunkset_free(&b->links);
+    chunkset_free(&b->incs);
+    chunkset_free(&b->decs);
+    free(b->dec.v);
+    free(b->freed.v);
+    free(b->discards);
+    s->batch = NULL;
+    for (size_t i = 0; i < b->n; i++) {
+        struct qcow2_part *p = b->p[i];
+        int ret = err ? err : p->ret;
+        free(p->cow_buf);
+        p->cow_buf = NULL;
+        free(p->zr);
+        p->zr = NULL;
         qcow2_part_done(p, ret);
+    }
+    free(b->p);
+    free(b);
     kick(s);
 }
 
-static void alloc_fail(struct qcow2_state *s, int ret)
+static void batch_run(struct qcow2_state *s)
 {
-    struct qcow2_alloc *a = &s->alloc;
+    struct qcow2_batch *b = s->batch;
+    int ret;
 
-    if ((a->step == A_COVER_INCS && a->iop > 0) || a->step == A_COVER_LINK) {
-        /* Part of the new refcount structure is committed: skip over all of it. */
-        s->next_free = MAX(s->next_free, a->c + a->k + a->m);
-        log_warn("qcow2 %s: refcount update failed half-way (%s); up to %" PRIu64
-                 " clusters leaked", s->node->node_name, strerror(-ret), a->k + a->m);
+    for (;;) {
+        switch (b->step) {
+        case B_LOOKUP:
+            ret = step_lookup(s, b);
+            if (ret <= 0)
+                goto wait_or_fail;
+            if (b->n == 0) {
+                batch_end(s, b, 0);
+                return;
+            }
+            b->step = B_ASSIGN;
+            break;
+        case B_ASSIGN:
+            ret = step_assign(s, b);
+            if (ret <= 0)
+                goto wait_or_fail;  /* 0: the refcount structures grow first */
+            b->i = 0;
+            b->step = B_INCS;
+            break;
+        case B_INCS:
+            ret = step_incs(s, b);
+            if (ret <= 0)
+                goto wait_or_fail;
+            step_build(s, b);
+            b->step = B_A;
+            step_a(s, b);
+            return;
+        case B_A:
+            if (b->err) {
+                batch_end(s, b, b->err);
+                return;
+            }
+            b->step = B_FLUSH1;
+            if (flush_needed(s) && b->wrote) {
+                step_flush(s, b);
+                return;
+            }
+            break;
+        case B_FLUSH1:
+            if (b->err) {
+                batch_end(s, b, b->err);
+                return;
+            }
+            b->step = B_B;
+            b->pending = 1;
+            chunks_write(s, &b->links);
+            batch_io_done(s, 0);
+            return;
+        case B_B:
+            b->err = 0;  /* each part goes by its own link's result */
+            step_linked(s, b);
+            b->step = B_FLUSH2;
+            if (b->dec.n && flush_needed(s)) {
+                step_flush(s, b);
+                return;
+            }
+            break;
+        case B_FLUSH2:
+            if (b->err) {
+                log_warn("qcow2 %s: clusters leaked", s->node->node_name);
+                batch_end(s, b, 0);
+                return;
+            }
+            b->i = 0;
+            b->step = B_DECS;
+            break;
+        case B_DECS:
+            ret = step_decs(s, b);
+            if (ret < 0) {
+                log_warn("qcow2 %s: refcount decrement failed: clusters leaked",
+                         s->node->node_name);
+                batch_end(s, b, 0);
+                return;
+            }
+            if (ret == 0)
+                return;
+            b->step = B_C;
+            b->pending = 1;
+            chunks_write(s, &b->decs);
+            batch_io_done(s, 0);
+            return;
+        case B_C:
+            b->step = B_DISCARD;
+            step_discard(s, b);
+            return;
+        case B_DISCARD:
+            batch_end(s, b, 0);
+            return;
+        }
     }
-    for (unsigned i = 0; i < a->nowned; i++)
-        spare_push(s, a->owned[i]);
-    alloc_finish(s, ret, 0);
+wait_or_fail:
+    if (ret < 0)
+        batch_end(s, b, ret);
 }
 
-static void alloc_io_done(struct block_req *req, int ret)
+static void wait_cb(struct qcow2_waiter *w, int ret)
 {
-    struct qcow2_state *s = req->opaque;
-    struct qcow2_alloc *a = &s->alloc;
-    const void *buf = a->iobuf;
+    struct qcow2_batch *b = container_of(w, struct qcow2_batch, w);
+    struct qcow2_state *s = b->s;
 
-    if (ret < 0 && a->step == A_COVER_FREE) {
-        log_warn("qcow2 %s: freeing the old refcount table failed (%s): clusters leaked",
-                 s->node->node_name, strerror(-ret));
-        a->iop++;
-        free(a->iobuf);
-        a->iobuf = NULL;
-        alloc_run(s);
+    if (b->cover) {
+        if (ret < 0 && b->cover->step == C_FREE) {
+            b->cover->iop++;  /* only leaks the old table's cluster */
+            ret = 0;
+        }
+        if (ret < 0)
+            cover_end(s, ret);
+        else
+            cover_run(s);
         return;
     }
     if (ret < 0) {
-        alloc_fail(s, ret);
+        if (b->step == B_DECS) {
+            log_warn("qcow2 %s: cannot load a refcount block: clusters leaked",
+                     s->node->node_name);
+            batch_end(s, b, 0);
+        } else {
+            batch_end(s, b, ret);
+        }
         return;
     }
-    switch (a->patch_kind) {  /* the disk has it: now memory may */
-    case PATCH_L1:
-        memcpy((char *)s->l1 + a->patch_pos, buf, a->patch_len);
-        break;
-    case PATCH_RT:
-        memcpy((char *)s->rt + a->patch_pos, buf, a->patch_len);
-        break;
-    case PATCH_HEADER:
-        memcpy((char *)s->header + a->patch_pos, buf, a->patch_len);
-        break;
-    case PATCH_L2:
-        qcow2_cache_patch(s->l2_cache, a->patch_table, a->patch_pos, buf, a->patch_len);
-        break;
-    case PATCH_RB:
-        qcow2_cache_patch(s->rb_cache, a->patch_table, a->patch_pos, buf, a->patch_len);
-        break;
-    }
-    free(a->iobuf);
-    a->iobuf = NULL;
-    a->patch_kind = PATCH_NONE;
-    switch (a->step) {
-    case A_COVER_WRITE:
-        a->step = A_COVER_INCS;
-        a->iop = 0;
-        break;
-    case A_COVER_INCS:
-    case A_COVER_FREE:
-        a->iop++;
-        break;
-    case A_COVER_LINK:
-        a->link_i++;
-        break;
-    case A_DATA:
-        a->step = A_L2;
-        break;
-    case A_L2:
-        a->step = A_INCS;
-        a->iop = 0;
-        break;
-    case A_INCS: {
-        uint64_t cl = a->ops[a->iop].cluster;
-        a->owned[a->nowned++] = cl;
-        s->next_free = MAX(s->next_free, cl + 1);
-        a->iop++;
-        break;
-    }
-    case A_LINK:
-        a->step = A_DONE;
-        break;
-    }
-    alloc_run(s);
+    batch_run(s);
 }
 
-static void alloc_write(struct qcow2_state *s, uint64_t offset, void *buf, size_t len,
-                        bool own)
+static void kick(struct qcow2_state *s)
 {
-    struct qcow2_alloc *a = &s->alloc;
-
-    a->req = (struct block_req){.op = BLOCK_OP_WRITE, .offset = offset, .len = len,
-                                .buf = buf, .done = alloc_io_done, .opaque = s};
-    if (own)
-        a->iobuf = buf;
-    node_submit(s->file, &a->req);
+    if (s->kicking)
+        return;
+    s->kicking = true;
+    while (!s->batch && s->queue_head) {
+        struct qcow2_batch *b = batch_new(s);
+        if (b->n == 0) {
+            free(b->p);
+            free(b);
+            continue;
+        }
+        b->w.cb = wait_cb;
+        b->s = s;
+        s->batch = b;
+        batch_run(s);
+    }
+    s->kicking = false;
 }
 
-/* Write the meta_align chunk(s) of image (the in-memory copy of image_len bytes at disk
- * offset base) holding [pos, pos+len), with data there; memory follows once it is done. */
-static void alloc_patch(struct qcow2_state *s, int kind, uint64_t table, const void *image,
+static void kick_nop_done(struct uring_op *uop, int res)
+{
+    struct qcow2_state *s = container_of(uop, struct qcow2_state, kick_uop);
+
+    (void)res;
+    s->kick_scheduled = false;
+    kick(s);
+}
+
+/* The batch starts from the loop, not at once: the other parts that arrive in this turn of
+ * the loop (a request's clusters, other requests) join it. */
+void qcow2_alloc_enqueue(struct qcow2_state *s, struct qcow2_part *p)
+{
+    p->next = NULL;
+    *s->queue_tail = p;
+    s->queue_tail = &p->next;
+    if (!s->batch && !s->kick_scheduled) {
+        s->kick_scheduled = true;
+        s->kick_uop.done = kick_nop_done;
+        uring_nop(s->node->graph->uring, &s->kick_uop);
+    }
+}
+
+void qcow2_alloc_inplace_done(struct qcow2_state *s)
+{
+    if (s->inplace == 0 && s->freeing.n) {
+        for (size_t i = 0; i < s->freeing.n; i++)
+            vpush(&s->free, s->freeing.v[i]);
+        s->freeing.n = 0;
+    }
+}
+
+void qcow2_alloc_cleanup(struct qcow2_state *s)
+{
+    free(s->spare.v);
+    free(s->free.v);
+    free(s->freeing.v);
+    s->spare = s->free = s->freeing = (struct qcow2_u64v){0};
+}
+
+/* ---- refcount structure growth ------------------------------------------------------------ */
+
+static void cover_end(struct qcow2_state *s, int ret)
+{
+    struct qcow2_batch *b = s->batch;
+    struct qcow2_cover *c = b->cover;
+
+    if (ret < 0 && c->committed) {
+        /* Not linked, or linked in part: skip the new clusters. Those an old block counts
+         * and whose increment reached the disk are spares, the others free; a new block
+         * that a table entry links counts itself and leaks. */
+        s->next_free = MAX(s->next_free, c->c + c->k + c->m);
+        bool unlinked = c->step == C_INCS || c->step == C_FLUSH1 ||
+                        (c->step == C_LINK && c->link_i == 0);
+        for (size_t i = 0; unlinked && i < c->ops.n; i++)
+            vpush(i < c->iop ? &s->spare : &s->free, c->ops.v[i]);
+        if (!unlinked)
+            log_warn("qcow2 %s: refcount structure growth failed half-way; up to %" PRIu64
+                     " clusters leaked", s->node->node_name, c->k + c->m);
+    }
+    free(c->iobuf);
+    free(c->new_blocks);
+    free(c->cover_buf);
+    free(c->ops.v);
+    free(c);
+    b->cover = NULL;
+    if (ret < 0)
+        batch_end(s, b, ret);
+    else
+        batch_run(s);  /* B_ASSIGN again */
+}
+
+static void cover_io_done(struct block_req *req, int ret)
+{
+    struct qcow2_state *s = req->opaque;
+    struct qcow2_cover *c = s->batch->cover;
+
+    if (ret < 0 && c->step == C_FREE) {
+        /* The new table is linked and flushed: the old one's clusters are spares. */
+        log_warn("qcow2 %s: freeing the old refcount table failed (%s)", s->node->node_name,
+                 strerror(-ret));
+        for (size_t i = c->iop; i < c->ops.n; i++)
+            vpush(&s->spare, c->ops.v[i]);
+        ret = 0;
+        c->patch_kind = 0;
+        c->iop = c->ops.n;
+    }
+    if (ret < 0) {
+        static const char *const steps[] = {[C_WRITE] = "new refcount blocks write",
+            [C_INCS] = "refcount block write", [C_FLUSH1] = "flush",
+            [C_LINK] = "refcount table link write", [C_FLUSH2] = "flush"};
+        log_warn("qcow2 %s: refcount structure growth: %s failed: %s", s->node->node_name,
+                 c->step == C_LINK && c->k ? "header link write" : steps[c->step],
+                 strerror(-ret));
+        cover_end(s, ret);
+        return;
+    }
+    switch (c->patch_kind) {  /* the disk has it: now memory may */
+    case -1:
+        memcpy((char *)s->header + c->patch_pos, c->iobuf, c->patch_len);
+        break;
+    case -2:
+        memcpy((char *)s->rt + c->patch_pos, c->iobuf, c->patch_len);
+        break;
+    case K_RB:
+        qcow2_cache_patch(s->rb_cache, c->patch_table, c->patch_pos, c->iobuf, c->patch_len);
+        break;
+    }
+    c->patch_kind = 0;
+    free(c->iobuf);
+    c->iobuf = NULL;
+    switch (c->step) {
+    case C_WRITE:
+        c->step = C_INCS;
+        c->iop = 0;
+        break;
+    case C_INCS:
+        c->committed = true;
+        c->iop++;
+        break;
+    case C_FLUSH1:
+        c->step = C_LINK;
+        c->link_i = 0;
+        break;
+    case C_LINK:
+        c->committed = true;
+        c->link_i++;
+        break;
+    case C_FLUSH2:
+        c->step = C_FREE;
+        c->iop = 0;
+        c->committed = false;  /* linked and flushed: nothing to undo any more */
+        break;
+    case C_FREE:
+        c->iop++;
+        break;
+    }
+    cover_run(s);
+}
+
+static void cover_submit(struct qcow2_state *s, enum block_op op, uint64_t off, void *buf,
+                         size_t len)
+{
+    struct qcow2_cover *c = s->batch->cover;
+
+    c->req = (struct block_req){.op = op, .offset = off, .len = len, .buf = buf,
+                                .done = cover_io_done, .opaque = s};
+    if (op == BLOCK_OP_WRITE)
+        qcow2_pre_write(s, off, len, true);
+    node_submit(s->file, &c->req);
+}
+
+/* Write the meta_align chunk(s) of image (image_len bytes in memory at disk offset base)
+ * holding [pos, pos+len) with data there; memory follows once it is done. */
+static void cover_patch(struct qcow2_state *s, int kind, uint64_t table, const void *image,
                         size_t image_len, uint64_t base, uint32_t pos, const void *data,
                         uint32_t len)
 {
-    struct qcow2_alloc *a = &s->alloc;
+    struct qcow2_cover *c = s->batch->cover;
     uint32_t g = s->meta_align;
     uint32_t start = pos & ~(g - 1);
     uint32_t end = (uint32_t)MIN(((uint64_t)pos + len + g - 1) & ~(uint64_t)(g - 1), image_len);
@@ -199,56 +1350,45 @@ static void alloc_patch(struct qcow2_state *s, int kind, uint64_t table, const v
 
     memcpy(buf, (const char *)image + start, end - start);
     memcpy(buf + (pos - start), data, len);
-    a->patch_kind = kind;
-    a->patch_table = table;
-    a->patch_pos = start;
-    a->patch_len = end - start;
-    alloc_write(s, base + start, buf, end - start, true);
+    c->patch_kind = kind;
+    c->patch_table = table;
+    c->patch_pos = start;
+    c->patch_len = end - start;
+    c->iobuf = buf;
+    cover_submit(s, BLOCK_OP_WRITE, base + start, buf, end - start);
 }
 
-/* Apply refcount op a->ops[a->iop]. Returns 0 (a write or a load is under way) or -errno. */
-static int refcount_change(struct qcow2_state *s)
+/* One refcount change of the cover (c->ops.v[c->iop] by delta). Returns 0 (a write or a
+ * load is under way) or -errno. */
+static int cover_refcount(struct qcow2_state *s, int delta)
 {
-    struct qcow2_alloc *a = &s->alloc;
-    struct qcow2_refop *op = &a->ops[a->iop];
-    uint64_t block = qcow2_rt_block(s, op->cluster >> s->rb_bits);
-    uint64_t idx = op->cluster & ((1ULL << s->rb_bits) - 1);
+    struct qcow2_batch *b = s->batch;
+    struct qcow2_cover *c = b->cover;
+    uint64_t cl = c->ops.v[c->iop];
+    uint64_t block = qcow2_rt_block(s, cl >> s->rb_bits);
+    uint64_t idx = cl & ((1ULL << s->rb_bits) - 1);
     uint8_t bytes[8];
     uint32_t pos, len;
 
-    if (!block) {
-        log_error("qcow2 %s: no refcount block for cluster %" PRIu64, s->node->node_name,
-                  op->cluster);
+    if (!block)
         return -EIO;
-    }
-    const void *table = qcow2_cache_get(s->rb_cache, block, &a->w);
+    const void *table = qcow2_cache_get(s->rb_cache, block, &b->w);
     if (!table)
         return 0;
     uint64_t old = qcow2_refcount_get(s, table, idx);
-    if ((op->delta > 0 && old == qcow2_refcount_max(s)) || (op->delta < 0 && old == 0)) {
-        log_error("qcow2 %s: refcount of cluster %" PRIu64 " is %" PRIu64 ": cannot change "
-                  "it by %d", s->node->node_name, op->cluster, old, op->delta);
+    if ((delta > 0 && old == qcow2_refcount_max(s)) || (delta < 0 && old == 0))
         return -EIO;
-    }
-    qcow2_refcount_encode(s, table, idx, op->delta > 0 ? old + 1 : old - 1, &pos, &len, bytes);
-    alloc_patch(s, PATCH_RB, block, table, s->cluster_size, block, pos, bytes, len);
+    qcow2_refcount_encode(s, table, idx, delta > 0 ? old + 1 : old - 1, &pos, &len, bytes);
+    cover_patch(s, K_RB, block, table, s->cluster_size, block, pos, bytes, len);
     return 0;
 }
 
-static bool covered(const struct qcow2_state *s, uint64_t first, uint64_t n)
-{
-    for (uint64_t cl = first; cl < first + n; cl++) {
-        if (!qcow2_rt_block(s, cl >> s->rb_bits))
-            return false;
-    }
-    return true;
-}
-
 /* Plan new refcount blocks (and a new table) at next_free so that they and the n clusters
- * after them have refcount blocks: fill a->c, k, m, new_blocks, cover_buf, ops. */
-static int cover_plan(struct qcow2_state *s, uint64_t n)
+ * after them have refcount blocks. */
+static int cover_start(struct qcow2_state *s, uint64_t n)
 {
-    struct qcow2_alloc *a = &s->alloc;
+    struct qcow2_batch *b = s->batch;
+    struct qcow2_cover *cv;
     uint64_t cs = s->cluster_size, c = s->next_free, k = 0, m = 0;
     uint64_t max_k = (8u << 20) / cs;
 
@@ -257,333 +1397,141 @@ static int cover_plan(struct qcow2_state *s, uint64_t n)
         uint64_t nk = 0, nm = 0;
         if (last_b >= s->rt_entries) {
             uint64_t need = ((last_b + 1) * 8 + cs - 1) / cs;
-            if (need > max_k)
+            if (need > max_k) {
+                log_error("qcow2 %s: the refcount table cannot grow further",
+                          s->node->node_name);
                 return -EFBIG;
+            }
             nk = MAX(need, MIN(2 * (uint64_t)s->rt_clusters, max_k));
             nk = MAX(nk, k);
         }
-        for (uint64_t b = c >> s->rb_bits; b <= last_b; b++)
-            nm += !qcow2_rt_block(s, b);
+        for (uint64_t bl = c >> s->rb_bits; bl <= last_b; bl++)
+            nm += !qcow2_rt_block(s, bl);
         if (nk == k && nm == m)
             break;
         k = nk;
         m = nm;
     }
-    a->c = c;
-    a->k = k;
-    a->m = m;
-    a->new_blocks = xmalloc(m * sizeof(*a->new_blocks));
+    cv = xzalloc(sizeof(*cv));
+    b->cover = cv;
+    cv->c = c;
+    cv->k = k;
+    cv->m = m;
+    cv->new_blocks = xmalloc(MAX(m, 1) * sizeof(*cv->new_blocks));
     uint64_t j = 0, last_b = (c + k + m + n - 1) >> s->rb_bits;
-    for (uint64_t b = c >> s->rb_bits; b <= last_b; b++) {
-        if (!qcow2_rt_block(s, b))
-            a->new_blocks[j++] = b;
+    for (uint64_t bl = c >> s->rb_bits; bl <= last_b; bl++) {
+        if (!qcow2_rt_block(s, bl))
+            cv->new_blocks[j++] = bl;
     }
-    a->cover_buf = qcow2_alloc_buf((k + m) * cs);
-    uint64_t *table = a->cover_buf;
+    cv->cover_buf = qcow2_alloc_buf((k + m) * cs);
+    uint64_t *table = cv->cover_buf;
     if (k) {
         memcpy(table, s->rt, s->rt_entries * 8);
         for (j = 0; j < m; j++)
-            table[a->new_blocks[j]] = htobe64((c + k + j) * cs);
+            table[cv->new_blocks[j]] = htobe64((c + k + j) * cs);
     }
-    a->nops = 0;
     for (uint64_t cl = c; cl < c + k + m; cl++) {
-        uint64_t b = cl >> s->rb_bits;
-        for (j = 0; j < m && a->new_blocks[j] != b; j++)
+        uint64_t bl = cl >> s->rb_bits;
+        for (j = 0; j < m && cv->new_blocks[j] != bl; j++)
             ;
         if (j < m)
-            qcow2_refcount_set(s, (char *)a->cover_buf + (k + j) * cs,
+            qcow2_refcount_set(s, (char *)cv->cover_buf + (k + j) * cs,
                                cl & ((1ULL << s->rb_bits) - 1), 1);
         else
-            ops_add(a, cl, +1);
+            vpush(&cv->ops, cl);
     }
-    a->old_rt_offset = s->rt_offset;
-    a->old_rt_clusters = s->rt_clusters;
+    cv->old_rt_offset = s->rt_offset;
+    cv->old_rt_clusters = s->rt_clusters;
+    cv->step = C_WRITE;
+    cover_submit(s, BLOCK_OP_WRITE, c * cs, cv->cover_buf, (k + m) * cs);
     return 0;
 }
 
 /* The new refcount structure is linked: make memory follow. */
-static void cover_done(struct qcow2_state *s)
+static void cover_linked(struct qcow2_state *s)
 {
-    struct qcow2_alloc *a = &s->alloc;
+    struct qcow2_cover *c = s->batch->cover;
     uint64_t cs = s->cluster_size;
 
-    if (a->k) {
+    if (c->k) {
         free(s->rt);
-        s->rt = qcow2_alloc_buf(a->k * cs);
-        memcpy(s->rt, a->cover_buf, a->k * cs);
-        s->rt_offset = a->c * cs;
-        s->rt_clusters = (uint32_t)a->k;
-        s->rt_entries = a->k * cs / 8;
+        s->rt = qcow2_alloc_buf(c->k * cs);
+        memcpy(s->rt, c->cover_buf, c->k * cs);
+        s->rt_offset = c->c * cs;
+        s->rt_clusters = (uint32_t)c->k;
+        s->rt_entries = c->k * cs / 8;
     }
-    for (uint64_t j = 0; j < a->m; j++)
-        qcow2_cache_insert(s->rb_cache, (a->c + a->k + j) * cs,
-                           (char *)a->cover_buf + (a->k + j) * cs);
-    s->next_free = MAX(s->next_free, a->c + a->k + a->m);
-    a->nops = 0;
-    if (a->k) {
-        for (uint64_t i = 0; i < a->old_rt_clusters; i++)
-            ops_add(a, a->old_rt_offset / cs + i, -1);
+    for (uint64_t j = 0; j < c->m; j++)
+        qcow2_meta_add(s, c->c + c->k + j);
+    for (uint64_t j = 0; j < c->m; j++)
+        qcow2_cache_insert(s->rb_cache, (c->c + c->k + j) * cs,
+                           (char *)c->cover_buf + (c->k + j) * cs);
+    s->next_free = MAX(s->next_free, c->c + c->k + c->m);
+    c->ops.n = 0;
+    if (c->k) {
+        for (uint64_t i = 0; i < c->old_rt_clusters; i++)
+            vpush(&c->ops, c->old_rt_offset / cs + i);
     }
-    free(a->cover_buf);
-    a->cover_buf = NULL;
-    free(a->new_blocks);
-    a->new_blocks = NULL;
-    a->iop = 0;
+    c->iop = 0;
 }
 
-/* Decide what the part needs. Returns 1 to go on, 0 if waiting or finished. */
-static int alloc_lookup(struct qcow2_state *s)
+static void cover_run(struct qcow2_state *s)
 {
-    struct qcow2_alloc *a = &s->alloc;
-    struct qcow2_part *p = a->part;
-    uint32_t l2_bits = s->cluster_bits - 3;
-    uint64_t l2e, l1e;
-    int ret = qcow2_lookup(s, p->voff, &a->w, &l2e);
-
-    if (ret == 1)
-        return 0;
-    if (ret < 0) {
-        alloc_fail(s, ret);
-        return 0;
-    }
-    a->l1_idx = p->voff >> (s->cluster_bits + l2_bits);
-    a->l2_idx = (p->voff >> s->cluster_bits) & ((1ULL << l2_bits) - 1);
-    l1e = be64toh(s->l1[a->l1_idx]);
-    uint64_t host = l2e & QCOW2_OFFSET_MASK;
-    switch (qcow2_classify(s, l2e)) {
-    case QCOW2_NORMAL:
-        if (!(l2e & QCOW2_OFLAG_COPIED))
-            break;
-        alloc_finish(s, 0, host);  /* allocated meanwhile by a write queued before */
-        return 0;
-    case QCOW2_ZERO_ALLOC:
-        if (!(l2e & QCOW2_OFLAG_COPIED))
-            break;
-        a->data_off = host;  /* keep the cluster; clear the flag */
-        goto l2;
-    case QCOW2_UNALLOCATED:
-    case QCOW2_ZERO_PLAIN:
-        if (s->nspare) {
-            a->data_off = s->spare[--s->nspare] * s->cluster_size;
-            a->owned[a->nowned++] = a->data_off / s->cluster_size;
-        } else {
-            a->data_fresh = true;
-        }
-        goto l2;
-    case QCOW2_COMPRESSED:
-        alloc_fail(s, -ENOTSUP);
-        return 0;
-    default:
-        break;
-    }
-    log_error("qcow2 %s: cannot allocate over L2 entry 0x%" PRIx64, s->node->node_name, l2e);
-    alloc_fail(s, -EIO);
-    return 0;
-l2:
-    if ((l1e & QCOW2_OFFSET_MASK) && !(l1e & QCOW2_OFLAG_COPIED)) {
-        log_error("qcow2 %s: L2 table %" PRIu64 " is shared; cannot update it in place",
-                  s->node->node_name, a->l1_idx);
-        alloc_fail(s, -EIO);
-        return 0;
-    }
-    a->l2_off = l1e & QCOW2_OFFSET_MASK;
-    a->new_l2 = a->l2_off == 0;
-    if (a->new_l2 && s->nspare) {
-        a->l2_off = s->spare[--s->nspare] * s->cluster_size;
-        a->owned[a->nowned++] = a->l2_off / s->cluster_size;
-    } else if (a->new_l2) {
-        a->l2_fresh = true;
-    }
-    a->step = A_COVER;
-    return 1;
-}
-
-/* Run steps until one waits for I/O or a table, or the allocation ends. */
-static void alloc_run(struct qcow2_state *s)
-{
-    struct qcow2_alloc *a = &s->alloc;
-    struct qcow2_part *p = a->part;
-    uint64_t cs = s->cluster_size, e;
+    struct qcow2_cover *c = s->batch->cover;
+    uint64_t cs = s->cluster_size;
     int ret;
 
     for (;;) {
-        switch (a->step) {
-        case A_LOOKUP:
-            if (!alloc_lookup(s))
-                return;
-            break;
-        case A_COVER: {
-            uint64_t n = a->data_fresh + a->l2_fresh;
-            if (n == 0 || covered(s, s->next_free, n)) {
-                a->step = A_ASSIGN;
-                break;
-            }
-            ret = cover_plan(s, n);
-            if (ret < 0) {
-                log_error("qcow2 %s: the refcount table cannot grow further",
-                          s->node->node_name);
-                alloc_fail(s, ret);
-                return;
-            }
-            a->step = A_COVER_WRITE;
-            alloc_write(s, a->c * cs, a->cover_buf, (a->k + a->m) * cs, false);
-            return;
-        }
-        case A_COVER_INCS:
-        case A_INCS:
-            if (a->iop < a->nops) {
-                ret = refcount_change(s);
+        switch (c->step) {
+        case C_INCS:
+            if (c->iop < c->ops.n) {
+                ret = cover_refcount(s, +1);
                 if (ret < 0)
-                    alloc_fail(s, ret);
+                    cover_end(s, ret);
                 return;
             }
-            a->step = a->step == A_INCS ? A_LINK : A_COVER_LINK;
-            a->link_i = 0;
+            c->step = C_FLUSH1;
+            if (flush_needed(s)) {
+                cover_submit(s, BLOCK_OP_FLUSH, 0, NULL, 0);
+                return;
+            }
+            c->step = C_LINK;
+            c->link_i = 0;
             break;
-        case A_COVER_LINK:
-            if (a->k && a->link_i == 0) {
+        case C_LINK:
+            if (c->k && c->link_i == 0) {
                 uint8_t hdr[12];
-                uint64_t off = htobe64(a->c * cs);
-                uint32_t clusters = htobe32((uint32_t)a->k);
+                uint64_t off = htobe64(c->c * cs);
+                uint32_t clusters = htobe32((uint32_t)c->k);
                 memcpy(hdr, &off, 8);
                 memcpy(hdr + 8, &clusters, 4);
-                alloc_patch(s, PATCH_HEADER, 0, s->header, s->meta_align, 0, 48, hdr, 12);
+                cover_patch(s, -1, 0, s->header, s->meta_align, 0, 48, hdr, 12);
                 return;
             }
-            if (!a->k && a->link_i < a->m) {
-                e = htobe64((a->c + a->link_i) * cs);
-                alloc_patch(s, PATCH_RT, 0, s->rt, (size_t)s->rt_clusters * cs, s->rt_offset,
-                            (uint32_t)(a->new_blocks[a->link_i] * 8), &e, 8);
+            if (!c->k && c->link_i < c->m) {
+                uint64_t e = htobe64((c->c + c->link_i) * cs);
+                cover_patch(s, -2, 0, s->rt, (size_t)s->rt_clusters * cs, s->rt_offset,
+                            (uint32_t)(c->new_blocks[c->link_i] * 8), &e, 8);
                 return;
             }
-            a->step = A_COVER_DONE;
+            cover_linked(s);
+            c->step = C_FLUSH2;
+            if (c->ops.n && flush_needed(s)) {
+                cover_submit(s, BLOCK_OP_FLUSH, 0, NULL, 0);
+                return;
+            }
+            c->step = C_FREE;
             break;
-        case A_COVER_DONE:
-            cover_done(s);
-            a->step = a->nops ? A_COVER_FREE : A_COVER;
-            break;
-        case A_COVER_FREE:
-            while (a->iop < a->nops) {
-                if (refcount_change(s) == 0)
+        case C_FREE:
+            while (c->iop < c->ops.n) {
+                if (cover_refcount(s, -1) == 0)
                     return;
-                a->iop++;  /* a failure here only leaks the old table */
+                c->iop++;  /* a failure here only leaks the old table */
             }
-            a->step = A_COVER;
-            break;
-        case A_ASSIGN: {
-            uint64_t next = s->next_free;
-            a->nops = 0;
-            a->iop = 0;
-            if (a->data_fresh) {
-                a->data_off = next++ * cs;
-                ops_add(a, a->data_off / cs, +1);
-            }
-            if (a->l2_fresh) {
-                a->l2_off = next * cs;
-                ops_add(a, a->l2_off / cs, +1);
-            }
-            a->step = A_DATA;
-            break;
-        }
-        case A_DATA:
-            if (p->len == cs) {
-                alloc_write(s, a->data_off, p->buf, cs, false);
-            } else {
-                if (!a->iobuf) {  /* backing file: the rest of the cluster is the backing's */
-                    a->iobuf = qcow2_alloc_buf(cs);
-                    ret = qcow2_backing_fill(s, p->voff, a->iobuf, &a->w);
-                    if (ret < 0)
-                        alloc_fail(s, ret);
-                    if (ret != 0)
-                        return;  /* failed, or a->w comes back to this step */
-                }
-                memcpy((char *)a->iobuf + (p->voff & (cs - 1)), p->buf, p->len);
-                alloc_write(s, a->data_off, a->iobuf, cs, true);
-            }
+            cover_end(s, 0);
             return;
-        case A_L2:
-            if (!a->new_l2) {
-                a->step = A_INCS;
-                a->iop = 0;
-                break;
-            }
-            a->l2_table = qcow2_alloc_buf(cs);
-            ((uint64_t *)a->l2_table)[a->l2_idx] = htobe64(a->data_off | QCOW2_OFLAG_COPIED);
-            alloc_write(s, a->l2_off, a->l2_table, cs, false);
-            return;
-        case A_LINK:
-            if (a->new_l2) {
-                e = htobe64(a->l2_off | QCOW2_OFLAG_COPIED);
-                size_t l1_len = ((size_t)s->l1_size * 8 + s->meta_align - 1) &
-                                ~(size_t)(s->meta_align - 1);
-                alloc_patch(s, PATCH_L1, 0, s->l1, l1_len, s->l1_offset,
-                            (uint32_t)(a->l1_idx * 8), &e, 8);
-            } else {
-                const void *table = qcow2_cache_get(s->l2_cache, a->l2_off, &a->w);
-                if (!table)
-                    return;
-                e = htobe64(a->data_off | QCOW2_OFLAG_COPIED);
-                alloc_patch(s, PATCH_L2, a->l2_off, table, cs, a->l2_off,
-                            (uint32_t)(a->l2_idx * 8), &e, 8);
-            }
-            return;
-        case A_DONE:
-            if (a->new_l2)
-                qcow2_cache_insert(s->l2_cache, a->l2_off, a->l2_table);
-            a->nowned = 0;
-            alloc_finish(s, 0, 0);
+        default:
             return;
         }
     }
-}
-
-static void alloc_wait_done(struct qcow2_waiter *w, int ret)
-{
-    struct qcow2_state *s = container_of(w, struct qcow2_state, alloc.w);
-
-    if (ret < 0 && s->alloc.step == A_COVER_FREE) {
-        s->alloc.iop++;
-        ret = 0;
-    }
-    if (ret < 0)
-        alloc_fail(s, ret);
-    else
-        alloc_run(s);
-}
-
-/* Start queued allocations while the lock is free. Not reentrant: an allocation that ends at
- * once (a lookup that finds the cluster allocated) returns here, and the loop goes on. */
-static void kick(struct qcow2_state *s)
-{
-    if (s->kicking)
-        return;
-    s->kicking = true;
-    while (!s->alloc_busy && s->queue_head) {
-        struct qcow2_part *p = s->queue_head;
-        s->queue_head = p->next;
-        if (!s->queue_head)
-            s->queue_tail = &s->queue_head;
-        s->alloc_busy = true;
-        s->alloc.part = p;
-        s->alloc.step = A_LOOKUP;
-        s->alloc.w.cb = alloc_wait_done;
-        alloc_run(s);
-    }
-    s->kicking = false;
-}
-
-void qcow2_alloc_enqueue(struct qcow2_state *s, struct qcow2_part *p)
-{
-    p->next = NULL;
-    *s->queue_tail = p;
-    s->queue_tail = &p->next;
-    kick(s);
-}
-
-void qcow2_alloc_cleanup(struct qcow2_state *s)
-{
-    free(s->alloc.ops);
-    s->alloc.ops = NULL;
-    free(s->spare);
-    s->spare = NULL;
 }

@@ -48,17 +48,6 @@
 #define DEFAULT_L2_CACHE_BYTES (32u << 20)
 #define DEFAULT_RB_CACHE_BYTES (4u << 20)
 
-/* A request from the parent: its parts, and a flush after them for FUA. */
-struct qcow2_req {
-    struct qcow2_state *s;
-    struct block_req *parent;
-    unsigned pending;          /* parts not done, +1 while submitting */
-    int err;                   /* the first error */
-    bool fua;
-    struct uring_op uop;       /* completing without I/O, off the submitter's stack */
-    struct block_req child;    /* FLUSH */
-};
-
 void *qcow2_alloc_buf(size_t len)
 {
     void *p;
@@ -270,6 +259,7 @@ static void state_free(struct qcow2_state *s)
     qcow2_cache_free(s->l2_cache);
     qcow2_cache_free(s->rb_cache);
     free(s->header);
+    free(s->meta_set);
     free(s->l1);
     free(s->rt);
     qcow2_backing_cleanup(s);
@@ -366,6 +356,13 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
                                                 MAX(s->l1_size, 4)));
     s->rb_cache = qcow2_cache_new(child, s->cluster_size,
                                   (unsigned)MIN(MAX(rb_bytes / s->cluster_size, 4), 4096));
+    s->hwm = (child->size + s->cluster_size - 1) & ~(uint64_t)(s->cluster_size - 1);
+    if (s->writable) {
+        for (uint32_t i = 0; i < s->l1_size; i++)
+            qcow2_meta_add(s, (be64toh(s->l1[i]) & QCOW2_OFFSET_MASK) >> s->cluster_bits);
+        for (uint64_t b = 0; b < s->rt_entries; b++)
+            qcow2_meta_add(s, qcow2_rt_block(s, b) >> s->cluster_bits);
+    }
     n->opaque = s;
     n->size = size;
     n->alignment = child->alignment;
@@ -499,6 +496,10 @@ void qcow2_part_done(struct qcow2_part *p, int ret)
     struct qcow2_req *r = p->r;
     struct qcow2_state *s = r->s;
 
+    if (p->inplace) {
+        s->inplace--;
+        qcow2_alloc_inplace_done(s);
+    }
     free(p->zbuf);
     free(p);
     s->active--;
@@ -514,7 +515,12 @@ void qcow2_part_done(struct qcow2_part *p, int ret)
 
 static void part_child_done(struct block_req *child, int ret)
 {
-    qcow2_part_done(container_of(child, struct qcow2_part, child), ret);
+    struct qcow2_part *p = container_of(child, struct qcow2_part, child);
+
+    if (ret < 0 && child->op != BLOCK_OP_READ)
+        log_warn("qcow2 %s: write in place at %" PRIu64 " failed: %s", p->r->s->node->node_name,
+                 child->offset, strerror(-ret));
+    qcow2_part_done(p, ret);
 }
 
 static void part_submit_child(struct qcow2_part *p, enum block_op op, uint64_t host)
@@ -528,62 +534,74 @@ static void part_submit_child(struct qcow2_part *p, enum block_op op, uint64_t h
 
 void qcow2_part_write_host(struct qcow2_part *p, uint64_t host)
 {
-    part_submit_child(p, BLOCK_OP_WRITE, host);
-}
-
-#ifdef THINBLK_HAVE_ZLIB
-/* Compressed clusters (the spec's compressed cluster descriptor): with x = 62 - (cluster_bits
- * - 8), bits 0..x-1 are the host byte offset of the data, bits x..61 the number of 512-byte
- * sectors it takes beyond the one holding the offset. The data is a raw deflate stream
- * (no zlib header) of the whole cluster. The part reads the sectors (widened to the child's
- * alignment; past the end of the file reads as zeroes), inflates the cluster and copies its
- * slice out. */
-static void compressed_read_done(struct block_req *child, int ret)
-{
-    struct qcow2_part *p = container_of(child, struct qcow2_part, child);
     struct qcow2_state *s = p->r->s;
-    uint8_t *out;
-    z_stream z = {0};
-    int zr;
+    enum block_op op = p->r->parent->op == BLOCK_OP_WRITE_ZEROES ? BLOCK_OP_WRITE_ZEROES
+                                                                 : BLOCK_OP_WRITE;
+    int ret = qcow2_pre_write(s, host + (p->voff & (s->cluster_size - 1)), p->len, false);
 
     if (ret < 0) {
         qcow2_part_done(p, ret);
         return;
     }
-    out = xmalloc(s->cluster_size);
-    if (inflateInit2(&z, -12) != Z_OK) {
-        free(out);
-        qcow2_part_done(p, -ENOMEM);
-        return;
-    }
-    z.next_in = (Bytef *)p->zbuf + p->zskip;
-    z.avail_in = p->zlen;
-    z.next_out = out;
-    z.avail_out = s->cluster_size;
-    zr = inflate(&z, Z_FINISH);
-    /* As QEMU: the stream may end early only if the cluster is full (trailing bytes of the
-     * last sector are padding). */
-    if (zr == Z_STREAM_END || (zr == Z_BUF_ERROR && z.avail_out == 0)) {
-        if (z.avail_out == 0) {
-            memcpy(p->buf, out + (p->voff & (s->cluster_size - 1)), p->len);
-            ret = 0;
-        } else {
-            ret = -EIO;
-        }
-    } else {
-        ret = -EIO;
-    }
-    inflateEnd(&z);
-    free(out);
-    if (ret < 0)
-        log_error("qcow2 %s: cannot decompress the cluster for offset %" PRIu64,
-                  s->node->node_name, p->voff);
-    qcow2_part_done(p, ret);
+    p->inplace = true;
+    s->inplace++;
+    part_submit_child(p, op, host);
 }
 
-static void part_read_compressed(struct qcow2_part *p, uint64_t l2e)
+void qcow2_compressed_span(const struct qcow2_state *s, uint64_t l2e, uint64_t *first,
+                           uint64_t *n)
 {
-    struct qcow2_state *s = p->r->s;
+    uint32_t x = 62 - (s->cluster_bits - 8);
+    uint64_t off = (l2e & ((1ULL << x) - 1)) & ~511ULL;
+    uint64_t sectors = ((l2e & ~QCOW2_OFLAG_COMPRESSED & ~QCOW2_OFLAG_COPIED) >> x) + 1;
+    uint64_t end = off + sectors * 512;
+
+    *first = off >> s->cluster_bits;
+    *n = ((end + s->cluster_size - 1) >> s->cluster_bits) - *first;
+}
+
+/* Compressed clusters (the spec's compressed cluster descriptor): with x = 62 - (cluster_bits
+ * - 8), bits 0..x-1 are the host byte offset of the data, bits x..61 the number of 512-byte
+ * sectors it takes beyond the one holding the offset. The data is a raw deflate stream
+ * (no zlib header) of the whole cluster. The sectors are read (widened to the child's
+ * alignment; past the end of the file reads as zeroes) and inflated. */
+static void zread_done(struct block_req *req, int ret)
+{
+    struct qcow2_zread *zr = container_of(req, struct qcow2_zread, req);
+    struct qcow2_state *s = zr->s;
+
+#ifdef THINBLK_HAVE_ZLIB
+    z_stream z = {0};
+    int r;
+
+    if (ret == 0 && inflateInit2(&z, -12) != Z_OK)
+        ret = -ENOMEM;
+    if (ret == 0) {
+        z.next_in = (Bytef *)zr->zbuf + zr->zskip;
+        z.avail_in = zr->zlen;
+        z.next_out = zr->out;
+        z.avail_out = s->cluster_size;
+        r = inflate(&z, Z_FINISH);
+        /* As QEMU: the stream may end early only if the cluster is full (trailing bytes of
+         * the last sector are padding). */
+        if (!((r == Z_STREAM_END || r == Z_BUF_ERROR) && z.avail_out == 0))
+            ret = -EIO;
+        inflateEnd(&z);
+        if (ret < 0)
+            log_error("qcow2 %s: cannot decompress a compressed cluster", s->node->node_name);
+    }
+#else
+    (void)s;
+    if (ret == 0)
+        ret = -ENOTSUP;
+#endif
+    free(zr->zbuf);
+    zr->zbuf = NULL;
+    zr->done(zr, ret);
+}
+
+void qcow2_zread_start(struct qcow2_state *s, struct qcow2_zread *z, uint64_t l2e)
+{
     uint32_t x = 62 - (s->cluster_bits - 8);
     uint64_t off = l2e & ((1ULL << x) - 1);
     uint64_t sectors = ((l2e & ~QCOW2_OFLAG_COMPRESSED & ~QCOW2_OFLAG_COPIED) >> x) + 1;
@@ -592,20 +610,143 @@ static void part_read_compressed(struct qcow2_part *p, uint64_t l2e)
     uint64_t start = off & ~(a - 1), end = (off + len + a - 1) & ~(a - 1);
 
     /* sectors <= 2^(cluster_bits - 8): the data takes at most about 2 clusters. */
-    p->zbuf = qcow2_alloc_buf(end - start);
-    p->zskip = (uint32_t)(off - start);
-    p->zlen = (uint32_t)len;
-    p->child = (struct block_req){.op = BLOCK_OP_READ, .offset = start, .len = end - start,
-                                  .buf = p->zbuf, .done = compressed_read_done};
-    node_submit(s->file, &p->child);
+    z->s = s;
+    z->zbuf = qcow2_alloc_buf(end - start);
+    z->zskip = (uint32_t)(off - start);
+    z->zlen = (uint32_t)len;
+    z->req = (struct block_req){.op = BLOCK_OP_READ, .offset = start, .len = end - start,
+                                .buf = z->zbuf, .done = zread_done};
+    node_submit(s->file, &z->req);
 }
-#endif
+
+static void part_zread_done(struct qcow2_zread *z, int ret)
+{
+    struct qcow2_part *p = z->opaque;
+    struct qcow2_state *s = p->r->s;
+
+    if (ret == 0)
+        memcpy(p->buf, (char *)z->out + (p->voff & (s->cluster_size - 1)), p->len);
+    else
+        log_error("qcow2 %s: cannot decompress the cluster for offset %" PRIu64,
+                  s->node->node_name, p->voff);
+    free(z->out);
+    free(z);
+    qcow2_part_done(p, ret);
+}
+
+static size_t meta_slot(const struct qcow2_state *s, uint64_t cl)
+{
+    size_t i = (size_t)(cl * 0x9e3779b97f4a7c15ULL >> 17) & (s->meta_cap - 1);
+
+    while (s->meta_set[i] && s->meta_set[i] != cl)
+        i = (i + 1) & (s->meta_cap - 1);
+    return i;
+}
+
+void qcow2_meta_add(struct qcow2_state *s, uint64_t cl)
+{
+    if (cl == 0)
+        return;
+    if (2 * (s->meta_n + 1) > s->meta_cap) {
+        uint64_t *old = s->meta_set;
+        size_t old_cap = s->meta_cap;
+        s->meta_cap = s->meta_cap ? 2 * s->meta_cap : 256;
+        s->meta_set = xzalloc(s->meta_cap * sizeof(*s->meta_set));
+        for (size_t i = 0; i < old_cap; i++) {
+            if (old[i])
+                s->meta_set[meta_slot(s, old[i])] = old[i];
+        }
+        free(old);
+    }
+    size_t i = meta_slot(s, cl);
+    if (!s->meta_set[i]) {
+        s->meta_set[i] = cl;
+        s->meta_n++;
+    }
+}
+
+/* What metadata in use cluster cl holds (QEMU's names), or NULL: QEMU's overlap-check
+ * "cached" (inactive L1/L2 tables and snapshots do not exist here). */
+static const char *meta_overlap(const struct qcow2_state *s, uint64_t cl)
+{
+    uint64_t cs = s->cluster_size;
+
+    if (cl == 0)
+        return "qcow2_header";
+    if (cl >= s->l1_offset / cs && cl * cs < s->l1_offset + (uint64_t)s->l1_size * 8)
+        return "active L1 table";
+    if (cl >= s->rt_offset / cs && cl < s->rt_offset / cs + s->rt_clusters)
+        return "refcount table";
+    if (s->meta_cap && s->meta_set[meta_slot(s, cl)] == cl) {
+        for (uint64_t b = 0; b < s->rt_entries; b++) {
+            if (qcow2_rt_block(s, b) == cl * cs)
+                return "refcount block";
+        }
+        return "active L2 table";
+    }
+    return NULL;
+}
+
+static void corrupt_header_done(struct block_req *req, int ret)
+{
+    free(req->buf);
+    free(req);
+}
+
+/* As QEMU's qcow2_signal_corruption(): mark the image corrupt (the header bit, v3), emit
+ * BLOCK_IMAGE_CORRUPTED once, refuse writes from now on. */
+static void mark_corrupt(struct qcow2_state *s, uint64_t off, uint64_t len, const char *what)
+{
+    char msg[160];
+    struct block_graph *g = s->node->graph;
+
+    if (s->corrupt)
+        return;
+    s->corrupt = true;
+    snprintf(msg, sizeof(msg), "Preventing invalid write on metadata (overlaps with %s)",
+             what);
+    log_error("qcow2: Marking image as corrupt: %s; further corruption events will be "
+              "suppressed", msg);
+    if (g->emit)
+        g->emit(g->emit_opaque, "BLOCK_IMAGE_CORRUPTED",
+                json_pack("{s:s, s:s, s:s, s:I, s:I, s:b}", "device", "",
+                          "node-name", s->node->node_name, "msg", msg,
+                          "offset", (json_int_t)off, "size", (json_int_t)len, "fatal", 1));
+    if (s->version >= 3) {
+        uint8_t *h = qcow2_alloc_buf(s->meta_align);
+        ((uint8_t *)s->header)[79] |= QCOW2_INCOMPAT_CORRUPT;  /* incompatible: 72..79 */
+        memcpy(h, s->header, s->meta_align);
+        struct block_req *req = xzalloc(sizeof(*req));
+        *req = (struct block_req){.op = BLOCK_OP_WRITE, .offset = 0, .len = s->meta_align,
+                                  .buf = h, .done = corrupt_header_done};
+        node_submit(s->file, req);
+    }
+}
+
+int qcow2_pre_write(struct qcow2_state *s, uint64_t off, uint64_t len, bool meta)
+{
+    uint64_t end = (off + len + s->cluster_size - 1) & ~(uint64_t)(s->cluster_size - 1);
+
+    if (s->corrupt)
+        return -EIO;
+    if (!meta) {
+        for (uint64_t cl = off >> s->cluster_bits; cl < end >> s->cluster_bits; cl++) {
+            const char *what = meta_overlap(s, cl);
+            if (what) {
+                mark_corrupt(s, off, len, what);
+                return -EIO;
+            }
+        }
+    }
+    s->hwm = MAX(s->hwm, end);
+    return 0;
+}
 
 static void part_run(struct qcow2_part *p)
 {
     struct qcow2_state *s = p->r->s;
     enum block_op op = p->r->parent->op;
-    uint64_t l2e;
+    uint64_t l2e, host;
     int ret = qcow2_lookup(s, p->voff, &p->w, &l2e);
 
     if (ret == 1)
@@ -615,60 +756,48 @@ static void part_run(struct qcow2_part *p)
         return;
     }
     enum qcow2_ctype t = qcow2_classify(s, l2e);
-    uint64_t host = l2e & QCOW2_OFFSET_MASK;
-    switch (t) {
-    case QCOW2_COMPRESSED:
-#ifdef THINBLK_HAVE_ZLIB
-        if (op == BLOCK_OP_READ) {
-            part_read_compressed(p, l2e);
+    if (op == BLOCK_OP_READ) {
+        switch (t) {
+        case QCOW2_COMPRESSED: {
+            struct qcow2_zread *z = xzalloc(sizeof(*z));
+            z->out = xmalloc(s->cluster_size);
+            z->done = part_zread_done;
+            z->opaque = p;
+            qcow2_zread_start(s, z, l2e);
             return;
         }
-        if (!s->warned_compressed)
-            log_warn("qcow2 %s: writing to compressed clusters is not supported yet",
-                     s->node->node_name);
-#else
-        if (!s->warned_compressed)
-            log_warn("qcow2 %s: compressed clusters are not supported (built without zlib)",
-                     s->node->node_name);
-#endif
-        s->warned_compressed = true;
-        qcow2_part_done(p, -ENOTSUP);
-        return;
-    case QCOW2_BAD:
-        log_error("qcow2 %s: corrupt L2 entry 0x%" PRIx64 " for offset %" PRIu64
-                  "; the image needs 'qemu-img check -r all'", s->node->node_name, l2e,
-                  p->voff);
-        qcow2_part_done(p, -EIO);
-        return;
-    case QCOW2_NORMAL:
-        if (op != BLOCK_OP_READ && !(l2e & QCOW2_OFLAG_COPIED)) {
-            /* Shared with a snapshot (or a refcount that check must repair): COW needed. */
-            log_error("qcow2 %s: cluster at %" PRIu64 " is shared; cannot write in place",
-                      s->node->node_name, host);
+        case QCOW2_BAD:
+            log_error("qcow2 %s: corrupt L2 entry 0x%" PRIx64 " for offset %" PRIu64
+                      "; the image needs 'qemu-img check -r all'", s->node->node_name, l2e,
+                      p->voff);
             qcow2_part_done(p, -EIO);
             return;
-        }
-        part_submit_child(p, op == BLOCK_OP_WRITE_ZEROES ? BLOCK_OP_WRITE_ZEROES : op, host);
-        return;
-    default:  /* reads as zeroes, or unallocated: from the backing node if there is one */
-        if (op == BLOCK_OP_READ && t == QCOW2_UNALLOCATED && s->node->backing) {
-            qcow2_backing_read(s, p);  /* qcow2-backing.c */
-        } else if (op == BLOCK_OP_READ) {
+        case QCOW2_NORMAL:
+            part_submit_child(p, op, l2e & QCOW2_OFFSET_MASK);
+            return;
+        case QCOW2_UNALLOCATED:
+            if (s->node->backing) {
+                qcow2_backing_read(s, p);  /* qcow2-backing.c */
+                return;
+            }
+            /* fall through */
+        default:  /* reads as zeroes */
             memset(p->buf, 0, p->len);
             qcow2_part_done(p, 0);
-        } else if (op == BLOCK_OP_WRITE_ZEROES && t == QCOW2_UNALLOCATED &&
-                   s->node->backing) {
-            /* The backing's bytes must not show through: allocate zeroes. */
-            p->zbuf = qcow2_alloc_buf(p->len);
-            p->buf = p->zbuf;
-            qcow2_alloc_enqueue(s, p);
-        } else if (op == BLOCK_OP_WRITE_ZEROES) {
-            qcow2_part_done(p, 0);
-        } else {
-            qcow2_alloc_enqueue(s, p);
+            return;
         }
+    }
+    if (s->corrupt) {
+        qcow2_part_done(p, -EIO);
         return;
     }
+    ret = qcow2_plan(s, p, l2e, &host);
+    if (ret == QCOW2_PLAN_HOST)
+        qcow2_part_write_host(p, host);
+    else if (ret == QCOW2_PLAN_META)
+        qcow2_alloc_enqueue(s, p);
+    else
+        qcow2_part_done(p, ret < 0 ? ret : 0);
 }
 
 static void part_wait_done(struct qcow2_waiter *w, int ret)
@@ -695,9 +824,9 @@ static void qcow2_submit(struct block_node *n, struct block_req *req)
         req_finish(r);
         return;
     }
-    /* DISCARD: advisory, and nothing is freed yet. */
+    /* DISCARD frees clusters only with discard=unmap (as QEMU's pass-discard-request). */
     r->pending = 1;  /* held while submitting: nothing completes inside node_submit() */
-    if (req->op != BLOCK_OP_DISCARD) {
+    if (req->op != BLOCK_OP_DISCARD || n->discard_unmap) {
         r->fua = (req->flags & BLOCK_REQ_FUA) != 0;
         for (uint64_t off = req->offset; off < end;) {
             uint64_t len = MIN(end - off, cs - (off & (cs - 1)));

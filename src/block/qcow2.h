@@ -74,52 +74,75 @@ enum qcow2_ctype {
 struct qcow2_state;
 struct qcow2_req;
 
-struct qcow2_refop {
-    uint64_t cluster;
-    int delta;
+/* A request from the parent: its parts, and a flush after them for FUA. */
+struct qcow2_req {
+    struct qcow2_state *s;
+    struct block_req *parent;
+    unsigned pending;          /* parts not done, +1 while submitting */
+    int err;                   /* the first error */
+    bool fua;
+    struct uring_op uop;       /* completing without I/O, off the submitter's stack */
+    struct block_req child;    /* FLUSH */
 };
 
 /* One request split at cluster boundaries: a part stays within one cluster. */
 struct qcow2_part {
     struct qcow2_req *r;
-    struct qcow2_part *next;   /* the allocation queue */
+    struct qcow2_part *next;   /* the allocation queue, then the batch */
     struct qcow2_waiter w;     /* L2 table loads */
     struct block_req child;
     uint64_t voff;             /* guest offset */
     uint32_t len;
     char *buf;                 /* READ, WRITE: into the parent's buffer */
-    void *zbuf;                /* compressed reads: the sectors read (freed with the part) */
+    void *zbuf;                /* compressed reads: the sectors read; zero writes: zeroes */
     uint32_t zskip, zlen;      /* where the compressed data is in zbuf */
+    bool inplace;              /* a write in place is in flight (counted in s->inplace) */
+    /* While in an allocation batch (qcow2-alloc.c): */
+    uint8_t act;               /* enum qcow2_act */
+    bool fill_skip;            /* the host cluster reads as zeroes: nothing to fill */
+    int32_t ri, li;            /* its cluster reservation, its new L2 table, or -1 */
+    uint64_t host;             /* the data cluster */
+    uint64_t old_l2e, new_l2e; /* the entry before; ACT_SET: the entry after */
+    void *cow_buf;             /* the whole cluster, when some of it is filled */
+    struct qcow2_zread *zr;    /* copy-on-write from a compressed cluster */
+    struct qcow2_part *run_next;  /* parts whose data write is merged into this one's */
+    struct qcow2_chunk *link;  /* the metadata chunk whose write makes the change reachable */
+    void (*fill_done)(struct qcow2_part *p, int ret);
+    int ret;
 };
 
-/* The allocation in progress (one at a time per image: the allocation lock). */
-struct qcow2_alloc {
-    struct qcow2_part *part;
-    int step;
-    struct qcow2_waiter w;
-    struct block_req req;      /* the one metadata or data write in flight */
-    void *iobuf;               /* its buffer, if ours */
-    int patch_kind;            /* what the write updates in memory once done */
-    uint64_t patch_table;      /* cache tables: the table's offset */
-    uint32_t patch_pos, patch_len;
-    uint64_t l1_idx, l2_idx;
-    uint64_t l2_off, data_off; /* host offsets */
-    bool new_l2, data_fresh, l2_fresh;
-    void *l2_table;            /* a new L2 table as written */
-    /* Clusters whose refcount is 1 on disk but nothing links yet; back to the spare list on
-     * failure. */
-    uint64_t owned[2];
-    unsigned nowned;
-    /* Refcount changes to make, one by one. */
-    struct qcow2_refop *ops;
-    size_t nops, ops_cap, iop;
-    /* Refcount structure growth: new blocks (and a new table) at clusters [c, c+k+m). */
-    uint64_t c, k, m;
-    uint64_t *new_blocks;      /* their block indices, m of them */
-    void *cover_buf;           /* (k+m) clusters: table then blocks */
-    uint64_t old_rt_offset, old_rt_clusters;
-    size_t link_i;
+enum qcow2_act {
+    QCOW2_ACT_NONE,
+    QCOW2_ACT_ALLOC,   /* a new data cluster for a write (over nothing, zeroes or compressed) */
+    QCOW2_ACT_REWRITE, /* a write over QCOW2_ZERO_ALLOC: the cluster is kept, the flag cleared */
+    QCOW2_ACT_SET,     /* discard, write-zeroes: the entry becomes new_l2e, old clusters freed */
 };
+
+/* What qcow2_plan() decided for a part. */
+enum qcow2_plan {
+    QCOW2_PLAN_DONE,   /* nothing to do */
+    QCOW2_PLAN_HOST,   /* I/O in place */
+    QCOW2_PLAN_META,   /* metadata changes: the allocator's (p->act says which) */
+};
+
+/* A compressed cluster read: the sectors holding its deflate stream, inflated into out. */
+struct qcow2_zread {
+    struct block_req req;
+    struct qcow2_state *s;
+    void *zbuf;
+    uint32_t zskip, zlen;
+    void *out;                 /* cluster_size bytes, the caller's */
+    void (*done)(struct qcow2_zread *z, int ret);
+    void *opaque;
+};
+
+struct qcow2_u64v {
+    uint64_t *v;
+    size_t n, cap;
+};
+
+struct qcow2_batch;
+struct qcow2_cover;
 
 struct qcow2_state {
     struct block_node *node;
@@ -152,15 +175,24 @@ struct qcow2_state {
     dev_t img_dev;
     ino_t img_ino;
     /* ---- end backing file ---- */
-    /* Allocation: next_free is the first cluster of the free space at the end of the image
-     * (every cluster from there has refcount 0); spare clusters have refcount 1 and nothing
-     * pointing at them (left by failed allocations), used first. */
-    uint64_t next_free;
-    uint64_t *spare;
-    size_t nspare, spare_cap;
-    bool alloc_busy, kicking;
+    /* Allocation (qcow2-alloc.c). next_free is the first cluster of the free space at the end
+     * of the image (every cluster from there has refcount 0). Spare clusters have refcount 1
+     * and nothing pointing at them (left by failed allocations); free ones have refcount 0
+     * below next_free (freed by discards); freeing ones are free but wait until no write in
+     * place is in flight (one may have looked them up before they were unlinked). hwm: no
+     * host byte from there has been written since open, nor was in the file then. */
+    uint64_t next_free, hwm;
+    struct qcow2_u64v spare, free, freeing;
+    unsigned inplace;           /* writes in place in flight */
+    bool kicking, kick_scheduled;
+    struct uring_op kick_uop;   /* starts a batch once the parts queued meanwhile are in */
     struct qcow2_part *queue_head, **queue_tail;
-    struct qcow2_alloc alloc;
+    struct qcow2_batch *batch;  /* the batch in progress: one at a time */
+    bool corrupt;               /* marked corrupt: every write fails */
+    /* Clusters of L2 tables and refcount blocks in use (open addressing, 0 = empty slot:
+     * cluster 0 is the header's), for the overlap checks. */
+    uint64_t *meta_set;
+    size_t meta_cap, meta_n;
     bool warned_compressed;
     /* Parts running (at most QCOW2_MAX_ACTIVE) and parts waiting for a turn: a large request
      * of small clusters must not flood the ring with thousands of operations at once. */
@@ -181,13 +213,32 @@ int qcow2_lookup(struct qcow2_state *s, uint64_t voff, struct qcow2_waiter *w, u
 void qcow2_part_done(struct qcow2_part *p, int ret);
 /* Write the part in place at host cluster offset host. */
 void qcow2_part_write_host(struct qcow2_part *p, uint64_t host);
+/* Read and inflate the compressed cluster of entry l2e into z->out; z->done(z, ret) later. */
+void qcow2_zread_start(struct qcow2_state *s, struct qcow2_zread *z, uint64_t l2e);
+/* The host clusters a compressed entry's data takes: [*first, *first + *n). */
+void qcow2_compressed_span(const struct qcow2_state *s, uint64_t l2e, uint64_t *first,
+                           uint64_t *n);
+/* Before writing [off, off+len) of the file (data unless meta): 0, or -EIO if it overlaps
+ * metadata in use, the image then marked corrupt. Also keeps s->hwm. */
+int qcow2_pre_write(struct qcow2_state *s, uint64_t off, uint64_t len, bool meta);
+/* Note that cluster cl now holds an L2 table or a refcount block. */
+void qcow2_meta_add(struct qcow2_state *s, uint64_t cl);
 /* An aligned buffer (for O_DIRECT children) of len bytes, zeroed; aborts on failure. */
 void *qcow2_alloc_buf(size_t len);
 
 /* qcow2-alloc.c */
-/* Queue a write part needing a new cluster; done through qcow2_part_done(). */
+/* What write, write-zeroes or discard part p needs given its L2 entry l2e now: a
+ * QCOW2_PLAN_* (HOST: *host is the data cluster; META: p->act is set), or -errno. */
+int qcow2_plan(struct qcow2_state *s, struct qcow2_part *p, uint64_t l2e, uint64_t *host);
+/* Queue a part qcow2_plan() sent to the allocator; done through qcow2_part_done(). */
 void qcow2_alloc_enqueue(struct qcow2_state *s, struct qcow2_part *p);
+/* A write in place finished (s->inplace was decremented). */
+void qcow2_alloc_inplace_done(struct qcow2_state *s);
 void qcow2_alloc_cleanup(struct qcow2_state *s);
+/* Fill the bytes of p's new data cluster that the write does not cover (copy-on-write):
+ * the one place for it, see qcow2-alloc.c. Calls done(p, ret), maybe inside the call. */
+void qcow2_cow_fill(struct qcow2_state *s, struct qcow2_part *p,
+                    void (*done)(struct qcow2_part *p, int ret));
 
 /* qcow2-backing.c */
 /* Parse the backing file name (header) and format (extension) of the image in cluster 0.

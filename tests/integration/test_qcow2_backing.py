@@ -145,6 +145,42 @@ def test_partial_writes_copy_from_the_backing(daemons, tmp_path, cluster_size):
     assert_check_clean(top)
 
 
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_zeroes_and_discard_hide_the_backing(daemons, tmp_path, compat):
+    """Write-zeroes (whole and partial clusters, with and without unmap) and, on v3, discard
+    must read as zeroes afterwards: the backing's bytes must not show through."""
+    cs = 64 * KiB
+    size = 4 * MiB
+    base = tmp_path / "base.raw"
+    base.write_bytes(random.Random(11).randbytes(size))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},compat={compat}",
+             "-b", base, "-F", "raw", top, size)
+    ref = chain_as_raw(top, tmp_path / "ref.raw")
+    srv = Served(daemons, top, qcow2_opts=",discard=unmap")
+    h = srv.nbd()
+    if compat == "1.1":   # first, while the image has no L2 table yet
+        h.trim(2 * cs, 12 * cs)
+        ref_write(ref, 12 * cs, bytes(2 * cs))
+    h.pwrite(b"\x11" * cs, 8 * cs)                 # allocated, then zeroed below
+    ref_write(ref, 8 * cs, b"\x11" * cs)
+    zeroes = [(1 * cs, cs, 0), (2 * cs, cs, nbd.CMD_FLAG_NO_HOLE), (3 * cs + 100, 5000, 0),
+              (5 * cs - 512, cs + 1024, nbd.CMD_FLAG_NO_HOLE), (8 * cs, cs, 0)]
+    for off, n, flags in zeroes:
+        h.zero(n, off, flags)
+        ref_write(ref, off, bytes(n))
+    if compat == "1.1":
+        h.trim(cs, 8 * cs)                         # allocated: freed, flagged zero
+        ref_write(ref, 8 * cs, bytes(cs))
+    data = ref.read_bytes()
+    assert h.pread(16 * cs, 0) == data[:16 * cs]
+    h.flush()
+    h.shutdown()
+    srv.stop()
+    assert_same(top, "qcow2", ref, "raw")
+    assert_check_clean(top)
+
+
 def test_writes_through_two_levels_leave_backings_unchanged(daemons, tmp_path):
     base, mid, top = make_chain(tmp_path, 4 * KiB)
     sums = (sha(base), sha(mid))
