@@ -13,6 +13,7 @@ refcount block in the refcount table, point the header at a moved refcount table
 Every writer is deterministic (seeded offsets and bytes); seeds and kill points are printed,
 and pytest shows them with a failure.
 """
+import itertools
 import json
 import os
 import random
@@ -192,6 +193,9 @@ class Writer(threading.Thread):
                         self.progress.notify_all()
         except nbd.Error as e:
             self.errors.append(str(e))
+        except Exception as e:       # a bug in the test: make it fail, not hang
+            self.errors.append(f"writer crashed: {e!r}")
+            raise
         finally:
             with self.progress:
                 self.progress.notify_all()
@@ -205,6 +209,10 @@ class Writer(threading.Thread):
 
 
 def connect(sock):
+    deadline = time.monotonic() + TIMEOUT
+    while not os.path.exists(sock):      # the NBD socket may come after the monitor's
+        assert time.monotonic() < deadline, f"{sock} not created"
+        time.sleep(0.005)   # polling interval while waiting for the socket file
     h = nbd.NBD()
     h.connect_uri(f"nbd+unix:///disk?socket={sock}")
     return h
@@ -696,3 +704,147 @@ def test_one_cont_is_enough(daemons, tmp_path):
     assert stops == 0, (f"{stops} more STOP(s) after cont with the fault cleared: the 4 MiB "
                         f"write whose first part failed before the STOP completed (failed) "
                         f"only after the cont")
+
+
+# ---- 3. kill -9 during allocations -----------------------------------------------------------
+
+SECTOR = 512
+
+
+def random_4k_writes(seed, vsize, cs):
+    """Endless 4 KiB writes, each to a random cluster (a random 4 KiB of it for big
+    clusters): nearly every one allocates while the disk is young."""
+    rnd = random.Random(seed)
+    while True:
+        if cs >= 4 * KiB:
+            off = rnd.randrange(vsize // cs) * cs + rnd.randrange(cs // (4 * KiB)) * 4 * KiB
+        else:
+            off = rnd.randrange(vsize // (4 * KiB)) * 4 * KiB
+        yield off, rnd.randbytes(4 * KiB)
+
+
+def check_after_crash(img):
+    """qemu-img check after a kill: no corruption; leaked clusters are allowed."""
+    r = run("qemu-img", "check", img, check=False)
+    out = r.stdout + r.stderr
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert r.returncode in (0, 3) and errors == [], f"qemu-img check: exit {r.returncode}\n{out}"
+    if r.returncode == 3:
+        assert "leaked clusters" in out, out
+    else:
+        assert "No errors were found on the image" in out, out
+    return r.returncode
+
+
+class Model:
+    """What each 512-byte sector of the disk may hold: sectors not in `known` are zero.
+    After a kill, a sector written in the round holds the last write to it that a completed
+    flush covered (or what it held before the round), or any write sent after that one."""
+
+    def __init__(self, cs):
+        self.cs = cs
+        self.known = {}
+        self.touched = set()     # clusters ever written
+
+    def verify(self, img, raw, writes, durable):
+        """Check the image against the writes of a round (in the order sent; `durable`:
+        the indices a flush covered) and learn what it holds now."""
+        run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, raw)
+        zero = bytes(SECTOR)
+        per_sector = {}
+        for i, (off, data) in enumerate(writes):
+            for s in range(off, off + len(data), SECTOR):
+                per_sector.setdefault(s, []).append((i, data[s - off:s - off + SECTOR]))
+        clusters = {c for o, d in writes for c in range(o // self.cs,
+                                                         (o + len(d) - 1) // self.cs + 1)}
+        self.touched |= clusters
+        bad = []
+        with open(raw, "rb") as f:
+            for c in sorted(clusters):
+                f.seek(c * self.cs)
+                got = f.read(self.cs)
+                for k in range(0, self.cs, SECTOR):
+                    s = c * self.cs + k
+                    actual = got[k:k + SECTOR]
+                    history = per_sector.get(s, [])
+                    last = max((j for j, (i, _) in enumerate(history) if i in durable),
+                               default=None)
+                    if last is None:
+                        allowed = [self.known.get(s, zero)] + [d for _, d in history]
+                    else:
+                        allowed = [d for _, d in history[last:]]
+                    if actual not in allowed:
+                        bad.append(s)
+                    if actual == zero:
+                        self.known.pop(s, None)
+                    else:
+                        self.known[s] = actual
+        assert bad == [], f"{len(bad)} sectors hold what was never written there, " \
+            f"or lost a flushed write: first at {bad[:8]}"
+        # Nothing allocated where nothing was ever written.
+        m = json.loads(run("qemu-img", "map", "--output=json", "-f", "qcow2", img).stdout)
+        stray = [e for e in m if e["data"] and any(
+            c not in self.touched for c in range(e["start"] // self.cs,
+                                                 (e["start"] + e["length"] - 1) // self.cs + 1))]
+        assert stray == [], f"data where nothing was written: {stray[:4]}"
+
+
+def serve(daemons, img):
+    sock = daemons.rundir() / "nbd.sock"
+    d = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=f0,filename={img}",
+        "--blockdev", "driver=qcow2,node-name=q0,file=f0",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=disk,node-name=q0,name=disk,writable=on"])
+    return d, sock
+
+
+@pytest.mark.parametrize("cluster_size,vsize,rounds", [(512, 64 * MiB, 16),
+                                                       (64 * KiB, GiB, 16)])
+def test_kill9_during_allocations(daemons, tmp_path, cluster_size, vsize, rounds):
+    """Rounds of: thinblkd on the same image, 4 KiB writes to random clusters with 16 in
+    flight and a flush every 32, SIGKILL once a seeded random number of bytes has been
+    acknowledged; then qemu-img check finds no corruption (leaks are allowed), every flushed
+    write is there, every other sector holds one of the values it may hold, and nothing is
+    allocated where nothing was written. At the end a last run writes, flushes and shuts down
+    cleanly, and everything it wrote is there."""
+    img, raw = tmp_path / "disk.qcow2", tmp_path / "now.raw"
+    create(img, vsize, cluster_size)
+    model = Model(cluster_size)
+    krnd = random.Random(cluster_size * 31 + rounds)
+    leaky = 0
+    for rnd_i in range(rounds + 1):
+        last = rnd_i == rounds
+        d, sock = serve(daemons, img)
+        h = connect(sock)
+        seed = krnd.randrange(1 << 30)
+        gen = random_4k_writes(seed, vsize, cluster_size)
+        if last:
+            gen = itertools.islice(gen, 200)
+        w = Writer(h, gen, qd=16, flush_every=32, final_flush=last, name=f"round{rnd_i}")
+        w.start()
+        if last:
+            w.join(TIMEOUT)
+            assert not w.is_alive() and w.errors == [] and w.flushed
+            h.shutdown()
+            assert d.shutdown() == []
+            durable = set(range(len(w.submitted)))
+            print(f"round {rnd_i}: {len(w.submitted)} writes, clean shutdown")
+        else:
+            kill_at = krnd.randrange(4 * KiB, 768 * KiB)
+            assert w.wait_bytes(kill_at), f"writer failed before the kill: {w.errors}"
+            os.kill(d.pid, signal.SIGKILL)
+            d.proc.wait()
+            w.join(TIMEOUT)
+            assert not w.is_alive()
+            for path in d.leftover_sockets() + [str(sock)]:
+                if os.path.lexists(path):
+                    os.unlink(path)
+            durable = set(w.durable)
+            print(f"round {rnd_i}: seed {seed}, kill at {kill_at} bytes acknowledged "
+                  f"(then {w.done_bytes}), {len(w.submitted)} writes sent, "
+                  f"{len(durable)} flushed")
+        code = check_after_crash(img)
+        leaky += code == 3
+        model.verify(img, raw, w.submitted, durable)
+    print(f"{rounds} kills, qemu-img check found leaks after {leaky} of them")
