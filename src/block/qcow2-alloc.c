@@ -630,10 +630,19 @@ static struct qcow2_batch *batch_new(struct qcow2_state *s)
     struct qcow2_part *keep = NULL, **keep_tail = &keep;
     uint64_t cs = s->cluster_size;
 
+    struct qcow2_part *failed = NULL;
+
     b->p = xmalloc(BATCH_MAX * sizeof(*b->p));
     while (s->queue_head && b->n < BATCH_MAX) {
         struct qcow2_part *p = s->queue_head;
         s->queue_head = p->next;
+        if (p->r->err) {
+            /* Its request failed already and will be retried whole (after a stop, by cont):
+             * finish it now, so that the request fails before the stop, not after. */
+            p->next = failed;
+            failed = p;
+            continue;
+        }
         p->next = NULL;
         b->p[b->n++] = p;
     }
@@ -654,6 +663,11 @@ static struct qcow2_batch *batch_new(struct qcow2_state *s)
     s->queue_tail = &s->queue_head;
     while (*s->queue_tail)
         s->queue_tail = &(*s->queue_tail)->next;
+    while (failed) {
+        struct qcow2_part *p = failed;
+        failed = p->next;
+        qcow2_part_done(p, 0);
+    }
     return b;
 }
 

@@ -747,8 +747,15 @@ static void part_run(struct qcow2_part *p)
     struct qcow2_state *s = p->r->s;
     enum block_op op = p->r->parent->op;
     uint64_t l2e, host;
-    int ret = qcow2_lookup(s, p->voff, &p->w, &l2e);
+    int ret;
 
+    if (p->r->err) {
+        /* Another part of the request failed: the request fails (and is retried whole, if
+         * the error policy parks it), so skip the rest and let it fail now. */
+        qcow2_part_done(p, 0);
+        return;
+    }
+    ret = qcow2_lookup(s, p->voff, &p->w, &l2e);
     if (ret == 1)
         return;  /* p->w resumes us */
     if (ret < 0) {

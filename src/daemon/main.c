@@ -248,6 +248,7 @@ int main(int argc, char **argv)
     runstate_add_listener(d.runstate, on_state_change, &d);
     d.devs = (struct dev_context){ .loop = d.loop, .runstate = d.runstate, .emit = emit_event,
                                    .emit_opaque = &d };
+    runstate_set_io_hooks(d.runstate, dev_context_busy, dev_context_released, &d.devs);
     d.exports = exports_new(d.graph, &d.devs);
     d.jobs = job_list_new(emit_event, &d);
     d.services = (struct qmp_services){ .runstate = d.runstate, .graph = d.graph,

@@ -151,9 +151,26 @@ static bool is_running(const struct device *d)
     return runstate_is_running(d->ctx->runstate);
 }
 
+/* Running and no stop pending: requests may go to the node. */
+static bool device_running(const struct device *d)
+{
+    return is_running(d) && !runstate_stop_pending(d->ctx->runstate);
+}
+
 bool device_accepting(const struct device *d)
 {
-    return is_running(d) && !d->held.head;
+    return is_running(d) && !runstate_stop_pending(d->ctx->runstate) && !d->held.head;
+}
+
+bool dev_context_busy(void *opaque)
+{
+    struct dev_context *ctx = opaque;
+
+    for (struct device *d = ctx->devices; d; d = d->next) {
+        if (d->in_flight)
+            return true;
+    }
+    return false;
 }
 
 void device_wait(struct device *d, struct dev_waiter *w)
@@ -287,6 +304,8 @@ static void on_block_done(struct block_req *breq, int ret)
     int err = -ret;
 
     d->in_flight--;
+    if (d->in_flight == 0)
+        runstate_poke(d->ctx->runstate);  /* a pending stop may have waited for us */
     if (d->dying) {
         /* The export is gone: no policy, no parking; the request just ends. */
         r->done(r, ret < 0 ? ret : 0);
@@ -367,12 +386,20 @@ static void resume(struct device *d)
     struct dev_req *r;
 
     d->iostatus = DEV_IOSTATUS_OK;
-    while (is_running(d) && (r = queue_pop(&d->parked)))
+    while (device_running(d) && (r = queue_pop(&d->parked)))
         dispatch(d, r);
-    while (is_running(d) && (r = queue_pop(&d->held)))
+    while (device_running(d) && (r = queue_pop(&d->held)))
         dispatch(d, r);
-    if (is_running(d))
+    if (device_running(d))
         wake_waiters(d);
+}
+
+void dev_context_released(void *opaque)
+{
+    struct dev_context *ctx = opaque;
+
+    for (struct device *d = ctx->devices; d; d = d->next)
+        resume(d);
 }
 
 static void on_runstate(void *opaque, enum run_state old_state, enum run_state new_state)

@@ -89,6 +89,12 @@ struct dev_context {
     struct dev_stop_cause last_stop;  /* the latest error with action stop */
 };
 
+/* The run state's I/O hooks (runstate_set_io_hooks()) for the devices of ctx (a struct
+ * dev_context): whether any has requests in flight (a stop waits for them), and a pending stop
+ * dropped by cont (the requests held or parked for it go). */
+bool dev_context_busy(void *ctx);
+void dev_context_released(void *ctx);
+
 /* QEMU's names: "report", "ignore", "stop", "enospc". Returns -1 for an unknown name. */
 int dev_error_action_parse(const char *s);
 const char *dev_iostatus_name(enum dev_iostatus s);

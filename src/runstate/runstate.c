@@ -23,7 +23,11 @@ struct runstate {
 
     /* A stop asked for by the I/O path and not yet carried out (deferred to the loop). */
     bool stop_requested;
+    bool stop_scheduled;       /* deferred_stop() is queued on the loop */
     enum run_state requested_state;
+    bool (*busy)(void *opaque);      /* I/O in flight: the stop waits for it */
+    void (*released)(void *opaque);  /* a pending stop was dropped by cont */
+    void *io_opaque;
 };
 
 static const char *const names[] = {
@@ -130,6 +134,9 @@ int runstate_cont(struct runstate *rs, struct error **errp)
             rs->stop_requested = false;
             rs->emit(rs->emit_opaque, "STOP", NULL);
             rs->emit(rs->emit_opaque, "RESUME", NULL);
+            /* Requests held or parked while the stop was pending go now. */
+            if (rs->released)
+                rs->released(rs->io_opaque);
         }
         return 0;
     }
@@ -144,10 +151,21 @@ static void deferred_stop(struct loop *loop, void *opaque)
 {
     struct runstate *rs = opaque;
 
+    rs->stop_scheduled = false;
     if (!rs->stop_requested)
         return;
+    if (rs->state == RUN_STATE_RUNNING && rs->busy && rs->busy(rs->io_opaque))
+        return;  /* runstate_poke() once the I/O in flight is done */
     rs->stop_requested = false;
     do_stop(rs, rs->requested_state);
+}
+
+void runstate_poke(struct runstate *rs)
+{
+    if (rs->stop_requested && !rs->stop_scheduled) {
+        rs->stop_scheduled = true;
+        loop_defer(rs->loop, deferred_stop, rs);
+    }
 }
 
 void runstate_request_stop(struct runstate *rs, enum run_state new_state)
@@ -156,7 +174,20 @@ void runstate_request_stop(struct runstate *rs, enum run_state new_state)
         return;
     rs->stop_requested = true;
     rs->requested_state = new_state;
-    loop_defer(rs->loop, deferred_stop, rs);
+    runstate_poke(rs);
+}
+
+bool runstate_stop_pending(const struct runstate *rs)
+{
+    return rs->stop_requested && rs->state == RUN_STATE_RUNNING;
+}
+
+void runstate_set_io_hooks(struct runstate *rs, bool (*busy)(void *opaque),
+                           void (*released)(void *opaque), void *opaque)
+{
+    rs->busy = busy;
+    rs->released = released;
+    rs->io_opaque = opaque;
 }
 
 void runstate_shutdown(struct runstate *rs, enum runstate_shutdown_cause cause)

@@ -13,7 +13,11 @@
  * The I/O-error path does not stop at once: runstate_request_stop() defers the stop to the end
  * of the current loop iteration, as QEMU's qemu_system_vmstop_request() does, so the
  * BLOCK_IO_ERROR that caused it goes out before the one STOP (later ones of the same batch may
- * be held back by the device's event rate limit, device.h).
+ * be held back by the device's event rate limit, device.h). Like QEMU, which drains every
+ * request in flight before its monitor can see a cont, the stop waits for the I/O in flight to
+ * finish (runstate_set_io_hooks()): a request that was running when the error came and
+ * fails too is parked before the STOP, so one cont retries everything. Meanwhile the state is
+ * still running and new requests are held (runstate_stop_pending()).
  *
  * Owned by the daemon; used from the loop thread only.
  */
@@ -78,6 +82,17 @@ int runstate_cont(struct runstate *rs, struct error **errp);
 /* Ask for a stop into new_state (RUN_STATE_IO_ERROR) at the end of this loop iteration. Several
  * requests before then make one stop. */
 void runstate_request_stop(struct runstate *rs, enum run_state new_state);
+
+/* Whether a requested stop has not been carried out yet. */
+bool runstate_stop_pending(const struct runstate *rs);
+
+/* The requested stop waits while busy(opaque) says I/O is in flight; runstate_poke() asks
+ * again. Without a check, the stop comes at the end of the loop iteration. released(opaque)
+ * is called when cont drops a pending stop (no state change, so no listener hears of it):
+ * what was held for the stop may go. */
+void runstate_set_io_hooks(struct runstate *rs, bool (*busy)(void *opaque),
+                           void (*released)(void *opaque), void *opaque);
+void runstate_poke(struct runstate *rs);
 
 /* Shut down: emit SHUTDOWN {"guest": false, "reason": cause} and go to shutdown. The daemon
  * watches for it with a listener. A second call does nothing. */

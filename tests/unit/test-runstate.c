@@ -24,6 +24,7 @@ struct fx {
     char *log[32];
     size_t n;
     size_t nevents;
+    bool busy;  /* the I/O hooks' answer: I/O in flight */
 };
 
 static void add_log(struct fx *f, char *s)
@@ -65,6 +66,16 @@ static void listener1(void *opaque, enum run_state old_state, enum run_state new
 static void listener2(void *opaque, enum run_state old_state, enum run_state new_state)
 {
     listener(opaque, "L2", old_state, new_state);
+}
+
+static bool hook_busy(void *opaque)
+{
+    return ((struct fx *)opaque)->busy;
+}
+
+static void hook_released(void *opaque)
+{
+    add_log(opaque, xstrdup("released"));
 }
 
 static int setup_in(void **state, enum run_state initial)
@@ -505,6 +516,80 @@ static void test_since_kept_without_change(void **state)
 
 #define T(fn, setup) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
+/* ---- the stop waits for the I/O in flight (runstate_set_io_hooks()) ---- */
+
+static void test_stop_waits_while_busy(void **state)
+{
+    struct fx *f = F(state);
+
+    runstate_set_io_hooks(f->rs, hook_busy, hook_released, f);
+    f->busy = true;
+    runstate_request_stop(f->rs, RUN_STATE_IO_ERROR);
+    run_loop(f);
+    /* Still running, nothing sent; the stop is pending (devices hold new requests). */
+    assert_int_equal(runstate_get(f->rs), RUN_STATE_RUNNING);
+    assert_true(runstate_stop_pending(f->rs));
+    ASSERT_LOG_EMPTY(f);
+    runstate_poke(f->rs);  /* still busy: nothing */
+    run_loop(f);
+    ASSERT_LOG_EMPTY(f);
+    f->busy = false;
+    runstate_poke(f->rs);
+    runstate_poke(f->rs);  /* twice: one stop */
+    run_loop(f);
+    assert_int_equal(runstate_get(f->rs), RUN_STATE_IO_ERROR);
+    assert_false(runstate_stop_pending(f->rs));
+    ASSERT_LOG(f, "L1 running->io-error", "STOP");
+}
+
+static void test_stop_not_busy_is_immediate(void **state)
+{
+    struct fx *f = F(state);
+
+    runstate_set_io_hooks(f->rs, hook_busy, hook_released, f);
+    runstate_request_stop(f->rs, RUN_STATE_IO_ERROR);
+    run_loop(f);
+    assert_int_equal(runstate_get(f->rs), RUN_STATE_IO_ERROR);
+    ASSERT_LOG(f, "L1 running->io-error", "STOP");
+}
+
+static void test_cont_while_waiting_releases(void **state)
+{
+    struct fx *f = F(state);
+
+    runstate_set_io_hooks(f->rs, hook_busy, hook_released, f);
+    f->busy = true;
+    runstate_request_stop(f->rs, RUN_STATE_IO_ERROR);
+    run_loop(f);
+    cont_ok(f);
+    /* QEMU's pair, no state change, and what was held for the stop is released. */
+    ASSERT_LOG(f, "STOP", "RESUME", "released");
+    assert_false(runstate_stop_pending(f->rs));
+    f->busy = false;
+    runstate_poke(f->rs);
+    run_loop(f);
+    assert_int_equal(runstate_get(f->rs), RUN_STATE_RUNNING);
+    ASSERT_LOG(f, "STOP", "RESUME", "released");
+}
+
+static void test_stop_command_while_waiting(void **state)
+{
+    struct fx *f = F(state);
+
+    /* A person's stop wins over the pending one, as before the deferred stop ran. */
+    runstate_set_io_hooks(f->rs, hook_busy, hook_released, f);
+    f->busy = true;
+    runstate_request_stop(f->rs, RUN_STATE_IO_ERROR);
+    run_loop(f);
+    runstate_stop(f->rs);
+    assert_false(runstate_stop_pending(f->rs));
+    f->busy = false;
+    runstate_poke(f->rs);
+    run_loop(f);
+    assert_int_equal(runstate_get(f->rs), RUN_STATE_PAUSED);
+    ASSERT_LOG(f, "L1 running->paused", "STOP");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -524,6 +609,10 @@ int main(void)
         T(test_request_stop_happens_in_loop, setup_running),
         T(test_several_requests_one_stop, setup_running),
         T(test_cont_with_request_pending, setup_running),
+        T(test_stop_waits_while_busy, setup_running),
+        T(test_stop_not_busy_is_immediate, setup_running),
+        T(test_cont_while_waiting_releases, setup_running),
+        T(test_stop_command_while_waiting, setup_running),
         T(test_request_after_dropped_request, setup_running),
         T(test_stop_command_before_deferred_stop, setup_running),
         T(test_request_when_paused_does_nothing, setup_running),
