@@ -35,6 +35,7 @@ from conftest import AGAINST_QEMU, QMPClient, without_timestamp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest"))
 import guest as kit  # noqa: E402
+import thin  # noqa: E402
 
 try:
     import nbd  # noqa: F401
@@ -67,39 +68,9 @@ def image():
     return kit.build_guest()
 
 
-class LoopStore:
-    """A sparse backing file attached as a loop device, with a qcow2 image made on the device."""
-
-    def __init__(self, backing, size):
-        self.backing = Path(backing)
-        with open(self.backing, "wb") as f:
-            f.truncate(size)
-        self.dev = subprocess.run(["losetup", "--find", "--show", str(self.backing)],
-                                  check=True, capture_output=True, text=True).stdout.strip()
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", self.dev, str(VIRTUAL_SIZE)],
-                       check=True)
-
-    def size(self):
-        return self.backing.stat().st_size
-
-    def device_size(self):
-        with open(self.dev, "rb") as f:
-            return f.seek(0, os.SEEK_END)
-
-    def grow(self, by):
-        """What management does: grow the backing file and tell the loop driver."""
-        with open(self.backing, "r+b") as f:
-            f.truncate(self.size() + by)
-        subprocess.run(["losetup", "-c", self.dev], check=True)
-        return self.size()
-
-    def close(self):
-        subprocess.run(["losetup", "-d", self.dev])
-
-
 @pytest.fixture
 def store(tmp_path):
-    s = LoopStore(tmp_path / "backing.img", INITIAL)
+    s = thin.LoopStore(tmp_path / "backing.img", INITIAL, VIRTUAL_SIZE)
     try:
         yield s
     finally:
@@ -119,14 +90,8 @@ class Disk:
         self.daemon = None
 
     def start(self):
-        d = self.daemons.start_raw([
-            "--chardev", f"socket,id=mon0,path={self.qmp_sock},server=on,wait=off",
-            "--monitor", "chardev=mon0",
-            "--blockdev", f"driver=host_device,node-name=proto0,filename={self.store.dev}",
-            "--blockdev", "driver=qcow2,node-name=disk0,file=proto0",
-            "--nbd-server", f"addr.type=unix,addr.path={self.nbd_sock}",
-            "--export", "type=nbd,id=disk0,node-name=disk0,name=disk0,writable=on",
-        ], sockets=[self.qmp_sock], rundir=self.rundir)
+        argv = thin.thinblkd_argv("thinblkd", self.store.dev, self.qmp_sock, self.nbd_sock)
+        d = self.daemons.start_raw(argv[1:], sockets=[self.qmp_sock], rundir=self.rundir)
         kit.wait_until(lambda: self._nbd_ready(d), 30, f"socket {self.nbd_sock}")
         self.daemon = d
         return d
