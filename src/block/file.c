@@ -324,6 +324,18 @@ static int64_t file_allocated(struct block_node *n)
     return (int64_t)sb.st_blocks * 512;
 }
 
+/* A host block device can be extended while open (lvextend, a loop device's new capacity):
+ * queries report its size now, so management sees the extension without a restart. Writes
+ * past the old end need nothing: the kernel checks them against the device's current size.
+ * A regular file keeps the size it had when opened, as before. */
+static void file_refresh_size(struct block_node *n)
+{
+    uint64_t size;
+
+    if (st(n)->is_bdev && ioctl(st(n)->fd, BLKGETSIZE64, &size) == 0 && size >= n->size)
+        n->size = size;
+}
+
 static const char *file_filename(struct block_node *n)
 {
     return st(n)->filename;
@@ -336,6 +348,7 @@ const struct block_driver block_driver_host_device = {
     .submit = file_submit,
     .allocated = file_allocated,
     .filename = file_filename,
+    .refresh_size = file_refresh_size,
 };
 
 const struct block_driver block_driver_file = {
@@ -345,4 +358,5 @@ const struct block_driver block_driver_file = {
     .submit = file_submit,
     .allocated = file_allocated,
     .filename = file_filename,
+    .refresh_size = file_refresh_size,
 };

@@ -372,6 +372,8 @@ json_t *block_node_info(struct block_node *n)
                               "dirty-flag", 0);
     json_t *info;
 
+    if (n->drv->refresh_size)
+        n->drv->refresh_size(n);
     if (allocated >= 0)
         json_object_set_new(image, "actual-size", json_integer(allocated));
     json_object_set_new(image, "virtual-size", json_integer((json_int_t)n->size));

@@ -59,6 +59,9 @@ struct block_driver {
     int64_t (*allocated)(struct block_node *n);
     /* The host file name for queries ("filename", "file"). NULL over a child, as above. */
     const char *(*filename)(struct block_node *n);
+    /* Update n->size from the storage, whose size may change under the node (a host block
+     * device that was extended: QEMU's host_device has a variable length too). May be NULL. */
+    void (*refresh_size)(struct block_node *n);
 };
 
 struct block_graph {
@@ -124,7 +127,8 @@ void block_node_unref(struct block_node *n);
 /* Submit req to n. Writes update the write threshold bookkeeping. */
 void node_submit(struct block_node *n, struct block_req *req);
 
-/* The node's entry of query-named-block-nodes (QEMU's BlockDeviceInfo). */
+/* The node's entry of query-named-block-nodes (QEMU's BlockDeviceInfo). The size of a node
+ * that can change under it (a host block device) is read again first. */
 json_t *block_node_info(struct block_node *n);
 
 /* Driver tables. */

@@ -511,47 +511,73 @@ json_t *device_query_block(struct device *d)
                      "io-status", dev_iostatus_name(d->iostatus));
 }
 
-json_t *device_query_stats(struct device *d)
+/* QEMU's BlockDeviceStats, in its schema order. s is NULL for a node below the device's root:
+ * QEMU counts requests per device, so a child node has only its wr_highest_offset. */
+static json_t *stats_object(const struct dev_stats *s, uint64_t wr_highest_offset)
 {
-    const struct dev_stats *s = &d->stats;
+    static const struct dev_stats none;
+    const struct dev_stats *z = s ? s : &none;
     uint64_t now = now_monotonic_ns();
-    uint64_t stopped_ns = s->stopped_ns + (s->stopped_since ? now - s->stopped_since : 0);
     json_t *stats = json_object();
 
 #define SET(k, v) json_object_set_new(stats, k, json_integer((json_int_t)(v)))
-    /* QEMU's BlockDeviceStats, in its schema order. */
-    SET("rd_bytes", s->rd_bytes);
-    SET("wr_bytes", s->wr_bytes);
-    SET("unmap_bytes", s->unmap_bytes);
-    SET("rd_operations", s->rd_ops);
-    SET("wr_operations", s->wr_ops);
-    SET("flush_operations", s->flush_ops);
-    SET("unmap_operations", s->unmap_ops);
-    SET("rd_total_time_ns", s->rd_ns);
-    SET("wr_total_time_ns", s->wr_ns);
-    SET("flush_total_time_ns", s->flush_ns);
-    SET("unmap_total_time_ns", s->unmap_ns);
-    SET("wr_highest_offset", d->root->wr_highest_offset);
+    SET("rd_bytes", z->rd_bytes);
+    SET("wr_bytes", z->wr_bytes);
+    SET("unmap_bytes", z->unmap_bytes);
+    SET("rd_operations", z->rd_ops);
+    SET("wr_operations", z->wr_ops);
+    SET("flush_operations", z->flush_ops);
+    SET("unmap_operations", z->unmap_ops);
+    SET("rd_total_time_ns", z->rd_ns);
+    SET("wr_total_time_ns", z->wr_ns);
+    SET("flush_total_time_ns", z->flush_ns);
+    SET("unmap_total_time_ns", z->unmap_ns);
+    SET("wr_highest_offset", wr_highest_offset);
     SET("rd_merged", 0);
     SET("wr_merged", 0);
     SET("unmap_merged", 0);
-    if (s->last_done_ns)
-        SET("idle_time_ns", now - s->last_done_ns);
-    SET("failed_rd_operations", s->failed_rd);
-    SET("failed_wr_operations", s->failed_wr);
-    SET("failed_flush_operations", s->failed_flush);
-    SET("failed_unmap_operations", s->failed_unmap);
+    if (z->last_done_ns)
+        SET("idle_time_ns", now - z->last_done_ns);
+    SET("failed_rd_operations", z->failed_rd);
+    SET("failed_wr_operations", z->failed_wr);
+    SET("failed_flush_operations", z->failed_flush);
+    SET("failed_unmap_operations", z->failed_unmap);
     SET("invalid_rd_operations", 0);
     SET("invalid_wr_operations", 0);
     SET("invalid_flush_operations", 0);
     SET("invalid_unmap_operations", 0);
     json_object_set_new(stats, "account_invalid", json_false());
-    json_object_set_new(stats, "account_failed", json_true());
+    json_object_set_new(stats, "account_failed", json_boolean(s != NULL));
     json_object_set_new(stats, "timed_stats", json_array());
-    /* thinblk's extension, named by QMP's rule for downstream members. */
-    SET("__org.thinblk_stopped-count", s->stopped_count);
-    SET("__org.thinblk_stopped-time-ns", stopped_ns);
+    if (s) {
+        /* thinblk's extension, named by QMP's rule for downstream members. */
+        uint64_t stopped_ns = s->stopped_ns + (s->stopped_since ? now - s->stopped_since : 0);
+        SET("__org.thinblk_stopped-count", s->stopped_count);
+        SET("__org.thinblk_stopped-time-ns", stopped_ns);
+    }
 #undef SET
-    return json_pack("{s:s,s:s,s:o}", "device", d->name, "node-name", d->root->node_name,
-                     "stats", stats);
+    return stats;
+}
+
+/* QEMU's "parent": the BlockStats of the node's file child, and of its own, down the chain.
+ * Management reads the protocol node's wr_highest_offset there: how far the image has grown
+ * on its storage (libvirt's "allocation", what VDSM extends by). */
+static json_t *child_stats(const struct block_node *n)
+{
+    json_t *ret = json_pack("{s:s,s:o}", "node-name", n->node_name, "stats",
+                            stats_object(NULL, n->wr_highest_offset));
+
+    if (n->file)
+        json_object_set_new(ret, "parent", child_stats(n->file));
+    return ret;
+}
+
+json_t *device_query_stats(struct device *d)
+{
+    json_t *ret = json_pack("{s:s,s:s,s:o}", "device", d->name, "node-name", d->root->node_name,
+                            "stats", stats_object(&d->stats, d->root->wr_highest_offset));
+
+    if (d->root->file)
+        json_object_set_new(ret, "parent", child_stats(d->root->file));
+    return ret;
 }
