@@ -14,13 +14,19 @@ thinblkd would reach the guest, and the tests check that none did.
 
 - test_guest_test_extends: no agent; the test itself extends on every STOP (the qcow2-on-a-loop-
   device flow of issue 4 under a real guest).
-- with thinblk-agent: see the tests below; each says what it shows.
+- test_guest_agent_keeps_up: the agent runs from the start; no stop at all.
+- test_guest_agent_started_late: the disk stops with nobody watching; the agent, started
+  afterwards, finds it stopped, extends and resumes it.
+- test_guest_agent_restarted: the agent is stopped mid-run, the disk stops, a new agent resumes it.
+- test_guest_daemon_restarted: thinblkd is restarted mid-run; QEMU's NBD client reconnects
+  (reconnect-delay) and resends what was in flight, the agent reconnects and carries on.
 
-Needs root (loop devices), qemu-system-x86_64, qemu-img, python3-libnbd and the guest kit's
+Needs root (loop devices), thinblk-agent (built with thinblkd; the agent tests fail without it), qemu-system-x86_64, qemu-img, python3-libnbd and the guest kit's
 cache ($THINBLK_GUEST_CACHE, default ~/.cache/thinblk-guest; built on first use).
 """
 
 import os
+import re
 import shutil
 import signal
 import stat
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AGAINST_QEMU, QMPClient, without_timestamp
+from conftest import AGAINST_QEMU, BUILD_DIR, QMPClient, _die_with_parent, without_timestamp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest"))
 import guest as kit  # noqa: E402
@@ -57,6 +63,9 @@ INITIAL = 32 * MIB          # the backing file's size at the start
 WRITE_MB = 192              # six times the initial allocation
 SEG_MB = 16
 CHUNK = 32 * MIB            # what one extension adds
+# The agent's policy in these tests: small, so that it extends many times during one run.
+AGENT_CHUNK, AGENT_WATERMARK = "32M", "32M"
+AGENT = BUILD_DIR / "src" / "agent" / "thinblk-agent"
 # TCG on a busy 2-CPU machine: generous. Every wait ends as soon as its condition holds.
 GUEST_TIMEOUT = 600
 
@@ -117,6 +126,10 @@ class Disk:
         d.clients = []
         d.signal(signal.SIGTERM)
         assert d.wait(60) == 0, d.stderr()[-3000:]
+        # Checked now (sockets removed, no sanitizer report), not at teardown, where a new
+        # daemon on the same paths would be taken for its leftovers.
+        assert d.shutdown() == []
+        self.daemons.daemons.remove(d)
 
 
 @pytest.fixture
@@ -186,3 +199,220 @@ def test_guest_test_extends(image, store, disk, tmp_path, record_property):
     assert stops >= (WRITE_MB * MIB - INITIAL) // CHUNK // 2, stops
     assert store.size() > WRITE_MB * MIB
     assert qmp.cmd("query-status") == {"return": RUNNING}
+
+
+# ---- with thinblk-agent ---------------------------------------------------------------------
+
+class Agent:
+    """thinblk-agent watching DISK's daemon, its device disk0 with the test policy; its stderr in
+    WORKDIR/agent-N.log. Stopped with SIGTERM (it must exit 0)."""
+
+    def __init__(self, disk, workdir, n=0):
+        if not os.access(AGENT, os.X_OK):
+            pytest.fail(f"thinblk-agent not found at {AGENT}: build it (ninja -C {BUILD_DIR})")
+        self.config = thin.write_agent_config(
+            Path(workdir) / f"agent-{n}.conf", {"d0": disk.qmp_sock},
+            [thin.AgentDisk("disk0", "d0", chunk=AGENT_CHUNK, watermark=AGENT_WATERMARK)],
+            {"poll-interval": "1s"})
+        self.log_path = Path(workdir) / f"agent-{n}.log"
+        with open(self.log_path, "wb") as err:
+            self.proc = subprocess.Popen(thin.agent_argv(AGENT, self.config),
+                                         stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                         preexec_fn=_die_with_parent)
+
+    @property
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self, pattern):
+        return [line for line in self.log.splitlines() if re.search(pattern, line)]
+
+    def wait_for(self, pattern, timeout=60, count=1):
+        def seen():
+            if self.proc.poll() is not None:
+                pytest.fail(f"thinblk-agent exited with {self.proc.returncode}:\n{self.log}")
+            return len(self.lines(pattern)) >= count
+        kit.wait_until(seen, timeout, f"agent log line {pattern!r}:\n{self.log}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"thinblk-agent did not exit on SIGTERM:\n{self.log}")
+            assert rc == 0, f"thinblk-agent exited with {rc}:\n{self.log}"
+
+
+@pytest.fixture
+def agents(tmp_path):
+    """Starts agents (agents(disk)); every one still running is stopped after the test."""
+    started = []
+
+    def start(disk):
+        a = Agent(disk, tmp_path, len(started))
+        started.append(a)
+        return a
+    yield start
+    for a in started:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+
+
+class EventWatch:
+    """Reads thinblkd's events while the guest runs, through QMP (reconnecting after a daemon
+    restart with reconnect()). Every event is kept in self.log, without its timestamp."""
+
+    def __init__(self, disk, guest):
+        self.disk, self.guest = disk, guest
+        self.qmp = disk.qmp()
+        self.log = []
+
+    def reconnect(self):
+        self.qmp = self.disk.qmp()
+
+    def poll(self, timeout=1.0):
+        """The next event, or None after TIMEOUT; fails if thinblkd died."""
+        try:
+            ev = without_timestamp(self.qmp.read_event(timeout=timeout))
+        except TimeoutError:
+            d = self.disk.daemon
+            if not d.running():
+                pytest.fail(f"thinblkd exited with {d.proc.returncode}:\n{d.stderr()[-3000:]}")
+            return None
+        self.log.append(ev)
+        return ev
+
+    def until(self, name, timeout=GUEST_TIMEOUT):
+        """Reads events until one called NAME; fails if the guest exits first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = self.poll()
+            if ev and ev["event"] == name:
+                return ev
+            if not self.guest.running():
+                pytest.fail(f"the guest exited before {name}; events {self.log}\n"
+                            f"{self.guest.console[-2000:]}")
+        pytest.fail(f"no {name} within {timeout}s; events {self.log}")
+
+    def drain_until_exit(self):
+        while self.guest.running():
+            self.poll()
+        while self.poll(timeout=0.2):
+            pass
+
+    def names(self):
+        return [e["event"] for e in self.log]
+
+
+def guest_stream(image, disk, tmp_path):
+    return kit.Guest(image, nbd_disk(disk), job="stream", mb=WRITE_MB, seg=SEG_MB,
+                     workdir=tmp_path / "guest")
+
+
+def test_guest_agent_keeps_up(image, store, disk, agents, tmp_path, record_property):
+    """With the agent running from the start, the guest writes six times the initial
+    allocation and the disk never stops: every extension comes before the space runs out."""
+    disk.start()
+    agent = agents(disk)
+    agent.wait_for(r"write threshold at")
+    with guest_stream(image, disk, tmp_path) as g:
+        w = EventWatch(disk, g)
+        w.drain_until_exit()
+        console, rc = g.wait(GUEST_TIMEOUT)
+    extended = agent.lines(r": extended ")
+    print(f"guest ran {g.elapsed:.1f} s; {len(extended)} extensions; backing file "
+          f"{store.size() >> 20} MiB; events {w.names()}")
+    record_property("extensions", len(extended))
+    check_guest(g, disk, rc)
+    assert "STOP" not in w.names() and "BLOCK_IO_ERROR" not in w.names(), w.log
+    assert w.qmp.cmd("query-status") == {"return": RUNNING}
+    # Every byte beyond the initial allocation came from the agent, in several steps.
+    assert store.size() > WRITE_MB * MIB, store.size()
+    assert len(extended) >= 4, agent.log
+    agent.stop()
+
+
+def test_guest_agent_started_late(image, store, disk, agents, tmp_path, record_property):
+    """Nobody watches: the disk runs out and stops, the guest is held. An agent started then
+    finds the daemon stopped on ENOSPC, extends and resumes it; the guest never notices."""
+    disk.start()
+    with guest_stream(image, disk, tmp_path) as g:
+        w = EventWatch(disk, g)
+        w.until("STOP")
+        reason = w.qmp.cmd("__org.thinblk_query-stop-reason")["return"]
+        assert (reason["status"], reason["io-error"]["device"], reason["io-error"]["nospace"]) \
+            == ("io-error", "disk0", True), reason
+        assert store.size() == INITIAL
+        assert g.running() and not g.markers("RESULT")
+
+        agent = agents(disk)
+        w.until("RESUME")
+        agent.wait_for(r"resuming \(cont\) after")
+        w.drain_until_exit()
+        console, rc = g.wait(GUEST_TIMEOUT)
+    names = w.names()
+    print(f"guest ran {g.elapsed:.1f} s; events {names}; backing file {store.size() >> 20} MiB")
+    record_property("events", names)
+    check_guest(g, disk, rc)
+    # One stop, the one the agent found; it kept up from then on.
+    assert names.count("STOP") == 1 and names.count("RESUME") == 1, names
+    assert names.index("STOP") < names.index("RESUME")
+    assert len(agent.lines(r"stopped on ENOSPC")) >= 1, agent.log
+    assert store.size() > WRITE_MB * MIB
+    agent.stop()
+
+
+def test_guest_agent_restarted(image, store, disk, agents, tmp_path, record_property):
+    """The agent is stopped while the guest writes; the disk runs out and stops; a second agent
+    finds it stopped and resumes it. Nothing is lost on the way."""
+    disk.start()
+    first = agents(disk)
+    first.wait_for(r"write threshold at")
+    with guest_stream(image, disk, tmp_path) as g:
+        w = EventWatch(disk, g)
+        g.wait_for_segments(3, GUEST_TIMEOUT)
+        first.stop()
+        w.until("STOP")
+        assert g.running() and not g.markers("RESULT")
+        second = agents(disk)
+        w.until("RESUME")
+        w.drain_until_exit()
+        console, rc = g.wait(GUEST_TIMEOUT)
+    names = w.names()
+    print(f"guest ran {g.elapsed:.1f} s; events {names}")
+    record_property("events", names)
+    check_guest(g, disk, rc)
+    assert names.count("STOP") == 1 and names.count("RESUME") == 1, names
+    assert second.lines(r": extended "), second.log
+    second.stop()
+
+
+def test_guest_daemon_restarted(image, store, disk, agents, tmp_path, record_property):
+    """thinblkd is stopped (SIGTERM) and started again on the same image and sockets while the
+    guest writes through it. QEMU's NBD client reconnects within its reconnect-delay and sends
+    again what had no reply; the agent reconnects and keeps extending."""
+    disk.start()
+    agent = agents(disk)
+    agent.wait_for(r"write threshold at")
+    with guest_stream(image, disk, tmp_path) as g:
+        w = EventWatch(disk, g)
+        g.wait_for_segments(4, GUEST_TIMEOUT)
+        disk.stop_daemon()
+        disk.start()
+        w.reconnect()
+        agent.wait_for(r"connected to .* again")
+        w.drain_until_exit()
+        console, rc = g.wait(GUEST_TIMEOUT)
+    print(f"guest ran {g.elapsed:.1f} s; events after the restart {w.names()}; "
+          f"{len(agent.lines(': extended '))} extensions")
+    record_property("events", w.names())
+    check_guest(g, disk, rc)
+    assert store.size() > WRITE_MB * MIB
+    # Extended after the restart too (the guest wrote most of its data after it).
+    text = agent.log
+    assert ": extended " in text[text.index(" again"):], text
+    agent.stop()
