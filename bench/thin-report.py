@@ -10,13 +10,17 @@ the hook), fio.json, fio-start and fio-end (wall clock, seconds), final-size (by
 Per run:
 - pauses: STOP events while fio ran; stall: the sum (and max) of STOP -> RESUME, from the events'
   own timestamps (thinblkd's clock, microseconds);
-- space -> I/O: for each pause, RESUME minus the moment the space was there: the end of the hook
-  run that ended last before the RESUME (method hook: thin-hook.sh's stamp after losetup -c), or
-  the time the agent's line saying the extension succeeded was read (method loop: an upper bound
-  of when the space was there, so a lower bound of the delay; 0 if the line came after RESUME);
-- over hook: for method hook, each pause's stall minus the run time of the hook that ended it:
-  the goal is at most 1 ms (a stop resolved within the hook's own time plus 1 ms);
-- extensions: successful extensions during the run (hook runs, or the agent's log lines).
+- extensions: successful extensions while fio ran, from the agent's log ("extended ... in N ms":
+  N is the extension's own time, the child process from fork to exit, as the agent measured it);
+- space -> I/O (method hook): for each pause, RESUME minus the moment the space was there, the
+  stamp thin-hook.sh takes after losetup -c returned (or the STOP, if later). It includes the
+  hook's own exit (bash) and the agent noticing it: an upper bound of the agent's part;
+- agent -> I/O: RESUME minus the time the agent's "extended" line was read (or the STOP, if
+  later): a lower bound of the agent's part (the line is written after the agent saw the child
+  exit, and read by a pipe a little after that); 0 when the RESUME came first;
+- pause - extension: each pause minus the own time of the extension that ended it. The goal,
+  "a stop resolved within the hook's own time plus 1 ms", is a maximum of at most 1 ms (an
+  extension that started before the STOP makes it smaller, even negative).
 """
 
 import json
@@ -26,8 +30,9 @@ import sys
 from pathlib import Path
 
 # The agent's log line when an extension succeeded / started (thinblk-agent(8), LOG).
-EXTENDED_RE = re.compile(r"extended")
-EXTENDING_RE = re.compile(r"extending")
+EXTENDED_RE = re.compile(r": extended \S+ from .* in ([0-9.]+) ms")
+EXTENDING_RE = re.compile(r": extending \S+ from \d+ to \d+ \(pid \d+\)")
+FAILED_RE = re.compile(r": extending \S+ from .* failed in ")
 
 
 def read_meta(d):
@@ -80,7 +85,7 @@ def idle(d):
     """No extension running: as many ended as started (hook log or agent log)."""
     lines = agent_lines(d)
     started = sum(1 for _, text in lines if EXTENDING_RE.search(text))
-    ended = sum(1 for _, text in lines if EXTENDED_RE.search(text) or "failed" in text)
+    ended = sum(1 for _, text in lines if EXTENDED_RE.search(text) or FAILED_RE.search(text))
     return started <= ended
 
 
@@ -114,54 +119,64 @@ def fio_rate(d, job):
     return f"{w['iops']:.0f} IOPS ({w['bw_bytes'] / 1e6:.0f} MB/s)"
 
 
+def extensions(lines):
+    """(time the agent's line was read, the extension's own duration in seconds as the agent
+    measured it, fork to exit) of every successful extension."""
+    out = []
+    for t, text in lines:
+        m = EXTENDED_RE.search(text)
+        if m:
+            out.append((t, float(m.group(1)) / 1e3))
+    return out
+
+
+def med_max(values):
+    return f"{ms(statistics.median(values))} / {ms(max(values))}" if values else "-"
+
+
 def row(d):
     meta = read_meta(d)
     t0 = float((d / "fio-start").read_text())
     t1 = float((d / "fio-end").read_text())
-    evs = events(d)
-    ps = pauses(evs, t0, t1)
+    ps = pauses(events(d), t0, t1)
     stalls = [(r - s) for s, r in ps if r is not None]
-    hs = [h for h in hooks(d) if h["ok"]]
-    lines = agent_lines(d)
-    if meta["method"] == "hook":
-        there = sorted(h["end"] for h in hs)
-        ext = sum(1 for h in hs if h["end"] >= t0)
-    else:
-        there = sorted(t for t, text in lines if EXTENDED_RE.search(text))
-        ext = sum(1 for t in there if t >= t0)
-    to_io, over = [], []
+    exts = extensions(agent_lines(d))
+    hook_ends = sorted(h["end"] for h in hooks(d) if h["ok"])
+    to_io, agent_to_io, over = [], [], []
     for s, r in ps:
         if r is None:
             continue
-        before = [t for t in there if t <= r]
-        if before:
-            to_io.append(r - max(before[-1], s))
-        if meta["method"] == "hook":
-            ended = [h for h in hs if h["end"] <= r]
-            if ended:
-                h = ended[-1]
-                over.append((r - s) - (h["end"] - h["start"]))
-    hook_ms = [h["end"] - h["start"] for h in hs if h["end"] >= t0]
+        # The extension that ended this pause: the last one the agent saw end before RESUME
+        # (its line may be read a little after the RESUME: allow 50 ms).
+        done = [e for e in exts if e[0] <= r + 0.05]
+        if done:
+            t, dur = done[-1]
+            agent_to_io.append(max(0.0, r - max(t, s)))
+            over.append((r - s) - dur)
+        there = [t for t in hook_ends if t <= r]
+        if there:
+            to_io.append(r - max(there[-1], s))
     unresolved = sum(1 for _, r in ps if r is None)
     size = int((d / "final-size").read_text()) if (d / "final-size").exists() else 0
-    cells = [
+    return [
         meta["job"], meta["method"], meta["chunk"], meta["watermark"],
         fio_rate(d, meta["job"]),
-        str(ext),
+        str(sum(1 for t, _ in exts if t >= t0)),
+        med_max([dur for t, dur in exts if t >= t0]),
         str(len(ps)) + (f" ({unresolved} unresolved)" if unresolved else ""),
         ms(sum(stalls)) if stalls else "0",
         ms(max(stalls)) if stalls else "-",
-        (f"{ms(statistics.median(to_io))} / {ms(max(to_io))}" if to_io else "-"),
-        (f"{ms(statistics.median(hook_ms))}" if hook_ms else "-"),
-        (f"{ms(max(over))}" if over else "-"),
+        med_max(to_io),
+        med_max(agent_to_io),
+        ms(max(over)) if over else "-",
         f"{size >> 20}",
     ]
-    return cells
 
 
-HEADER = ["job", "method", "chunk", "watermark", "write rate", "extensions", "pauses",
-          "stall ms", "max pause ms", "space->I/O ms (median / max)", "hook ms (median)",
-          "max (pause - hook) ms", "final MiB"]
+HEADER = ["job", "method", "chunk", "watermark", "write rate", "extensions",
+          "extension ms (median / max)", "pauses", "stall ms", "max pause ms",
+          "space->I/O ms (median / max)", "agent->I/O ms (median / max)",
+          "max pause - extension ms", "final MiB"]
 
 
 def main():

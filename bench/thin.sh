@@ -19,7 +19,7 @@
 #
 # Environment (defaults in brackets):
 #   SETTINGS  the settings, in order [loop:-:- loop:256M:128M loop:64M:32M hook:64M:16M
-#             hook:32M:0]
+#             hook:32M:1M]
 #   JOBS      seqwrite-1m-qd8 and/or randwrite-4k-qd32 [both]
 #   IMG_DIR   where the backing files go [/dev/shm]
 #   INITIAL   the backing file's size at the start [64M]
@@ -32,7 +32,7 @@
 set -euo pipefail
 
 build=${1:-/work/main/build}
-read -ra settings <<<"${SETTINGS:-loop:-:- loop:256M:128M loop:64M:32M hook:64M:16M hook:32M:0}"
+read -ra settings <<<"${SETTINGS:-loop:-:- loop:256M:128M loop:64M:32M hook:64M:16M hook:32M:1M}"
 read -ra jobs <<<"${JOBS:-seqwrite-1m-qd8 randwrite-4k-qd32}"
 img_dir=${IMG_DIR:-/dev/shm}
 initial=${INITIAL:-64M}
@@ -176,7 +176,7 @@ run_one() {  # run_one SETTING JOB DIR
     "$python" "$here/qmp-events.py" "$qmp" "$dir/events.jsonl" &
     local epid=$!
     pids+=("$epid")
-    wait_for "the event logger" 10 grep -q '"ready"' "$dir/events.jsonl"
+    wait_for "the event logger" 10 grep -qs '"ready"' "$dir/events.jsonl"
 
     agent_config "$dir/agent.conf" "$method" "$chunk" "$watermark" "$qmp"
     THIN_HOOK_LOG=$dir/hook.log THIN_HOOK_DELAY=${HOOK_DELAY:-0} \
@@ -185,7 +185,7 @@ run_one() {  # run_one SETTING JOB DIR
     pids+=("$apid")
     # Ready once it has connected and nothing is left to do before the writer starts (its
     # first extension, if the initial size is below the watermark, is not part of the run).
-    wait_for "the agent's connection" 10 grep -q "connected" "$dir/agent.log"
+    wait_for "the agent's connection" 10 grep -qs "connected" "$dir/agent.log"
     wait_for "the agent to be idle" 30 "$python" "$here/thin-report.py" --idle "$dir"
     echo "$(date +%s.%N)" >"$dir/fio-start"
 
