@@ -20,7 +20,8 @@ Per run:
   exit, and read by a pipe a little after that); 0 when the RESUME came first;
 - pause - extension: each pause minus the own time of the extension that ended it. The goal,
   "a stop resolved within the hook's own time plus 1 ms", is a maximum of at most 1 ms (an
-  extension that started before the STOP makes it smaller, even negative).
+  extension that started before the STOP makes it smaller, even negative); "within extension +
+  1 ms" counts the pauses that met it.
 """
 
 import json
@@ -146,9 +147,9 @@ def row(d):
     for s, r in ps:
         if r is None:
             continue
-        # The extension that ended this pause: the last one the agent saw end before RESUME
-        # (its line may be read a little after the RESUME: allow 50 ms).
-        done = [e for e in exts if e[0] <= r + 0.05]
+        # The extension that ended this pause: the last one that started before the RESUME
+        # (its line is written before the agent sends cont, but may be read after the RESUME).
+        done = [e for e in exts if e[0] - e[1] <= r]
         if done:
             t, dur = done[-1]
             agent_to_io.append(max(0.0, r - max(t, s)))
@@ -168,7 +169,8 @@ def row(d):
         ms(max(stalls)) if stalls else "-",
         med_max(to_io),
         med_max(agent_to_io),
-        ms(max(over)) if over else "-",
+        med_max(over),
+        f"{sum(1 for v in over if v <= 0.001)}/{len(over)}" if over else "-",
         f"{size >> 20}",
     ]
 
@@ -176,7 +178,7 @@ def row(d):
 HEADER = ["job", "method", "chunk", "watermark", "write rate", "extensions",
           "extension ms (median / max)", "pauses", "stall ms", "max pause ms",
           "space->I/O ms (median / max)", "agent->I/O ms (median / max)",
-          "max pause - extension ms", "final MiB"]
+          "pause - extension ms (median / max)", "within extension + 1 ms", "final MiB"]
 
 
 def main():
