@@ -20,6 +20,11 @@ thinblkd would reach the guest, and the tests check that none did.
 - test_guest_agent_restarted: the agent is stopped mid-run, the disk stops, a new agent resumes it.
 - test_guest_daemon_restarted: thinblkd is restarted mid-run; QEMU's NBD client reconnects
   (reconnect-delay) and resends what was in flight, the agent reconnects and carries on.
+- test_guest_daemon_restarted_while_stopped: thinblkd is restarted while stopped on ENOSPC (its
+  parked write dropped, never answered); QEMU sends it again to the new daemon, which stops on
+  it in turn; an agent started then resumes it.
+
+Every test ends with `qemu-img check` of the image.
 
 Needs root (loop devices), thinblk-agent (built with thinblkd; the agent tests fail without it), qemu-system-x86_64, qemu-img, python3-libnbd and the guest kit's
 cache ($THINBLK_GUEST_CACHE, default ~/.cache/thinblk-guest; built on first use).
@@ -156,6 +161,10 @@ def check_guest(g, disk, rc, mb=WRITE_MB):
     assert len(written) == mb // SEG_MB and kit.digest_list(written) == r["write-sha256"]
     assert kit.nbd_stream_digest(disk.uri, mb, SEG_MB) == r["write-sha256"]
     assert g.status == 0
+    # The image's metadata is sound (refcounts, L1/L2 tables), read beside the idle daemon.
+    check = subprocess.run(["qemu-img", "check", "-U", "-f", "qcow2", disk.store.dev],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
     return r
 
 
@@ -276,6 +285,10 @@ class EventWatch:
 
     def poll(self, timeout=1.0):
         """The next event, or None after TIMEOUT; fails if thinblkd died."""
+        if self.qmp.events:     # set aside by a command while it waited for its reply
+            ev = without_timestamp(self.qmp.events.pop(0))
+            self.log.append(ev)
+            return ev
         try:
             ev = without_timestamp(self.qmp.read_event(timeout=timeout))
         except TimeoutError:
@@ -415,4 +428,40 @@ def test_guest_daemon_restarted(image, store, disk, agents, tmp_path, record_pro
     # Extended after the restart too (the guest wrote most of its data after it).
     text = agent.log
     assert ": extended " in text[text.index(" again"):], text
+    agent.stop()
+
+
+def test_guest_daemon_restarted_while_stopped(image, store, disk, agents, tmp_path,
+                                              record_property):
+    """thinblkd stopped on ENOSPC is restarted: the parked write is dropped unanswered (nothing
+    reached the image for it), QEMU's NBD client sends it again to the new daemon, which runs
+    out in turn and stops. The agent, started then, finds that stop and resumes it."""
+    disk.start()
+    with guest_stream(image, disk, tmp_path) as g:
+        w = EventWatch(disk, g)
+        w.until("STOP")
+        held = len(g.segments())
+        disk.stop_daemon()
+        assert g.running() and not g.markers("RESULT")
+        disk.start()
+        w.reconnect()
+
+        def stopped_again():
+            status = w.qmp.cmd("query-status")["return"]["status"]
+            assert status in ("running", "io-error"), status
+            return status == "io-error"
+        kit.wait_until(stopped_again, GUEST_TIMEOUT, "the restarted thinblkd to stop")
+        reason = w.qmp.cmd("__org.thinblk_query-stop-reason")["return"]["io-error"]
+        assert (reason["device"], reason["nospace"], reason["operation"]) == \
+            ("disk0", True, "write"), reason
+        assert len(g.segments()) == held and not g.markers("RESULT")
+
+        agent = agents(disk)
+        agent.wait_for(r"resuming \(cont\) after")
+        w.drain_until_exit()
+        console, rc = g.wait(GUEST_TIMEOUT)
+    print(f"guest ran {g.elapsed:.1f} s; events after the restart {w.names()}")
+    record_property("events", w.names())
+    check_guest(g, disk, rc)
+    assert store.size() > WRITE_MB * MIB
     agent.stop()
