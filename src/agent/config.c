@@ -1,6 +1,6 @@
 /* thinblk-agent's configuration file and values. The format (thinblk-agent(8), FILES):
  *
- *   # comment               ; comment too
+ *   # comment               ; comment too      key = value   # comment
  *   [agent]                 poll-interval, retry-min, retry-max, reconnect-max,
  *                           hook-timeout, resume-on-other-errors
  *   [daemon NAME]           socket
@@ -366,6 +366,13 @@ static int parse_header(struct agent_config *cfg, char *line, enum section *sec,
 static int parse_line(struct agent_config *cfg, char *line, enum section *sec, size_t *idx,
                       struct error **errp)
 {
+    /* A '#' after white space starts a comment too ("device = vda   # the root disk"). */
+    for (char *h = strchr(line, '#'); h; h = strchr(h + 1, '#')) {
+        if (h > line && isspace((unsigned char)h[-1])) {
+            *h = '\0';
+            break;
+        }
+    }
     line = trim(line);
     if (!*line || *line == '#' || *line == ';')
         return 0;

@@ -202,9 +202,11 @@ static void arm(struct mon *m, struct disk *d, uint64_t threshold, uint64_t size
 
     if (d->armed == threshold)
         return;
-    if (mon_call(m, "block-set-write-threshold",
-                 json_pack("{s:s,s:I}", "node-name", d->proto_node, "write-threshold",
-                           (json_int_t)threshold), NULL, NULL) < 0)
+    json_t *args = json_pack("{s:s,s:I}", "node-name", d->proto_node, "write-threshold",
+                             (json_int_t)threshold);
+    int r = mon_call(m, "block-set-write-threshold", args, NULL, NULL);
+    json_decref(args);
+    if (r < 0)
         return;
     /* Said once per volume size: a re-arm after a reconnect is not news. */
     report(d, R_ARMED, LOG_LEVEL_INFO, "write threshold at %s on node %s (volume %s, "
@@ -339,7 +341,10 @@ static void decide_cont(struct mon *m, json_t *block)
         if (m->reported != R_WAITING || strcmp(m->waiting_text, why)) {
             snprintf(m->waiting_text, sizeof(m->waiting_text), "%s", why);
             m->reported = R_WAITING;
-            log_warn("daemon %s: stopped on an I/O error; not resuming: %s", m->conf->name, why);
+            /* Waiting for our own extension is the normal course; anything else is news. */
+            log_msg(strstr(why, "an extension is running") ? LOG_LEVEL_INFO : LOG_LEVEL_WARN,
+                    "daemon %s: stopped on an I/O error; not resuming yet: %s", m->conf->name,
+                    why);
         }
         return;
     }
@@ -369,6 +374,7 @@ static void process(struct mon *m)
                  m->conf->name);
         return;
     }
+    log_debug("daemon %s: reconciling: status %s", m->conf->name, st);
     bool io_error = strcmp(st, "io-error") == 0;
     if (io_error) {
         /* When it stopped: an extension finished after that covers the stop. Without

@@ -108,7 +108,8 @@ static void cli_policy(struct cli *cli, const char *key, const char *value)
 static int cli_disk(struct agent_config *cfg, struct cli *cli, const char *device,
                     const char *node, struct error **errp)
 {
-    struct agent_disk_policy *p = agent_config_add_disk(cfg, device ? device : node);
+    struct agent_disk_policy *p = agent_config_add_disk(
+        cfg, device ? (strcmp(device, "*") ? device : "(every device)") : node);
 
     p->daemon = xstrdup("default");
     if (device)

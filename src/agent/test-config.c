@@ -68,7 +68,7 @@ static const char full[] =
     "resume-on-other-errors = yes\n"
     "\n"
     "[daemon vm1]\n"
-    "socket = /run/thinblk/vm1.sock\n"
+    "socket = /run/thinblk/vm1.sock   # a comment\n"
     "[daemon vm2]\n"
     "socket=/run/thinblk/vm2.sock\n"
     "[disk a]\n"
@@ -93,6 +93,7 @@ static void test_file(void **state)
     assert_int_equal(cfg.poll_ns, 500000000ull);
     assert_true(cfg.resume_on_other_errors);
     assert_int_equal(cfg.ndaemons, 2);
+    assert_string_equal(cfg.daemons[0].socket, "/run/thinblk/vm1.sock");
     assert_string_equal(cfg.daemons[1].socket, "/run/thinblk/vm2.sock");
     assert_int_equal(cfg.ndisks, 2);
     assert_int_equal(cfg.disks[0].method, AGENT_METHOD_LOOP);
