@@ -16,10 +16,12 @@
 #   loop:64M:32M    ...
 #   hook:64M:16M    the method "hook", with bench/thin-hook.sh, which records when the space is
 #                   there (after losetup -c): the stop-to-resume time is measured against it
+#   none:-:-        the reference: no agent, the volume big enough from the start (VSIZE plus
+#                   10%): the rate this path reaches when nothing has to be extended
 #
 # Environment (defaults in brackets):
-#   SETTINGS  the settings, in order [loop:-:- loop:256M:128M loop:64M:32M hook:64M:16M
-#             hook:32M:1M]
+#   SETTINGS  the settings, in order [none:-:- loop:-:- loop:256M:128M loop:64M:32M
+#             hook:64M:16M hook:32M:1M]
 #   JOBS      seqwrite-1m-qd8 and/or randwrite-4k-qd32 [both]
 #   IMG_DIR   where the backing files go [/dev/shm]
 #   INITIAL   the backing file's size at the start [64M]
@@ -32,7 +34,7 @@
 set -euo pipefail
 
 build=${1:-/work/main/build}
-read -ra settings <<<"${SETTINGS:-loop:-:- loop:256M:128M loop:64M:32M hook:64M:16M hook:32M:1M}"
+read -ra settings <<<"${SETTINGS:-none:-:- loop:-:- loop:256M:128M loop:64M:32M hook:64M:16M hook:32M:1M}"
 read -ra jobs <<<"${JOBS:-seqwrite-1m-qd8 randwrite-4k-qd32}"
 img_dir=${IMG_DIR:-/dev/shm}
 initial=${INITIAL:-64M}
@@ -60,7 +62,7 @@ need losetup "util-linux" >/dev/null
 "$fio" --enghelp=nbd >/dev/null 2>&1 || die "$fio has no nbd engine"
 [[ $runtime =~ ^[0-9]+$ && $runtime -ge 1 ]] || die "RUNTIME must be a whole number of seconds"
 for s in "${settings[@]}"; do
-    [[ $s =~ ^(loop|hook):(-|[0-9]+[KMGkmg]?):(-|[0-9]+[KMGkmg]?)$ ]] || die "bad setting: $s"
+    [[ $s =~ ^(none|loop|hook):(-|[0-9]+[KMGkmg]?):(-|[0-9]+[KMGkmg]?)$ ]] || die "bad setting: $s"
 done
 for j in "${jobs[@]}"; do
     [[ $j == seqwrite-1m-qd8 || $j == randwrite-4k-qd32 ]] || die "unknown job: $j"
@@ -158,7 +160,11 @@ run_one() {  # run_one SETTING JOB DIR
         "initial=$initial vsize=$vsize size=$size runtime=$runtime" >"$dir/meta"
 
     backing=$(mktemp "$img_dir/thinblk-bench-thin.XXXXXX.img")
-    truncate -s "$initial" "$backing"
+    if [[ $method == none ]]; then
+        truncate -s $(($(numfmt --from=iec "$vsize") * 11 / 10)) "$backing"
+    else
+        truncate -s "$initial" "$backing"
+    fi
     loopdev=$(losetup --find --show "$backing")
     qemu-img create -q -f qcow2 "$loopdev" "$vsize"
 
@@ -178,15 +184,18 @@ run_one() {  # run_one SETTING JOB DIR
     pids+=("$epid")
     wait_for "the event logger" 10 grep -qs '"ready"' "$dir/events.jsonl"
 
-    agent_config "$dir/agent.conf" "$method" "$chunk" "$watermark" "$qmp"
-    THIN_HOOK_LOG=$dir/hook.log THIN_HOOK_DELAY=${HOOK_DELAY:-0} \
-        "$agent" --config "$dir/agent.conf" -v </dev/null 2> >(stamp >"$dir/agent.log") &
-    local apid=$!
-    pids+=("$apid")
-    # Ready once it has connected and nothing is left to do before the writer starts (its
-    # first extension, if the initial size is below the watermark, is not part of the run).
-    wait_for "the agent's connection" 10 grep -qs "connected" "$dir/agent.log"
-    wait_for "the agent to be idle" 30 "$python" "$here/thin-report.py" --idle "$dir"
+    local apid=
+    if [[ $method != none ]]; then
+        agent_config "$dir/agent.conf" "$method" "$chunk" "$watermark" "$qmp"
+        THIN_HOOK_LOG=$dir/hook.log THIN_HOOK_DELAY=${HOOK_DELAY:-0} \
+            "$agent" --config "$dir/agent.conf" -v </dev/null 2> >(stamp >"$dir/agent.log") &
+        apid=$!
+        pids+=("$apid")
+        # Ready once it has connected and nothing is left to do before the writer starts (its
+        # first extension, if the initial size is below the watermark, is not part of the run).
+        wait_for "the agent's connection" 10 grep -qs "connected" "$dir/agent.log"
+        wait_for "the agent to be idle" 30 "$python" "$here/thin-report.py" --idle "$dir"
+    fi
     echo "$(date +%s.%N)" >"$dir/fio-start"
 
     local fio_args=(--name="$job" --ioengine=nbd --uri="nbd+unix:///disk0?socket=$nbd"
@@ -203,7 +212,7 @@ run_one() {  # run_one SETTING JOB DIR
     echo "$(date +%s.%N)" >"$dir/fio-end"
     stat -c %s "$backing" >"$dir/final-size"
 
-    stop "$apid"
+    [[ -z $apid ]] || stop "$apid"
     stop "$dpid"    # the event logger sees EOF and exits
     wait "$epid" 2>/dev/null || true
     forget "$epid"
