@@ -5,8 +5,9 @@
 #   tests/guest/build-guest.sh [--refresh] [CACHE_DIR]
 #
 # CACHE_DIR defaults to $THINBLK_GUEST_CACHE, else $XDG_CACHE_HOME/thinblk-guest
-# (~/.cache/thinblk-guest). Idempotent: when
-# the cache was built by the same script and /init, it only prints the paths. --refresh
+# (~/.cache/thinblk-guest). Each version of this script and /init (its recipe) has its own
+# build in CACHE_DIR/builds/<recipe>; the kernel package is shared. Idempotent: when
+# that build exists, it only prints the paths. --refresh
 # re-resolves the kernel package (picks up a newer Debian kernel). Missing tools are installed
 # with apt-get (needs root); the kernel is fetched with apt-get download.
 #
@@ -34,8 +35,8 @@ log() { echo "build-guest: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 print_paths() {
-    echo "KERNEL=$cache/vmlinuz"
-    echo "INITRD=$cache/initramfs.gz"
+    echo "KERNEL=$out/vmlinuz"
+    echo "INITRD=$out/initramfs.gz"
     echo "KVER=$1"
 }
 
@@ -44,10 +45,14 @@ exec 9>"$cache/.lock"
 flock 9
 
 recipe=$(cat "$here/build-guest.sh" "$here/init" | sha256sum | cut -d' ' -f1)
-stamp="$cache/stamp"
-if [ $refresh = 0 ] && [ -f "$stamp" ] && [ -f "$cache/vmlinuz" ] && [ -f "$cache/initramfs.gz" ]; then
+# One build per recipe, so that trees with different versions of /init (other branches,
+# worktrees) share the cache without replacing each other's initramfs under a running test.
+out="$cache/builds/${recipe:0:16}"
+stamp="$out/stamp"
+if [ $refresh = 0 ] && [ -f "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.gz" ]; then
     read -r s_recipe s_kpkg s_kver <"$stamp" || true
     if [ "${s_recipe:-}" = "$recipe" ] && [ -n "${s_kver:-}" ]; then
+        touch "$out"    # in use: not pruned (see the end)
         print_paths "$s_kver"
         exit 0
     fi
@@ -188,8 +193,12 @@ mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
 
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -6n >"$work/initramfs.gz"
 cp "$vmlinuz" "$work/vmlinuz"
-mv -f "$work/vmlinuz" "$cache/vmlinuz"
-mv -f "$work/initramfs.gz" "$cache/initramfs.gz"
+mkdir -p "$out"
+mv -f "$work/vmlinuz" "$out/vmlinuz"
+mv -f "$work/initramfs.gz" "$out/initramfs.gz"
 echo "$recipe $kpkg $kver" >"$stamp"
-log "built $cache/initramfs.gz ($(stat -c %s "$cache/initramfs.gz") bytes) for $kver"
+log "built $out/initramfs.gz ($(stat -c %s "$out/initramfs.gz") bytes) for $kver"
+# Builds of other recipes unused for two days go.
+find "$cache/builds" -mindepth 1 -maxdepth 1 -type d -mtime +2 ! -path "$out" \
+    -exec rm -rf {} + 2>/dev/null || true
 print_paths "$kver"

@@ -8,6 +8,12 @@
         r = g.result()                           # {'job': 'write', 'write-sha256': ..., ...}
         assert r["write-sha256"] == r["readback-sha256"] and not g.io_error
 
+    # Far more data than the guest's RAM: the stream job, one segment at a time.
+    with Guest(image, NbdDisk(sock, "disk", reconnect_delay=30), job="stream", mb=256, seg=16) as g:
+        g.wait(timeout=600)
+        r = g.result()
+        assert r["write-sha256"] == r["readback-sha256"] == nbd_stream_digest(uri, 256, 16)
+
 The guest's /init (tests/guest/init) documents the jobs and the THINBLK-* console markers.
 Synchronise on the console with wait_for_line(); never with sleeps.
 
@@ -103,6 +109,10 @@ class NbdDisk:
     export: str = ""
     werror: str = "report"
     rerror: str = "report"
+    # Seconds QEMU's NBD client keeps failed and new requests while it reconnects to a server
+    # that went away (QEMU's reconnect-delay; 0: fail them at once). Requests in flight when the
+    # connection broke are sent again once reconnected.
+    reconnect_delay: int = 0
     shared_memory = False
 
     def qemu_args(self, i):
@@ -110,6 +120,8 @@ class NbdDisk:
         blockdev = f"driver=nbd,node-name={node},server.type=unix,server.path={self.socket}"
         if self.export:
             blockdev += f",export={self.export}"
+        if self.reconnect_delay:
+            blockdev += f",reconnect-delay={self.reconnect_delay}"
         return ["-blockdev", blockdev,
                 "-device", f"virtio-blk-pci,id=vblk{i},drive={node},"
                            f"werror={self.werror},rerror={self.rerror}"]
@@ -139,6 +151,46 @@ def pattern(mb, seed, off=0):
     return b"".join(
         (f"thinblk seed={seed} sector={s}".ljust(511) + "\n").encode()
         for s in range(first, first + mb * 2048))
+
+
+def digest_list(hexes):
+    """The stream job's overall digest: sha256 of its segment digests, one "<hex>\\n" line each."""
+    return hashlib.sha256("".join(h + "\n" for h in hexes).encode()).hexdigest()
+
+
+def stream_segment_digests(read, mb, seg, off=0):
+    """sha256 of every SEG MiB segment of MB MiB at OFF MiB, READ(offset, length) -> bytes
+    giving the disk's contents (a file, or an NBD export: nbd_reader())."""
+    out = []
+    for at in range(off, off + mb, seg):
+        h = hashlib.sha256()
+        for m in range(at, at + seg):
+            h.update(read(m * MIB, MIB))
+        out.append(h.hexdigest())
+    return out
+
+
+def nbd_reader(uri):
+    """(read(offset, length) -> bytes, close()) over an NBD URI, with python3-libnbd."""
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+
+    def close():
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
+    return (lambda offset, length: h.pread(length, offset)), close
+
+
+def nbd_stream_digest(uri, mb, seg, off=0):
+    """digest_list() of the stream job's segments as read back through an NBD export."""
+    read, close = nbd_reader(uri)
+    try:
+        return digest_list(stream_segment_digests(read, mb, seg, off))
+    finally:
+        close()
 
 
 def file_sha256(path, offset=0, length=None):
@@ -199,7 +251,16 @@ def _die_with_parent():
 # ---- the guest ---------------------------------------------------------------------------------
 
 _RESULT_RE = re.compile(r"THINBLK-RESULT ([^\n]*)")
-_INT_KEYS = {"mb", "off", "dd-status", "read-status"}
+_INT_KEYS = {"mb", "off", "seg", "i", "dd-status", "read-status"}
+
+
+def _fields(text):
+    r = {}
+    for tok in text.split():
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            r[k] = int(v) if k in _INT_KEYS and v.lstrip("-").isdigit() else v
+    return r
 
 
 class Guest:
@@ -208,12 +269,12 @@ class Guest:
     WORKDIR/console.log (QEMU's stderr to WORKDIR/qemu.err); WORKDIR defaults to a temporary
     folder removed on close."""
 
-    def __init__(self, image, disks, job="write", mb=8, off=0, bs=None, seed=None, mem=512,
-                 append="", extra_args=(), workdir=None, qmp=False):
+    def __init__(self, image, disks, job="write", mb=8, off=0, bs=None, seed=None, seg=None,
+                 mem=512, append="", extra_args=(), workdir=None, qmp=False):
         self.image = image
         self.disks = list(disks) if isinstance(disks, (list, tuple)) else [disks]
         self.mem = mem
-        params = {"job": job, "mb": mb, "off": off, "bs": bs, "seed": seed}
+        params = {"job": job, "mb": mb, "off": off, "bs": bs, "seed": seed, "seg": seg}
         self.append = " ".join(["console=ttyS0 quiet panic=-1"] +
                                [f"thinblk.{k}={v}" for k, v in params.items() if v is not None] +
                                ([append] if append else []))
@@ -337,17 +398,22 @@ class Guest:
         return [m.group(1) or "" for m in map(rx.search, self.console.splitlines()) if m]
 
     def result(self):
-        """The THINBLK-RESULT line as a dict ('job', 'mb', 'off', 'write-sha256',
+        """The THINBLK-RESULT line as a dict ('job', 'mb', 'off', 'seg', 'write-sha256',
         'readback-sha256', 'read-sha256', 'dd-status', 'read-status'; ints where numeric)."""
         m = _RESULT_RE.search(self.console)
         if not m:
             self._fail("no THINBLK-RESULT line on the console")
-        r = {}
-        for tok in m.group(1).split():
-            if "=" in tok:
-                k, v = tok.split("=", 1)
-                r[k] = int(v) if k in _INT_KEYS and v.lstrip("-").isdigit() else v
-        return r
+        return _fields(m.group(1))
+
+    def segments(self, name="SEG"):
+        """The stream job's THINBLK-SEG (written) or THINBLK-RSEG (read back) markers so far, as
+        dicts ('i', 'off', 'write-sha256' or 'readback-sha256', 'dd-status' or 'read-status')."""
+        return [_fields(text) for text in self.markers(name)]
+
+    def wait_for_segments(self, n, timeout=300):
+        """Waits until the stream job has written N segments; returns them."""
+        self.wait_for_line(rf"THINBLK-SEG i={n - 1} ", timeout)
+        return self.segments()
 
     @property
     def io_error(self):
@@ -380,6 +446,7 @@ def main():
     ap.add_argument("--job", default="shell")
     ap.add_argument("--mb", type=int, default=8)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--seg", type=int)
     ap.add_argument("--cache-dir")
     a = ap.parse_args()
     if a.file:
@@ -388,7 +455,7 @@ def main():
         disk = NbdDisk(a.nbd, a.export)
     else:
         disk = VhostUserBlkDisk(a.vhost_user)
-    guest = Guest(build_guest(a.cache_dir), disk, job=a.job, mb=a.mb, seed=a.seed,
+    guest = Guest(build_guest(a.cache_dir), disk, job=a.job, mb=a.mb, seed=a.seed, seg=a.seg,
                   workdir=tempfile.gettempdir())
     cmd = guest.command()
     os.execvp(cmd[0], cmd)
