@@ -39,11 +39,14 @@
 #include <string.h>
 
 #include "block/qcow2.h"
+#include "block/sync-io.h"
 #include "common/log.h"
 #include "common/util.h"
 
 #define BATCH_MAX 512
 #define MERGE_MAX (4u << 20)  /* bytes: larger runs are written in several requests */
+#define AHEAD_BYTES (8u << 20) /* reserved ahead when a batch takes clusters at next_free */
+#define AHEAD_MAX 512          /* clusters: the most reserved ahead at once */
 
 enum { K_L1, K_L2, K_RB };
 
@@ -79,6 +82,7 @@ struct resv {
     bool inc;                /* needs an increment (not a spare, whose refcount is 1) */
     struct qcow2_chunk *rb;  /* the increment's chunk */
     bool linked;
+    bool ahead;              /* reserved ahead for later batches, no part of this one */
 };
 
 struct newl2 {
@@ -115,7 +119,8 @@ struct qcow2_batch {
     struct block_req flush;
     struct block_req *discards;
     struct qcow2_cover *cover;
-    bool wrote;              /* A wrote something: flush before B */
+    bool wrote;              /* A wrote refcounts or L2 tables, or uses spares: flush before B */
+    bool durable;            /* A's refcounts are on disk (flushed): ahead clusters usable */
 };
 
 /* Refcount structure growth, one write at a time (rare: once per refcount block's worth). */
@@ -618,7 +623,8 @@ static int part_cmp(const void *a, const void *b)
 
 static int32_t reserve(struct qcow2_batch *b, uint64_t cluster, bool spare)
 {
-    b->resv = xrealloc(b->resv, (b->nresv + 1) * sizeof(*b->resv));
+    if ((b->nresv & (b->nresv - 1)) == 0)  /* 0, 1, 2, 4...: grow to the next power of 2 */
+        b->resv = xrealloc(b->resv, (b->nresv ? 2 * b->nresv : 1) * sizeof(*b->resv));
     b->resv[b->nresv] = (struct resv){.cluster = cluster, .inc = !spare};
     return (int32_t)b->nresv++;
 }
@@ -747,7 +753,8 @@ static int take_clusters(struct qcow2_state *s, size_t n, uint64_t *out, bool *f
                          bool *spare)
 {
     size_t got = 0;
-    uint64_t nf = n - MIN(n, s->spare.n + s->free.n);
+    uint64_t na = s->ahead_end - s->ahead_next;
+    uint64_t nf = n - MIN(n, s->spare.n + s->free.n + na);
 
     for (uint64_t cl = s->next_free; cl < s->next_free + nf; cl++) {
         if (!qcow2_rt_block(s, cl >> s->rb_bits))
@@ -762,6 +769,11 @@ static int take_clusters(struct qcow2_state *s, size_t n, uint64_t *out, bool *f
         spare[got] = false;
         fresh[got] = false;
         out[got++] = s->free.v[--s->free.n];
+    }
+    while (got < n && s->ahead_next < s->ahead_end) {
+        spare[got] = true;   /* refcount 1 already, and flushed */
+        fresh[got] = true;
+        out[got++] = s->ahead_next++;
     }
     while (got < n) {
         spare[got] = false;
@@ -786,7 +798,9 @@ static int step_assign(struct qcow2_state *s, struct qcow2_batch *b)
         return 1;
     uint64_t *cl = xmalloc(n * sizeof(*cl));
     bool *fresh = xmalloc(n * sizeof(*fresh)), *spare = xmalloc(n * sizeof(*spare));
-    size_t nf = n - MIN(n, s->spare.n + s->free.n);
+    size_t nf = n - MIN(n, s->spare.n + s->free.n + (s->ahead_end - s->ahead_next));
+    uint64_t nf_start = s->next_free;
+    b->wrote = b->wrote || s->spare.n;  /* a spare's refcount may not be flushed yet */
     int ret = take_clusters(s, n, cl, fresh, spare);
     if (ret == 0) {
         free(cl);
@@ -811,6 +825,18 @@ static int step_assign(struct qcow2_state *s, struct qcow2_batch *b)
     free(cl);
     free(fresh);
     free(spare);
+    if (nf && s->next_free == nf_start + nf) {
+        /* Allocating at the end of the image: reserve the clusters after the batch's too
+         * (as far as refcount blocks exist), counted by the same refcount writes, so that
+         * the next batches find them ready. */
+        uint64_t want = MIN(MAX(AHEAD_BYTES / cs, 1), AHEAD_MAX);
+        for (uint64_t i = 0; i < want; i++) {
+            if (!qcow2_rt_block(s, s->next_free >> s->rb_bits))
+                break;
+            int32_t r = reserve(b, s->next_free++, false);
+            b->resv[r].ahead = true;
+        }
+    }
     return 1;
 }
 
@@ -875,7 +901,9 @@ static void newl2_done(struct block_req *req, int ret)
 static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
 {
     b->pending = 1;
-    b->wrote = b->incs.n || b->nnl2;
+    /* Refcounts and new L2 tables must be on disk before anything links them; data only
+     * written (the entry is written after the data write completed). */
+    b->wrote = b->wrote || b->incs.n || b->nnl2;
     chunks_write(s, &b->incs);
     for (size_t j = 0; j < b->nnl2; j++) {
         int ret = qcow2_pre_write(s, b->nl2[j].host, s->cluster_size, false);
@@ -899,7 +927,6 @@ static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
         }
         size_t j = data_run(s, b, i);
         b->pending++;
-        b->wrote = true;
         qcow2_cow_fill(s, p, fill_done);
         i = j;
     }
@@ -1017,6 +1044,13 @@ static void batch_end(struct qcow2_state *s, struct qcow2_batch *b, int err)
         struct resv *v = &b->resv[r];
         if (v->linked)
             continue;
+        if (v->ahead && b->durable && v->rb && v->rb->ret == 0 &&
+            (s->ahead_next == s->ahead_end || s->ahead_end == v->cluster)) {
+            if (s->ahead_next == s->ahead_end)
+                s->ahead_next = v->cluster;
+            s->ahead_end = v->cluster + 1;
+            continue;
+        }
         if (!v->inc || (v->rb && v->rb->ret == 0))
             vpush(&s->spare, v->cluster);   /* refcount 1, nothing links it */
         else
@@ -1097,6 +1131,7 @@ static void batch_run(struct qcow2_state *s)
                 batch_end(s, b, b->err);
                 return;
             }
+            b->durable = true;
             b->step = B_B;
             b->pending = 1;
             chunks_write(s, &b->links);
@@ -1228,6 +1263,72 @@ void qcow2_alloc_inplace_done(struct qcow2_state *s)
             vpush(&s->free, s->freeing.v[i]);
         s->freeing.n = 0;
     }
+}
+
+static int u64_cmp(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+void qcow2_alloc_close(struct qcow2_state *s)
+{
+    struct qcow2_u64v cl = {0};
+    uint64_t cs, mask;
+    void *buf;
+
+    if (!s || !s->writable || s->corrupt || s->batch)
+        return;
+    for (uint64_t c = s->ahead_next; c < s->ahead_end; c++)
+        vpush(&cl, c);
+    for (size_t i = 0; i < s->spare.n; i++)
+        vpush(&cl, s->spare.v[i]);
+    s->ahead_next = s->ahead_end = 0;
+    s->spare.n = 0;
+    if (!cl.n)
+        return;
+    qsort(cl.v, cl.n, sizeof(*cl.v), u64_cmp);
+    cs = s->cluster_size;
+    mask = (1ULL << s->rb_bits) - 1;
+    buf = qcow2_alloc_buf(cs);
+    for (size_t i = 0; i < cl.n;) {
+        uint64_t b = cl.v[i] >> s->rb_bits, block = qcow2_rt_block(s, b);
+        uint64_t lo = UINT64_MAX, hi = 0;
+        struct error *err = NULL;
+        size_t j = i;
+
+        while (j < cl.n && cl.v[j] >> s->rb_bits == b)
+            j++;
+        if (!block || node_pread_sync(s->file, buf, cs, block, &err) < 0)
+            goto leak;
+        for (size_t k = i; k < j; k++) {
+            uint64_t idx = cl.v[k] & mask, v = qcow2_refcount_get(s, buf, idx);
+            if (v == 0 || (k > i && cl.v[k] == cl.v[k - 1]))
+                continue;
+            qcow2_refcount_set(s, buf, idx, v - 1);
+            lo = MIN(lo, (idx << s->refcount_order) >> 3);
+            hi = MAX(hi, ((idx << s->refcount_order) >> 3) + 1);
+        }
+        if (hi) {
+            uint64_t g = s->meta_align, start = lo & ~(g - 1);
+            uint64_t end = MIN((hi + g - 1) & ~(g - 1), cs);
+            if (node_pwrite_sync(s->file, (char *)buf + start, end - start, block + start,
+                                 &err) < 0)
+                goto leak;
+            qcow2_cache_patch(s->rb_cache, block, (uint32_t)start, (char *)buf + start,
+                              (uint32_t)(end - start));
+        }
+        i = j;
+        continue;
+leak:
+        log_warn("qcow2 %s: cannot release %zu reserved clusters%s%s: leaked",
+                 s->node->node_name, j - i, err ? ": " : "", err ? err->desc : "");
+        error_free(err);
+        i = j;
+    }
+    free(buf);
+    free(cl.v);
 }
 
 void qcow2_alloc_cleanup(struct qcow2_state *s)

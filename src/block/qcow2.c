@@ -375,6 +375,7 @@ fail:
 
 static void qcow2_close(struct block_node *n)
 {
+    qcow2_alloc_close(n->opaque);
     state_free(n->opaque);
 }
 

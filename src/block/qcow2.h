@@ -183,6 +183,11 @@ struct qcow2_state {
      * host byte from there has been written since open, nor was in the file then. */
     uint64_t next_free, hwm;
     struct qcow2_u64v spare, free, freeing;
+    /* Clusters reserved ahead: [ahead_next, ahead_end) have refcount 1 on disk (written and
+     * flushed), nothing links them, nothing was written to them since open, and they are
+     * handed out in order before next_free, so that a stream of allocations needs neither a
+     * refcount write nor a flush per batch. Released (and spares too) on close. */
+    uint64_t ahead_next, ahead_end;
     unsigned inplace;           /* writes in place in flight */
     bool kicking, kick_scheduled;
     struct uring_op kick_uop;   /* starts a batch once the parts queued meanwhile are in */
@@ -235,6 +240,8 @@ void qcow2_alloc_enqueue(struct qcow2_state *s, struct qcow2_part *p);
 /* A write in place finished (s->inplace was decremented). */
 void qcow2_alloc_inplace_done(struct qcow2_state *s);
 void qcow2_alloc_cleanup(struct qcow2_state *s);
+/* Close: give the clusters reserved ahead and the spares back (refcount 0), synchronously. */
+void qcow2_alloc_close(struct qcow2_state *s);
 /* Fill the bytes of p's new data cluster that the write does not cover (copy-on-write):
  * the one place for it, see qcow2-alloc.c. Calls done(p, ret), maybe inside the call. */
 void qcow2_cow_fill(struct qcow2_state *s, struct qcow2_part *p,
