@@ -36,6 +36,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "block/qcow2.h"
@@ -46,6 +47,7 @@
 #define BATCH_MAX 512
 #define MERGE_MAX (4u << 20)  /* bytes: larger runs are written in several requests */
 #define AHEAD_BYTES (8u << 20) /* reserved ahead when a batch takes clusters at next_free */
+#define BOUNCE_KEEP (8u << 20) /* bytes: a larger bounce buffer is freed after its batch */
 #define AHEAD_MAX 512          /* clusters: the most reserved ahead at once */
 
 enum { K_L1, K_L2, K_RB };
@@ -121,6 +123,7 @@ struct qcow2_batch {
     struct qcow2_cover *cover;
     bool wrote;              /* A wrote refcounts or L2 tables, or uses spares: flush before B */
     bool durable;            /* A's refcounts are on disk (flushed): ahead clusters usable */
+    char *bounce;            /* merged data writes of parts from different buffers */
 };
 
 /* Refcount structure growth, one write at a time (rare: once per refcount block's worth). */
@@ -545,6 +548,13 @@ static void data_submit(struct qcow2_state *s, struct qcow2_part *p)
         off = p->host;
         len = cs;
         buf = p->cow_buf;
+    } else if (p->run_buf) {
+        off = p->host;
+        buf = p->run_buf;
+        for (struct qcow2_part *q = p; q; q = q->run_next) {
+            memcpy(p->run_buf + len, q->buf, q->len);
+            len += q->len;
+        }
     } else {
         off = p->host + (p->voff & (cs - 1));
         buf = p->buf;
@@ -580,33 +590,55 @@ static bool from_compressed(const struct qcow2_state *s, const struct qcow2_part
     return qcow2_classify(s, p->old_l2e) == QCOW2_COMPRESSED;
 }
 
-/* Merge p's followers into its data write where guest, host and buffer are contiguous and
- * nothing needs filling. Returns the index after the run. */
-static size_t data_run(struct qcow2_state *s, struct qcow2_batch *b, size_t i)
+static bool whole_fresh(const struct qcow2_state *s, const struct qcow2_part *q)
+{
+    return q->act == QCOW2_ACT_ALLOC && q->len == s->cluster_size && !from_compressed(s, q);
+}
+
+/* Merge p's followers into its data write where host clusters are contiguous and nothing
+ * needs filling: in place where guest and buffer are contiguous too, else whole clusters
+ * copied into the batch's bounce buffer at *bounce_at. Returns the index after the run. */
+static size_t data_run(struct qcow2_state *s, struct qcow2_batch *b, size_t i,
+                       uint64_t *bounce_at)
 {
     struct qcow2_part *p = b->p[i];
     uint32_t cs = s->cluster_size;
     uint64_t total = p->len;
     size_t j = i + 1;
+    bool copy = false;
 
     p->run_next = NULL;
+    p->run_buf = NULL;
     if (p->act != QCOW2_ACT_ALLOC || from_compressed(s, p) || cow_from_backing(s, p) ||
         (p->len != cs && !p->fill_skip))
         return j;
     struct qcow2_part *last = p;
     while (j < b->n && total < MERGE_MAX) {
         struct qcow2_part *q = b->p[j];
-        bool ok = q->act == QCOW2_ACT_ALLOC && q->r == p->r && !from_compressed(s, q) &&
-                  (last->voff + last->len) % cs == 0 && q->voff == last->voff + last->len &&
-                  q->host == last->host + cs && q->buf == last->buf + last->len &&
-                  !cow_from_backing(s, q) && (q->len == cs || q->fill_skip);
-        if (!ok)
+        if (q->act != QCOW2_ACT_ALLOC || q->host != last->host + cs)
             break;
+        bool inplace = !copy && q->r == p->r && !from_compressed(s, q) &&
+                       (last->voff + last->len) % cs == 0 && q->voff == last->voff + last->len &&
+                       q->buf == last->buf + last->len && !cow_from_backing(s, q) &&
+                       (q->len == cs || q->fill_skip);
+        if (!inplace) {
+            /* Whole clusters from other buffers: copied together. */
+            bool all = whole_fresh(s, q);
+            for (struct qcow2_part *x = p; all && x; x = x->run_next)
+                all = whole_fresh(s, x);
+            if (!all)
+                break;
+            copy = true;
+        }
         last->run_next = q;
         q->run_next = NULL;
         last = q;
         total += q->len;
         j++;
+    }
+    if (copy) {
+        p->run_buf = b->bounce + *bounce_at;
+        *bounce_at += total;
     }
     return j;
 }
@@ -919,13 +951,24 @@ static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
         b->pending++;
         node_submit(s->file, req);
     }
+    size_t whole = 0;
+    uint64_t bounce_at = 0;
+    for (size_t i = 0; i < b->n; i++)
+        whole += whole_fresh(s, b->p[i]);
+    if (whole > 1 && s->bounce_len < whole * s->cluster_size) {
+        free(s->bounce);
+        s->bounce_len = whole * s->cluster_size;
+        if (posix_memalign(&s->bounce, 4096, s->bounce_len) != 0)
+            abort();
+    }
+    b->bounce = s->bounce;
     for (size_t i = 0; i < b->n;) {
         struct qcow2_part *p = b->p[i];
         if (p->act == QCOW2_ACT_SET) {
             i++;
             continue;
         }
-        size_t j = data_run(s, b, i);
+        size_t j = data_run(s, b, i, &bounce_at);
         b->pending++;
         qcow2_cow_fill(s, p, fill_done);
         i = j;
@@ -1068,6 +1111,11 @@ static void batch_end(struct qcow2_state *s, struct qcow2_batch *b, int err)
     free(b->dec.v);
     free(b->freed.v);
     free(b->discards);
+    if (s->bounce_len > BOUNCE_KEEP) {
+        free(s->bounce);
+        s->bounce = NULL;
+        s->bounce_len = 0;
+    }
     s->batch = NULL;
     for (size_t i = 0; i < b->n; i++) {
         struct qcow2_part *p = b->p[i];
@@ -1337,6 +1385,9 @@ void qcow2_alloc_cleanup(struct qcow2_state *s)
     free(s->free.v);
     free(s->freeing.v);
     s->spare = s->free = s->freeing = (struct qcow2_u64v){0};
+    free(s->bounce);
+    s->bounce = NULL;
+    s->bounce_len = 0;
 }
 
 /* ---- refcount structure growth ------------------------------------------------------------ */

@@ -106,6 +106,7 @@ struct qcow2_part {
     void *cow_buf;             /* the whole cluster, when some of it is filled */
     struct qcow2_zread *zr;    /* copy-on-write from a compressed cluster */
     struct qcow2_part *run_next;  /* parts whose data write is merged into this one's */
+    char *run_buf;             /* their bytes copied together (in the batch's buffer), or NULL */
     struct qcow2_chunk *link;  /* the metadata chunk whose write makes the change reachable */
     void (*fill_done)(struct qcow2_part *p, int ret);
     int ret;
@@ -188,6 +189,8 @@ struct qcow2_state {
      * handed out in order before next_free, so that a stream of allocations needs neither a
      * refcount write nor a flush per batch. Released (and spares too) on close. */
     uint64_t ahead_next, ahead_end;
+    void *bounce;               /* the batch's merged data writes (not zeroed), kept */
+    size_t bounce_len;
     unsigned inplace;           /* writes in place in flight */
     bool kicking, kick_scheduled;
     struct uring_op kick_uop;   /* starts a batch once the parts queued meanwhile are in */
