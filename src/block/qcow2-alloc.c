@@ -8,14 +8,19 @@
  * clusters, never an entry pointing at a cluster with refcount 0 or at unwritten data:
  *
  *   prepare  L2 lookups; host clusters reserved: spares (refcount 1 already), then free
- *            clusters, then a contiguous run at next_free, after growing the refcount
+ *            clusters, then the run reserved ahead (refcount 1, flushed), then a contiguous
+ *            run at next_free, and with it up to AHEAD_BYTES more for the next batches (the
+ *            same refcount writes count them), after growing the refcount
  *            structures if the run has no refcount block (struct cover: new blocks and table
  *            written, increments, flush, link, flush, old table freed);
  *   A        in parallel: the refcount increments (one write per run of dirty refcount block
  *            chunks), the data clusters (guest bytes plus qcow2_cow_fill(); runs of clusters
- *            contiguous in guest, host and buffer merged into one write), new L2 tables whole
- *            (with their entries);
- *   flush    one child flush (skipped with cache.no-flush);
+ *            contiguous in host merged into one write: in place when contiguous in guest and
+ *            buffer too, else whole clusters copied into a bounce buffer), new L2 tables
+ *            whole (with their entries);
+ *   flush    one child flush, if A wrote refcounts or L2 tables or the batch uses spares
+ *            (skipped with cache.no-flush): data need only be written before its entry,
+ *            so a batch served from the run reserved ahead needs no flush at all;
  *   B        in parallel: the L2 entries (one write per run of dirty L2 chunks) and the L1
  *            entries of new L2 tables: the changes become reachable here;
  *   flush    only if clusters are to be freed (C must never reach the disk before B);
@@ -29,6 +34,9 @@
  * written fails, and is retryable: clusters reserved for it whose refcount reached the disk
  * go to the spare list, the others to the free list (their refcount is still 0), so a retry
  * uses the same clusters and nothing leaks. A failed decrement leaks its clusters.
+ *
+ * Clusters reserved ahead and spares have refcount 1 and nothing linking them: a crash
+ * leaks them (at most AHEAD_MAX clusters ahead), a close gives them back (qcow2_alloc_close).
  *
  * Dirty bit and lazy refcounts: refcounts are written before anything links a cluster, so
  * the image is never dirty and this driver never sets the dirty bit.
