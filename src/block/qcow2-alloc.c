@@ -307,6 +307,8 @@ static void chunks_write(struct qcow2_state *s, struct chunkset *cs)
 {
     struct qcow2_batch *b = s->batch;
 
+    if (!cs->n)
+        return;
     qsort(cs->v, cs->n, sizeof(*cs->v), chunk_cmp);
     for (size_t i = 0; i < cs->n;) {
         size_t j = i + 1;
