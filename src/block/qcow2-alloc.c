@@ -291,7 +291,8 @@ static void chunks_write(struct qcow2_state *s, struct chunkset *cs)
 {
     struct qcow2_batch *b = s->batch;
 
-    qsort(cs->v, cs->n, sizeof(*cs->v), chunk_cmp);
+    if (cs->n > 1)  /* cs->v is NULL while empty: qsort's pointer must not be */
+        qsort(cs->v, cs->n, sizeof(*cs->v), chunk_cmp);
     for (size_t i = 0; i < cs->n;) {
         size_t j = i + 1;
         uint64_t len = cs->v[i]->len;
