@@ -76,22 +76,37 @@ static int reserve(struct repair *r, uint64_t n, struct error **errp)
     if (n <= r->n)
         return 0;
     uint64_t cap = MAX(n, r->n + r->n / 4);
-    uint32_t *cnt = cap <= SIZE_MAX / 4 ? realloc(r->cnt, cap * 4) : NULL;
-    if (cnt)
-        r->cnt = cnt;
-    uint8_t *excl = cnt ? realloc(r->excl, cap / 8 + 1) : NULL;
-    if (!excl) {
-        error_setg(errp, "qcow2: not enough memory to repair the dirty image (%" PRIu64
-                   " clusters)", cap);
-        return -1;
+    uint32_t *cnt = NULL;
+    uint8_t *excl = NULL;
+
+    if (cap <= SIZE_MAX / 4 && !r->cnt) {
+        /* The first time, for the whole file: calloc() leaves untouched pages unallocated. */
+        cnt = calloc(cap, 4);
+        excl = cnt ? calloc(cap / 8 + 1, 1) : NULL;
+        if (excl) {
+            r->cnt = cnt;
+            r->excl = excl;
+            r->n = cap;
+            return 0;
+        }
+        free(cnt);
+    } else if (cap <= SIZE_MAX / 4) {
+        cnt = realloc(r->cnt, cap * 4);
+        if (cnt)
+            r->cnt = cnt;
+        excl = cnt ? realloc(r->excl, cap / 8 + 1) : NULL;
+        if (excl) {
+            r->excl = excl;
+            memset(r->cnt + r->n, 0, (cap - r->n) * 4);
+            /* The new bytes (bits from r->n in the byte before were never set). */
+            memset(r->excl + r->n / 8 + 1, 0, cap / 8 - r->n / 8);
+            r->n = cap;
+            return 0;
+        }
     }
-    r->excl = excl;
-    memset(r->cnt + r->n, 0, (cap - r->n) * 4);
-    /* The new bytes (bits from r->n in the byte before were never set: all are zero). */
-    size_t had = r->n ? r->n / 8 + 1 : 0;
-    memset(r->excl + had, 0, cap / 8 + 1 - had);
-    r->n = cap;
-    return 0;
+    error_setg(errp, "qcow2: not enough memory to repair the dirty image (%" PRIu64
+               " clusters)", cap);
+    return -1;
 }
 
 static bool excl_bit(const struct repair *r, uint64_t c)
