@@ -469,13 +469,6 @@ def test_corrupt_image_refused_read_write(daemons, tmp_path):
                                     "read-only": True}) == {"return": {}}
 
 
-def test_dirty_image_refused_read_write(daemons, tmp_path):
-    img = tmp_path / "disk.qcow2"
-    create(img, MiB)
-    patch_header(img, 72, ">Q", 1)
-    assert "dirty" in open_error(daemons, img)
-
-
 def test_refused_on_command_line(daemons, tmp_path):
     img = tmp_path / "disk.qcow2"
     create(img, MiB)
