@@ -481,6 +481,24 @@ def test_refused_on_command_line(daemons, tmp_path):
     assert "Unsupported qcow2 feature(s): Unknown incompatible feature: 100000" in r.stderr
 
 
+def test_small_caches_from_the_command_line(daemons, tmp_path):
+    """l2-cache-size and refcount-cache-size as key=value options (integers, as QEMU's),
+    small enough that tables are evicted and loaded again all the time."""
+    size, cs = 64 * MiB, 4 * KiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, cs)
+    make_ref(ref, size)
+    srv = Served(daemons, img, qcow2_opts=",l2-cache-size=8192,refcount-cache-size=8192")
+    random_workload(srv, ref, size, cs, seed=99)
+    srv.stop()
+    assert_clean(img, ref)
+    r = subprocess.run([daemons.binary(), "--blockdev", f"driver=file,node-name=f0,filename={img}",
+                        "--blockdev", "driver=qcow2,node-name=q0,file=f0,l2-cache-size=1M"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1
+    assert "Parameter 'l2-cache-size' expects integer" in r.stderr, r.stderr
+
+
 # ---- running out of space -------------------------------------------------------------
 
 @pytest.fixture
