@@ -2,10 +2,11 @@
  *
  * The input is the whole image file. It is written to a temporary file in /tmp, opened
  * through blockdev-add's path (block_node_create: a read-only "qcow2" node over an inline
- * "file" node) with a real loop and io_uring, as in the daemon. If it opens, a few reads go
- * through node_submit() (the start, the middle and the end of the virtual disk) and the loop
- * runs until they are all done. Then the node is deleted. Errors are fine; crashes, leaks,
- * hangs and sanitizer reports are not.
+ * "file" node) with a real loop and io_uring, as in the daemon; writable when the header's
+ * dirty bit is set, so that the open-time repair (qcow2-repair.c) runs on it. If it opens,
+ * a few reads go through node_submit() (the start, the middle and the end of the virtual
+ * disk) and the loop runs until they are all done. Then the node is deleted. Errors are
+ * fine; crashes, leaks, hangs and sanitizer reports are not.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -107,9 +108,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* backing=null: the header's backing file name is still parsed and checked, but a fuzzed
      * name must not make the target open arbitrary host files (a FIFO would block it). */
+    int ro = !(size >= 80 && (data[79] & 1));
     json_t *opts = json_pack("{s:s,s:s,s:b,s:n,s:{s:s,s:s,s:b}}", "driver", "qcow2",
-                             "node-name", "q0", "read-only", 1, "backing", "file", "driver",
-                             "file", "filename", path, "read-only", 1);
+                             "node-name", "q0", "read-only", ro, "backing", "file", "driver",
+                             "file", "filename", path, "read-only", ro);
     struct block_node *n = block_node_create(g.fb.graph, opts, &err);
     json_decref(opts);
     unlink(path);  /* the file node keeps it open; open() has read the metadata */

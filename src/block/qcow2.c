@@ -3,13 +3,16 @@
  * Options (QEMU's BlockdevOptionsQcow2, the part we have): file (the child: a node name or
  * inline options), backing (a node name, inline options, or null: the image is read without
  * its backing file; absent: the file the image names, see qcow2-backing.c),
- * l2-cache-size and refcount-cache-size (bytes).
+ * l2-cache-size and refcount-cache-size (bytes), lazy-refcounts (accepted, checked as QEMU
+ * does, and otherwise without effect: refcounts are always written before the entries that
+ * use them, so this driver never sets the dirty bit).
  *
  * What this version does (see issue 4 for the rest):
  *  - opens images qemu-img writes: cluster sizes 512 B to 2 MiB, refcounts 1 to 64 bits wide;
  *    refuses, with a clear error, external data files, encryption, extended L2
- *    entries, compression other than zlib and unknown incompatible features; opens corrupt,
- *    dirty (lazy refcounts not yet repaired) and snapshotted images read-only only;
+ *    entries, compression other than zlib and unknown incompatible features; opens corrupt
+ *    and snapshotted images read-only only; repairs dirty images (lazy refcounts) at a
+ *    writable open, as QEMU does (qcow2-repair.c), and reads them as they are read-only;
  *  - reads: unallocated clusters read from the backing node (zeroes without one), zero
  *    clusters as zeroes; compressed clusters (zlib) are
  *    inflated when built with zlib (THINBLK_HAVE_ZLIB), fail ENOTSUP otherwise and on writes;
@@ -191,14 +194,8 @@ static int parse_header(struct qcow2_state *s, const uint8_t *c0, uint32_t cs,
         error_setg(errp, "qcow2: Image is corrupt; cannot be opened read/write");
         return -1;
     }
-    if (s->incompat & QCOW2_INCOMPAT_DIRTY) {
-        /* Refcounts may be behind the L2 tables (lazy refcounts): allocating from them could
-         * overwrite live clusters. QEMU repairs the image at open; we do not yet. */
-        if (s->writable) {
-            error_setg(errp, "qcow2: the image is dirty (lazy refcounts were not written "
-                       "back); repair it with 'qemu-img check -r all' or open it read-only");
-            return -1;
-        }
+    if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && !s->writable) {
+        /* Reads do not need the refcounts; a writable open repairs them (qcow2_repair()). */
         log_warn("qcow2 %s: the image is dirty; its refcounts need 'qemu-img check -r all'",
                  s->node->node_name);
     }
@@ -289,6 +286,13 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
     if (take_size(opts, "l2-cache-size", &l2_bytes, errp) < 0 ||
         take_size(opts, "refcount-cache-size", &rb_bytes, errp) < 0)
         return -1;
+    json_t *lazy = json_object_get(opts, "lazy-refcounts");
+    if (lazy && !json_is_boolean(lazy)) {
+        error_setg(errp, "Invalid parameter type for 'lazy-refcounts', expected: boolean");
+        return -1;
+    }
+    bool lazy_on = lazy && json_is_true(lazy);
+    json_object_del(opts, "lazy-refcounts");
     child = block_node_open_child(n->graph, json_object_get(opts, "file"), "file", errp);
     if (!child)
         return -1;
@@ -333,23 +337,31 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
     if (node_pread_sync(child, c0, s->cluster_size, 0, errp) < 0 ||
         parse_header(s, c0, s->cluster_size, &size, errp) < 0)
         goto fail;
+    if (lazy_on && s->version < 3) {
+        error_setg(errp, "Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                   "compatibility level");
+        goto fail;
+    }
     s->rb_bits = s->cluster_bits + 3 - s->refcount_order;
     s->header = qcow2_alloc_buf(s->meta_align);
     memcpy(s->header, c0, s->meta_align);
     if (load_tables(s, size, errp) < 0)
         goto fail;
     if (s->writable) {
-        if (qcow2_refcount_scan(s, errp) < 0)
-            goto fail;
         if (s->autoclear) {
             /* The spec: a writer that does not know an autoclear feature clears it (we know
-             * none, e.g. bitmaps that our writes would leave stale). */
+             * none, e.g. bitmaps that our writes would leave stale). Before a repair: the
+             * clusters of such a feature are then no longer in use. */
             static const uint8_t zero8[8];
             if (node_pwrite_sync(child, zero8, 8, 88, errp) < 0)
                 goto fail;
             memset((uint8_t *)s->header + 88, 0, 8);
             s->autoclear = 0;
         }
+        if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && qcow2_repair(s, errp) < 0)
+            goto fail;
+        if (qcow2_refcount_scan(s, errp) < 0)
+            goto fail;
     }
     s->l2_cache = qcow2_cache_new(child, s->cluster_size,
                                   (unsigned)MIN(MAX(l2_bytes / s->cluster_size, 4),

@@ -5,7 +5,8 @@
  * qcow2-alloc.c (cluster allocation: the one place that changes metadata),
  * qcow2-refcount.c (refcount entries of any width, the open-time scan),
  * qcow2-cache.c (the L2 table and refcount block caches),
- * qcow2-backing.c (backing files: opening the chain, reads and copy-on-write through it).
+ * qcow2-backing.c (backing files: opening the chain, reads and copy-on-write through it),
+ * qcow2-repair.c (a dirty image's refcounts rebuilt at a writable open).
  *
  * Tables are kept in memory exactly as on disk (big-endian), so that a metadata update is a
  * copy of the aligned chunk holding the entry, patched, written, and copied back on success:
@@ -283,5 +284,13 @@ uint64_t qcow2_rt_block(const struct qcow2_state *s, uint64_t b);
 /* Open: validate the refcount table and set next_free from the last referenced cluster,
  * reading refcount blocks synchronously. Returns 0 or -1 with *errp set. */
 int qcow2_refcount_scan(struct qcow2_state *s, struct error **errp);
+
+/* qcow2-repair.c */
+/* Open, writable, the dirty bit set: rebuild the refcounts from every reference, fix the
+ * refcount blocks (adding blocks and moving the table if needed), clear the dirty bit.
+ * Blocking I/O (sync-io.h); before the caches exist. Updates s->rt, rt_offset, rt_clusters,
+ * rt_entries, l1, header and incompat. Returns 0, or -1 with *errp set (naming
+ * 'qemu-img check -r all') if the image cannot be repaired safely. */
+int qcow2_repair(struct qcow2_state *s, struct error **errp);
 
 #endif

@@ -16,8 +16,9 @@ static const struct {
 } kv_types[] = {
     /* BlockdevOptions and its drivers' */
     { "read-only", KV_BOOL }, { "auto-read-only", KV_BOOL }, { "force-share", KV_BOOL },
-    { "direct", KV_BOOL }, { "no-flush", KV_BOOL },
+    { "direct", KV_BOOL }, { "no-flush", KV_BOOL }, { "lazy-refcounts", KV_BOOL },
     { "offset", KV_INT }, { "size", KV_INT },
+    { "l2-cache-size", KV_INT }, { "refcount-cache-size", KV_INT },
     /* the fault driver's rules */
     { "after", KV_INT }, { "length", KV_INT }, { "once", KV_BOOL },
     { "errno", KV_INT_OR_STRING },
