@@ -109,6 +109,7 @@ struct qcow2_part {
     struct qcow2_part *run_next;  /* parts whose data write is merged into this one's */
     char *run_buf;             /* their bytes copied together (in the batch's buffer), or NULL */
     struct qcow2_chunk *link;  /* the metadata chunk whose write makes the change reachable */
+    struct qcow2_batch *batch; /* the batch it is in */
     void (*fill_done)(struct qcow2_part *p, int ret);
     int ret;
 };
@@ -196,7 +197,8 @@ struct qcow2_state {
     bool kicking, kick_scheduled;
     struct uring_op kick_uop;   /* starts a batch once the parts queued meanwhile are in */
     struct qcow2_part *queue_head, **queue_tail;
-    struct qcow2_batch *batch;  /* the batch in progress: one at a time */
+    struct qcow2_batch *batch;  /* the oldest batch in progress */
+    struct qcow2_batch *batch2; /* the next one, started while batch links (see qcow2-alloc.c) */
     bool corrupt;               /* marked corrupt: every write fails */
     /* Clusters of L2 tables and refcount blocks in use (open addressing, 0 = empty slot:
      * cluster 0 is the header's), for the overlap checks. */
