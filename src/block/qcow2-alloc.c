@@ -31,8 +31,10 @@
  *            to the file.
  *
  * Pipelining: two batches at most, s->batch and s->batch2. Once s->batch has submitted B
- * and nothing after B writes refcounts (no new L2 tables, nothing to free: b->pipe), the next
- * batch (s->batch2) may run its prepare, A and flush meanwhile; it takes no part of a guest
+ * and nothing after B writes refcounts (no new L2 tables, nothing to free: b->pipe), or
+ * already once it has submitted A if A writes data only and no flush follows (b->early), the
+ * next batch (s->batch2) may run its prepare, A and flush meanwhile (each its own bounce
+ * buffer); it takes no part of a guest
  * cluster s->batch has, and needs refcount structure growth or B only once it is s->batch
  * (b->gated until batch_end() of the one before hands over). So only one batch ever writes
  * L2 or L1 chunks or refcount blocks at a time, and as B copies its chunks from memory after
@@ -145,7 +147,10 @@ struct qcow2_batch {
     bool wrote;              /* A wrote refcounts or L2 tables, or uses spares: flush before B */
     bool durable;            /* A's refcounts are on disk (flushed): ahead clusters usable */
     char *bounce;            /* merged data writes of parts from different buffers */
+    int slot;                /* which of s->bounce: the other batch's is the other one */
     bool gated;              /* waits to become s->batch (B_GATE, or growth in B_ASSIGN) */
+    bool early;              /* A writes data only, nothing after it but B: the next batch may
+                              * run its prepare and A from now on (no refcount write) */
     bool pipe;               /* from B on, the next batch may run its prepare and A */
 };
 
@@ -1044,13 +1049,13 @@ static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
     uint64_t bounce_at = 0;
     for (size_t i = 0; i < b->n; i++)
         whole += whole_fresh(s, b->p[i]);
-    if (whole > 1 && s->bounce_len < whole * s->cluster_size) {
-        free(s->bounce);
-        s->bounce_len = whole * s->cluster_size;
-        if (posix_memalign(&s->bounce, 4096, s->bounce_len) != 0)
+    if (whole > 1 && s->bounce_len[b->slot] < whole * s->cluster_size) {
+        free(s->bounce[b->slot]);
+        s->bounce_len[b->slot] = whole * s->cluster_size;
+        if (posix_memalign(&s->bounce[b->slot], 4096, s->bounce_len[b->slot]) != 0)
             abort();
     }
-    b->bounce = s->bounce;
+    b->bounce = s->bounce[b->slot];
     for (size_t i = 0; i < b->n;) {
         struct qcow2_part *p = b->p[i];
         if (p->act == QCOW2_ACT_SET) {
@@ -1061,6 +1066,15 @@ static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
         b->pending++;
         qcow2_cow_fill(s, p, fill_done);
         i = j;
+    }
+    if (b == s->batch && !b->wrote && !b->err) {
+        /* Data writes only, no flush and nothing to free after B: the next batch may start
+         * (b->pending holds b meanwhile). */
+        b->early = true;
+        for (size_t i = 0; i < b->n && b->early; i++)
+            b->early = b->p[i]->act != QCOW2_ACT_SET && !from_compressed(s, b->p[i]);
+        if (b->early)
+            kick(s);
     }
     batch_io_done(b, 0);
 }
@@ -1216,10 +1230,10 @@ static void batch_end(struct qcow2_state *s, struct qcow2_batch *b, int err)
     } else {
         s->batch2 = NULL;
     }
-    if (s->bounce_len > BOUNCE_KEEP && !s->batch) {
-        free(s->bounce);
-        s->bounce = NULL;
-        s->bounce_len = 0;
+    if (s->bounce_len[b->slot] > BOUNCE_KEEP) {
+        free(s->bounce[b->slot]);
+        s->bounce[b->slot] = NULL;
+        s->bounce_len[b->slot] = 0;
     }
     for (size_t i = 0; i < b->n; i++) {
         struct qcow2_part *p = b->p[i];
@@ -1392,7 +1406,8 @@ static struct qcow2_batch **batch_slot(struct qcow2_state *s)
 {
     if (!s->batch)
         return &s->batch;
-    if (!s->batch2 && s->batch->pipe && s->batch->step >= B_B)
+    if (!s->batch2 && ((s->batch->pipe && s->batch->step >= B_B) ||
+                       (s->batch->early && s->batch->step == B_A)))
         return &s->batch2;
     return NULL;
 }
@@ -1415,6 +1430,7 @@ static void kick(struct qcow2_state *s)
         }
         b->w.cb = wait_cb;
         b->s = s;
+        b->slot = slot == &s->batch2 ? !s->batch->slot : 0;
         *slot = b;
         batch_run(b);
     }
@@ -1525,9 +1541,11 @@ void qcow2_alloc_cleanup(struct qcow2_state *s)
     free(s->free.v);
     free(s->freeing.v);
     s->spare = s->free = s->freeing = (struct qcow2_u64v){0};
-    free(s->bounce);
-    s->bounce = NULL;
-    s->bounce_len = 0;
+    for (int i = 0; i < 2; i++) {
+        free(s->bounce[i]);
+        s->bounce[i] = NULL;
+        s->bounce_len[i] = 0;
+    }
 }
 
 /* ---- refcount structure growth ------------------------------------------------------------ */

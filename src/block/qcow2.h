@@ -191,8 +191,8 @@ struct qcow2_state {
      * handed out in order before next_free, so that a stream of allocations needs neither a
      * refcount write nor a flush per batch. Released (and spares too) on close. */
     uint64_t ahead_next, ahead_end;
-    void *bounce;               /* the batch's merged data writes (not zeroed), kept */
-    size_t bounce_len;
+    void *bounce[2];            /* the batches' merged data writes (not zeroed), kept */
+    size_t bounce_len[2];
     unsigned inplace;           /* writes in place in flight */
     bool kicking, kick_scheduled;
     struct uring_op kick_uop;   /* starts a batch once the parts queued meanwhile are in */
