@@ -2,10 +2,11 @@
  *
  * The only code that changes the image's metadata. Parts that need a change wait in a FIFO
  * queue; the allocator takes every queued part into one batch (at most BATCH_MAX, one part
- * per guest cluster: a second part for the same cluster waits for the next batch and then
- * finds the cluster allocated) and runs the batch in phases, each waiting for the one
- * before, so that a process killed or a power failure at any point leaves at worst leaked
- * clusters, never an entry pointing at a cluster with refcount 0 or at unwritten data:
+ * per guest cluster, the first to arrive: a second part for the same cluster waits for the
+ * next batch and then finds the cluster allocated, so overlapping writes land in order) and
+ * runs the batch in phases, each waiting for the one before, so that a process killed or a
+ * power failure at any point leaves at worst leaked clusters, never an entry pointing at a
+ * cluster with refcount 0 or at unwritten data:
  *
  *   prepare  L2 lookups; host clusters reserved: spares (refcount 1 already), then free
  *            clusters, then the run reserved ahead (refcount 1, flushed), then a contiguous
@@ -22,11 +23,23 @@
  *            (skipped with cache.no-flush): data need only be written before its entry,
  *            so a batch served from the run reserved ahead needs no flush at all;
  *   B        in parallel: the L2 entries (one write per run of dirty L2 chunks) and the L1
- *            entries of new L2 tables: the changes become reachable here;
+ *            entries of new L2 tables: the changes become reachable here. The chunks are
+ *            copied from memory at B, not before (see pipelining);
  *   flush    only if clusters are to be freed (C must never reach the disk before B);
  *   C        refcount decrements of the clusters B unlinked (discard, write-zeroes with
  *            unmap, compressed clusters rewritten), then discards of the freed clusters down
  *            to the file.
+ *
+ * Pipelining: two batches at most, s->batch and s->batch2. Once s->batch has submitted B
+ * and nothing after B writes refcounts (no new L2 tables, nothing to free: b->pipe), or
+ * already once it has submitted A if A writes data only and no flush follows (b->early), the
+ * next batch (s->batch2) may run its prepare, A and flush meanwhile (each its own bounce
+ * buffer); it takes no part of a guest
+ * cluster s->batch has, and needs refcount structure growth or B only once it is s->batch
+ * (b->gated until batch_end() of the one before hands over). So only one batch ever writes
+ * L2 or L1 chunks or refcount blocks at a time, and as B copies its chunks from memory after
+ * the batch before finished, the entries of both batches in one chunk are merged. Clusters
+ * reserved ahead are handed over at the start of B (their refcounts are durable then).
  *
  * Memory follows the disk (qcow2.h): a chunk is copied from the table in memory when the
  * batch first touches it, patched there, and copied back once its write succeeded.
@@ -81,6 +94,7 @@ struct chunkset {
 struct mwrite {
     struct block_req req;
     struct qcow2_state *s;
+    struct qcow2_batch *b;
     struct qcow2_chunk **c;
     size_t n;
     char *merged;
@@ -93,6 +107,7 @@ struct resv {
     struct qcow2_chunk *rb;  /* the increment's chunk */
     bool linked;
     bool ahead;              /* reserved ahead for later batches, no part of this one */
+    bool handed;             /* ahead: handed on to s->ahead_next..ahead_end */
 };
 
 struct newl2 {
@@ -104,7 +119,7 @@ struct newl2 {
 };
 
 enum {
-    B_LOOKUP, B_ASSIGN, B_INCS, B_BUILD, B_A, B_FLUSH1, B_B, B_FLUSH2, B_DECS, B_C,
+    B_LOOKUP, B_ASSIGN, B_INCS, B_BUILD, B_A, B_FLUSH1, B_GATE, B_LINKS, B_B, B_FLUSH2, B_DECS, B_C,
     B_DISCARD, B_END,
 };
 
@@ -132,6 +147,11 @@ struct qcow2_batch {
     bool wrote;              /* A wrote refcounts or L2 tables, or uses spares: flush before B */
     bool durable;            /* A's refcounts are on disk (flushed): ahead clusters usable */
     char *bounce;            /* merged data writes of parts from different buffers */
+    int slot;                /* which of s->bounce: the other batch's is the other one */
+    bool gated;              /* waits to become s->batch (B_GATE, or growth in B_ASSIGN) */
+    bool early;              /* A writes data only, nothing after it but B: the next batch may
+                              * run its prepare and A from now on (no refcount write) */
+    bool pipe;               /* from B on, the next batch may run its prepare and A */
 };
 
 /* Refcount structure growth, one write at a time (rare: once per refcount block's worth). */
@@ -153,7 +173,7 @@ struct qcow2_cover {
     bool committed;          /* something reached the disk: skip the clusters on failure */
 };
 
-static void batch_run(struct qcow2_state *s);
+static void batch_run(struct qcow2_batch *b);
 static void kick(struct qcow2_state *s);
 static void cover_run(struct qcow2_state *s);
 static void cover_end(struct qcow2_state *s, int ret);
@@ -262,20 +282,19 @@ static void chunk_commit(struct qcow2_state *s, struct qcow2_chunk *c)
     }
 }
 
-static void batch_io_done(struct qcow2_state *s, int ret)
+static void batch_io_done(struct qcow2_batch *b, int ret)
 {
-    struct qcow2_batch *b = s->batch;
-
     if (ret < 0 && !b->err)
         b->err = ret;
     if (--b->pending == 0)
-        batch_run(s);
+        batch_run(b);
 }
 
 static void mwrite_done(struct block_req *req, int ret)
 {
     struct mwrite *w = container_of(req, struct mwrite, req);
     struct qcow2_state *s = w->s;
+    struct qcow2_batch *b = w->b;
 
     for (size_t i = 0; i < w->n; i++) {
         w->c[i]->ret = ret;
@@ -291,7 +310,7 @@ static void mwrite_done(struct block_req *req, int ret)
     free(w->merged);
     free(w->c);
     free(w);
-    batch_io_done(s, ret);
+    batch_io_done(b, ret);
 }
 
 static int chunk_cmp(const void *a, const void *b)
@@ -303,10 +322,8 @@ static int chunk_cmp(const void *a, const void *b)
 }
 
 /* Write every chunk of cs, runs contiguous on disk merged; b->pending counts the writes. */
-static void chunks_write(struct qcow2_state *s, struct chunkset *cs)
+static void chunks_write(struct qcow2_state *s, struct qcow2_batch *b, struct chunkset *cs)
 {
-    struct qcow2_batch *b = s->batch;
-
     if (!cs->n)
         return;
     qsort(cs->v, cs->n, sizeof(*cs->v), chunk_cmp);
@@ -318,6 +335,7 @@ static void chunks_write(struct qcow2_state *s, struct chunkset *cs)
             len += cs->v[j++]->len;
         struct mwrite *w = xzalloc(sizeof(*w));
         w->s = s;
+        w->b = b;
         w->n = j - i;
         w->c = xmalloc(w->n * sizeof(*w->c));
         memcpy(w->c, cs->v + i, w->n * sizeof(*w->c));
@@ -339,11 +357,10 @@ static void chunks_write(struct qcow2_state *s, struct chunkset *cs)
 
 /* Touch the refcount entry of cluster cl in cs and add delta to it there. Returns the chunk,
  * NULL if the block is loading (b->w waits), or an error in *err. */
-static struct qcow2_chunk *refcount_touch(struct qcow2_state *s, struct chunkset *cs,
-                                          uint64_t cl, int delta, int *err)
-{
-    struct qcow2_batch *b = s->batch;
-    uint64_t block = qcow2_rt_block(s, cl >> s->rb_bits);
+static struct qcow2_chunk *refcount_touch(struct qcow2_state *s, struct qcow2_batch *b,
+                                          struct chunkset *cs, uint64_t cl, int delta,
+                                          int *err)
+{    uint64_t block = qcow2_rt_block(s, cl >> s->rb_bits);
     uint64_t idx = cl & ((1ULL << s->rb_bits) - 1);
     uint32_t o = s->refcount_order;
 
@@ -545,7 +562,7 @@ static void data_done(struct block_req *req, int ret)
     if (ret < 0)
         log_warn("qcow2 %s: data write at %" PRIu64 " failed: %s", s->node->node_name,
                  req->offset, strerror(-ret));
-    batch_io_done(s, ret);
+    batch_io_done(p->batch, ret);
 }
 
 static void data_submit(struct qcow2_state *s, struct qcow2_part *p)
@@ -589,7 +606,7 @@ static void fill_done(struct qcow2_part *p, int ret)
         log_warn("qcow2 %s: copy-on-write for offset %" PRIu64 " failed: %s",
                  s->node->node_name, p->voff, strerror(-ret));
         p->ret = ret;
-        batch_io_done(s, ret);
+        batch_io_done(p->batch, ret);
         return;
     }
     data_submit(s, p);
@@ -655,12 +672,17 @@ static size_t data_run(struct qcow2_state *s, struct qcow2_batch *b, size_t i,
 
 /* ---- the batch ------------------------------------------------------------------------ */
 
+/* By guest cluster (one part per cluster goes in a batch: then by guest offset too), parts
+ * of one cluster in arrival order (p->ri until step_lookup()). */
 static int part_cmp(const void *a, const void *b)
 {
     const struct qcow2_part *x = *(struct qcow2_part *const *)a;
     const struct qcow2_part *y = *(struct qcow2_part *const *)b;
+    uint64_t cs = x->r->s->cluster_size;
 
-    return x->voff < y->voff ? -1 : x->voff > y->voff;
+    if (x->voff / cs != y->voff / cs)
+        return x->voff / cs < y->voff / cs ? -1 : 1;
+    return x->ri < y->ri ? -1 : x->ri > y->ri;
 }
 
 static int32_t reserve(struct qcow2_batch *b, uint64_t cluster, bool spare)
@@ -671,9 +693,30 @@ static int32_t reserve(struct qcow2_batch *b, uint64_t cluster, bool spare)
     return (int32_t)b->nresv++;
 }
 
-/* Take the batch's parts: the queue, up to BATCH_MAX, one part per guest cluster. */
+/* Whether batch b (parts sorted by guest offset) has a part in guest cluster gc. */
+static bool batch_has(const struct qcow2_state *s, const struct qcow2_batch *b, uint64_t gc)
+{
+    size_t lo = 0, hi = b->n;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        uint64_t c = b->p[mid]->voff >> s->cluster_bits;
+        if (c == gc)
+            return true;
+        if (c < gc)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return false;
+}
+
+/* Take the batch's parts: the queue, up to BATCH_MAX, one part per guest cluster, none in a
+ * cluster of the batch still running (s->batch, linking): those wait for the next batch and
+ * then find their cluster allocated. */
 static struct qcow2_batch *batch_new(struct qcow2_state *s)
 {
+    const struct qcow2_batch *prev = s->batch;
     struct qcow2_batch *b = xzalloc(sizeof(*b));
     struct qcow2_part *keep = NULL, **keep_tail = &keep;
     uint64_t cs = s->cluster_size;
@@ -692,13 +735,17 @@ static struct qcow2_batch *batch_new(struct qcow2_state *s)
             continue;
         }
         p->next = NULL;
+        p->ri = (int32_t)b->n;  /* until step_lookup(): the queue's order, for part_cmp() */
         b->p[b->n++] = p;
     }
+    /* Parts of one cluster in arrival order: the first goes in this batch, the others later,
+     * so that overlapping writes land in the order they came. */
     qsort(b->p, b->n, sizeof(*b->p), part_cmp);
     size_t n = 0;
     for (size_t i = 0; i < b->n; i++) {
         struct qcow2_part *p = b->p[i];
-        if (n && b->p[n - 1]->voff / cs == p->voff / cs) {
+        if ((n && b->p[n - 1]->voff / cs == p->voff / cs) ||
+            (prev && batch_has(s, prev, p->voff / cs))) {
             *keep_tail = p;       /* the same cluster: next batch */
             keep_tail = &p->next;
             continue;
@@ -730,7 +777,6 @@ static void batch_drop(struct qcow2_batch *b, size_t i)
 static int step_lookup(struct qcow2_state *s, struct qcow2_batch *b)
 {
     uint32_t l2_bits = s->cluster_bits - 3;
-    uint64_t cs = s->cluster_size;
 
     while (b->i < b->n) {
         struct qcow2_part *p = b->p[b->i];
@@ -758,6 +804,7 @@ static int step_lookup(struct qcow2_state *s, struct qcow2_batch *b)
         p->run_next = NULL;
         p->ret = 0;
         p->link = NULL;
+        p->batch = b;
         p->fill_skip = false;
         if (l2_off && !(l1e & QCOW2_OFLAG_COPIED)) {
             log_error("qcow2 %s: L2 table %" PRIu64 " is shared; cannot update it in place",
@@ -768,12 +815,7 @@ static int step_lookup(struct qcow2_state *s, struct qcow2_batch *b)
         }
         if (p->act == QCOW2_ACT_REWRITE)
             p->host = l2e & QCOW2_OFFSET_MASK;
-        if (l2_off) {
-            /* The table is in the cache: qcow2_lookup() just found it. */
-            const void *table = qcow2_cache_get(s->l2_cache, l2_off, &b->w);
-            uint64_t l2_idx = (p->voff >> s->cluster_bits) & ((1ULL << l2_bits) - 1);
-            p->link = chunk_touch(s, &b->links, K_L2, l2_off, table, cs, l2_off, l2_idx * 8);
-        } else {
+        if (!l2_off) {
             size_t j;
             for (j = 0; j < b->nnl2 && b->nl2[j].l1_idx != l1_idx; j++)
                 ;
@@ -848,6 +890,10 @@ static int step_assign(struct qcow2_state *s, struct qcow2_batch *b)
         free(cl);
         free(fresh);
         free(spare);
+        if (b != s->batch) {
+            b->gated = true;  /* the growth runs as s->batch: batch_end() runs it on */
+            return 0;
+        }
         return cover_start(s, nf);
     }
     size_t k = 0;
@@ -889,7 +935,7 @@ static int step_incs(struct qcow2_state *s, struct qcow2_batch *b)
         struct resv *r = &b->resv[b->i];
         if (r->inc) {
             int err;
-            struct qcow2_chunk *c = refcount_touch(s, &b->incs, r->cluster, +1, &err);
+            struct qcow2_chunk *c = refcount_touch(s, b, &b->incs, r->cluster, +1, &err);
             if (err)
                 return err;
             if (!c)
@@ -901,43 +947,81 @@ static int step_incs(struct qcow2_state *s, struct qcow2_batch *b)
     return 1;
 }
 
-/* Entries: new L2 tables in memory, L2 chunks, L1 chunks. */
+static uint64_t part_entry(const struct qcow2_part *p)
+{
+    return htobe64(p->act == QCOW2_ACT_SET ? p->new_l2e : p->host | QCOW2_OFLAG_COPIED);
+}
+
+/* The new L2 tables in memory, with their entries (written whole in A). */
 static void step_build(struct qcow2_state *s, struct qcow2_batch *b)
 {
-    uint64_t cs = s->cluster_size;
     uint32_t l2_bits = s->cluster_bits - 3;
 
-    for (size_t j = 0; j < b->nnl2; j++) {
-        struct newl2 *t = &b->nl2[j];
-        uint64_t e = htobe64(t->host | QCOW2_OFLAG_COPIED);
-        t->table = qcow2_alloc_buf(cs);
-        t->l1 = chunk_touch(s, &b->links, K_L1, 0, s->l1, l1_len(s), s->l1_offset,
-                            t->l1_idx * 8);
-        memcpy(t->l1->buf + (t->l1_idx * 8 - t->l1->pos), &e, 8);
-    }
+    for (size_t j = 0; j < b->nnl2; j++)
+        b->nl2[j].table = qcow2_alloc_buf(s->cluster_size);
     for (size_t i = 0; i < b->n; i++) {
         struct qcow2_part *p = b->p[i];
         uint64_t l2_idx = (p->voff >> s->cluster_bits) & ((1ULL << l2_bits) - 1);
-        uint64_t e = p->act == QCOW2_ACT_SET ? p->new_l2e : p->host | QCOW2_OFLAG_COPIED;
-        e = htobe64(e);
-        if (p->li >= 0) {
-            b->nl2[p->li].table[l2_idx] = e;
-            p->link = b->nl2[p->li].l1;
-        } else {
-            memcpy(p->link->buf + (l2_idx * 8 - p->link->pos), &e, 8);
+        if (p->li >= 0)
+            b->nl2[p->li].table[l2_idx] = part_entry(p);
+    }
+}
+
+/* The chunks B writes, copied now (the batch is s->batch: the one before it has finished,
+ * so memory holds every entry written before) and patched with the batch's entries: L1
+ * entries of the new L2 tables, L2 entries from part b->i on. Returns 1 to go on, 0 if an
+ * L2 table is loading, or -errno. */
+static int step_links(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    uint32_t l2_bits = s->cluster_bits - 3;
+
+    if (b->i == 0) {
+        b->pipe = b->nnl2 == 0;
+        for (size_t j = 0; j < b->nnl2; j++) {
+            struct newl2 *t = &b->nl2[j];
+            uint64_t e = htobe64(t->host | QCOW2_OFLAG_COPIED);
+            t->l1 = chunk_touch(s, &b->links, K_L1, 0, s->l1, l1_len(s), s->l1_offset,
+                                t->l1_idx * 8);
+            memcpy(t->l1->buf + (t->l1_idx * 8 - t->l1->pos), &e, 8);
         }
     }
+    for (; b->i < b->n; b->i++) {
+        struct qcow2_part *p = b->p[b->i];
+        if (p->act == QCOW2_ACT_SET || from_compressed(s, p))
+            b->pipe = false;  /* C frees clusters: refcount writes after B */
+        if (p->li >= 0) {
+            p->link = b->nl2[p->li].l1;
+            continue;
+        }
+        uint64_t l1_idx = p->voff >> (s->cluster_bits + l2_bits);
+        uint64_t l2_off = be64toh(s->l1[l1_idx]) & QCOW2_OFFSET_MASK;
+        uint64_t l2_idx = (p->voff >> s->cluster_bits) & ((1ULL << l2_bits) - 1);
+        uint64_t e = part_entry(p);
+        if (!l2_off)
+            return -EIO;  /* the table step_lookup() found went away: cannot happen */
+        p->link = chunk_find(&b->links, l2_off + ((l2_idx * 8) & ~(uint64_t)(s->meta_align - 1)));
+        if (!p->link) {
+            const void *table = qcow2_cache_get(s->l2_cache, l2_off, &b->w);
+            if (!table)
+                return 0;
+            p->link = chunk_touch(s, &b->links, K_L2, l2_off, table, s->cluster_size, l2_off,
+                                  l2_idx * 8);
+        }
+        memcpy(p->link->buf + (l2_idx * 8 - p->link->pos), &e, 8);
+    }
+    return 1;
 }
 
 static void newl2_done(struct block_req *req, int ret)
 {
-    struct qcow2_state *s = req->opaque;
+    struct qcow2_batch *b = req->opaque;
+    struct qcow2_state *s = b->s;
 
     if (ret < 0)
         log_warn("qcow2 %s: new L2 table write at %" PRIu64 " failed: %s", s->node->node_name,
                  req->offset, strerror(-ret));
     free(req);
-    batch_io_done(s, ret);
+    batch_io_done(b, ret);
 }
 
 static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
@@ -946,7 +1030,7 @@ static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
     /* Refcounts and new L2 tables must be on disk before anything links them; data only
      * written (the entry is written after the data write completed). */
     b->wrote = b->wrote || b->incs.n || b->nnl2;
-    chunks_write(s, &b->incs);
+    chunks_write(s, b, &b->incs);
     for (size_t j = 0; j < b->nnl2; j++) {
         int ret = qcow2_pre_write(s, b->nl2[j].host, s->cluster_size, false);
         if (ret < 0) {
@@ -957,7 +1041,7 @@ static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
         struct block_req *req = xzalloc(sizeof(*req));
         *req = (struct block_req){.op = BLOCK_OP_WRITE, .offset = b->nl2[j].host,
                                   .len = s->cluster_size, .buf = b->nl2[j].table,
-                                  .done = newl2_done, .opaque = s};
+                                  .done = newl2_done, .opaque = b};
         b->pending++;
         node_submit(s->file, req);
     }
@@ -965,13 +1049,13 @@ static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
     uint64_t bounce_at = 0;
     for (size_t i = 0; i < b->n; i++)
         whole += whole_fresh(s, b->p[i]);
-    if (whole > 1 && s->bounce_len < whole * s->cluster_size) {
-        free(s->bounce);
-        s->bounce_len = whole * s->cluster_size;
-        if (posix_memalign(&s->bounce, 4096, s->bounce_len) != 0)
+    if (whole > 1 && s->bounce_len[b->slot] < whole * s->cluster_size) {
+        free(s->bounce[b->slot]);
+        s->bounce_len[b->slot] = whole * s->cluster_size;
+        if (posix_memalign(&s->bounce[b->slot], 4096, s->bounce_len[b->slot]) != 0)
             abort();
     }
-    b->bounce = s->bounce;
+    b->bounce = s->bounce[b->slot];
     for (size_t i = 0; i < b->n;) {
         struct qcow2_part *p = b->p[i];
         if (p->act == QCOW2_ACT_SET) {
@@ -983,22 +1067,31 @@ static void step_a(struct qcow2_state *s, struct qcow2_batch *b)
         qcow2_cow_fill(s, p, fill_done);
         i = j;
     }
-    batch_io_done(s, 0);
+    if (b == s->batch && !b->wrote && !b->err) {
+        /* Data writes only, no flush and nothing to free after B: the next batch may start
+         * (b->pending holds b meanwhile). */
+        b->early = true;
+        for (size_t i = 0; i < b->n && b->early; i++)
+            b->early = b->p[i]->act != QCOW2_ACT_SET && !from_compressed(s, b->p[i]);
+        if (b->early)
+            kick(s);
+    }
+    batch_io_done(b, 0);
 }
 
 static void flush_done(struct block_req *req, int ret)
 {
-    struct qcow2_state *s = req->opaque;
+    struct qcow2_batch *b = req->opaque;
 
     if (ret < 0)
-        log_warn("qcow2 %s: flush failed: %s", s->node->node_name, strerror(-ret));
-    batch_io_done(s, ret);
+        log_warn("qcow2 %s: flush failed: %s", b->s->node->node_name, strerror(-ret));
+    batch_io_done(b, ret);
 }
 
 static void step_flush(struct qcow2_state *s, struct qcow2_batch *b)
 {
     b->pending = 1;
-    b->flush = (struct block_req){.op = BLOCK_OP_FLUSH, .done = flush_done, .opaque = s};
+    b->flush = (struct block_req){.op = BLOCK_OP_FLUSH, .done = flush_done, .opaque = b};
     node_submit(s->file, &b->flush);
 }
 
@@ -1040,7 +1133,7 @@ static int step_decs(struct qcow2_state *s, struct qcow2_batch *b)
 {
     while (b->i < b->dec.n) {
         int err;
-        struct qcow2_chunk *c = refcount_touch(s, &b->decs, b->dec.v[b->i], -1, &err);
+        struct qcow2_chunk *c = refcount_touch(s, b, &b->decs, b->dec.v[b->i], -1, &err);
         if (err)
             return err;
         if (!c)
@@ -1083,27 +1176,37 @@ static void step_discard(struct qcow2_state *s, struct qcow2_batch *b)
     for (size_t i = 0; i < b->freed.n; i++) {
         b->discards[i] = (struct block_req){.op = BLOCK_OP_DISCARD,
                                             .offset = b->freed.v[i] * cs, .len = cs,
-                                            .done = discard_done, .opaque = s};
+                                            .done = discard_done, .opaque = b};
         b->pending++;
         node_submit(s->file, &b->discards[i]);
     }
-    batch_io_done(s, 0);
+    batch_io_done(b, 0);
+}
+
+/* The clusters reserved ahead whose refcounts are durable: the next batches may take them. */
+static void ahead_handover(struct qcow2_state *s, struct qcow2_batch *b)
+{
+    for (size_t r = 0; r < b->nresv; r++) {
+        struct resv *v = &b->resv[r];
+        if (v->ahead && !v->handed && b->durable && v->rb && v->rb->ret == 0 &&
+            (s->ahead_next == s->ahead_end || s->ahead_end == v->cluster)) {
+            if (s->ahead_next == s->ahead_end)
+                s->ahead_next = v->cluster;
+            s->ahead_end = v->cluster + 1;
+            v->handed = true;
+        }
+    }
 }
 
 /* Finish: clusters back to the lists, parts completed, the next batch. */
 static void batch_end(struct qcow2_state *s, struct qcow2_batch *b, int err)
 {
+    struct qcow2_batch *next = NULL;
+
     for (size_t r = 0; r < b->nresv; r++) {
         struct resv *v = &b->resv[r];
-        if (v->linked)
+        if (v->linked || v->handed)
             continue;
-        if (v->ahead && b->durable && v->rb && v->rb->ret == 0 &&
-            (s->ahead_next == s->ahead_end || s->ahead_end == v->cluster)) {
-            if (s->ahead_next == s->ahead_end)
-                s->ahead_next = v->cluster;
-            s->ahead_end = v->cluster + 1;
-            continue;
-        }
         if (!v->inc || (v->rb && v->rb->ret == 0))
             vpush(&s->spare, v->cluster);   /* refcount 1, nothing links it */
         else
@@ -1121,12 +1224,17 @@ static void batch_end(struct qcow2_state *s, struct qcow2_batch *b, int err)
     free(b->dec.v);
     free(b->freed.v);
     free(b->discards);
-    if (s->bounce_len > BOUNCE_KEEP) {
-        free(s->bounce);
-        s->bounce = NULL;
-        s->bounce_len = 0;
+    if (b == s->batch) {
+        s->batch = next = s->batch2;  /* it may link now */
+        s->batch2 = NULL;
+    } else {
+        s->batch2 = NULL;
     }
-    s->batch = NULL;
+    if (s->bounce_len[b->slot] > BOUNCE_KEEP) {
+        free(s->bounce[b->slot]);
+        s->bounce[b->slot] = NULL;
+        s->bounce_len[b->slot] = 0;
+    }
     for (size_t i = 0; i < b->n; i++) {
         struct qcow2_part *p = b->p[i];
         int ret = err ? err : p->ret;
@@ -1138,12 +1246,16 @@ static void batch_end(struct qcow2_state *s, struct qcow2_batch *b, int err)
     }
     free(b->p);
     free(b);
+    if (next && next->gated) {
+        next->gated = false;
+        batch_run(next);
+    }
     kick(s);
 }
 
-static void batch_run(struct qcow2_state *s)
+static void batch_run(struct qcow2_batch *b)
 {
-    struct qcow2_batch *b = s->batch;
+    struct qcow2_state *s = b->s;
     int ret;
 
     for (;;) {
@@ -1190,10 +1302,27 @@ static void batch_run(struct qcow2_state *s)
                 return;
             }
             b->durable = true;
+            ahead_handover(s, b);
+            b->step = B_GATE;
+            break;
+        case B_GATE:
+            if (b != s->batch) {
+                b->gated = true;  /* batch_end() of the one before runs it on */
+                return;
+            }
+            b->i = 0;
+            b->step = B_LINKS;
+            break;
+        case B_LINKS:
+            ret = step_links(s, b);
+            if (ret <= 0)
+                goto wait_or_fail;
             b->step = B_B;
             b->pending = 1;
-            chunks_write(s, &b->links);
-            batch_io_done(s, 0);
+            chunks_write(s, b, &b->links);
+            if (b->pipe)
+                kick(s);  /* the next batch: prepare and A while this one links */
+            batch_io_done(b, 0);
             return;
         case B_B:
             b->err = 0;  /* each part goes by its own link's result */
@@ -1225,8 +1354,8 @@ static void batch_run(struct qcow2_state *s)
                 return;
             b->step = B_C;
             b->pending = 1;
-            chunks_write(s, &b->decs);
-            batch_io_done(s, 0);
+            chunks_write(s, b, &b->decs);
+            batch_io_done(b, 0);
             return;
         case B_C:
             b->step = B_DISCARD;
@@ -1268,25 +1397,42 @@ static void wait_cb(struct qcow2_waiter *w, int ret)
         }
         return;
     }
-    batch_run(s);
+    batch_run(b);
+}
+
+/* Where a new batch may go: s->batch if none runs, s->batch2 if s->batch links (B) and
+ * nothing after that writes refcounts, else NULL. */
+static struct qcow2_batch **batch_slot(struct qcow2_state *s)
+{
+    if (!s->batch)
+        return &s->batch;
+    if (!s->batch2 && ((s->batch->pipe && s->batch->step >= B_B) ||
+                       (s->batch->early && s->batch->step == B_A)))
+        return &s->batch2;
+    return NULL;
 }
 
 static void kick(struct qcow2_state *s)
 {
+    struct qcow2_batch **slot;
+
     if (s->kicking)
         return;
     s->kicking = true;
-    while (!s->batch && s->queue_head) {
+    while (s->queue_head && (slot = batch_slot(s))) {
         struct qcow2_batch *b = batch_new(s);
         if (b->n == 0) {
             free(b->p);
             free(b);
+            if (slot == &s->batch2)
+                break;  /* every queued part waits for s->batch's */
             continue;
         }
         b->w.cb = wait_cb;
         b->s = s;
-        s->batch = b;
-        batch_run(s);
+        b->slot = slot == &s->batch2 ? !s->batch->slot : 0;
+        *slot = b;
+        batch_run(b);
     }
     s->kicking = false;
 }
@@ -1307,7 +1453,7 @@ void qcow2_alloc_enqueue(struct qcow2_state *s, struct qcow2_part *p)
     p->next = NULL;
     *s->queue_tail = p;
     s->queue_tail = &p->next;
-    if (!s->batch && !s->kick_scheduled) {
+    if (!s->kick_scheduled && batch_slot(s)) {
         s->kick_scheduled = true;
         s->kick_uop.done = kick_nop_done;
         uring_nop(s->node->graph->uring, &s->kick_uop);
@@ -1336,7 +1482,7 @@ void qcow2_alloc_close(struct qcow2_state *s)
     uint64_t cs, mask;
     void *buf;
 
-    if (!s || !s->writable || s->corrupt || s->batch)
+    if (!s || !s->writable || s->corrupt || s->batch || s->batch2)
         return;
     for (uint64_t c = s->ahead_next; c < s->ahead_end; c++)
         vpush(&cl, c);
@@ -1395,9 +1541,11 @@ void qcow2_alloc_cleanup(struct qcow2_state *s)
     free(s->free.v);
     free(s->freeing.v);
     s->spare = s->free = s->freeing = (struct qcow2_u64v){0};
-    free(s->bounce);
-    s->bounce = NULL;
-    s->bounce_len = 0;
+    for (int i = 0; i < 2; i++) {
+        free(s->bounce[i]);
+        s->bounce[i] = NULL;
+        s->bounce_len[i] = 0;
+    }
 }
 
 /* ---- refcount structure growth ------------------------------------------------------------ */
@@ -1429,7 +1577,7 @@ static void cover_end(struct qcow2_state *s, int ret)
     if (ret < 0)
         batch_end(s, b, ret);
     else
-        batch_run(s);  /* B_ASSIGN again */
+        batch_run(b);  /* B_ASSIGN again */
 }
 
 static void cover_io_done(struct block_req *req, int ret)

@@ -109,6 +109,7 @@ struct qcow2_part {
     struct qcow2_part *run_next;  /* parts whose data write is merged into this one's */
     char *run_buf;             /* their bytes copied together (in the batch's buffer), or NULL */
     struct qcow2_chunk *link;  /* the metadata chunk whose write makes the change reachable */
+    struct qcow2_batch *batch; /* the batch it is in */
     void (*fill_done)(struct qcow2_part *p, int ret);
     int ret;
 };
@@ -190,13 +191,14 @@ struct qcow2_state {
      * handed out in order before next_free, so that a stream of allocations needs neither a
      * refcount write nor a flush per batch. Released (and spares too) on close. */
     uint64_t ahead_next, ahead_end;
-    void *bounce;               /* the batch's merged data writes (not zeroed), kept */
-    size_t bounce_len;
+    void *bounce[2];            /* the batches' merged data writes (not zeroed), kept */
+    size_t bounce_len[2];
     unsigned inplace;           /* writes in place in flight */
     bool kicking, kick_scheduled;
     struct uring_op kick_uop;   /* starts a batch once the parts queued meanwhile are in */
     struct qcow2_part *queue_head, **queue_tail;
-    struct qcow2_batch *batch;  /* the batch in progress: one at a time */
+    struct qcow2_batch *batch;  /* the oldest batch in progress */
+    struct qcow2_batch *batch2; /* the next one, started while batch links (see qcow2-alloc.c) */
     bool corrupt;               /* marked corrupt: every write fails */
     /* Clusters of L2 tables and refcount blocks in use (open addressing, 0 = empty slot:
      * cluster 0 is the header's), for the overlap checks. */
