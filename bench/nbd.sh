@@ -21,7 +21,7 @@
 # job that fails against it, is reported in its row and the run goes on.
 set -euo pipefail
 
-build=${1:-/work/main/build}
+build=${1:-$(cd "$(dirname "$0")/.." && pwd)/build}
 size=${SIZE:-1G}
 img_dir=${IMG_DIR:-/dev/shm}
 runtime=${RUNTIME:-10}

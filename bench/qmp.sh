@@ -10,7 +10,7 @@
 # QEMU (default qemu-system-x86_64), SERVER_CPU / CLIENT_CPU (pinning, see below).
 set -euo pipefail
 
-build=${1:-/work/main/build}
+build=${1:-$(cd "$(dirname "$0")/.." && pwd)/build}
 n_iter=${N:-20000}
 c_iter=${C:-200}
 qemu=${QEMU:-qemu-system-x86_64}

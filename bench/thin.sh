@@ -33,7 +33,7 @@
 # Needs root (loop devices).
 set -euo pipefail
 
-build=${1:-/work/main/build}
+build=${1:-$(cd "$(dirname "$0")/.." && pwd)/build}
 read -ra settings <<<"${SETTINGS:-none:-:- loop:-:- loop:256M:128M loop:64M:32M hook:64M:16M hook:32M:1M}"
 read -ra jobs <<<"${JOBS:-seqwrite-1m-qd8 randwrite-4k-qd32}"
 img_dir=${IMG_DIR:-/dev/shm}

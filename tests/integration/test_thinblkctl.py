@@ -4,7 +4,7 @@ Each test runs thinblkctl as a program and checks its exact output and exit stat
 servers are QEMU (qemu-system-x86_64 -M none, the reference) and thinblkd, when it has been
 built; a few tests use a scripted fake server to produce failures real servers do not.
 
-Environment: THINBLK_BUILD, the build directory (default /work/main/build), holding
+Environment: THINBLK_BUILD, the build directory (default: the tree's build), holding
 src/ctl/thinblkctl and src/daemon/thinblkd.
 """
 
@@ -21,7 +21,9 @@ import time
 
 import pytest
 
-BUILD = os.environ.get("THINBLK_BUILD", "/work/main/build")
+from conftest import BUILD_DIR
+
+BUILD = str(BUILD_DIR)
 CTL = os.path.join(BUILD, "src", "ctl", "thinblkctl")
 THINBLKD = os.path.join(BUILD, "src", "daemon", "thinblkd")
 QEMU = shutil.which("qemu-system-x86_64")
