@@ -3,7 +3,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <math.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -49,18 +48,6 @@ static bool in_list(const char *const *list, const char *s)
     return false;
 }
 
-/* An integer QEMU takes as uint64 (negative int64 wraps; past INT64_MAX the JSON reader
- * gives a real), as the dispatcher's check. */
-static bool is_uint64(json_t *v)
-{
-    if (json_is_integer(v))
-        return true;
-    if (!json_is_real(v))
-        return false;
-    double d = json_real_value(v);
-    return d >= 9223372036854775808.0 && d < 18446744073709551616.0 && d == floor(d);
-}
-
 static int check_opt(const struct create_opt *o, json_t *v, struct error **errp)
 {
     static const char *const type_names[] = {
@@ -76,7 +63,7 @@ static int check_opt(const struct create_opt *o, json_t *v, struct error **errp)
     case CREATE_OPT_BOOL: ok = json_is_boolean(v); break;
     case CREATE_OPT_OBJECT: ok = json_is_object(v); break;
     case CREATE_OPT_SIZE:
-        if (is_uint64(v))
+        if (qmp_arg_is_uint64(v))
             return 0;
         error_setg(errp, "Parameter 'options.%s' expects uint64", o->name);
         return -1;

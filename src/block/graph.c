@@ -95,18 +95,6 @@ struct block_node *block_graph_find(struct block_graph *g, const char *name)
     return NULL;
 }
 
-/* QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
-static bool name_wellformed(const char *s)
-{
-    if (!isalpha((unsigned char)s[0]))
-        return false;
-    for (; *s; s++) {
-        if (!isalnum((unsigned char)*s) && !strchr("-._", *s))
-            return false;
-    }
-    return true;
-}
-
 /* Take a boolean member of opts (QMP: JSON bool; from the command line: "on"/"off"). */
 static int take_bool(json_t *opts, const char *key, bool *out, struct error **errp)
 {
@@ -121,6 +109,21 @@ static int take_bool(json_t *opts, const char *key, bool *out, struct error **er
     *out = json_is_true(v);
     json_object_del(opts, key);
     return 0;
+}
+
+int block_opt_take_uint64(json_t *opts, const char *key, uint64_t *out, struct error **errp)
+{
+    json_t *v = json_object_get(opts, key);
+
+    if (!v)
+        return 0;
+    if (!json_is_integer(v) || json_integer_value(v) < 0) {
+        error_setg(errp, "Parameter '%s' expects uint64", key);
+        return -1;
+    }
+    *out = (uint64_t)json_integer_value(v);
+    json_object_del(opts, key);
+    return 1;
 }
 
 static int take_generic(struct block_node *n, json_t *opts, struct error **errp)
@@ -213,7 +216,7 @@ struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, str
             error_setg(errp, "Invalid parameter type for 'node-name', expected: string");
             goto fail;
         }
-        if (!name_wellformed(name)) {
+        if (!id_wellformed(name)) {
             error_setg(errp, "Invalid node-name: '%s'", name);
             goto fail;
         }

@@ -130,6 +130,10 @@ int block_node_delete(struct block_graph *g, const char *name, struct error **er
 struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, const char *member,
                                          struct error **errp);
 
+/* A driver's uint64 option: take member key of opts (removing it) into *out. Returns 1, 0 if
+ * absent (*out unchanged), or -1 with *errp set ("Parameter 'KEY' expects uint64"). */
+int block_opt_take_uint64(json_t *opts, const char *key, uint64_t *out, struct error **errp);
+
 void block_node_ref(struct block_node *n);
 /* Drop a reference; the last one closes the node and drops its child's reference. */
 void block_node_unref(struct block_node *n);

@@ -73,21 +73,6 @@ static uint64_t be64_at(const uint8_t *p)
 
 /* ---- open ---------------------------------------------------------------------------- */
 
-static int take_size(json_t *opts, const char *key, uint64_t *out, struct error **errp)
-{
-    json_t *v = json_object_get(opts, key);
-
-    if (!v)
-        return 0;
-    if (!json_is_integer(v) || json_integer_value(v) < 0) {
-        error_setg(errp, "Parameter '%s' expects uint64", key);
-        return -1;
-    }
-    *out = (uint64_t)json_integer_value(v);
-    json_object_del(opts, key);
-    return 0;
-}
-
 /* The name of incompatible feature bit in the image's feature name table: true if found. */
 static bool feature_name(const uint8_t *c0, uint32_t ext_start, uint32_t cs, unsigned bit,
                          char *out, size_t outlen)
@@ -283,8 +268,8 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
         return -1;
     }
     backing_null = backing && json_is_null(backing);
-    if (take_size(opts, "l2-cache-size", &l2_bytes, errp) < 0 ||
-        take_size(opts, "refcount-cache-size", &rb_bytes, errp) < 0)
+    if (block_opt_take_uint64(opts, "l2-cache-size", &l2_bytes, errp) < 0 ||
+        block_opt_take_uint64(opts, "refcount-cache-size", &rb_bytes, errp) < 0)
         return -1;
     json_t *lazy = json_object_get(opts, "lazy-refcounts");
     if (lazy && !json_is_boolean(lazy)) {

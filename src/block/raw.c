@@ -17,31 +17,14 @@ struct raw_op {
     struct block_req *parent;
 };
 
-static int take_uint(json_t *opts, const char *key, uint64_t *out, bool *given,
-                     struct error **errp)
-{
-    json_t *v = json_object_get(opts, key);
-
-    *given = v != NULL;
-    if (!v)
-        return 0;
-    if (!json_is_integer(v) || json_integer_value(v) < 0) {
-        error_setg(errp, "Parameter '%s' expects uint64", key);
-        return -1;
-    }
-    *out = (uint64_t)json_integer_value(v);
-    json_object_del(opts, key);
-    return 0;
-}
-
 static int raw_open(struct block_node *n, json_t *opts, struct error **errp)
 {
     uint64_t offset = 0, size = 0;
-    bool has_offset, has_size;
+    int has_size;
     struct block_node *child;
 
-    if (take_uint(opts, "offset", &offset, &has_offset, errp) < 0 ||
-        take_uint(opts, "size", &size, &has_size, errp) < 0)
+    if (block_opt_take_uint64(opts, "offset", &offset, errp) < 0 ||
+        (has_size = block_opt_take_uint64(opts, "size", &size, errp)) < 0)
         return -1;
     child = block_node_open_child(n->graph, json_object_get(opts, "file"), "file", errp);
     if (!child)

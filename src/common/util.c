@@ -1,5 +1,6 @@
 #include "common/util.h"
 
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -97,3 +98,14 @@ static uint64_t clock_ns(clockid_t id)
 
 uint64_t now_monotonic_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
 uint64_t now_realtime_ns(void) { return clock_ns(CLOCK_REALTIME); }
+
+bool id_wellformed(const char *s)
+{
+    if (!isalpha((unsigned char)s[0]))
+        return false;
+    for (; *s; s++) {
+        if (!isalnum((unsigned char)*s) && !strchr("-._", *s))
+            return false;
+    }
+    return true;
+}

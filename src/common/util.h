@@ -47,4 +47,8 @@ void buf_free(struct buf *b);
 uint64_t now_monotonic_ns(void);
 uint64_t now_realtime_ns(void);
 
+/* QEMU's id_wellformed(), for node names and job ids: a letter, then letters, digits, '-',
+ * '.' and '_'. */
+bool id_wellformed(const char *s);
+
 #endif

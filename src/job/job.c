@@ -114,18 +114,6 @@ static void set_status(struct job *job, enum job_status s)
                     json_pack("{s:s,s:s}", "status", status_names[s], "id", job->id));
 }
 
-/* QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
-static bool id_wellformed(const char *s)
-{
-    if (!isalpha((unsigned char)s[0]))
-        return false;
-    for (; *s; s++) {
-        if (!isalnum((unsigned char)*s) && !strchr("-._", *s))
-            return false;
-    }
-    return true;
-}
-
 struct job *job_find(struct job_list *l, const char *id)
 {
     for (struct job *job = l->jobs; job; job = job->next) {

@@ -100,10 +100,7 @@ uint64_t qmp_arg_uint64(json_t *v)
     return (uint64_t)json_real_value(v);
 }
 
-/* Whether v is an integer QEMU would take as uint64: int64 values (negative ones wrap, for
- * backward compatibility, as QEMU says) and integers past INT64_MAX, which the JSON reader
- * keeps as reals. */
-static bool is_uint64(json_t *v)
+bool qmp_arg_is_uint64(json_t *v)
 {
     if (json_is_integer(v))
         return true;
@@ -133,7 +130,7 @@ static int check_type(const struct qmp_arg *a, json_t *v, struct error **errp)
         break;
     case QMP_ARG_UINT64:
         /* QEMU reports every non-uint64 value this way, strings included. */
-        if (is_uint64(v))
+        if (qmp_arg_is_uint64(v))
             return 0;
         error_setg(errp, "Parameter '%s' expects uint64", a->name);
         return -1;

@@ -84,6 +84,10 @@ int qmp_check_args(const struct qmp_arg *spec, json_t *args, struct error **errp
 
 /* uint64 value of an argument checked as QMP_ARG_UINT64. */
 uint64_t qmp_arg_uint64(json_t *v);
+/* Whether v is an integer QEMU would take as uint64: int64 values (negative ones wrap, for
+ * backward compatibility, as QEMU says) and integers past INT64_MAX, which the JSON reader
+ * keeps as reals. */
+bool qmp_arg_is_uint64(json_t *v);
 
 /* A JSON string from s, with ill-formed UTF-8 replaced by U+FFFD (client input quoted back). */
 json_t *qmp_string_sanitized(const char *s);
