@@ -8,28 +8,18 @@ the median throughput (the lower middle one for an even count), and "spread" is
 (max - min) / median of the throughput over the rounds that ran. Prints one table per job,
 in the order the jobs first appear. Standard library only.
 """
-import json
 import sys
+
+from fiojson import bs_bytes, fio_job
 
 PEERS = ("nbdkit", "qsd", "qemu-nbd")  # "best peer" is the best of these
 BASE = "nbdkit"                        # the CPU/op reference
 BIG_BS = 64 * 1024                     # at or above this, throughput is in MB/s
 
 
-def bs_bytes(text):
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = text.lower().rstrip("b").rstrip("i")
-    if text and text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
-    return int(text)
-
-
 def fio_numbers(path):
     """(ops per second, bytes per second, block size, iodepth, numjobs) from fio's JSON."""
-    with open(path) as f:
-        doc = json.load(f)
-    job = doc["jobs"][0]  # group_reporting: one entry for all numjobs
-    opts = doc.get("global options", {}) | job["job options"]
+    job, opts = fio_job(path)
     iops = job["read"]["iops"] + job["write"]["iops"]
     bw = job["read"]["bw_bytes"] + job["write"]["bw_bytes"]
     return iops, bw, bs_bytes(opts["bs"]), opts.get("iodepth", "1"), opts.get("numjobs", "1")

@@ -18,26 +18,17 @@ against qemu-storage-daemon. Standard library only.
 import json
 import sys
 
+from fiojson import bs_bytes, fio_job
+
 REFS = ("qsd", "qemu-nbd")  # the ratio columns: thinblkd / each of these
 GOAL_TPUT = 1.5             # thinblkd / qsd throughput, at least
 GOAL_CPU = 0.5              # thinblkd / qsd CPU per op, at most
 BIG_BS = 64 * 1024          # at or above this, throughput is in MB/s
 
 
-def bs_bytes(text):
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = text.lower().rstrip("b").rstrip("i")
-    if text and text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
-    return int(text)
-
-
 def fio_numbers(path):
     """(ops per second, bytes per second, total ops, block size, iodepth) from fio's JSON."""
-    with open(path) as f:
-        doc = json.load(f)
-    job = doc["jobs"][0]
-    opts = doc.get("global options", {}) | job["job options"]
+    job, opts = fio_job(path)
     iops = job["read"]["iops"] + job["write"]["iops"]
     bw = job["read"]["bw_bytes"] + job["write"]["bw_bytes"]
     total = job["read"]["total_ios"] + job["write"]["total_ios"]

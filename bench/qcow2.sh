@@ -42,6 +42,9 @@ aio_want=${AIO:-io_uring}
 read -ra servers <<<"${SERVERS:-thinblkd qsd qemu-nbd}"
 python=/usr/bin/python3
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+prog=qcow2.sh
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 report=$here/qcow2-report.py
 cluster=65536
 
@@ -54,12 +57,6 @@ all_jobs=(
     "randwrite-4k-qd32        steady randwrite 4k  32"
 )
 
-die() { echo "qcow2.sh: $*" >&2; exit 1; }
-note() { echo "qcow2.sh: $*" >&2; }
-
-need() {  # need BINARY WHAT: the full path of BINARY, or die naming WHAT needs it
-    command -v "$1" 2>/dev/null || die "missing $1 in PATH ($2)"
-}
 
 [[ $runtime =~ ^[0-9]+$ && $runtime -ge 2 ]] || die "RUNTIME must be an integer >= 2"
 [[ $ramp =~ ^[0-9]+$ ]] || die "RAMP must be a whole number of seconds"
@@ -131,15 +128,8 @@ avail=$(($(stat -f -c '%a * %S' "$img_dir")))
 tmp=$(mktemp -d /tmp/thinblk-bench-qcow2.XXXXXX)
 work=$(mktemp -d "$img_dir/thinblk-bench-qcow2.XXXXXX")
 empty=$work/empty.qcow2 full=$work/full.qcow2 img=$work/run.qcow2
-pids=()
 cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
+    kill_all
     rm -rf "$work"
     if [[ ${KEEP:-0} == 1 ]]; then
         note "kept $tmp"
@@ -175,84 +165,6 @@ server_cmd() {
     esac
 }
 
-# start NAME SOCK LOG: starts server NAME (stdin closed, output to LOG) and waits up to 10 s
-# until nbdinfo can connect to its export. Sets started_pid. Returns 1 if it exits or never
-# answers (the process is then stopped).
-start() {
-    local name=$1 sock=$2 log=$3 deadline=$((SECONDS + 10)) cmd
-    server_cmd "$name" "$sock"
-    echo "+ ${cmd[*]}" >>"$log"
-    "${server_pin[@]}" "${cmd[@]}" </dev/null >>"$log" 2>&1 &
-    started_pid=$!
-    pids+=("$started_pid")
-    while kill -0 "$started_pid" 2>/dev/null; do
-        if "$nbdinfo" --can connect "nbd+unix:///disk?socket=$sock" 2>/dev/null; then
-            return 0
-        fi
-        if ((SECONDS >= deadline)); then
-            echo "qcow2.sh: no NBD server on $sock after 10 s" >>"$log"
-            stop "$started_pid" "$log"
-            return 1
-        fi
-        sleep 0.05
-    done
-    wait "$started_pid" 2>/dev/null || true
-    forget "$started_pid"
-    return 1
-}
-
-# forget PID: drops PID from pids once it has been reaped, so cleanup never signals a
-# number the kernel may have handed to another process since.
-forget() {
-    local p keep=()
-    for p in "${pids[@]}"; do
-        [[ $p == "$1" ]] || keep+=("$p")
-    done
-    pids=("${keep[@]}")
-}
-
-# stop PID [LOG]: SIGTERM, then SIGKILL after 5 s (said in LOG and on stderr: a killed server
-# may not have written its cached metadata); waits, so the image is closed afterwards.
-stop() {
-    local pid=$1 log=${2:-/dev/null} i
-    if kill -TERM "$pid" 2>/dev/null; then
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -KILL "$pid" 2>/dev/null; then
-            echo "qcow2.sh: SIGKILL after 5 s" >>"$log"
-            note "server $pid ignored SIGTERM for 5 s, killed"
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
-    forget "$pid"
-}
-
-# cpu_ticks PID: utime+stime+cutime+cstime of PID in clock ticks. /proc/PID/stat sums every
-# thread of the process, including threads that have already exited (qemu's thread pool).
-cpu_ticks() {
-    local s f
-    read -r s <"/proc/$1/stat" || return 1
-    s=${s##*) }  # skip "pid (comm) "; comm may contain spaces
-    read -ra f <<<"$s"
-    echo $((f[11] + f[12] + f[13] + f[14]))
-}
-
-now_us() { echo "${EPOCHREALTIME/./}"; }
-
-# sleep_until_us T: sleeps until now_us >= T. In the background, so that a signal's trap runs
-# at once (bash defers traps until a foreground command ends) rather than after the sleep.
-sleep_until_us() {
-    local d=$(($1 - $(now_us))) sp
-    ((d > 0)) || return 0
-    sleep "$((d / 1000000)).$(printf %06d $((d % 1000000)))" &
-    sp=$!
-    pids+=("$sp")
-    wait "$sp" || true
-    forget "$sp"
-}
-
 # check IMG JSON: qemu-img check of IMG, its JSON report in JSON; prints clean, leaks,
 # CORRUPT or check-failed (qemu-img check's exit status 0, 3, 2, anything else).
 check() {
@@ -271,7 +183,7 @@ probe_aio() {
     local name=$1 log=$tmp/probe.$1.log
     aio[$name]=$aio_want
     cp "$empty" "$img"
-    if start "$name" "$tmp/probe.sock" "$log"; then
+    if start_nbd "$name" "$tmp/probe.sock" "$log"; then
         stop "$started_pid" "$log"
     elif [[ $aio_want != threads ]]; then
         note "$name did not start with aio=$aio_want, using aio=threads; log:"
@@ -310,7 +222,7 @@ run_one() {
     fi
 
     rm -f "$sock"
-    if ! start "$name" "$sock" "$log"; then
+    if ! start_nbd "$name" "$sock" "$log"; then
         note "$name did not start for $jname, skipped; log:"
         sed 's/^/    /' "$log" | tail -n 5 >&2
         printf '%s\t%s\t%s\tskipped\t-\t-\t-\t-\t-\t-\n' "$jname" "$kind" "$name" >>"$results"
@@ -373,7 +285,6 @@ version() {
     esac
 }
 
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
 # The starting images: one empty, one allocated (random data, so nothing can shortcut zeroes).
 "$qemu_img" create -q -f qcow2 -o cluster_size=$cluster "$empty" "$size_bytes"

@@ -43,10 +43,11 @@ size=${SIZE:-2G}
 runtime=${RUNTIME:-10}
 python=/usr/bin/python3
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+prog=thin.sh
+stop_wait=10
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 
-die() { echo "thin.sh: $*" >&2; exit 1; }
-note() { echo "thin.sh: $*" >&2; }
-need() { command -v "$1" 2>/dev/null || die "missing $1 in PATH ($2)"; }
 
 [[ $(id -u) == 0 ]] || die "needs root (loop devices)"
 [[ -d $build ]] || die "build directory not found: $build"
@@ -73,17 +74,10 @@ avail=$(($(stat -f -c '%a * %S' "$img_dir")))
 ((avail > size_bytes * 3 / 2)) || die "$img_dir has $avail bytes free; SIZE=$size needs more"
 
 tmp=$(mktemp -d /tmp/thinblk-bench-thin.XXXXXX)
-pids=()
 loopdev=
 backing=
 cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
+    kill_all
     [[ -z $loopdev ]] || losetup -d "$loopdev" 2>/dev/null || true
     [[ -z $backing ]] || rm -f "$backing"
     if [[ ${KEEP:-0} == 1 ]]; then
@@ -94,28 +88,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-forget() {
-    local p keep=()
-    for p in "${pids[@]}"; do
-        [[ $p == "$1" ]] || keep+=("$p")
-    done
-    pids=("${keep[@]}")
-}
-
-# stop PID: SIGTERM, SIGKILL after 10 s; waits.
-stop() {
-    local pid=$1 i
-    if kill -TERM "$pid" 2>/dev/null; then
-        for ((i = 0; i < 100; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-    forget "$pid"
-}
 
 # wait_for WHAT SECONDS CMD...: polls CMD every 20 ms until it succeeds.
 wait_for() {
@@ -196,7 +168,7 @@ run_one() {  # run_one SETTING JOB DIR
         wait_for "the agent's connection" 10 grep -qs "connected" "$dir/agent.log"
         wait_for "the agent to be idle" 30 "$python" "$here/thin-report.py" --idle "$dir"
     fi
-    echo "$(date +%s.%N)" >"$dir/fio-start"
+    date +%s.%N >"$dir/fio-start"
 
     local fio_args=(--name="$job" --ioengine=nbd --uri="nbd+unix:///disk0?socket=$nbd"
                     --size="$size" --output-format=json --output="$dir/fio.json")
@@ -209,7 +181,7 @@ run_one() {  # run_one SETTING JOB DIR
         note "fio failed in $setting $job: $(tail -n 3 "$dir/fio.out")"
         echo failed >"$dir/fio-failed"
     fi
-    echo "$(date +%s.%N)" >"$dir/fio-end"
+    date +%s.%N >"$dir/fio-end"
     stat -c %s "$backing" >"$dir/final-size"
 
     [[ -z $apid ]] || stop "$apid"
