@@ -27,80 +27,22 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "block/qcow2-backing.h"
+
 #include "block/qcow2.h"
+#include "block/qcow2-cache.h"
 #include "common/log.h"
 #include "common/util.h"
 
-#define EXT_BACKING_FORMAT 0xe2792acau
-#define MAX_BACKING_NAME 1023   /* QEMU's limit */
-#define MAX_BACKING_FORMAT 15   /* QEMU's: the name must fit 16 bytes with its NUL */
 #define MAX_CHAIN_DEPTH 128     /* qcow2 images opened one inside another's open */
-
-static uint32_t be32_at(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-/* ---- the header ------------------------------------------------------------------------ */
-
-int qcow2_backing_header(struct qcow2_state *s, const uint8_t *c0, uint32_t cs,
-                         uint32_t ext_start, struct error **errp)
-{
-    uint64_t off = (uint64_t)be32_at(c0 + 8) << 32 | be32_at(c0 + 12);
-    uint32_t len = be32_at(c0 + 16);
-
-    if (off) {
-        if (off > cs) {
-            error_setg(errp, "Invalid backing file offset");
-            return -1;
-        }
-        if (len > MIN(MAX_BACKING_NAME, cs - off)) {
-            error_setg(errp, "Backing file name too long");
-            return -1;
-        }
-        s->backing_name = xmalloc(len + 1);
-        memcpy(s->backing_name, c0 + off, len);
-        s->backing_name[len] = '\0';  /* a NUL inside ends the name, as in QEMU */
-    }
-    /* Header extensions: type, length, data padded to 8 bytes; type 0 ends them. They end
-     * before the backing file name if there is one. */
-    uint64_t end = off ? off : cs;
-    for (uint64_t pos = ext_start; pos + 8 <= end;) {
-        uint32_t type = be32_at(c0 + pos), elen = be32_at(c0 + pos + 4);
-        if (type == 0)
-            break;
-        if (elen > end - pos - 8) {
-            error_setg(errp, "qcow2_read_extension: ext_magic=0x%" PRIx32 " ext_len=%" PRIu32
-                       " too large", type, elen);
-            return -1;
-        }
-        if (type == EXT_BACKING_FORMAT) {
-            if (elen > MAX_BACKING_FORMAT) {
-                error_setg(errp, "ERROR: ext_backing_format: len=%" PRIu32 " too large "
-                           "(>=%u)", elen, MAX_BACKING_FORMAT + 1);
-                return -1;
-            }
-            free(s->backing_fmt);
-            s->backing_fmt = xmalloc(elen + 1);
-            memcpy(s->backing_fmt, c0 + pos + 8, elen);
-            s->backing_fmt[elen] = '\0';
-        }
-        pos += 8 + (((uint64_t)elen + 7) & ~7ULL);
-    }
-    if (s->backing_fmt && !s->backing_name) {
-        free(s->backing_fmt);  /* QEMU ignores a format without a name */
-        s->backing_fmt = NULL;
-    }
-    return 0;
-}
 
 void qcow2_backing_cleanup(struct qcow2_state *s)
 {
-    free(s->backing_name);
-    free(s->backing_fmt);
-    json_decref(s->backing_opt);
-    s->backing_name = s->backing_fmt = NULL;
-    s->backing_opt = NULL;
+    free(s->bk.name);
+    free(s->bk.fmt);
+    json_decref(s->bk.opt);
+    s->bk.name = s->bk.fmt = NULL;
+    s->bk.opt = NULL;
 }
 
 /* ---- opening the chain ----------------------------------------------------------------- */
@@ -144,7 +86,7 @@ static const char *probe_format(const char *path)
     _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
     uint8_t magic[4];
 
-    if (fd >= 0 && pread(fd, magic, 4, 0) == 4 && be32_at(magic) == QCOW2_MAGIC)
+    if (fd >= 0 && pread(fd, magic, 4, 0) == 4 && qcow2_be32(magic) == QCOW2_MAGIC)
         return "qcow2";
     return "raw";  /* also when it cannot be opened: the file node then says why */
 }
@@ -162,7 +104,7 @@ static int check_chain(struct block_node *n, const char *path, const char *name,
         if (p->drv != &block_driver_qcow2 || !p->opaque)
             continue;
         struct qcow2_state *ps = p->opaque;
-        if (have && ps->have_img_id && ps->img_dev == st.st_dev && ps->img_ino == st.st_ino) {
+        if (have && ps->bk.have_img_id && ps->bk.img_dev == st.st_dev && ps->bk.img_ino == st.st_ino) {
             error_setg(errp, "Backing file '%s' creates an infinite loop", name);
             return -1;
         }
@@ -179,7 +121,7 @@ static int check_chain(struct block_node *n, const char *path, const char *name,
 static json_t *implicit_options(struct block_node *n, struct error **errp)
 {
     struct qcow2_state *s = n->opaque;
-    const char *name = s->backing_name;
+    const char *name = s->bk.name;
     struct stat st;
 
     if (has_protocol(name)) {
@@ -190,7 +132,7 @@ static json_t *implicit_options(struct block_node *n, struct error **errp)
     _cleanup_free_ char *path = resolve(host_filename(n), name);
     if (check_chain(n, path, name, errp) < 0)
         return NULL;
-    const char *fmt = s->backing_fmt ? s->backing_fmt : probe_format(path);
+    const char *fmt = s->bk.fmt ? s->bk.fmt : probe_format(path);
     const char *proto = stat(path, &st) == 0 && S_ISBLK(st.st_mode) ? "host_device" : "file";
     json_t *file = json_pack("{s:s,s:s}", "driver", proto, "filename", path);
     if (!file) {
@@ -222,21 +164,21 @@ int qcow2_backing_open(struct block_node *n, struct error **errp)
     struct block_node *b;
 
     if (stat(host_filename(n), &st) == 0) {
-        s->have_img_id = true;
-        s->img_dev = st.st_dev;
-        s->img_ino = st.st_ino;
+        s->bk.have_img_id = true;
+        s->bk.img_dev = st.st_dev;
+        s->bk.img_ino = st.st_ino;
     }
-    if (s->backing_null || (!s->backing_opt && !s->backing_name))
+    if (s->bk.null || (!s->bk.opt && !s->bk.name))
         return 0;
-    if (json_is_string(s->backing_opt) &&
-        !block_graph_find(n->graph, json_string_value(s->backing_opt))) {
+    if (json_is_string(s->bk.opt) &&
+        !block_graph_find(n->graph, json_string_value(s->bk.opt))) {
         error_setg(errp, "Could not open backing file: Cannot find device='%s' nor "
-                   "node-name='%s'", json_string_value(s->backing_opt),
-                   json_string_value(s->backing_opt));
+                   "node-name='%s'", json_string_value(s->bk.opt),
+                   json_string_value(s->bk.opt));
         return -1;
     }
-    if (s->backing_opt) {
-        opts = json_incref(s->backing_opt);
+    if (s->bk.opt) {
+        opts = json_incref(s->bk.opt);
         if (json_is_object(opts)) {  /* a backing node is read-only unless asked otherwise */
             json_t *copy = json_deep_copy(opts);
             json_decref(opts);
@@ -264,9 +206,9 @@ int qcow2_backing_open(struct block_node *n, struct error **errp)
         return -1;
     }
     n->backing = b;
-    s->backing_implicit = !s->backing_opt;
-    json_decref(s->backing_opt);
-    s->backing_opt = NULL;
+    s->bk.implicit = !s->bk.opt;
+    json_decref(s->bk.opt);
+    s->bk.opt = NULL;
     return 0;
 }
 
@@ -276,12 +218,12 @@ bool qcow2_backing_overridden(struct block_node *n)
 {
     struct qcow2_state *s = n->opaque;
 
-    if (s->backing_implicit)
+    if (s->bk.implicit)
         return false;
     if (!n->backing)
-        return s->backing_name != NULL;  /* backing=null hides the image's */
+        return s->bk.name != NULL;  /* backing=null hides the image's */
     char *name = block_node_filename(n->backing);
-    bool r = strcmp(s->backing_name ? s->backing_name : "", name) != 0;
+    bool r = strcmp(s->bk.name ? s->bk.name : "", name) != 0;
     free(name);
     return r;
 }
@@ -308,14 +250,14 @@ void qcow2_query_image(struct block_node *n, json_t *image)
     }
     json_object_set_new(image, "format-specific",
                         json_pack("{s:s,s:o}", "type", "qcow2", "data", data));
-    if (s->backing_name) {
-        char *full = has_protocol(s->backing_name) ? xstrdup(s->backing_name)
-                                                   : resolve(host_filename(n), s->backing_name);
-        json_object_set_new(image, "backing-filename", json_string(s->backing_name));
+    if (s->bk.name) {
+        char *full = has_protocol(s->bk.name) ? xstrdup(s->bk.name)
+                                                   : resolve(host_filename(n), s->bk.name);
+        json_object_set_new(image, "backing-filename", json_string(s->bk.name));
         json_object_set_new(image, "full-backing-filename", json_string(full));
         free(full);
-        if (s->backing_fmt)
-            json_object_set_new(image, "backing-filename-format", json_string(s->backing_fmt));
+        if (s->bk.fmt)
+            json_object_set_new(image, "backing-filename-format", json_string(s->bk.fmt));
     }
 }
 
@@ -402,7 +344,7 @@ void qcow2_backing_read(struct qcow2_state *s, struct qcow2_part *p)
  * Returns as backing_read_start(), or -errno. */
 static int fill_classified(struct backing_read *br, uint64_t l2e)
 {
-    switch (qcow2_classify(br->s, l2e)) {
+    switch (qcow2_l2e_type(l2e, br->s->cluster_bits, br->s->version, NULL)) {
     case QCOW2_UNALLOCATED:
         return backing_read_start(br);
     case QCOW2_BAD:
@@ -418,7 +360,7 @@ static void fill_lookup_done(struct qcow2_waiter *lw, int ret)
     uint64_t l2e;
 
     if (ret == 0) {
-        ret = qcow2_lookup(br->s, br->voff, &br->lw, &l2e);
+        ret = qcow2_lookup(br->s, br->voff, true, &br->lw, &l2e);
         if (ret == 1)
             return;  /* evicted again meanwhile: lw comes back */
         if (ret == 0)
@@ -444,7 +386,7 @@ int qcow2_backing_fill(struct qcow2_state *s, uint64_t voff, void *buf, struct q
     br->dst = buf;
     br->len = s->cluster_size;
     br->lw.cb = fill_lookup_done;
-    ret = qcow2_lookup(s, br->voff, &br->lw, &l2e);
+    ret = qcow2_lookup(s, br->voff, true, &br->lw, &l2e);
     if (ret == 1)
         return 1;
     if (ret == 0)

@@ -8,7 +8,10 @@
 #include <errno.h>
 #include <string.h>
 
-#include "block/qcow2.h"
+#include "block/qcow2-cache.h"
+
+#include "block/graph.h"
+#include "block/qcow2-format.h"
 #include "common/util.h"
 
 struct slot {

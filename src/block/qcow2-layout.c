@@ -3,32 +3,16 @@
 
 #include <string.h>
 
+#include "block/qcow2-format.h"
 #include "common/util.h"
 
-#define QCOW2_MAGIC 0x514649fbu
-#define EXT_BACKING_FORMAT 0xe2792acau
 #define COMPAT_LAZY_REFCOUNTS 1ULL
 #define V2_HEADER_LEN 72u
 #define V3_HEADER_LEN 112u   /* 104 and the compression type byte, padded to 8 */
-#define MAX_BACKING_NAME 1023u
 
 static uint64_t div_up(uint64_t a, uint64_t b)
 {
     return a / b + (a % b != 0);
-}
-
-static void put_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
-static void put_be64(uint8_t *p, uint64_t v)
-{
-    put_be32(p, (uint32_t)(v >> 32));
-    put_be32(p + 4, (uint32_t)v);
 }
 
 /* Header extensions and backing file name: where they go and how long they are. */
@@ -62,7 +46,7 @@ int qcow2_layout_compute(struct qcow2_layout *l, struct error **errp)
 
     uint32_t base = l->version >= 3 ? V3_HEADER_LEN : V2_HEADER_LEN;
     size_t name_len = l->backing_file ? strlen(l->backing_file) : 0;
-    if (name_len > MAX_BACKING_NAME || (l->backing_fmt && strlen(l->backing_fmt) > 64) ||
+    if (name_len > QCOW2_MAX_BACKING_NAME || (l->backing_fmt && strlen(l->backing_fmt) > 64) ||
         base + ext_len(l) + name_len > cs) {
         error_setg(errp, "Could not assign backing file '%s': File name too long",
                    l->backing_file ? l->backing_file : "");
@@ -99,50 +83,37 @@ static void build_header(const struct qcow2_layout *l, uint8_t *out)
     uint32_t base = l->version >= 3 ? V3_HEADER_LEN : V2_HEADER_LEN;
     uint32_t pos = base;
 
-    put_be32(out + 0, QCOW2_MAGIC);
-    put_be32(out + 4, l->version);
-    put_be32(out + 20, l->cluster_bits);
-    put_be64(out + 24, l->size);
+    qcow2_put_be32(out + 0, QCOW2_MAGIC);
+    qcow2_put_be32(out + 4, l->version);
+    qcow2_put_be32(out + 20, l->cluster_bits);
+    qcow2_put_be64(out + 24, l->size);
     /* 32: no encryption */
-    put_be32(out + 36, (uint32_t)l->l1_entries);
-    put_be64(out + 40, l->l1_offset);
-    put_be64(out + 48, l->rt_offset);
-    put_be32(out + 56, (uint32_t)l->rt_clusters);
+    qcow2_put_be32(out + 36, (uint32_t)l->l1_entries);
+    qcow2_put_be64(out + 40, l->l1_offset);
+    qcow2_put_be64(out + 48, l->rt_offset);
+    qcow2_put_be32(out + 56, (uint32_t)l->rt_clusters);
     /* 60, 64: no snapshots */
     if (l->version >= 3) {
         /* 72: no incompatible features (zlib compression needs no bit) */
-        put_be64(out + 80, l->lazy_refcounts ? COMPAT_LAZY_REFCOUNTS : 0);
+        qcow2_put_be64(out + 80, l->lazy_refcounts ? COMPAT_LAZY_REFCOUNTS : 0);
         /* 88: no autoclear features */
-        put_be32(out + 96, l->refcount_order);
-        put_be32(out + 100, base);
+        qcow2_put_be32(out + 96, l->refcount_order);
+        qcow2_put_be32(out + 100, base);
         /* 104: compression type 0 (zlib), then padding */
     }
     if (l->backing_fmt) {
         size_t len = strlen(l->backing_fmt);
-        put_be32(out + pos, EXT_BACKING_FORMAT);
-        put_be32(out + pos + 4, (uint32_t)len);
+        qcow2_put_be32(out + pos, QCOW2_EXT_BACKING_FORMAT);
+        qcow2_put_be32(out + pos + 4, (uint32_t)len);
         memcpy(out + pos + 8, l->backing_fmt, len);
         pos += 8 + (uint32_t)((len + 7) & ~(size_t)7);
     }
     pos += 8;  /* the end-of-extensions marker: type 0, length 0 */
     if (l->backing_file) {
         size_t len = strlen(l->backing_file);
-        put_be64(out + 8, pos);
-        put_be32(out + 16, (uint32_t)len);
+        qcow2_put_be64(out + 8, pos);
+        qcow2_put_be32(out + 16, (uint32_t)len);
         memcpy(out + pos, l->backing_file, len);
-    }
-}
-
-/* Set entry idx of a refcount block (entries of 1 << order bits) to 1. Entries narrower
- * than a byte fill it from the least significant bit; wider ones are big-endian. */
-static void refcount_set_one(uint8_t *block, uint32_t order, uint64_t idx)
-{
-    if (order < 3) {
-        uint64_t bit = idx << order;
-        block[bit / 8] |= (uint8_t)(1u << (bit % 8));
-    } else {
-        uint32_t bytes = 1u << (order - 3);
-        block[idx * bytes + bytes - 1] = 1;
     }
 }
 
@@ -157,12 +128,12 @@ static void fill_cluster(const struct qcow2_layout *l, uint64_t c, uint8_t *out)
         /* Refcount table entries: the offsets of the refcount blocks. */
         uint64_t first = (c - 1) * (cs / 8);
         for (uint64_t i = 0; i < cs / 8 && first + i < l->rb_count; i++)
-            put_be64(out + i * 8, l->rb_offset + (first + i) * cs);
+            qcow2_put_be64(out + i * 8, l->rb_offset + (first + i) * cs);
     } else if (c < 1 + l->rt_clusters + l->rb_count) {
         uint64_t per_block = cs * 8 >> l->refcount_order;
         uint64_t first = (c - 1 - l->rt_clusters) * per_block;
         for (uint64_t i = 0; i < per_block && first + i < l->nclusters; i++)
-            refcount_set_one(out, l->refcount_order, i);
+            qcow2_refcount_set(l->refcount_order, out, i, 1);
     }
     /* L1 clusters and anything past meta_end: zeroes. */
 }

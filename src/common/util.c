@@ -1,4 +1,5 @@
 #include "common/util.h"
+#include "common/vector.h"
 
 #include <ctype.h>
 #include <stdarg.h>
@@ -108,4 +109,16 @@ bool id_wellformed(const char *s)
             return false;
     }
     return true;
+}
+
+void vector_reserve(void **ptr, size_t *cap, size_t len, size_t n, size_t elem)
+{
+    size_t want = len + n, c = *cap ? *cap : 8;
+
+    if (want < len || want > SIZE_MAX / elem)
+        abort();
+    while (c < want)
+        c = c > SIZE_MAX / 2 ? want : 2 * c;
+    *ptr = xrealloc(*ptr, c * elem);
+    *cap = c;
 }
