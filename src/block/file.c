@@ -38,7 +38,6 @@ struct file_op {
     struct block_req *req;
     uint64_t done_bytes;  /* READ/WRITE: transferred so far */
     int stage;            /* WRITE_ZEROES fallbacks, FUA's flush */
-    void *zero_buf;
 };
 
 static struct file_state *st(struct block_node *n)
@@ -165,7 +164,6 @@ static void op_finish(struct file_op *op, int ret)
 {
     struct block_req *req = op->req;
 
-    free(op->zero_buf);
     free(op);
     req->done(req, ret);
 }
@@ -254,6 +252,17 @@ static void op_done(struct uring_op *uop, int res)
 
 #define ZERO_CHUNK (1u << 20)
 
+/* ZERO_CHUNK bytes of zeroes, aligned for O_DIRECT, made once and only ever read: the
+ * writes of every write-zeroes the file system cannot zero in place. */
+static const void *zeroes(void)
+{
+    static void *z;
+
+    if (!z && posix_memalign(&z, 4096, ZERO_CHUNK) == 0)
+        memset(z, 0, ZERO_CHUNK);
+    return z;
+}
+
 static void op_step(struct file_op *op)
 {
     struct block_node *n = op->node;
@@ -295,13 +304,11 @@ static void op_step(struct file_op *op)
                             req->offset, req->len);
         } else {
             chunk = (uint32_t)MIN(left, ZERO_CHUNK);
-            if (!op->zero_buf && posix_memalign(&op->zero_buf, 4096, ZERO_CHUNK) == 0)
-                memset(op->zero_buf, 0, ZERO_CHUNK);
-            if (!op->zero_buf) {
+            if (!zeroes()) {
                 op_finish(op, -ENOMEM);
                 return;
             }
-            uring_write(u, &op->uop, s->fd, op->zero_buf, chunk, req->offset + op->done_bytes);
+            uring_write(u, &op->uop, s->fd, zeroes(), chunk, req->offset + op->done_bytes);
         }
         break;
     }
