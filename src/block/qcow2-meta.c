@@ -227,42 +227,61 @@ int qcow2_pre_write(struct qcow2_state *s, uint64_t off, uint64_t len, bool meta
 
 /* ---- checked lookups ----------------------------------------------------------------- */
 
-int qcow2_l2_table(struct qcow2_state *s, uint64_t l1_idx, bool reading, uint64_t *l2_off)
+/* How a table's entries are named in messages (QEMU's words). */
+struct table_names {
+    const char *entry;       /* "L1 entry" */
+    const char *target;      /* "L2 table offset" */
+    const char *index;       /* "L1 index" */
+    uint64_t reserved;       /* the entry's reserved bits */
+    unsigned kind;           /* what the entry names: QCOW2_META_L2 or _RB */
+};
+
+static const struct table_names l1_names = {"L1 entry", "L2 table offset", "L1 index",
+                                            QCOW2_L1_RESERVED, QCOW2_META_L2};
+static const struct table_names rt_names = {"Refcount table entry", "Refblock offset",
+                                            "reftable index", QCOW2_RT_RESERVED, QCOW2_META_RB};
+
+/* Entry e at index idx of a table: 0 with *off (0: none), or -EIO with corruption signalled. */
+static int check_table_entry(struct qcow2_state *s, const struct table_names *t, uint64_t e,
+                             uint64_t idx, bool reading, uint64_t *off)
 {
-    uint64_t l1e, off;
+    uint64_t o = e & QCOW2_OFFSET_MASK;
     const char *what = NULL;
 
+    *off = 0;
+    switch (table_entry_wrong(s, e, t->reserved)) {
+    case ENTRY_OK:
+        if (o && (what = table_misplaced(s, o >> s->cluster_bits, t->kind, reading)) != NULL)
+            break;
+        *off = o;
+        return 0;
+    case ENTRY_RESERVED:
+        qcow2_signal_corruption(s, -1, -1, "%s %#" PRIx64 " has reserved bits set (%s: %#"
+                                PRIx64 ")", t->entry, e, t->index, idx);
+        return -EIO;
+    case ENTRY_UNALIGNED:
+        qcow2_signal_corruption(s, -1, -1, "%s %#" PRIx64 " unaligned (%s: %#" PRIx64 ")",
+                                t->target, o, t->index, idx);
+        return -EIO;
+    case ENTRY_OUTSIDE:
+        qcow2_signal_corruption(s, -1, -1, "%s %#" PRIx64 " lies outside the image file (%s: %#"
+                                PRIx64 ")", t->target, o, t->index, idx);
+        return -EIO;
+    case ENTRY_FIXED:
+        what = fixed_overlap(s, o >> s->cluster_bits);
+        break;
+    }
+    qcow2_signal_corruption(s, -1, -1, "%s %#" PRIx64 " overlaps with %s (%s: %#" PRIx64 ")",
+                            t->target, o, what, t->index, idx);
+    return -EIO;
+}
+
+int qcow2_l2_table(struct qcow2_state *s, uint64_t l1_idx, bool reading, uint64_t *l2_off)
+{
     *l2_off = 0;
     if (l1_idx >= s->l1_size)
         return -EIO;  /* open checked that L1 covers the virtual size */
-    l1e = be64toh(s->l1[l1_idx]);
-    off = l1e & QCOW2_OFFSET_MASK;
-    switch (table_entry_wrong(s, l1e, QCOW2_L1_RESERVED)) {
-    case ENTRY_OK:
-        if (off && (what = table_misplaced(s, off >> s->cluster_bits, QCOW2_META_L2,
-                                           reading)) != NULL)
-            break;
-        *l2_off = off;
-        return 0;
-    case ENTRY_RESERVED:
-        qcow2_signal_corruption(s, -1, -1, "L1 entry %#" PRIx64 " has reserved bits set "
-                                "(L1 index: %#" PRIx64 ")", l1e, l1_idx);
-        return -EIO;
-    case ENTRY_UNALIGNED:
-        qcow2_signal_corruption(s, -1, -1, "L2 table offset %#" PRIx64 " unaligned (L1 index: "
-                                "%#" PRIx64 ")", off, l1_idx);
-        return -EIO;
-    case ENTRY_OUTSIDE:
-        qcow2_signal_corruption(s, -1, -1, "L2 table offset %#" PRIx64 " lies outside the "
-                                "image file (L1 index: %#" PRIx64 ")", off, l1_idx);
-        return -EIO;
-    case ENTRY_FIXED:
-        what = fixed_overlap(s, off >> s->cluster_bits);
-        break;
-    }
-    qcow2_signal_corruption(s, -1, -1, "L2 table offset %#" PRIx64 " overlaps with %s (L1 "
-                            "index: %#" PRIx64 ")", off, what, l1_idx);
-    return -EIO;
+    return check_table_entry(s, &l1_names, be64toh(s->l1[l1_idx]), l1_idx, reading, l2_off);
 }
 
 /* Where the entry of voff lives, for messages: its L2 table and index. */
@@ -415,37 +434,8 @@ int qcow2_check_use(struct qcow2_state *s, uint64_t voff, uint64_t l2e, enum qco
 
 int qcow2_refblock(struct qcow2_state *s, uint64_t b, uint64_t *off)
 {
-    uint64_t e, o;
-    const char *what = NULL;
-
     *off = 0;
     if (b >= s->rt_entries)
         return 0;
-    e = be64toh(s->rt[b]);
-    o = e & QCOW2_OFFSET_MASK;
-    switch (table_entry_wrong(s, e, QCOW2_RT_RESERVED)) {
-    case ENTRY_OK:
-        if (o && (what = table_misplaced(s, o >> s->cluster_bits, QCOW2_META_RB, false)) != NULL)
-            break;
-        *off = o;
-        return 0;
-    case ENTRY_RESERVED:
-        qcow2_signal_corruption(s, -1, -1, "Refcount table entry %#" PRIx64 " has reserved bits "
-                                "set (reftable index: %#" PRIx64 ")", e, b);
-        return -EIO;
-    case ENTRY_UNALIGNED:
-        qcow2_signal_corruption(s, -1, -1, "Refblock offset %#" PRIx64 " unaligned (reftable "
-                                "index: %#" PRIx64 ")", o, b);
-        return -EIO;
-    case ENTRY_OUTSIDE:
-        qcow2_signal_corruption(s, -1, -1, "Refblock offset %#" PRIx64 " lies outside the image "
-                                "file (reftable index: %#" PRIx64 ")", o, b);
-        return -EIO;
-    case ENTRY_FIXED:
-        what = fixed_overlap(s, o >> s->cluster_bits);
-        break;
-    }
-    qcow2_signal_corruption(s, -1, -1, "Refblock offset %#" PRIx64 " overlaps with %s "
-                            "(reftable index: %#" PRIx64 ")", o, what, b);
-    return -EIO;
+    return check_table_entry(s, &rt_names, be64toh(s->rt[b]), b, false, off);
 }
