@@ -16,12 +16,16 @@
  *     resume-on-other-errors, any other error). Never cont a daemon in "paused": a person
  *     stopped it.
  */
-#include "agent/agent.h"
+#include "agent/disk.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
+#include <jansson.h>
+
+#include "agent/extend.h"
+#include "agent/monitor.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "loop/loop.h"
@@ -39,6 +43,63 @@ static const char *const snap_commands[SNAP_COUNT] = {
     "query-status", "query-block", "query-blockstats", "query-named-block-nodes",
     "__org.thinblk_query-stop-reason",
 };
+
+/* A device of a daemon that has a policy. Kept across reconnects (keyed by device name), so
+ * back-off and what was reported survive them. */
+struct disk {
+    struct disk *next;
+    struct disk_daemon *dm;
+    const struct agent_disk_policy *policy;
+    char *name;             /* the policy's, or the device's for "device = *" */
+    char *device;
+    /* From the latest reconcile: */
+    bool present;
+    char *format_node;      /* the device's root node */
+    char *proto_node;       /* the node that grows: the root's file child, or the root */
+    char *filename;         /* the protocol node's file */
+    char *format;           /* the root node's driver: "qcow2", "raw"... */
+    uint64_t virtual_size;  /* the root node's */
+    uint64_t node_size;     /* the protocol node's, as the daemon sees it */
+    uint64_t highest;       /* the protocol node's wr_highest_offset */
+    uint64_t armed;         /* the protocol node's write_threshold (0: none) */
+    bool nospace;           /* io-status "nospace" */
+    bool failed;            /* io-status "failed" */
+    uint64_t crossed_at;    /* from BLOCK_WRITE_THRESHOLD: how far the write went, or 0 */
+    /* Extension: */
+    struct extend_job *job; /* in flight (extend.c's), or NULL */
+    uint64_t retry_timer;   /* waiting to try again after a failure */
+    uint64_t backoff_ns;
+    unsigned failures;
+    uint64_t last_extended_wall_ns; /* when the latest extension succeeded (realtime) */
+    uint64_t extensions;    /* how many succeeded */
+    const char *reported;   /* the last state logged, so each is logged once */
+    /* Set by the reconcile, read by the cont decision: */
+    bool ready;             /* nothing to wait for before cont */
+    const char *waiting;    /* why not, for the log */
+};
+
+/* A watched daemon: its connection and its disks. */
+struct disk_daemon {
+    struct loop *loop;
+    const struct agent_config *cfg;
+    const struct agent_daemon_conf *conf;
+    const char *self_exe;   /* for the built-in loop method's child */
+    struct mon *mon;        /* the connection, ours */
+    uint64_t poll_timer;    /* while connected */
+    /* Reconcile: */
+    bool reconciling;
+    bool reconcile_again;
+    json_t *snap[SNAP_COUNT]; /* the replies of one reconcile */
+    unsigned snap_pending;
+    bool cont_in_flight;
+    uint64_t stopped_since_wall_ns; /* the current io-error's start (0: running) */
+    const char *reported;   /* the daemon's last logged state */
+    char waiting_text[256]; /* the last reason logged for not resuming */
+    struct disk *disks;
+};
+
+static void reconcile(struct disk_daemon *dm);
+static void extension_done(void *opaque, bool ok, uint64_t new_size, const char *why);
 
 static const char *str(json_t *obj, const char *key)
 {
@@ -71,15 +132,15 @@ static const char R_ARMED[] = "armed", R_NOVOLUME[] = "novolume", R_CAP[] = "cap
 
 /* ---- learning the disks --------------------------------------------------------------- */
 
-static const struct agent_disk_policy *find_policy(struct mon *m, const char *device,
+static const struct agent_disk_policy *find_policy(struct disk_daemon *dm, const char *device,
                                                    const char *root, const char *proto)
 {
-    const struct agent_config *cfg = m->agent->cfg;
+    const struct agent_config *cfg = dm->cfg;
 
     /* A policy that names the device or a node wins over "device = *". */
     for (size_t i = 0; i < cfg->ndisks; i++) {
         const struct agent_disk_policy *p = &cfg->disks[i];
-        if (strcmp(p->daemon, m->conf->name))
+        if (strcmp(p->daemon, dm->conf->name))
             continue;
         if (p->device && strcmp(p->device, "*") && strcmp(p->device, device) == 0)
             return p;
@@ -88,15 +149,15 @@ static const struct agent_disk_policy *find_policy(struct mon *m, const char *de
     }
     for (size_t i = 0; i < cfg->ndisks; i++) {
         const struct agent_disk_policy *p = &cfg->disks[i];
-        if (strcmp(p->daemon, m->conf->name) == 0 && p->device && strcmp(p->device, "*") == 0)
+        if (strcmp(p->daemon, dm->conf->name) == 0 && p->device && strcmp(p->device, "*") == 0)
             return p;
     }
     return NULL;
 }
 
-static struct disk *find_disk(struct mon *m, const char *device)
+static struct disk *find_disk(struct disk_daemon *dm, const char *device)
 {
-    for (struct disk *d = m->disks; d; d = d->next) {
+    for (struct disk *d = dm->disks; d; d = d->next) {
         if (strcmp(d->device, device) == 0)
             return d;
     }
@@ -118,7 +179,7 @@ static json_t *find_by(json_t *list, const char *key, const char *value)
 
 /* One entry of query-blockstats: the device, its root node and the chain of "parent"s down
  * to the protocol node, whose wr_highest_offset is how far the image reaches. */
-static void learn(struct mon *m, json_t *entry, json_t *block, json_t *nodes)
+static void learn(struct disk_daemon *dm, json_t *entry, json_t *block, json_t *nodes)
 {
     const char *device = str(entry, "device"), *root = str(entry, "node-name");
     json_t *bottom = entry;
@@ -132,18 +193,18 @@ static void learn(struct mon *m, json_t *entry, json_t *block, json_t *nodes)
         bottom = json_object_get(bottom, "parent");
     const char *proto = str(bottom, "node-name");
 
-    const struct agent_disk_policy *p = find_policy(m, device, root, proto);
+    const struct agent_disk_policy *p = find_policy(dm, device, root, proto);
     if (!p)
         return;
-    struct disk *d = find_disk(m, device);
+    struct disk *d = find_disk(dm, device);
     if (!d) {
         d = xzalloc(sizeof(*d));
-        d->mon = m;
+        d->dm = dm;
         d->device = xstrdup(device);
         d->name = xstrdup(strcmp(p->device ? p->device : "", "*") ? p->name : device);
-        d->backoff_ns = m->agent->cfg->retry_min_ns;
-        d->next = m->disks;
-        m->disks = d;
+        d->backoff_ns = dm->cfg->retry_min_ns;
+        d->next = dm->disks;
+        dm->disks = d;
     }
     d->policy = p;
     d->present = true;
@@ -196,7 +257,7 @@ static void report(struct disk *d, const char *what, enum log_level level, const
     log_msg(level, "%s: %s", d->name, line);
 }
 
-static void arm(struct mon *m, struct disk *d, uint64_t threshold, uint64_t size)
+static void arm(struct disk_daemon *dm, struct disk *d, uint64_t threshold, uint64_t size)
 {
     char a[32], b[32], c[32];
 
@@ -204,7 +265,7 @@ static void arm(struct mon *m, struct disk *d, uint64_t threshold, uint64_t size
         return;
     json_t *args = json_pack("{s:s,s:I}", "node-name", d->proto_node, "write-threshold",
                              (json_int_t)threshold);
-    int r = mon_call(m, "block-set-write-threshold", args, NULL, NULL);
+    int r = mon_call(dm->mon, "block-set-write-threshold", args, NULL, NULL);
     json_decref(args);
     if (r < 0)
         return;
@@ -215,7 +276,7 @@ static void arm(struct mon *m, struct disk *d, uint64_t threshold, uint64_t size
     d->armed = threshold;
 }
 
-static void check_disk(struct mon *m, struct disk *d, bool io_error)
+static void check_disk(struct disk_daemon *dm, struct disk *d, bool io_error)
 {
     const struct agent_disk_policy *p = d->policy;
     const char *volume = p->volume ? p->volume : d->filename;
@@ -236,7 +297,7 @@ static void check_disk(struct mon *m, struct disk *d, bool io_error)
         size = d->node_size;
 
     bool stopped = io_error && d->nospace;
-    bool unhandled = stopped && d->last_extended_wall_ns <= m->stopped_since_wall_ns;
+    bool unhandled = stopped && d->last_extended_wall_ns <= dm->stopped_since_wall_ns;
     bool near = d->highest + p->watermark > size;
 
     if (d->job) {
@@ -244,7 +305,7 @@ static void check_disk(struct mon *m, struct disk *d, bool io_error)
         return;
     }
     if (!near && !unhandled) {
-        arm(m, d, MAX(size - p->watermark, 1), size);
+        arm(dm, d, MAX(size - p->watermark, 1), size);
         d->ready = true;
         return;
     }
@@ -280,9 +341,26 @@ static void check_disk(struct mon *m, struct disk *d, bool io_error)
         snprintf(reason, sizeof(reason), "highest write at %s is within the watermark "
                  "(found by a query)", agent_fmt_size(d->highest, a, sizeof(a)));
     d->crossed_at = 0;
-    if (!extend_start(m->agent, d, volume, size, to, reason, &err)) {
+    struct extend_request req = {
+        .method = p->method,
+        .hook = p->hook,
+        .self_exe = dm->self_exe,
+        .volume = volume,
+        .from = size,
+        .to = to,
+        .reason = reason,
+        .timeout_ns = dm->cfg->hook_timeout_ns,
+        .disk = d->name,
+        .daemon = dm->conf->name,
+        .socket = dm->conf->socket,
+        .device = d->device,
+        .node = d->proto_node ? d->proto_node : "",
+        .virtual_size = d->virtual_size,
+    };
+    d->job = extend_start(dm->loop, &req, extension_done, d, &err);
+    if (!d->job) {
         log_error("%s: cannot extend %s: %s", d->name, volume, err->desc);
-        disk_extension_done(d, false, size, err->desc);
+        extension_done(d, false, size, err->desc);
         return;
     }
     d->waiting = "an extension is running";
@@ -290,44 +368,47 @@ static void check_disk(struct mon *m, struct disk *d, bool io_error)
 
 /* ---- the daemon ----------------------------------------------------------------------- */
 
-static void mon_report(struct mon *m, const char *what, enum log_level level, const char *msg)
+static void daemon_report(struct disk_daemon *dm, const char *what, enum log_level level,
+                          const char *msg)
 {
-    if (m->reported == what)
+    if (dm->reported == what)
         return;
-    m->reported = what;
-    log_msg(level, "daemon %s: %s", m->conf->name, msg);
+    dm->reported = what;
+    log_msg(level, "daemon %s: %s", dm->conf->name, msg);
 }
 
-static void on_cont(struct mon *m, json_t *ret, const char *cls, const char *desc, void *opaque)
+static void on_cont(struct mon *mon, json_t *ret, const char *cls, const char *desc, void *opaque)
 {
-    m->cont_in_flight = false;
+    struct disk_daemon *dm = mon_opaque(mon);
+
+    dm->cont_in_flight = false;
     if (cls)
-        log_error("daemon %s: cont failed: %s", m->conf->name, desc);
-    disk_reconcile(m);
+        log_error("daemon %s: cont failed: %s", dm->conf->name, desc);
+    reconcile(dm);
 }
 
 /* In io-error: cont if every device that stopped may be resumed now. */
-static void decide_cont(struct mon *m, json_t *block)
+static void decide_cont(struct disk_daemon *dm, json_t *block)
 {
     char why[256] = "";
     bool any = false;
     size_t i;
     json_t *e;
 
-    if (m->cont_in_flight)
+    if (dm->cont_in_flight)
         return;
     json_array_foreach(block, i, e) {
         const char *io = str(e, "io-status"), *device = str(e, "device");
         if (!io || !device || strcmp(io, "ok") == 0)
             continue;
         any = true;
-        struct disk *d = find_disk(m, device);
+        struct disk *d = find_disk(dm, device);
         if (d && d->present && strcmp(io, "nospace") == 0) {
             if (!d->ready)
                 snprintf(why, sizeof(why), "%s: %s", d->name, d->waiting ? d->waiting : "not ready");
         } else if (strcmp(io, "nospace") == 0) {
             snprintf(why, sizeof(why), "device %s stopped on ENOSPC and has no policy", device);
-        } else if (!m->agent->cfg->resume_on_other_errors) {
+        } else if (!dm->cfg->resume_on_other_errors) {
             snprintf(why, sizeof(why), "device %s stopped on an I/O error other than ENOSPC "
                      "(resume-on-other-errors is off)", device);
         }
@@ -338,143 +419,172 @@ static void decide_cont(struct mon *m, json_t *block)
         snprintf(why, sizeof(why), "stopped on an I/O error, but no device says which");
     if (*why) {
         /* Once per distinct reason. */
-        if (m->reported != R_WAITING || strcmp(m->waiting_text, why)) {
-            snprintf(m->waiting_text, sizeof(m->waiting_text), "%s", why);
-            m->reported = R_WAITING;
+        if (dm->reported != R_WAITING || strcmp(dm->waiting_text, why)) {
+            snprintf(dm->waiting_text, sizeof(dm->waiting_text), "%s", why);
+            dm->reported = R_WAITING;
             /* Waiting for our own extension is the normal course; anything else is news. */
             log_msg(strstr(why, "an extension is running") ? LOG_LEVEL_INFO : LOG_LEVEL_WARN,
-                    "daemon %s: stopped on an I/O error; not resuming yet: %s", m->conf->name,
+                    "daemon %s: stopped on an I/O error; not resuming yet: %s", dm->conf->name,
                     why);
         }
         return;
     }
     uint64_t now = now_realtime_ns();
-    double stopped_s = m->stopped_since_wall_ns && now > m->stopped_since_wall_ns
-                           ? (double)(now - m->stopped_since_wall_ns) / 1e9 : 0;
+    double stopped_s = dm->stopped_since_wall_ns && now > dm->stopped_since_wall_ns
+                           ? (double)(now - dm->stopped_since_wall_ns) / 1e9 : 0;
     char msg[160];
     snprintf(msg, sizeof(msg), "resuming (cont) after %.3f s stopped on ENOSPC", stopped_s);
-    if (mon_call(m, "cont", NULL, on_cont, NULL) == 0) {
-        m->cont_in_flight = true;
-        m->reported = NULL;
-        mon_report(m, R_CONT, LOG_LEVEL_INFO, msg);
+    if (mon_call(dm->mon, "cont", NULL, on_cont, NULL) == 0) {
+        dm->cont_in_flight = true;
+        dm->reported = NULL;
+        daemon_report(dm, R_CONT, LOG_LEVEL_INFO, msg);
     }
 }
 
-static void process(struct mon *m)
+static void process(struct disk_daemon *dm)
 {
-    json_t *status = m->snap[SNAP_STATUS], *block = m->snap[SNAP_BLOCK];
-    json_t *stats = m->snap[SNAP_STATS], *nodes = m->snap[SNAP_NODES];
-    json_t *reason = m->snap[SNAP_STOP_REASON];
+    json_t *status = dm->snap[SNAP_STATUS], *block = dm->snap[SNAP_BLOCK];
+    json_t *stats = dm->snap[SNAP_STATS], *nodes = dm->snap[SNAP_NODES];
+    json_t *reason = dm->snap[SNAP_STOP_REASON];
     const char *st = str(status, "status");
     size_t i;
     json_t *e;
 
     if (!st || !json_is_array(block) || !json_is_array(stats) || !json_is_array(nodes)) {
         log_warn("daemon %s: the queries did not all answer; trying again at the next poll",
-                 m->conf->name);
+                 dm->conf->name);
         return;
     }
-    log_debug("daemon %s: reconciling: status %s", m->conf->name, st);
+    log_debug("daemon %s: reconciling: status %s", dm->conf->name, st);
     bool io_error = strcmp(st, "io-error") == 0;
     if (io_error) {
         /* When it stopped: an extension finished after that covers the stop. Without
          * thinblk's query-stop-reason (QEMU), when we first saw it. */
         json_t *since = json_object_get(reason, "since");
         if (json_is_object(since) && str(reason, "status") && strcmp(str(reason, "status"), st) == 0)
-            m->stopped_since_wall_ns = u64(since, "seconds") * 1000000000ull +
-                                       u64(since, "microseconds") * 1000ull;
-        else if (!m->stopped_since_wall_ns)
-            m->stopped_since_wall_ns = now_realtime_ns();
+            dm->stopped_since_wall_ns = u64(since, "seconds") * 1000000000ull +
+                                        u64(since, "microseconds") * 1000ull;
+        else if (!dm->stopped_since_wall_ns)
+            dm->stopped_since_wall_ns = now_realtime_ns();
     } else {
-        m->stopped_since_wall_ns = 0;
+        dm->stopped_since_wall_ns = 0;
     }
 
-    for (struct disk *d = m->disks; d; d = d->next)
+    for (struct disk *d = dm->disks; d; d = d->next)
         d->present = false;
     json_array_foreach(stats, i, e)
-        learn(m, e, block, nodes);
-    for (struct disk *d = m->disks; d; d = d->next) {
+        learn(dm, e, block, nodes);
+    for (struct disk *d = dm->disks; d; d = d->next) {
         if (d->present)
-            check_disk(m, d, io_error);
+            check_disk(dm, d, io_error);
     }
 
     if (strcmp(st, "running") == 0) {
-        mon_report(m, R_RUNNING, LOG_LEVEL_DEBUG, "running");
+        daemon_report(dm, R_RUNNING, LOG_LEVEL_DEBUG, "running");
     } else if (io_error) {
-        decide_cont(m, block);
+        decide_cont(dm, block);
     } else if (strcmp(st, "paused") == 0 || strcmp(st, "prelaunch") == 0) {
-        mon_report(m, R_PAUSED, LOG_LEVEL_INFO, "paused by a stop command (or -S), not by an "
+        daemon_report(dm, R_PAUSED, LOG_LEVEL_INFO, "paused by a stop command (or -S), not by an "
                    "I/O error: left alone");
     }
 }
 
-static void on_snap(struct mon *m, json_t *ret, const char *cls, const char *desc, void *opaque)
+static void on_snap(struct mon *mon, json_t *ret, const char *cls, const char *desc, void *opaque)
 {
+    struct disk_daemon *dm = mon_opaque(mon);
     size_t idx = (size_t)(uintptr_t)opaque;
 
-    json_decref(m->snap[idx]);
-    m->snap[idx] = ret ? json_incref(ret) : NULL;
+    json_decref(dm->snap[idx]);
+    dm->snap[idx] = ret ? json_incref(ret) : NULL;
     if (cls && idx != SNAP_STOP_REASON)
-        log_warn("daemon %s: %s failed: %s", m->conf->name, snap_commands[idx], desc);
-    if (--m->snap_pending)
+        log_warn("daemon %s: %s failed: %s", dm->conf->name, snap_commands[idx], desc);
+    if (--dm->snap_pending)
         return;
-    m->reconciling = false;
-    process(m);
-    if (m->reconcile_again) {
-        m->reconcile_again = false;
-        disk_reconcile(m);
+    dm->reconciling = false;
+    process(dm);
+    if (dm->reconcile_again) {
+        dm->reconcile_again = false;
+        reconcile(dm);
     }
 }
 
-void disk_reconcile(struct mon *m)
+/* Query the daemon and act on the answers; calls made while one runs are coalesced into one
+ * more run after it. No-op while disconnected. */
+static void reconcile(struct disk_daemon *dm)
 {
-    if (!m->ready)
+    if (!mon_ready(dm->mon))
         return;
-    if (m->reconciling) {
-        m->reconcile_again = true;
+    if (dm->reconciling) {
+        dm->reconcile_again = true;
         return;
     }
-    m->reconciling = true;
-    m->snap_pending = SNAP_COUNT;
+    dm->reconciling = true;
+    dm->snap_pending = SNAP_COUNT;
     for (size_t i = 0; i < SNAP_COUNT; i++) {
-        if (mon_call(m, snap_commands[i], NULL, on_snap, (void *)(uintptr_t)i) < 0) {
+        if (mon_call(dm->mon, snap_commands[i], NULL, on_snap, (void *)(uintptr_t)i) < 0) {
             /* The connection is going: its EOF resets all this. */
-            m->snap_pending -= (unsigned)(SNAP_COUNT - i);
-            if (!m->snap_pending)
-                m->reconciling = false;
+            dm->snap_pending -= (unsigned)(SNAP_COUNT - i);
+            if (!dm->snap_pending)
+                dm->reconciling = false;
             return;
         }
     }
 }
 
-void disk_on_event(struct mon *m, const char *name, json_t *data)
+/* mon_ops: an event from the daemon asks for a reconcile, if it is one that matters. */
+static void on_event(void *opaque, const char *name, json_t *data)
 {
+    struct disk_daemon *dm = opaque;
+
     if (strcmp(name, "BLOCK_WRITE_THRESHOLD") == 0) {
         const char *node = str(data, "node-name");
-        for (struct disk *d = m->disks; d && node; d = d->next) {
+        for (struct disk *d = dm->disks; d && node; d = d->next) {
             if (d->proto_node && strcmp(d->proto_node, node) == 0) {
                 d->crossed_at = u64(data, "write-threshold") + u64(data, "amount-exceeded");
                 d->armed = 0;
             }
         }
-        log_debug("daemon %s: BLOCK_WRITE_THRESHOLD on %s", m->conf->name, node ? node : "?");
+        log_debug("daemon %s: BLOCK_WRITE_THRESHOLD on %s", dm->conf->name, node ? node : "?");
     } else if (strcmp(name, "BLOCK_IO_ERROR") == 0) {
-        log_debug("daemon %s: BLOCK_IO_ERROR on %s: %s", m->conf->name, str(data, "device") ?: "?",
+        log_debug("daemon %s: BLOCK_IO_ERROR on %s: %s", dm->conf->name, str(data, "device") ?: "?",
                   str(data, "reason") ?: "?");
     } else if (strcmp(name, "STOP") && strcmp(name, "RESUME")) {
         return;
     }
-    disk_reconcile(m);
+    reconcile(dm);
 }
 
-void disk_on_disconnect(struct mon *m)
+static void on_poll(struct loop *loop, void *opaque)
 {
-    m->reconciling = false;
-    m->reconcile_again = false;
-    m->snap_pending = 0;
-    m->cont_in_flight = false;
-    m->reported = NULL;
-    for (struct disk *d = m->disks; d; d = d->next) {
+    struct disk_daemon *dm = opaque;
+
+    dm->poll_timer = loop_add_timer(loop, dm->cfg->poll_ns, on_poll, dm);
+    reconcile(dm);
+}
+
+/* mon_ops: (re)connected: poll from now on, and look at everything. */
+static void on_connected(void *opaque)
+{
+    struct disk_daemon *dm = opaque;
+
+    dm->poll_timer = loop_add_timer(dm->loop, dm->cfg->poll_ns, on_poll, dm);
+    reconcile(dm);
+}
+
+/* mon_ops: the connection was lost: what was in flight is gone, what was armed or reported
+ * is to be done again. */
+static void on_disconnected(void *opaque)
+{
+    struct disk_daemon *dm = opaque;
+
+    loop_del_timer(dm->loop, dm->poll_timer);
+    dm->poll_timer = 0;
+    dm->reconciling = false;
+    dm->reconcile_again = false;
+    dm->snap_pending = 0;
+    dm->cont_in_flight = false;
+    dm->reported = NULL;
+    for (struct disk *d = dm->disks; d; d = d->next) {
         d->present = false;
         d->armed = 0;
         d->reported = NULL;
@@ -486,38 +596,70 @@ static void on_retry(struct loop *loop, void *opaque)
     struct disk *d = opaque;
 
     d->retry_timer = 0;
-    disk_reconcile(d->mon);
+    reconcile(d->dm);
 }
 
-void disk_extension_done(struct disk *d, bool ok, uint64_t new_size, const char *why)
+/* extend_done_fn, and a start that failed: count it, back off after a failure, look again. */
+static void extension_done(void *opaque, bool ok, uint64_t new_size, const char *why)
 {
-    struct agent *a = d->mon->agent;
+    struct disk *d = opaque;
+    struct disk_daemon *dm = d->dm;
+
+    d->job = NULL;
 
     if (ok) {
         d->extensions++;
         d->failures = 0;
-        d->backoff_ns = a->cfg->retry_min_ns;
+        d->backoff_ns = dm->cfg->retry_min_ns;
         d->last_extended_wall_ns = now_realtime_ns();
         d->reported = NULL;
     } else {
         d->failures++;
         log_warn("%s: retrying in %.1f s (failure %u)", d->name, (double)d->backoff_ns / 1e9,
                  d->failures);
-        loop_del_timer(a->loop, d->retry_timer);
-        d->retry_timer = loop_add_timer(a->loop, d->backoff_ns, on_retry, d);
-        d->backoff_ns = MIN(d->backoff_ns * 2, a->cfg->retry_max_ns);
+        loop_del_timer(dm->loop, d->retry_timer);
+        d->retry_timer = loop_add_timer(dm->loop, d->backoff_ns, on_retry, d);
+        d->backoff_ns = MIN(d->backoff_ns * 2, dm->cfg->retry_max_ns);
     }
-    disk_reconcile(d->mon);
+    reconcile(dm);
 }
 
-void disk_free_all(struct mon *m)
+static const struct mon_ops disk_mon_ops = {
+    .connected = on_connected,
+    .event = on_event,
+    .disconnected = on_disconnected,
+};
+
+struct disk_daemon *disk_daemon_new(struct loop *loop, const struct agent_config *cfg,
+                                    const struct agent_daemon_conf *conf, const char *self_exe)
 {
-    while (m->disks) {
-        struct disk *d = m->disks;
-        m->disks = d->next;
+    struct disk_daemon *dm = xzalloc(sizeof(*dm));
+
+    dm->loop = loop;
+    dm->cfg = cfg;
+    dm->conf = conf;
+    dm->self_exe = self_exe;
+    dm->mon = mon_new(loop, conf, cfg->reconnect_max_ns, &disk_mon_ops, dm);
+    return dm;
+}
+
+void disk_daemon_start(struct disk_daemon *dm)
+{
+    mon_start(dm->mon);
+}
+
+void disk_daemon_free(struct disk_daemon *dm)
+{
+    if (!dm)
+        return;
+    mon_free(dm->mon);
+    loop_del_timer(dm->loop, dm->poll_timer);
+    while (dm->disks) {
+        struct disk *d = dm->disks;
+        dm->disks = d->next;
         if (d->job)
-            extend_abandon(m->agent, d->job);
-        loop_del_timer(m->agent->loop, d->retry_timer);
+            extend_abandon(d->job);
+        loop_del_timer(dm->loop, d->retry_timer);
         free(d->name);
         free(d->device);
         free(d->format_node);
@@ -526,4 +668,7 @@ void disk_free_all(struct mon *m)
         free(d->format);
         free(d);
     }
+    for (size_t i = 0; i < SNAP_COUNT; i++)
+        json_decref(dm->snap[i]);
+    free(dm);
 }

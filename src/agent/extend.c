@@ -7,7 +7,7 @@
  * loop only spawns it and watches a pidfd: a slow lvextend delays nothing but its own disk.
  * A child still running after hook-timeout is killed with its process group.
  */
-#include "agent/agent.h"
+#include "agent/extend.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -31,6 +31,22 @@
 #include "loop/loop.h"
 
 extern char **environ;
+
+/* An extension in flight: one child process. */
+struct extend_job {
+    struct loop *loop;
+    extend_done_fn *done;
+    void *opaque;           /* done's */
+    char *disk;             /* the requester's name, for the log */
+    pid_t pid;
+    int pidfd;
+    uint64_t timer;         /* the hook timeout */
+    uint64_t start_ns;      /* monotonic */
+    uint64_t from, to;      /* bytes */
+    char *volume;
+    char *reason;
+    bool timed_out;
+};
 
 int extend_volume_size(const char *volume, uint64_t *size)
 {
@@ -123,31 +139,31 @@ int extend_loop_device(const char *dev, uint64_t size)
 
 /* ---- jobs ----------------------------------------------------------------------------- */
 
-static void job_free(struct agent *a, struct extend_job *job)
+static void job_free(struct extend_job *job)
 {
-    loop_del_timer(a->loop, job->timer);
+    loop_del_timer(job->loop, job->timer);
     if (job->pidfd >= 0) {
-        loop_del_fd(a->loop, job->pidfd);
+        loop_del_fd(job->loop, job->pidfd);
         close(job->pidfd);
     }
+    free(job->disk);
     free(job->volume);
     free(job->reason);
     free(job);
 }
 
-void extend_abandon(struct agent *a, struct extend_job *job)
+void extend_abandon(struct extend_job *job)
 {
     log_warn("%s: leaving the extension of %s (pid %d) to finish on its own",
-             job->disk->name, job->volume, (int)job->pid);
-    job->disk->job = NULL;
-    job_free(a, job);
+             job->disk, job->volume, (int)job->pid);
+    job_free(job);
 }
 
 static void on_exit_of_child(struct loop *loop, int fd, unsigned events, void *opaque)
 {
     struct extend_job *job = opaque;
-    struct disk *d = job->disk;
-    struct agent *a = d->mon->agent;
+    extend_done_fn *done = job->done;
+    void *done_opaque = job->opaque;
     int status;
     pid_t r = waitpid(job->pid, &status, WNOHANG);
     char from[32], to[32], now_s[32], why[128];
@@ -178,14 +194,13 @@ static void on_exit_of_child(struct loop *loop, int fd, unsigned events, void *o
     agent_fmt_size(job->from, from, sizeof(from));
     agent_fmt_size(job->to, to, sizeof(to));
     if (why[0])
-        log_error("%s: extending %s from %s to %s failed in %.1f ms (%s): %s", d->name,
+        log_error("%s: extending %s from %s to %s failed in %.1f ms (%s): %s", job->disk,
                   job->volume, from, to, ms, job->reason, why);
     else
-        log_info("%s: extended %s from %s to %s in %.1f ms (%s)", d->name, job->volume, from,
+        log_info("%s: extended %s from %s to %s in %.1f ms (%s)", job->disk, job->volume, from,
                  agent_fmt_size(now, now_s, sizeof(now_s)), ms, job->reason);
-    d->job = NULL;
-    job_free(a, job);
-    disk_extension_done(d, !why[0], now, why);
+    job_free(job);
+    done(done_opaque, !why[0], now, why);
 }
 
 static void on_timeout(struct loop *loop, void *opaque)
@@ -195,7 +210,7 @@ static void on_timeout(struct loop *loop, void *opaque)
     job->timer = 0;
     job->timed_out = true;
     log_error("%s: the extension of %s is still running after the hook timeout; killing it",
-              job->disk->name, job->volume);
+              job->disk, job->volume);
     kill(-job->pid, SIGKILL);  /* its process group: lvextend's children too */
 }
 
@@ -213,8 +228,7 @@ static char *env_var(const char *name, const char *fmt, ...)
 }
 
 /* environ plus the THINBLK_* variables the hook gets; freed by free_env. */
-static char **hook_env(struct disk *d, const char *volume, uint64_t from, uint64_t to,
-                       const char *reason)
+static char **hook_env(const struct extend_request *req)
 {
     size_t n = 0, k = 0;
 
@@ -225,16 +239,16 @@ static char **hook_env(struct disk *d, const char *volume, uint64_t from, uint64
         if (strncmp(environ[i], "THINBLK_", 8))
             env[k++] = xstrdup(environ[i]);
     }
-    env[k++] = env_var("THINBLK_DISK", "%s", d->name);
-    env[k++] = env_var("THINBLK_DAEMON", "%s", d->mon->conf->name);
-    env[k++] = env_var("THINBLK_SOCKET", "%s", d->mon->conf->socket);
-    env[k++] = env_var("THINBLK_DEVICE", "%s", d->device);
-    env[k++] = env_var("THINBLK_NODE", "%s", d->proto_node ? d->proto_node : "");
-    env[k++] = env_var("THINBLK_VOLUME", "%s", volume);
-    env[k++] = env_var("THINBLK_CURRENT_SIZE", "%" PRIu64, from);
-    env[k++] = env_var("THINBLK_NEW_SIZE", "%" PRIu64, to);
-    env[k++] = env_var("THINBLK_VIRTUAL_SIZE", "%" PRIu64, d->virtual_size);
-    env[k++] = env_var("THINBLK_REASON", "%s", reason);
+    env[k++] = env_var("THINBLK_DISK", "%s", req->disk);
+    env[k++] = env_var("THINBLK_DAEMON", "%s", req->daemon);
+    env[k++] = env_var("THINBLK_SOCKET", "%s", req->socket);
+    env[k++] = env_var("THINBLK_DEVICE", "%s", req->device);
+    env[k++] = env_var("THINBLK_NODE", "%s", req->node);
+    env[k++] = env_var("THINBLK_VOLUME", "%s", req->volume);
+    env[k++] = env_var("THINBLK_CURRENT_SIZE", "%" PRIu64, req->from);
+    env[k++] = env_var("THINBLK_NEW_SIZE", "%" PRIu64, req->to);
+    env[k++] = env_var("THINBLK_VIRTUAL_SIZE", "%" PRIu64, req->virtual_size);
+    env[k++] = env_var("THINBLK_REASON", "%s", req->reason);
     return env;
 }
 
@@ -276,11 +290,11 @@ static pid_t spawn(char *const argv[], char **env, struct error **errp)
     return pid;
 }
 
-struct extend_job *extend_start(struct agent *a, struct disk *d, const char *volume,
-                                uint64_t from, uint64_t to, const char *reason,
-                                struct error **errp)
+struct extend_job *extend_start(struct loop *loop, const struct extend_request *req,
+                                extend_done_fn *done, void *opaque, struct error **errp)
 {
-    const struct agent_disk_policy *p = d->policy;
+    const char *volume = req->volume;
+    uint64_t from = req->from, to = req->to;
     char from_s[24], to_s[24];
     pid_t pid;
 
@@ -288,12 +302,12 @@ struct extend_job *extend_start(struct agent *a, struct disk *d, const char *vol
 
     snprintf(from_s, sizeof(from_s), "%" PRIu64, from);
     snprintf(to_s, sizeof(to_s), "%" PRIu64, to);
-    if (p->method == AGENT_METHOD_LOOP) {
-        char *argv[] = {(char *)a->self_exe, "--extend-loop", (char *)volume, to_s, NULL};
+    if (req->method == AGENT_METHOD_LOOP) {
+        char *argv[] = {(char *)req->self_exe, "--extend-loop", (char *)volume, to_s, NULL};
         pid = spawn(argv, environ, errp);
     } else {
-        char *argv[] = {p->hook, (char *)volume, from_s, to_s, NULL};
-        char **env = hook_env(d, volume, from, to, reason);
+        char *argv[] = {(char *)req->hook, (char *)volume, from_s, to_s, NULL};
+        char **env = hook_env(req);
         pid = spawn(argv, env, errp);
         free_env(env);
     }
@@ -301,15 +315,18 @@ struct extend_job *extend_start(struct agent *a, struct disk *d, const char *vol
         return NULL;
 
     struct extend_job *job = xzalloc(sizeof(*job));
-    job->disk = d;
+    job->loop = loop;
+    job->done = done;
+    job->opaque = opaque;
+    job->disk = xstrdup(req->disk);
     job->pid = pid;
     job->start_ns = start_ns;
     job->from = from;
     job->to = to;
     job->volume = xstrdup(volume);
-    job->reason = xstrdup(reason);
+    job->reason = xstrdup(req->reason);
     job->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-    if (job->pidfd < 0 || loop_add_fd(a->loop, job->pidfd, LOOP_READ, on_exit_of_child, job) < 0) {
+    if (job->pidfd < 0 || loop_add_fd(loop, job->pidfd, LOOP_READ, on_exit_of_child, job) < 0) {
         /* Without a pidfd (Linux < 5.3) there is no way to wait here without blocking. */
         error_setg_errno(errp, errno, "pidfd_open");
         kill(-pid, SIGKILL);
@@ -317,12 +334,11 @@ struct extend_job *extend_start(struct agent *a, struct disk *d, const char *vol
         if (job->pidfd >= 0)
             close(job->pidfd);
         job->pidfd = -1;
-        job_free(a, job);
+        job_free(job);
         return NULL;
     }
-    job->timer = loop_add_timer(a->loop, a->cfg->hook_timeout_ns, on_timeout, job);
-    d->job = job;
-    log_debug("%s: extending %s from %" PRIu64 " to %" PRIu64 " (pid %d)", d->name, volume,
+    job->timer = loop_add_timer(loop, req->timeout_ns, on_timeout, job);
+    log_debug("%s: extending %s from %" PRIu64 " to %" PRIu64 " (pid %d)", job->disk, volume,
               from, to, (int)pid);
     return job;
 }

@@ -1,5 +1,16 @@
 /* thinblk-agent: keeps thin disks of thinblkd (or QEMU) ahead of their writers, and resumes a
- * daemon stopped on ENOSPC once its disks are extended. See thinblk-agent(8). */
+ * daemon stopped on ENOSPC once its disks are extended. See thinblk-agent(8).
+ *
+ * One thread, one event loop (loop/loop.h). Calls go one way, down:
+ *
+ *     main.c  -> disk.c  -> monitor.c   (a non-blocking QMP connection per daemon)
+ *                        -> extend.c    (extensions, as child processes)
+ *     all of them -> config.c
+ *
+ * monitor.c and extend.c report back up only through the mon_ops and extend_done_fn they are
+ * given; disk.c decides (disk.h). main.c also calls extend_loop_device() directly, for the
+ * built-in loop method's child (--extend-loop).
+ */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -9,7 +20,9 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
-#include "agent/agent.h"
+#include "agent/config.h"
+#include "agent/disk.h"
+#include "agent/extend.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "loop/loop.h"
@@ -316,16 +329,16 @@ int main(int argc, char **argv)
         goto out;
     }
 
-    struct agent agent = {.cfg = &cfg, .self_exe = "/proc/self/exe"};
+    const char *self_exe = "/proc/self/exe";
     /* /proc/self/exe names this program for its children only while we run; resolve it. */
     char self[4096];
     ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
     if (n > 0) {
         self[n] = '\0';
-        agent.self_exe = self;
+        self_exe = self;
     }
-    agent.loop = loop_new();
-    if (!agent.loop) {
+    struct loop *loop = loop_new();
+    if (!loop) {
         error_setg_errno(&err, errno, "epoll");
         goto fail;
     }
@@ -336,26 +349,26 @@ int main(int argc, char **argv)
     sigprocmask(SIG_BLOCK, &mask, NULL);
     signal(SIGPIPE, SIG_IGN);
     int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (sfd < 0 || loop_add_fd(agent.loop, sfd, LOOP_READ, on_signal, NULL) < 0) {
+    if (sfd < 0 || loop_add_fd(loop, sfd, LOOP_READ, on_signal, NULL) < 0) {
         error_setg_errno(&err, errno, "signalfd");
-        loop_free(agent.loop);
+        loop_free(loop);
         goto fail;
     }
 
     log_config(&cfg);
-    agent.nmons = cfg.ndaemons;
-    agent.mons = xzalloc(cfg.ndaemons * sizeof(*agent.mons));
-    for (size_t i = 0; i < cfg.ndaemons; i++) {
-        agent.mons[i] = mon_new(&agent, &cfg.daemons[i]);
-        mon_start(agent.mons[i]);
+    size_t ndaemons = cfg.ndaemons;
+    struct disk_daemon **daemons = xzalloc(ndaemons * sizeof(*daemons));
+    for (size_t i = 0; i < ndaemons; i++) {
+        daemons[i] = disk_daemon_new(loop, &cfg, &cfg.daemons[i], self_exe);
+        disk_daemon_start(daemons[i]);
     }
-    ret = loop_run(agent.loop) < 0 ? 1 : 0;
-    for (size_t i = 0; i < agent.nmons; i++)
-        mon_free(agent.mons[i]);
-    free(agent.mons);
-    loop_del_fd(agent.loop, sfd);
+    ret = loop_run(loop) < 0 ? 1 : 0;
+    for (size_t i = 0; i < ndaemons; i++)
+        disk_daemon_free(daemons[i]);
+    free(daemons);
+    loop_del_fd(loop, sfd);
     close(sfd);
-    loop_free(agent.loop);
+    loop_free(loop);
     goto out;
 
 fail:

@@ -3,9 +3,10 @@
  * States: disconnected (a timer to try again) -> greeting -> negotiating -> ready; EOF or a
  * protocol error from any of them goes back to disconnected. Nothing here waits: the connect
  * is a Unix-socket connect that fails at once rather than block (qmpc_open with timeout 0),
- * and replies come back through mon_call()'s callbacks.
+ * and replies come back through mon_call()'s callbacks. What happens is reported up to the owner
+ * through its mon_ops: the monitor never calls into the modules that use it.
  */
-#include "agent/agent.h"
+#include "agent/monitor.h"
 
 #include <string.h>
 
@@ -23,16 +24,47 @@ struct mon_call {
     void *opaque;
 };
 
+/* A watched daemon's connection. */
+struct mon {
+    struct loop *loop;
+    const struct agent_daemon_conf *conf;
+    uint64_t reconnect_max_ns;
+    const struct mon_ops *ops;
+    void *opaque;           /* the owner's, for ops and mon_opaque() */
+    struct qmpc *c;         /* NULL while disconnected */
+    bool ready;             /* capabilities negotiated */
+    uint64_t connect_timer;
+    uint64_t backoff_ns;
+    bool ever_connected;
+    char *last_connect_error; /* said once, not at every attempt */
+    /* Replies expected: id -> callback. */
+    struct mon_call *calls;
+};
+
 static void mon_connect(struct loop *loop, void *opaque);
 
-struct mon *mon_new(struct agent *a, const struct agent_daemon_conf *conf)
+struct mon *mon_new(struct loop *loop, const struct agent_daemon_conf *conf,
+                    uint64_t reconnect_max_ns, const struct mon_ops *ops, void *opaque)
 {
     struct mon *m = xzalloc(sizeof(*m));
 
-    m->agent = a;
+    m->loop = loop;
     m->conf = conf;
+    m->reconnect_max_ns = reconnect_max_ns;
+    m->ops = ops;
+    m->opaque = opaque;
     m->backoff_ns = RECONNECT_MIN_NS;
     return m;
+}
+
+bool mon_ready(const struct mon *m)
+{
+    return m->ready;
+}
+
+void *mon_opaque(const struct mon *m)
+{
+    return m->opaque;
 }
 
 static void drop_calls(struct mon *m)
@@ -48,13 +80,11 @@ static void mon_close(struct mon *m)
 {
     if (!m->c)
         return;
-    loop_del_fd(m->agent->loop, qmpc_fd(m->c));
+    loop_del_fd(m->loop, qmpc_fd(m->c));
     qmpc_free(m->c);
     m->c = NULL;
     m->ready = false;
     drop_calls(m);
-    loop_del_timer(m->agent->loop, m->poll_timer);
-    m->poll_timer = 0;
 }
 
 void mon_free(struct mon *m)
@@ -62,19 +92,16 @@ void mon_free(struct mon *m)
     if (!m)
         return;
     mon_close(m);
-    loop_del_timer(m->agent->loop, m->connect_timer);
-    disk_free_all(m);
+    loop_del_timer(m->loop, m->connect_timer);
     free(m->last_connect_error);
-    for (size_t i = 0; i < ARRAY_SIZE(m->snap); i++)
-        json_decref(m->snap[i]);
     free(m);
 }
 
 static void schedule_connect(struct mon *m)
 {
-    loop_del_timer(m->agent->loop, m->connect_timer);
-    m->connect_timer = loop_add_timer(m->agent->loop, m->backoff_ns, mon_connect, m);
-    m->backoff_ns = MIN(m->backoff_ns * 2, m->agent->cfg->reconnect_max_ns);
+    loop_del_timer(m->loop, m->connect_timer);
+    m->connect_timer = loop_add_timer(m->loop, m->backoff_ns, mon_connect, m);
+    m->backoff_ns = MIN(m->backoff_ns * 2, m->reconnect_max_ns);
 }
 
 static void lost(struct mon *m, const char *why)
@@ -87,16 +114,8 @@ static void lost(struct mon *m, const char *why)
         log_debug("daemon %s: connection failed (%s)", m->conf->name, why);
     mon_close(m);
     if (was_ready)
-        disk_on_disconnect(m);
+        m->ops->disconnected(m->opaque);
     schedule_connect(m);
-}
-
-static void on_poll(struct loop *loop, void *opaque)
-{
-    struct mon *m = opaque;
-
-    m->poll_timer = loop_add_timer(loop, m->agent->cfg->poll_ns, on_poll, m);
-    disk_reconcile(m);
 }
 
 static void on_negotiated(struct mon *m, json_t *ret, const char *cls, const char *desc,
@@ -113,8 +132,7 @@ static void on_negotiated(struct mon *m, json_t *ret, const char *cls, const cha
     log_info("daemon %s: connected to %s%s", m->conf->name, m->conf->socket,
              m->ever_connected ? " again" : "");
     m->ever_connected = true;
-    m->poll_timer = loop_add_timer(m->agent->loop, m->agent->cfg->poll_ns, on_poll, m);
-    disk_reconcile(m);
+    m->ops->connected(m->opaque);
 }
 
 static void dispatch(struct mon *m, struct qmpc_message *msg)
@@ -126,7 +144,7 @@ static void dispatch(struct mon *m, struct qmpc_message *msg)
         return;
     case QMPC_MSG_EVENT:
         if (m->ready)
-            disk_on_event(m, msg->event, msg->data);
+            m->ops->event(m->opaque, msg->event, msg->data);
         return;
     case QMPC_MSG_RETURN:
     case QMPC_MSG_ERROR:
@@ -205,7 +223,7 @@ static void mon_connect(struct loop *loop, void *opaque)
 
 void mon_start(struct mon *m)
 {
-    mon_connect(m->agent->loop, m);
+    mon_connect(m->loop, m);
 }
 
 int mon_call(struct mon *m, const char *name, json_t *args, mon_reply_fn *fn, void *opaque)
