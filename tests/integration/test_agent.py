@@ -370,6 +370,59 @@ def test_failing_hook_retried_with_backoff(daemons, loopdisks, agents, tmp_path)
     disk.check()
 
 
+SLOW_HOOK = """#!/bin/sh
+# Hangs (as a stuck lvextend would) while {flag} is absent; else extends like HOOK.
+[ -e {flag} ] || exec sleep {sleep}
+truncate -s "$3" {backing}
+losetup -c "$1"
+"""
+
+
+def slow_hook(tmp_path, disk, sleep):
+    flag, hook = tmp_path / "hook-may-work", tmp_path / "extend.sh"
+    hook.write_text(SLOW_HOOK.format(flag=flag, sleep=sleep, backing=disk.backing))
+    hook.chmod(0o755)
+    return hook, flag
+
+
+def test_hook_past_its_timeout_killed_and_retried(daemons, loopdisks, agents, tmp_path):
+    disk = loopdisks(size=16 * MiB)
+    s = Served(daemons, disk)
+    hook, flag = slow_hook(tmp_path, disk, 60)
+    a = agents("-s", s.mon, "--hook", hook, "--chunk", "32M", "--watermark", "4M",
+               "--hook-timeout", "300ms", "--retry-min", "100ms", "--retry-max", "100ms")
+    w = s.write(0x67, 0, 24 * MiB, step=2 * MiB, wait=False)
+    a.wait_log(r"disk0: the extension of %s is still running after the hook timeout; "
+               r"killing it" % disk.dev)
+    a.wait_log(r"disk0: extending %s from 16 MiB to 48 MiB failed in [0-9.]+ ms \(.*\): "
+               r"killed after the hook timeout" % disk.dev)
+    a.wait_log(r"disk0: retrying in 0.1 s")
+    assert s.status() == "io-error" and w.poll() is None
+    flag.touch()
+    a.wait_log(r"disk0: extended %s from 16 MiB to 48 MiB" % disk.dev)
+    a.wait_log(r"resuming \(cont\)")
+    finish(w)
+    s.read_back(0x67, 0, 24 * MiB)
+    a.stop()
+    s.stop()
+    disk.check()
+
+
+def test_agent_stopped_during_an_extension_leaves_it(daemons, loopdisks, agents, tmp_path):
+    disk = loopdisks(size=16 * MiB)
+    s = Served(daemons, disk)
+    hook, _ = slow_hook(tmp_path, disk, 3)
+    a = agents("-s", s.mon, "--hook", hook, "--chunk", "32M", "--watermark", "4M")
+    w = s.write(0x68, 0, 24 * MiB, step=2 * MiB, wait=False)
+    a.wait_log(r"disk0: extending %s from 16777216 to 50331648 \(pid \d+\)" % disk.dev)
+    a.stop()   # exits 0, no sanitizer report: the job is freed, the child left running
+    assert a.lines(r"disk0: leaving the extension of %s \(pid \d+\) to finish on its own"
+                   % disk.dev), a.log()
+    w.kill()
+    w.wait()
+    s.stop()
+
+
 def test_disk_at_cap_stays_stopped_and_is_reported(daemons, loopdisks, agents):
     disk = loopdisks(size=16 * MiB)
     s = Served(daemons, disk)
