@@ -5,6 +5,7 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "common/assert.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "device/internal.h"
@@ -357,10 +358,17 @@ static void dispatch(struct device *d, struct dev_req *r)
 
 void device_submit(struct device *d, struct dev_req *r)
 {
+    /* The export validated the request (nbd/transmission.c): the node's contract, and within
+     * the root's size. Not on a protocol root: a host device's size is read again by queries,
+     * and may have shrunk since the export checked. */
+    ASSERT(r->done);
+    r->breq.done = on_block_done;
+    node_assert_req(d->root, &r->breq);
+    ASSERT(r->breq.op == BLOCK_OP_FLUSH || !d->root->file ||
+           r->breq.offset + r->breq.len <= d->root->size);
     r->dev = d;
     r->seq = ++d->seq;
     r->start_ns = now_monotonic_ns();
-    r->breq.done = on_block_done;
     r->is_write = r->breq.op == BLOCK_OP_WRITE || r->breq.op == BLOCK_OP_WRITE_ZEROES ||
                   r->breq.op == BLOCK_OP_DISCARD;
     if (d->writethrough && (r->breq.op == BLOCK_OP_WRITE || r->breq.op == BLOCK_OP_WRITE_ZEROES))
