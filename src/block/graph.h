@@ -143,11 +143,12 @@ void block_node_unref(struct block_node *n);
  * of node_assert_req(); a request that does not is a bug in the caller, and aborts. */
 void node_submit(struct block_node *n, struct block_req *req);
 /* Assert (in every build, common/assert.h) that req may go to n: done is set; op and flags
- * are known ones; a flush has offset and len 0; any other request has len > 0, offset + len
- * without overflow, and both multiples of n's alignment; a read or a write has a buf (of len
- * bytes: the submitter's word); only reads go to a read-only node. Not the range: below a
- * format, a node's end is not fixed (qcow2 allocates past the end of its file, through a
- * filter too); a driver with a fixed end asserts it (qcow2: its virtual size). */
+ * are known ones; a request other than a flush has len > 0, offset + len without overflow,
+ * both multiples of n's alignment; a read or a write has a buf (of len bytes: the submitter's
+ * word); no write, write-zeroes or discard goes to a read-only node. A flush's offset and len
+ * mean nothing. Not the range: below a format, a node's end is not fixed (qcow2 allocates past
+ * the end of its file, through a filter too); a driver with a fixed end asserts it (qcow2: its
+ * virtual size). */
 void node_assert_req(const struct block_node *n, const struct block_req *req);
 
 /* The node's entry of query-named-block-nodes (QEMU's BlockDeviceInfo), with the backing

@@ -364,8 +364,10 @@ void device_submit(struct device *d, struct dev_req *r)
     ASSERT(r->done);
     r->breq.done = on_block_done;
     node_assert_req(d->root, &r->breq);
-    ASSERT(r->breq.op == BLOCK_OP_FLUSH || !d->root->file ||
-           r->breq.offset + r->breq.len <= d->root->size);
+    if (r->breq.op == BLOCK_OP_FLUSH)
+        ASSERT(r->breq.offset == 0 && r->breq.len == 0);
+    else
+        ASSERT(!d->root->file || r->breq.offset + r->breq.len <= d->root->size);
     r->dev = d;
     r->seq = ++d->seq;
     r->start_ns = now_monotonic_ns();

@@ -174,8 +174,8 @@ struct block_node *device_root(const struct device *d);
 bool device_busy(const struct device *d);
 
 /* Submit req. Never fails here: errors come through req->done. req must be valid for the
- * root node (node_assert_req(), block/graph.h) and end within its size (asserted where the
- * size is fixed: a root over a child); the export validates what its client sent, and an
+ * root node (node_assert_req(), block/graph.h), and end within its size (asserted where the
+ * size is fixed: a root over a child) or be a flush with offset and len 0; the export validates what its client sent, and an
  * invalid req aborts. */
 void device_submit(struct device *d, struct dev_req *req);
 
