@@ -39,7 +39,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 static struct {
     struct fuzz_block fb;
     struct runstate *runstate;
-    struct dev_context devs;
+    struct dev_context *devs;
     struct device *dev;
 } g;
 
@@ -51,8 +51,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 
     fuzz_block_init(&g.fb, "fuzz-nbd");
     g.runstate = runstate_new(g.fb.loop, RUN_STATE_RUNNING, fuzz_drop_event, NULL);
-    g.devs = (struct dev_context){ .loop = g.fb.loop, .runstate = g.runstate,
-                                   .emit = fuzz_drop_event };
+    g.devs = dev_context_new(g.fb.loop, g.runstate, fuzz_drop_event, NULL);
 
     fd = mkstemp(path);
     if (fd < 0 || ftruncate(fd, IMAGE_SIZE) < 0)
@@ -65,7 +64,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     unlink(path);  /* the node keeps it open */
     if (!node)
         fuzz_die("block_node_create", err);
-    g.dev = device_new(&g.devs, "e0", node, DEV_ACTION_REPORT, DEV_ACTION_REPORT, &err);
+    g.dev = device_new(g.devs, "e0", node, DEV_ACTION_REPORT, DEV_ACTION_REPORT, &err);
     if (!g.dev)
         fuzz_die("device_new", err);
     return 0;

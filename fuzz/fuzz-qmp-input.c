@@ -45,8 +45,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     if (!loop)
         abort();
-    struct dev_context devs = { .loop = loop, .runstate = rs, .emit = emit, .emit_opaque = &out };
-    struct qmp_services svc = { .runstate = rs, .graph = graph, .devs = &devs };
+    struct dev_context *devs = dev_context_new(loop, rs, emit, &out);
+    struct qmp_services svc = { .runstate = rs, .graph = graph, .devs = devs };
 
     /* Not the export commands: fuzzed input must not bind sockets. */
     qmp_register_control(d, version);
@@ -74,8 +74,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     loop_run_once(loop, 0);
 
     json_stream_free(js);
-    free(devs.last_stop.device);
-    free(devs.last_stop.node_name);
+    dev_context_free(devs);
     runstate_free(rs);
     block_graph_free(graph);
     qmp_dispatcher_free(d);

@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "common/assert.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "qmp/json-writer.h"
@@ -372,8 +373,26 @@ static void check_write_threshold(struct block_node *n, const struct block_req *
                              "write-threshold", (json_int_t)threshold));
 }
 
+void node_assert_req(const struct block_node *n, const struct block_req *req)
+{
+    uint64_t align = MAX(n->alignment, 1u);
+
+    ASSERT(req->done);
+    ASSERT(req->op <= BLOCK_OP_WRITE_ZEROES);
+    ASSERT(!(req->flags & ~(BLOCK_REQ_FUA | BLOCK_REQ_MAY_UNMAP)));
+    if (req->op == BLOCK_OP_FLUSH)
+        return;  /* its offset and len mean nothing (raw shifts them by its window's offset) */
+    ASSERT(req->len > 0 && req->len <= UINT64_MAX - req->offset);
+    ASSERT(req->offset % align == 0 && req->len % align == 0);
+    if (req->op == BLOCK_OP_READ || req->op == BLOCK_OP_WRITE)
+        ASSERT(req->buf);
+    if (req->op != BLOCK_OP_READ)
+        ASSERT(!n->read_only);
+}
+
 void node_submit(struct block_node *n, struct block_req *req)
 {
+    node_assert_req(n, req);
     if (req->op == BLOCK_OP_WRITE || req->op == BLOCK_OP_WRITE_ZEROES) {
         check_write_threshold(n, req);
         if (req->offset + req->len > n->wr_highest_offset)

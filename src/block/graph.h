@@ -7,8 +7,9 @@
  *
  * Requests are asynchronous: node_submit() queues one and its done() runs later on the loop
  * thread, never inside node_submit(). A request carries a plain errno in the data path:
- * done(req, 0) or done(req, -errno). Requests reaching a driver have been checked against the
- * node's size and alignment by the device; drivers do not check twice.
+ * done(req, 0) or done(req, -errno). What a client sends is validated where it enters (the
+ * NBD transmission phase); node_submit() asserts the contract below (node_assert_req()), so a
+ * driver's submit relies on it and does not check twice.
  *
  * Used from the loop thread only.
  */
@@ -138,8 +139,17 @@ void block_node_ref(struct block_node *n);
 /* Drop a reference; the last one closes the node and drops its child's reference. */
 void block_node_unref(struct block_node *n);
 
-/* Submit req to n. Writes update the write threshold bookkeeping. */
+/* Submit req to n. Writes update the write threshold bookkeeping. req must keep the contract
+ * of node_assert_req(); a request that does not is a bug in the caller, and aborts. */
 void node_submit(struct block_node *n, struct block_req *req);
+/* Assert (in every build, common/assert.h) that req may go to n: done is set; op and flags
+ * are known ones; a request other than a flush has len > 0, offset + len without overflow,
+ * both multiples of n's alignment; a read or a write has a buf (of len bytes: the submitter's
+ * word); no write, write-zeroes or discard goes to a read-only node. A flush's offset and len
+ * mean nothing. Not the range: below a format, a node's end is not fixed (qcow2 allocates past
+ * the end of its file, through a filter too); a driver with a fixed end asserts it (qcow2: its
+ * virtual size). */
+void node_assert_req(const struct block_node *n, const struct block_req *req);
 
 /* The node's entry of query-named-block-nodes (QEMU's BlockDeviceInfo), with the backing
  * chain's images nested (flat=false, as query-block) or not. The size of a node that can

@@ -41,6 +41,7 @@
 #include "block/qcow2-check.h"
 #include "block/qcow2-header.h"
 #include "block/sync-io.h"
+#include "common/assert.h"
 #include "common/log.h"
 #include "common/util.h"
 
@@ -299,6 +300,12 @@ static void qcow2_close(struct block_node *n)
 
 static void qcow2_submit(struct block_node *n, struct block_req *req)
 {
+    uint64_t align = MAX(n->alignment, 1u);
+
+    /* The tables cover the virtual size (its last cluster whole): nothing past it. A backing
+     * read of the last bytes comes widened to the alignment (qcow2-backing.c). */
+    ASSERT(req->op == BLOCK_OP_FLUSH ||
+           req->offset + req->len <= (n->size + align - 1) / align * align);
     qcow2_req_submit(n->opaque, req);
 }
 

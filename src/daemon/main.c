@@ -30,7 +30,7 @@ struct daemon {
     struct runstate *runstate;
     struct uring *uring;
     struct block_graph *graph;
-    struct dev_context devs;
+    struct dev_context *devs;
     struct exports *exports;
     struct job_list *jobs;
     struct qmp_services services;
@@ -188,8 +188,7 @@ static void daemon_free(struct daemon *d)
     exports_free(d->exports);
     if (!job_list_busy(d->jobs))
         job_list_free(d->jobs);  /* else a job's work still refers to it: leave it */
-    free(d->devs.last_stop.device);
-    free(d->devs.last_stop.node_name);
+    dev_context_free(d->devs);
     qmp_server_free(d->server);  /* removes the socket files */
     runstate_free(d->runstate);
     block_graph_free(d->graph);
@@ -246,13 +245,11 @@ int main(int argc, char **argv)
     d.runstate = runstate_new(d.loop, opts.prelaunch ? RUN_STATE_PRELAUNCH : RUN_STATE_RUNNING,
                               emit_event, &d);
     runstate_add_listener(d.runstate, on_state_change, &d);
-    d.devs = (struct dev_context){ .loop = d.loop, .runstate = d.runstate, .emit = emit_event,
-                                   .emit_opaque = &d };
-    runstate_set_io_hooks(d.runstate, dev_context_busy, dev_context_released, &d.devs);
-    d.exports = exports_new(d.graph, &d.devs);
+    d.devs = dev_context_new(d.loop, d.runstate, emit_event, &d);
+    d.exports = exports_new(d.graph, d.devs);
     d.jobs = job_list_new(emit_event, &d);
     d.services = (struct qmp_services){ .runstate = d.runstate, .graph = d.graph,
-                                        .devs = &d.devs, .exports = d.exports,
+                                        .devs = d.devs, .exports = d.exports,
                                         .jobs = d.jobs };
 
     qmp_register_control(d.dispatcher, d.version);

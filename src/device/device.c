@@ -5,8 +5,10 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "common/assert.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "device/internal.h"
 #include "loop/loop.h"
 
 #define EVENT_PERIOD_NS (1000 * 1000 * 1000ull)
@@ -25,9 +27,18 @@ struct dev_stats {
     uint64_t stopped_since;              /* 0 while running */
 };
 
+struct dev_context {
+    struct loop *loop;
+    void (*emit)(void *opaque, const char *name, json_t *data);  /* data stolen */
+    void *emit_opaque;
+    struct device *devices;         /* every device, in creation order */
+    struct dev_stopper *runstate;   /* the daemon's run state: every device's stopper */
+};
+
 struct device {
     struct device *next;  /* ctx->devices */
     struct dev_context *ctx;
+    struct dev_stopper *stopper;  /* what it stops and resumes with */
     char *name;
     struct block_node *root;
     enum dev_error_action werror, rerror;
@@ -146,31 +157,15 @@ static bool earlier_write_pending(const struct device *d, uint64_t seq)
     return false;
 }
 
-static bool is_running(const struct device *d)
-{
-    return runstate_is_running(d->ctx->runstate);
-}
-
 /* Running and no stop pending: requests may go to the node. */
 static bool device_running(const struct device *d)
 {
-    return is_running(d) && !runstate_stop_pending(d->ctx->runstate);
+    return d->stopper->ops->may_submit(d->stopper);
 }
 
 bool device_accepting(const struct device *d)
 {
-    return is_running(d) && !runstate_stop_pending(d->ctx->runstate) && !d->held.head;
-}
-
-bool dev_context_busy(void *opaque)
-{
-    struct dev_context *ctx = opaque;
-
-    for (struct device *d = ctx->devices; d; d = d->next) {
-        if (d->in_flight)
-            return true;
-    }
-    return false;
+    return device_running(d) && !d->held.head;
 }
 
 void device_wait(struct device *d, struct dev_waiter *w)
@@ -245,7 +240,7 @@ static void send_pending_event(struct loop *loop, void *opaque)
     if (!d->pending_event)
         return;
     d->last_event_ns = now_monotonic_ns();
-    d->ctx->emit(d->ctx->emit_opaque, "BLOCK_IO_ERROR", d->pending_event);
+    dev_context_emit(d->ctx, "BLOCK_IO_ERROR", d->pending_event);
     d->pending_event = NULL;
 }
 
@@ -263,7 +258,7 @@ static void io_error_event(struct device *d, const struct dev_req *r, enum dev_e
 
     if (d->last_event_ns == 0 || now - d->last_event_ns >= EVENT_PERIOD_NS) {
         d->last_event_ns = now;
-        d->ctx->emit(d->ctx->emit_opaque, "BLOCK_IO_ERROR", data);
+        dev_context_emit(d->ctx, "BLOCK_IO_ERROR", data);
         return;
     }
     json_decref(d->pending_event);
@@ -305,7 +300,7 @@ static void on_block_done(struct block_req *breq, int ret)
 
     d->in_flight--;
     if (d->in_flight == 0)
-        runstate_poke(d->ctx->runstate);  /* a pending stop may have waited for us */
+        d->stopper->ops->idle(d->stopper);  /* a pending stop may have waited for us */
     if (d->dying) {
         /* The export is gone: no policy, no parking; the request just ends. */
         r->done(r, ret < 0 ? ret : 0);
@@ -337,7 +332,7 @@ static void on_block_done(struct block_req *breq, int ret)
     queue_insert_sorted(&d->parked, r);
     if (d->iostatus == DEV_IOSTATUS_OK)
         d->iostatus = err == ENOSPC ? DEV_IOSTATUS_NOSPACE : DEV_IOSTATUS_FAILED;
-    struct dev_stop_cause *c = &d->ctx->last_stop;
+    struct dev_stop_cause *c = &d->stopper->last_stop;
     free(c->device);
     free(c->node_name);
     c->device = xstrdup(d->name);
@@ -348,7 +343,7 @@ static void on_block_done(struct block_req *breq, int ret)
     log_info("device %s: %s failed at %" PRIu64 " (+%" PRIu64 "): %s; parked until cont",
              d->name, c->operation, r->breq.offset, r->breq.len, strerror(err));
     io_error_event(d, r, DEV_ACTION_STOP, err);
-    runstate_request_stop(d->ctx->runstate, RUN_STATE_IO_ERROR);
+    d->stopper->ops->request_stop(d->stopper);
 }
 
 static void dispatch(struct device *d, struct dev_req *r)
@@ -363,10 +358,19 @@ static void dispatch(struct device *d, struct dev_req *r)
 
 void device_submit(struct device *d, struct dev_req *r)
 {
+    /* The export validated the request (nbd/transmission.c): the node's contract, and within
+     * the root's size. Not on a protocol root: a host device's size is read again by queries,
+     * and may have shrunk since the export checked. */
+    ASSERT(r->done);
+    r->breq.done = on_block_done;
+    node_assert_req(d->root, &r->breq);
+    if (r->breq.op == BLOCK_OP_FLUSH)
+        ASSERT(r->breq.offset == 0 && r->breq.len == 0);
+    else
+        ASSERT(!d->root->file || r->breq.offset + r->breq.len <= d->root->size);
     r->dev = d;
     r->seq = ++d->seq;
     r->start_ns = now_monotonic_ns();
-    r->breq.done = on_block_done;
     r->is_write = r->breq.op == BLOCK_OP_WRITE || r->breq.op == BLOCK_OP_WRITE_ZEROES ||
                   r->breq.op == BLOCK_OP_DISCARD;
     if (d->writethrough && (r->breq.op == BLOCK_OP_WRITE || r->breq.op == BLOCK_OP_WRITE_ZEROES))
@@ -394,29 +398,89 @@ static void resume(struct device *d)
         wake_waiters(d);
 }
 
-void dev_context_released(void *opaque)
-{
-    struct dev_context *ctx = opaque;
+/* ---- the stopper's side ---- */
 
-    for (struct device *d = ctx->devices; d; d = d->next)
-        resume(d);
+void dev_stopper_init(struct dev_stopper *s, const struct dev_stopper_ops *ops,
+                      struct dev_context *ctx)
+{
+    *s = (struct dev_stopper){ .ops = ops, .ctx = ctx };
 }
 
-static void on_runstate(void *opaque, enum run_state old_state, enum run_state new_state)
+void dev_stopper_fini(struct dev_stopper *s)
 {
-    struct device *d = opaque;
-    uint64_t now = now_monotonic_ns();
+    free(s->last_stop.device);
+    free(s->last_stop.node_name);
+    s->last_stop = (struct dev_stop_cause){ 0 };
+}
 
-    if (new_state == RUN_STATE_RUNNING) {
+bool dev_stopper_busy(const struct dev_stopper *s)
+{
+    for (struct device *d = s->ctx->devices; d; d = d->next) {
+        if (d->stopper == s && d->in_flight)
+            return true;
+    }
+    return false;
+}
+
+void dev_stopper_stopped(struct dev_stopper *s)
+{
+    for (struct device *d = s->ctx->devices; d; d = d->next) {
+        if (d->stopper == s) {
+            d->stats.stopped_count++;
+            d->stats.stopped_since = now_monotonic_ns();
+        }
+    }
+}
+
+void dev_stopper_resumed(struct dev_stopper *s)
+{
+    for (struct device *d = s->ctx->devices; d; d = d->next) {
+        if (d->stopper != s)
+            continue;
         if (d->stats.stopped_since) {
-            d->stats.stopped_ns += now - d->stats.stopped_since;
+            d->stats.stopped_ns += now_monotonic_ns() - d->stats.stopped_since;
             d->stats.stopped_since = 0;
         }
         resume(d);
-    } else if (old_state == RUN_STATE_RUNNING) {
-        d->stats.stopped_count++;
-        d->stats.stopped_since = now;
     }
+}
+
+/* ---- the context ---- */
+
+struct dev_context *dev_context_new(struct loop *loop, struct runstate *rs,
+                                    void (*emit)(void *opaque, const char *name, json_t *data),
+                                    void *emit_opaque)
+{
+    struct dev_context *ctx = xzalloc(sizeof(*ctx));
+
+    ctx->loop = loop;
+    ctx->emit = emit;
+    ctx->emit_opaque = emit_opaque;
+    ctx->runstate = dev_runstate_stopper_new(ctx, rs);
+    return ctx;
+}
+
+void dev_context_free(struct dev_context *ctx)
+{
+    if (!ctx)
+        return;
+    dev_runstate_stopper_free(ctx->runstate);
+    free(ctx);
+}
+
+struct loop *dev_context_loop(const struct dev_context *ctx)
+{
+    return ctx->loop;
+}
+
+void dev_context_emit(struct dev_context *ctx, const char *name, json_t *data)
+{
+    ctx->emit(ctx->emit_opaque, name, data);
+}
+
+const struct dev_stop_cause *dev_context_last_stop(const struct dev_context *ctx)
+{
+    return ctx->runstate->last_stop.device ? &ctx->runstate->last_stop : NULL;
 }
 
 /* ---- lifecycle and queries ---- */
@@ -433,6 +497,7 @@ struct device *device_new(struct dev_context *ctx, const char *name, struct bloc
     }
     d = xzalloc(sizeof(*d));
     d->ctx = ctx;
+    d->stopper = ctx->runstate;
     d->name = xstrdup(name);
     d->root = root;
     block_node_ref(root);
@@ -441,9 +506,8 @@ struct device *device_new(struct dev_context *ctx, const char *name, struct bloc
     queue_init(&d->held);
     queue_init(&d->parked);
     queue_init(&d->flushes);
-    if (!runstate_is_running(ctx->runstate))
+    if (!d->stopper->ops->running(d->stopper))
         d->stats.stopped_since = now_monotonic_ns();
-    runstate_add_listener(ctx->runstate, on_runstate, d);
 
     struct device **p = &ctx->devices;
     while (*p)
@@ -485,7 +549,6 @@ void device_free(struct device *d)
             break;
         }
     }
-    runstate_remove_listener(d->ctx->runstate, on_runstate, d);
     if (d->event_timer)
         loop_del_timer(d->ctx->loop, d->event_timer);
     json_decref(d->pending_event);
@@ -508,6 +571,11 @@ struct device *device_find(struct dev_context *ctx, const char *name)
 void device_set_writethrough(struct device *d, bool on)
 {
     d->writethrough = on;
+}
+
+struct device *device_first(const struct dev_context *ctx)
+{
+    return ctx->devices;
 }
 
 struct device *device_next(const struct device *d)

@@ -1,9 +1,10 @@
 /* The device: QEMU's BlockBackend for one export. The error policy lives here, and only here.
  *
  * An export turns protocol requests into device requests; the device submits them to its root
- * node while the daemon runs and holds them while it does not. When a request fails with errno
- * E, werror (writes, flushes, discards, write-zeroes) or rerror (reads) picks the action, with
- * QEMU's values and defaults (werror=enospc, rerror=report):
+ * node while its stopper (the daemon's run state, see "the stopper" below) runs and holds them
+ * while it does not. When a request fails with errno E, werror (writes, flushes, discards,
+ * write-zeroes) or rerror (reads) picks the action, with QEMU's values and defaults
+ * (werror=enospc, rerror=report):
  *   report  the error goes to the client
  *   ignore  the client is told the request succeeded
  *   stop    the request is parked with its data, io-status becomes nospace or failed (first
@@ -33,6 +34,8 @@
 #include "block/graph.h"
 #include "common/error.h"
 #include "runstate/runstate.h"
+
+struct loop;
 
 enum dev_error_action {
     DEV_ACTION_REPORT,
@@ -70,30 +73,76 @@ struct dev_waiter {
     void (*fn)(struct dev_waiter *w);
 };
 
-/* Why the daemon last stopped because of a device, for __org.thinblk_query-stop-reason. */
+/* Why a device's stopper last stopped (for __org.thinblk_query-stop-reason). */
 struct dev_stop_cause {
-    char *device;
+    char *device;           /* NULL: no stop yet */
     char *node_name;
     const char *operation;  /* "read" or "write" */
     int err;                /* positive errno */
     uint64_t when_ns;       /* wall clock */
 };
 
-/* Services the devices need from the daemon. */
-struct dev_context {
-    struct loop *loop;
-    struct runstate *runstate;
-    void (*emit)(void *opaque, const char *name, json_t *data);  /* data stolen */
-    void *emit_opaque;
-    struct device *devices;  /* every device, in creation order */
-    struct dev_stop_cause last_stop;  /* the latest error with action stop */
+/* ---- the stopper: what a device stops and resumes with ----
+ *
+ * A device sends requests to storage only while its stopper lets it, and asks its stopper to
+ * stop when a request fails with action stop. The daemon's run state is the stopper of every
+ * device (dev_context_new()); a stop group, a set of devices stopping and resuming together
+ * apart from the run state, would be a second implementation.
+ *
+ * One way, the device calls the stopper's ops. The other way, the stopper tells the devices it
+ * stops with the dev_stopper_*() calls below. An implementation embeds struct dev_stopper,
+ * fills it with dev_stopper_init() and recovers itself in its ops with container_of(). */
+struct dev_stopper;
+
+struct dev_stopper_ops {
+    /* Whether the devices are running (not stopped), a stop pending or not. */
+    bool (*running)(const struct dev_stopper *s);
+    /* Whether requests may go to storage now: running, and no stop pending. */
+    bool (*may_submit)(const struct dev_stopper *s);
+    /* A request failed with action stop (its BLOCK_IO_ERROR is out, s->last_stop says why):
+     * stop soon, after the rest of this batch and once dev_stopper_busy() is false. Requests
+     * before the stop make one stop. Meanwhile may_submit() is false. */
+    void (*request_stop)(struct dev_stopper *s);
+    /* A device of s has no request in flight any more: a stop waiting for that may go. */
+    void (*idle)(struct dev_stopper *s);
 };
 
-/* The run state's I/O hooks (runstate_set_io_hooks()) for the devices of ctx (a struct
- * dev_context): whether any has requests in flight (a stop waits for them), and a pending stop
- * dropped by cont (the requests held or parked for it go). */
-bool dev_context_busy(void *ctx);
-void dev_context_released(void *ctx);
+/* The fields are the device module's; an implementation only passes s around. */
+struct dev_stopper {
+    const struct dev_stopper_ops *ops;
+    struct dev_context *ctx;             /* its devices are those of ctx that it stops */
+    struct dev_stop_cause last_stop;     /* the latest request_stop()'s cause */
+};
+
+void dev_stopper_init(struct dev_stopper *s, const struct dev_stopper_ops *ops,
+                      struct dev_context *ctx);
+/* Release what s holds (not s itself). No device may still use it. */
+void dev_stopper_fini(struct dev_stopper *s);
+
+/* The stopper's calls to its devices: whether any has a request in flight at storage (a stop
+ * waits for those), that they left running (for the statistics), and that they may submit
+ * again (running again, or a pending stop dropped): parked requests go, in order, then held
+ * ones. */
+bool dev_stopper_busy(const struct dev_stopper *s);
+void dev_stopper_stopped(struct dev_stopper *s);
+void dev_stopper_resumed(struct dev_stopper *s);
+
+/* ---- the device context: every device of the daemon ---- */
+
+struct dev_context;
+
+/* A context for devices stopped by runstate rs (borrowed, must outlive it), with events going
+ * to emit(emit_opaque, name, data) (data stolen). Never fails. */
+struct dev_context *dev_context_new(struct loop *loop, struct runstate *rs,
+                                    void (*emit)(void *opaque, const char *name, json_t *data),
+                                    void *emit_opaque);
+/* Free ctx; every device must have been freed. NULL does nothing. */
+void dev_context_free(struct dev_context *ctx);
+struct loop *dev_context_loop(const struct dev_context *ctx);
+/* Send event name with data (stolen) through ctx's sink. */
+void dev_context_emit(struct dev_context *ctx, const char *name, json_t *data);
+/* The cause of the latest stop a device asked of the run state, or NULL if none did. */
+const struct dev_stop_cause *dev_context_last_stop(const struct dev_context *ctx);
 
 /* QEMU's names: "report", "ignore", "stop", "enospc". Returns -1 for an unknown name. */
 int dev_error_action_parse(const char *s);
@@ -116,14 +165,18 @@ void device_free(struct device *d);
 void device_set_writethrough(struct device *d, bool on);
 
 struct device *device_find(struct dev_context *ctx, const char *name);
-/* The device after d in ctx->devices, or NULL. */
+/* The first device of ctx and the one after d, in creation order; NULL after the last. */
+struct device *device_first(const struct dev_context *ctx);
 struct device *device_next(const struct device *d);
 const char *device_name(const struct device *d);
 struct block_node *device_root(const struct device *d);
 /* Whether requests are queued, in flight or parked. */
 bool device_busy(const struct device *d);
 
-/* Submit req. Never fails here: errors come through req->done. */
+/* Submit req. Never fails here: errors come through req->done. req must be valid for the
+ * root node (node_assert_req(), block/graph.h), and end within its size (asserted where the
+ * size is fixed: a root over a child) or be a flush with offset and len 0; the export validates what its client sent, and an
+ * invalid req aborts. */
 void device_submit(struct device *d, struct dev_req *req);
 
 /* Whether new requests would go to storage now (the daemon runs and nothing is held). An

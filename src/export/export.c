@@ -65,7 +65,7 @@ static void export_remove(struct exports *x, struct export *e)
     /* Requests the clients left behind (held or parked) have nobody to answer to. */
     device_abort(e->dev);
     export_free(x, e);
-    x->devs->emit(x->devs->emit_opaque, "BLOCK_EXPORT_DELETED", json_pack("{s:s}", "id", id));
+    dev_context_emit(x->devs, "BLOCK_EXPORT_DELETED", json_pack("{s:s}", "id", id));
     free(id);
 }
 
@@ -117,7 +117,7 @@ int exports_nbd_server_start(struct exports *x, json_t *opts, struct error **err
         error_setg(errp, "Parameter 'max-connections' expects uint32");
         return -1;
     }
-    x->nbd = nbd_server_start(x->devs->loop, addr, maxc ? (uint32_t)json_integer_value(maxc) : 0,
+    x->nbd = nbd_server_start(dev_context_loop(x->devs), addr, maxc ? (uint32_t)json_integer_value(maxc) : 0,
                               errp);
     return x->nbd ? 0 : -1;
 }

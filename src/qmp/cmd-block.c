@@ -77,7 +77,7 @@ static json_t *query_block(struct qmp_call *call, json_t *args, struct error **e
     struct qmp_services *svc = call->opaque;
     json_t *list = json_array();
 
-    for (struct device *d = svc->devs->devices; d; d = device_next(d))
+    for (struct device *d = device_first(svc->devs); d; d = device_next(d))
         json_array_append_new(list, device_query_block(d));
     return list;
 }
@@ -92,7 +92,7 @@ static json_t *query_blockstats(struct qmp_call *call, json_t *args, struct erro
         json_decref(list);
         return NULL;
     }
-    for (struct device *d = svc->devs->devices; d; d = device_next(d))
+    for (struct device *d = device_first(svc->devs); d; d = device_next(d))
         json_array_append_new(list, device_query_stats(d));
     return list;
 }

@@ -56,9 +56,9 @@ static json_t *query_stop_reason(struct qmp_call *call, json_t *args, struct err
     json_t *ret = json_pack("{s:s,s:b,s:o}", "status", runstate_name(state), "running",
                             state == RUN_STATE_RUNNING, "since",
                             timestamp(runstate_since_ns(svc->runstate)));
-    const struct dev_stop_cause *c = &svc->devs->last_stop;
+    const struct dev_stop_cause *c = dev_context_last_stop(svc->devs);
 
-    if (state == RUN_STATE_IO_ERROR && c->device) {
+    if (state == RUN_STATE_IO_ERROR && c) {
         json_object_set_new(ret, "io-error",
                             json_pack("{s:s,s:s,s:s,s:b,s:s,s:s,s:o}", "device", c->device,
                                       "node-name", c->node_name, "operation", c->operation,

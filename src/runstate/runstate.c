@@ -25,9 +25,7 @@ struct runstate {
     bool stop_requested;
     bool stop_scheduled;       /* deferred_stop() is queued on the loop */
     enum run_state requested_state;
-    bool (*busy)(void *opaque);      /* I/O in flight: the stop waits for it */
-    void (*released)(void *opaque);  /* a pending stop was dropped by cont */
-    void *io_opaque;
+    struct runstate_io *io;    /* the stop waits while it is busy; NULL: nothing to wait for */
 };
 
 static const char *const names[] = {
@@ -135,8 +133,8 @@ int runstate_cont(struct runstate *rs, struct error **errp)
             rs->emit(rs->emit_opaque, "STOP", NULL);
             rs->emit(rs->emit_opaque, "RESUME", NULL);
             /* Requests held or parked while the stop was pending go now. */
-            if (rs->released)
-                rs->released(rs->io_opaque);
+            if (rs->io)
+                rs->io->released(rs->io);
         }
         return 0;
     }
@@ -154,7 +152,7 @@ static void deferred_stop(struct loop *loop, void *opaque)
     rs->stop_scheduled = false;
     if (!rs->stop_requested)
         return;
-    if (rs->state == RUN_STATE_RUNNING && rs->busy && rs->busy(rs->io_opaque))
+    if (rs->state == RUN_STATE_RUNNING && rs->io && rs->io->busy(rs->io))
         return;  /* runstate_poke() once the I/O in flight is done */
     rs->stop_requested = false;
     do_stop(rs, rs->requested_state);
@@ -182,12 +180,9 @@ bool runstate_stop_pending(const struct runstate *rs)
     return rs->stop_requested && rs->state == RUN_STATE_RUNNING;
 }
 
-void runstate_set_io_hooks(struct runstate *rs, bool (*busy)(void *opaque),
-                           void (*released)(void *opaque), void *opaque)
+void runstate_set_io(struct runstate *rs, struct runstate_io *io)
 {
-    rs->busy = busy;
-    rs->released = released;
-    rs->io_opaque = opaque;
+    rs->io = io;
 }
 
 void runstate_shutdown(struct runstate *rs, enum runstate_shutdown_cause cause)

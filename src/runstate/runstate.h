@@ -4,8 +4,8 @@
  *                       running --I/O error with action stop--> io-error --cont--> running
  *   any state --quit, SIGTERM, SIGINT--> shutdown (terminal: the daemon exits)
  *
- * While not running, devices hold their requests (they listen for changes, see
- * runstate_add_listener()). Transitions emit QEMU's events through the event sink: STOP when
+ * While not running, devices hold their requests (their stopper, device.h, listens for
+ * changes with runstate_add_listener() and is the machine's I/O, runstate_set_io()). Transitions emit QEMU's events through the event sink: STOP when
  * leaving running, RESUME when entering it, SHUTDOWN on shutdown. Like QEMU's vm_stop(), a stop
  * when not running changes nothing and emits nothing; like vm_start(), cont when running emits
  * nothing (unless a stop request is pending: then STOP and RESUME, and the request is dropped).
@@ -15,7 +15,7 @@
  * BLOCK_IO_ERROR that caused it goes out before the one STOP (later ones of the same batch may
  * be held back by the device's event rate limit, device.h). Like QEMU, which drains every
  * request in flight before its monitor can see a cont, the stop waits for the I/O in flight to
- * finish (runstate_set_io_hooks()): a request that was running when the error came and
+ * finish (runstate_set_io()): a request that was running when the error came and
  * fails too is parked before the STOP, so one cont retries everything. Meanwhile the state is
  * still running and new requests are held (runstate_stop_pending()).
  *
@@ -86,12 +86,17 @@ void runstate_request_stop(struct runstate *rs, enum run_state new_state);
 /* Whether a requested stop has not been carried out yet. */
 bool runstate_stop_pending(const struct runstate *rs);
 
-/* The requested stop waits while busy(opaque) says I/O is in flight; runstate_poke() asks
- * again. Without a check, the stop comes at the end of the loop iteration. released(opaque)
- * is called when cont drops a pending stop (no state change, so no listener hears of it):
- * what was held for the stop may go. */
-void runstate_set_io_hooks(struct runstate *rs, bool (*busy)(void *opaque),
-                           void (*released)(void *opaque), void *opaque);
+/* The I/O under the machine (the devices, device.h): a requested stop waits while busy()
+ * says I/O is in flight, and runstate_poke() asks again; released() is called when cont drops
+ * a pending stop (no state change, so no listener hears of it): what was held for the stop may
+ * go. Embed it and recover the container with container_of(). */
+struct runstate_io {
+    bool (*busy)(struct runstate_io *io);
+    void (*released)(struct runstate_io *io);
+};
+/* Set the machine's I/O, borrowed until set again (NULL: none). Without one, a requested stop
+ * comes at the end of the loop iteration. */
+void runstate_set_io(struct runstate *rs, struct runstate_io *io);
 void runstate_poke(struct runstate *rs);
 
 /* Shut down: emit SHUTDOWN {"guest": false, "reason": cause} and go to shutdown. The daemon

@@ -741,7 +741,7 @@ struct rfx {
     struct loop *loop;
     struct runstate *rs;
     struct block_graph *g;
-    struct dev_context devs;
+    struct dev_context *devs;
     struct qmp_services svc;
     json_t *version;
     char *events[16];  /* "NAME" or "NAME <data>", as emitted */
@@ -784,9 +784,8 @@ static int setup_real_in(void **state, enum run_state initial)
     f->rs = runstate_new(f->loop, initial, capture_event, f);
     runstate_add_listener(f->rs, capture_change, f);
     f->g = block_graph_new(f->loop, NULL, capture_event, f);
-    f->devs = (struct dev_context){ .loop = f->loop, .runstate = f->rs, .emit = capture_event,
-                                    .emit_opaque = f };
-    f->svc = (struct qmp_services){ .runstate = f->rs, .graph = f->g, .devs = &f->devs };
+    f->devs = dev_context_new(f->loop, f->rs, capture_event, f);
+    f->svc = (struct qmp_services){ .runstate = f->rs, .graph = f->g, .devs = f->devs };
     f->version = qmp_version_info("0.1.0");
     f->d = qmp_dispatcher_new();
     qmp_register_control(f->d, f->version);
@@ -812,6 +811,7 @@ static int teardown_real(void **state)
 
     qmp_dispatcher_free(f->d);
     block_graph_free(f->g);
+    dev_context_free(f->devs);
     runstate_free(f->rs);
     loop_free(f->loop);
     json_decref(f->version);

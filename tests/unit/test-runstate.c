@@ -24,7 +24,8 @@ struct fx {
     char *log[32];
     size_t n;
     size_t nevents;
-    bool busy;  /* the I/O hooks' answer: I/O in flight */
+    bool busy;  /* the I/O's answer: I/O in flight */
+    struct runstate_io io;
 };
 
 static void add_log(struct fx *f, char *s)
@@ -68,14 +69,21 @@ static void listener2(void *opaque, enum run_state old_state, enum run_state new
     listener(opaque, "L2", old_state, new_state);
 }
 
-static bool hook_busy(void *opaque)
+static bool io_busy(struct runstate_io *io)
 {
-    return ((struct fx *)opaque)->busy;
+    return container_of(io, struct fx, io)->busy;
 }
 
-static void hook_released(void *opaque)
+static void io_released(struct runstate_io *io)
 {
-    add_log(opaque, xstrdup("released"));
+    add_log(container_of(io, struct fx, io), xstrdup("released"));
+}
+
+/* The machine's I/O is f's: busy while f->busy, logs "released". */
+static void set_io(struct fx *f)
+{
+    f->io = (struct runstate_io){ io_busy, io_released };
+    runstate_set_io(f->rs, &f->io);
 }
 
 static int setup_in(void **state, enum run_state initial)
@@ -516,13 +524,13 @@ static void test_since_kept_without_change(void **state)
 
 #define T(fn, setup) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
-/* ---- the stop waits for the I/O in flight (runstate_set_io_hooks()) ---- */
+/* ---- the stop waits for the I/O in flight (runstate_set_io()) ---- */
 
 static void test_stop_waits_while_busy(void **state)
 {
     struct fx *f = F(state);
 
-    runstate_set_io_hooks(f->rs, hook_busy, hook_released, f);
+    set_io(f);
     f->busy = true;
     runstate_request_stop(f->rs, RUN_STATE_IO_ERROR);
     run_loop(f);
@@ -546,7 +554,7 @@ static void test_stop_not_busy_is_immediate(void **state)
 {
     struct fx *f = F(state);
 
-    runstate_set_io_hooks(f->rs, hook_busy, hook_released, f);
+    set_io(f);
     runstate_request_stop(f->rs, RUN_STATE_IO_ERROR);
     run_loop(f);
     assert_int_equal(runstate_get(f->rs), RUN_STATE_IO_ERROR);
@@ -557,7 +565,7 @@ static void test_cont_while_waiting_releases(void **state)
 {
     struct fx *f = F(state);
 
-    runstate_set_io_hooks(f->rs, hook_busy, hook_released, f);
+    set_io(f);
     f->busy = true;
     runstate_request_stop(f->rs, RUN_STATE_IO_ERROR);
     run_loop(f);
@@ -577,7 +585,7 @@ static void test_stop_command_while_waiting(void **state)
     struct fx *f = F(state);
 
     /* A person's stop wins over the pending one, as before the deferred stop ran. */
-    runstate_set_io_hooks(f->rs, hook_busy, hook_released, f);
+    set_io(f);
     f->busy = true;
     runstate_request_stop(f->rs, RUN_STATE_IO_ERROR);
     run_loop(f);
