@@ -7,11 +7,10 @@
 #include <unistd.h>
 
 #include "block/graph.h"
+#include "common/qjson.h"
 #include "common/util.h"
 #include "job/job.h"
 #include "job/offload.h"
-#include "qmp/dispatch.h"
-#include "qmp/json-writer.h"
 
 const char *const block_driver_names[] = {
     "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
@@ -63,7 +62,7 @@ static int check_opt(const struct create_opt *o, json_t *v, struct error **errp)
     case CREATE_OPT_BOOL: ok = json_is_boolean(v); break;
     case CREATE_OPT_OBJECT: ok = json_is_object(v); break;
     case CREATE_OPT_SIZE:
-        if (qmp_arg_is_uint64(v))
+        if (qjson_is_uint64(v))
             return 0;
         error_setg(errp, "Parameter 'options.%s' expects uint64", o->name);
         return -1;
@@ -106,7 +105,7 @@ static int check_opts(const struct create_opt *spec, json_t *opts, struct error 
             return -1;
     }
     size_t n;
-    _cleanup_free_ const char **keys = qmp_json_keys(opts, &n);
+    _cleanup_free_ const char **keys = qjson_keys(opts, &n);
     for (size_t i = 0; i < n; i++) {
         const struct create_opt *o = spec;
         while (o && o->name && strcmp(o->name, keys[i]) != 0)
@@ -174,7 +173,7 @@ static void file_create_run(struct block_create *c)
     struct file_create *f = xzalloc(sizeof(*f));
     f->c = c;
     f->filename = json_string_value(json_object_get(c->opts, "filename"));
-    f->size = qmp_arg_uint64(json_object_get(c->opts, "size"));
+    f->size = qjson_uint64(json_object_get(c->opts, "size"));
     if (offload_run(c->graph->loop, file_create_work, file_create_done, f, &err) < 0) {
         free(f);
         block_create_finish(c, err);

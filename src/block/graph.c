@@ -7,8 +7,8 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "common/qjson.h"
 #include "common/util.h"
-#include "qmp/json-writer.h"
 
 static const struct block_driver *const drivers[] = {
     &block_driver_file,
@@ -415,7 +415,7 @@ char *block_node_filename(struct block_node *n)
         json_t *o = open_options(n);
         struct buf b = {0};
         buf_append(&b, "json:", 5);
-        qmp_json_write(&b, o, false);  /* QEMU's qobject_to_json(), key order included */
+        qjson_write(&b, o, false);  /* QEMU's qobject_to_json(), key order included */
         buf_append(&b, "", 1);
         json_decref(o);
         return b.data;
@@ -465,7 +465,7 @@ json_t *block_node_info_flat(struct block_node *n, bool flat)
             depth++;
         }
     }
-    /* Members in QEMU's schema order (BlockDeviceInfo); see qmp/json-writer.h. */
+    /* Members in QEMU's schema order (BlockDeviceInfo); see common/qjson.h. */
     info = json_pack("{s:s,s:s,s:b,s:s,s:i,s:b,s:s,s:i,s:i,s:i,s:i,s:i,s:i}",
                      "file", filename, "node-name", n->node_name, "ro", n->read_only,
                      "drv", n->drv->name, "backing_file_depth", depth, "encrypted", 0,

@@ -14,9 +14,9 @@
 #include "block/create.h"
 #include "block/graph.h"
 #include "block/qcow2-layout.h"
+#include "common/qjson.h"
 #include "common/util.h"
 #include "job/job.h"
-#include "qmp/dispatch.h"
 
 #define CHUNK_BYTES (1u << 20)
 
@@ -66,7 +66,7 @@ static int check_values(json_t *o, struct qcow2_layout *l, struct error **errp)
     const char *s;
     json_t *v;
 
-    l->size = qmp_arg_uint64(json_object_get(o, "size"));
+    l->size = qjson_uint64(json_object_get(o, "size"));
     if (l->size % 512) {
         error_setg(errp, "Image size must be a multiple of 512 bytes");
         return -1;
@@ -76,7 +76,7 @@ static int check_values(json_t *o, struct qcow2_layout *l, struct error **errp)
 
     uint64_t cs = 65536;
     if ((v = json_object_get(o, "cluster-size")))
-        cs = qmp_arg_uint64(v);
+        cs = qjson_uint64(v);
     if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1))) {
         error_setg(errp, "Cluster size must be a power of two between 512 and 2048k");
         return -1;

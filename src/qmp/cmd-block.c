@@ -16,7 +16,7 @@ static struct block_node *find_node(struct qmp_services *svc, const char *name,
     struct block_node *node = block_graph_find(svc->graph, name);
 
     if (!node) {
-        json_t *n = qmp_string_sanitized(name);
+        json_t *n = qjson_string_sanitized(name);
         error_setg(errp, "Device '%s' not found", json_string_value(n));
         json_decref(n);
     }
@@ -32,7 +32,7 @@ static json_t *block_set_write_threshold(struct qmp_call *call, json_t *args,
     if (!node)
         return NULL;
     /* As QEMU: armed until a write goes past it, then BLOCK_WRITE_THRESHOLD once; 0 disarms. */
-    node->write_threshold = qmp_arg_uint64(json_object_get(args, "write-threshold"));
+    node->write_threshold = qjson_uint64(json_object_get(args, "write-threshold"));
     return json_object();
 }
 

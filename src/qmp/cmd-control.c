@@ -26,7 +26,7 @@ static json_t *qmp_capabilities(struct qmp_call *call, json_t *args, struct erro
         }
         if (strcmp(json_string_value(cap), "oob") != 0) {
             /* QEMU's text, 'null' included: its visitor has no name for list members. */
-            json_t *s = qmp_string_sanitized(json_string_value(cap));
+            json_t *s = qjson_string_sanitized(json_string_value(cap));
             error_setg(errp, "Parameter 'null' does not accept value '%s'", json_string_value(s));
             json_decref(s);
             return NULL;

@@ -15,6 +15,7 @@
 #include <jansson.h>
 
 #include "common/error.h"
+#include "common/qjson.h"
 
 enum qmp_arg_type {
     QMP_ARG_STR,      /* JSON string */
@@ -81,16 +82,6 @@ json_t *qmp_dispatch(struct qmp_dispatcher *d, struct qmp_session *session, json
 /* Check args (borrowed object) against spec: missing, unexpected and wrongly typed members
  * give QEMU's errors. Returns 0 or -1 with *errp set. */
 int qmp_check_args(const struct qmp_arg *spec, json_t *args, struct error **errp);
-
-/* uint64 value of an argument checked as QMP_ARG_UINT64. */
-uint64_t qmp_arg_uint64(json_t *v);
-/* Whether v is an integer QEMU would take as uint64: int64 values (negative ones wrap, for
- * backward compatibility, as QEMU says) and integers past INT64_MAX, which the JSON reader
- * keeps as reals. */
-bool qmp_arg_is_uint64(json_t *v);
-
-/* A JSON string from s, with ill-formed UTF-8 replaced by U+FFFD (client input quoted back). */
-json_t *qmp_string_sanitized(const char *s);
 
 /* The response for an error (err borrowed) or a return value (ret stolen); id borrowed, may
  * be NULL. */

@@ -24,7 +24,7 @@
 #include "qmp/commands.h"
 #include "qmp/dispatch.h"
 #include "qmp/json-stream.h"
-#include "qmp/json-writer.h"
+#include "common/qjson.h"
 #include "runstate/runstate.h"
 
 /* ---- helpers ---- */
@@ -33,7 +33,7 @@ static char *to_text(json_t *v)
 {
     struct buf out = { 0 };
 
-    qmp_json_write(&out, v, false);
+    qjson_write(&out, v, false);
     buf_append(&out, "", 1);
     return out.data;
 }
@@ -92,7 +92,7 @@ static json_t *h_u64(struct qmp_call *call, json_t *args, struct error **errp)
 {
     char s[32];
 
-    snprintf(s, sizeof(s), "%" PRIu64, qmp_arg_uint64(json_object_get(args, "u")));
+    snprintf(s, sizeof(s), "%" PRIu64, qjson_uint64(json_object_get(args, "u")));
     return json_string(s);
 }
 
@@ -637,7 +637,7 @@ static void test_parse_error_before_negotiation(void **state)
 
 static void test_string_sanitized(void **state)
 {
-    json_t *v = qmp_string_sanitized("a\xff" "b\xe2\x82" "c\xc3\xa9");
+    json_t *v = qjson_string_sanitized("a\xff" "b\xe2\x82" "c\xc3\xa9");
 
     assert_string_equal(json_string_value(v), "a\xef\xbf\xbd" "b\xef\xbf\xbd\xef\xbf\xbd" "c\xc3\xa9");
     json_decref(v);
@@ -645,7 +645,7 @@ static void test_string_sanitized(void **state)
 
 static void test_string_sanitized_valid_unchanged(void **state)
 {
-    json_t *v = qmp_string_sanitized("ok \xf0\x9f\x98\x80");
+    json_t *v = qjson_string_sanitized("ok \xf0\x9f\x98\x80");
 
     assert_string_equal(json_string_value(v), "ok \xf0\x9f\x98\x80");
     json_decref(v);
