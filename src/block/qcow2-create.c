@@ -23,21 +23,22 @@
 static const char *const versions[] = { "v2", "v3", NULL };
 static const char *const compression_types[] = { "zlib", "zstd", NULL };
 
-const struct create_opt qcow2_create_opts[] = {
-    { "file", CREATE_OPT_REF },
-    { "data-file", CREATE_OPT_REF, .optional = true },
-    { "data-file-raw", CREATE_OPT_BOOL, .optional = true },
-    { "extended-l2", CREATE_OPT_BOOL, .optional = true },
-    { "size", CREATE_OPT_SIZE },
-    { "version", CREATE_OPT_ENUM, .optional = true, .values = versions },
-    { "backing-file", CREATE_OPT_STR, .optional = true },
-    { "backing-fmt", CREATE_OPT_ENUM, .optional = true, .values = block_driver_names },
-    { "encrypt", CREATE_OPT_OBJECT, .optional = true },
-    { "cluster-size", CREATE_OPT_SIZE, .optional = true },
-    { "preallocation", CREATE_OPT_ENUM, .optional = true, .values = block_prealloc_names },
-    { "lazy-refcounts", CREATE_OPT_BOOL, .optional = true },
-    { "refcount-bits", CREATE_OPT_INT, .optional = true },
-    { "compression-type", CREATE_OPT_ENUM, .optional = true, .values = compression_types },
+/* QEMU's BlockdevCreateOptionsQcow2. */
+const struct schema_member qcow2_create_opts[] = {
+    BLOCK_REF_MEMBER("file"),
+    BLOCK_REF_MEMBER("data-file", .optional = true),
+    { "data-file-raw", SCHEMA_BOOL, .optional = true },
+    { "extended-l2", SCHEMA_BOOL, .optional = true },
+    { "size", SCHEMA_UINT64 },
+    { "version", SCHEMA_ENUM, .optional = true, .values = versions },
+    { "backing-file", SCHEMA_STR, .optional = true },
+    { "backing-fmt", SCHEMA_ENUM, .optional = true, .values = block_driver_names },
+    { "encrypt", SCHEMA_OBJECT, .optional = true },
+    { "cluster-size", SCHEMA_UINT64, .optional = true },
+    { "preallocation", SCHEMA_ENUM, .optional = true, .values = block_prealloc_names },
+    { "lazy-refcounts", SCHEMA_BOOL, .optional = true },
+    { "refcount-bits", SCHEMA_INT, .optional = true },
+    { "compression-type", SCHEMA_ENUM, .optional = true, .values = compression_types },
     { NULL },
 };
 
@@ -174,7 +175,7 @@ static struct block_node *open_file(struct block_graph *g, json_t *ref, struct e
         }
         block_node_ref(n);
     } else {
-        n = block_node_open_child(g, ref, "file", errp);
+        n = block_node_open_child(g, ref, errp);
         if (!n)
             return NULL;
     }

@@ -108,35 +108,35 @@ static json_t *fault_set(struct qmp_call *call, json_t *args, struct error **err
     return json_object();
 }
 
-static const struct qmp_arg write_threshold_args[] = {
-    { "node-name", QMP_ARG_STR },
-    { "write-threshold", QMP_ARG_UINT64 },
+static const struct schema_member write_threshold_args[] = {
+    { "node-name", SCHEMA_STR },
+    { "write-threshold", SCHEMA_UINT64 },
     { NULL },
 };
 
-static const struct qmp_arg node_name_args[] = {
-    { "node-name", QMP_ARG_STR },
+static const struct schema_member node_name_args[] = {
+    { "node-name", SCHEMA_STR },
     { NULL },
 };
 
-static const struct qmp_arg named_nodes_args[] = {
-    { "flat", QMP_ARG_BOOL, .optional = true },
+static const struct schema_member named_nodes_args[] = {
+    { "flat", SCHEMA_BOOL, .optional = true },
     { NULL },
 };
 
-static const struct qmp_arg blockstats_args[] = {
-    { "query-nodes", QMP_ARG_BOOL, .optional = true },
+static const struct schema_member blockstats_args[] = {
+    { "query-nodes", SCHEMA_BOOL, .optional = true },
     { NULL },
 };
 
-static const struct qmp_arg fault_set_args[] = {
-    { "node-name", QMP_ARG_STR },
-    { "rules", QMP_ARG_ARRAY },
+static const struct schema_member fault_set_args[] = {
+    { "node-name", SCHEMA_STR },
+    { "rules", SCHEMA_ARRAY, .element = &fault_rule },
     { NULL },
 };
 
 static const struct qmp_command block_commands[] = {
-    { "blockdev-add", blockdev_add, NULL, QMP_CMD_OPEN_ARGS },
+    { "blockdev-add", blockdev_add, block_options, 0 },
     { "blockdev-del", blockdev_del, node_name_args, 0 },
     { "query-named-block-nodes", query_named_block_nodes, named_nodes_args, 0 },
     { "query-block", query_block, NULL, 0 },
