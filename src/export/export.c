@@ -130,19 +130,28 @@ static const struct schema_variant legacy_address_variants[] = {
     { NULL },
 };
 
-const struct schema_member export_legacy_address[] = {
+static const struct schema_member legacy_address[] = {
     { "type", SCHEMA_ENUM, .full_name = true, .values = address_types,
       .variants = legacy_address_variants },
     { NULL },
 };
 
+/* NbdServerOptions after addr, in the command line's table and nbd-server-start's. */
+#define NBD_SERVER_MEMBERS                                                                    \
+    { "tls-creds", SCHEMA_STR, .optional = true },                                           \
+    { "tls-authz", SCHEMA_STR, .optional = true },                                           \
+    { "max-connections", SCHEMA_INT, .optional = true, .min = 0, .max = UINT32_MAX,          \
+      .range_name = "uint32" },                                                              \
+    { NULL }
+
 const struct schema_member nbd_server_options[] = {
     { "addr", SCHEMA_OBJECT, .members = flat_address },
-    { "tls-creds", SCHEMA_STR, .optional = true },
-    { "tls-authz", SCHEMA_STR, .optional = true },
-    { "max-connections", SCHEMA_INT, .optional = true, .min = 0, .max = UINT32_MAX,
-      .range_name = "uint32" },
-    { NULL },
+    NBD_SERVER_MEMBERS,
+};
+
+const struct schema_member nbd_server_start_args[] = {
+    { "addr", SCHEMA_OBJECT, .members = legacy_address },
+    NBD_SERVER_MEMBERS,
 };
 
 int exports_nbd_server_start(struct exports *x, json_t *opts, struct error **errp)

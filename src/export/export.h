@@ -22,10 +22,10 @@ struct exports *exports_new(struct block_graph *graph, struct dev_context *devs)
 void exports_shutdown(struct exports *x);
 void exports_free(struct exports *x);
 
-/* QEMU's NbdServerOptions (addr a flat SocketAddress: --nbd-server), and the
- * SocketAddressLegacy nbd-server-start takes as addr instead. */
+/* QEMU's NbdServerOptions with addr a flat SocketAddress (--nbd-server), and
+ * nbd-server-start's arguments, the same with addr a SocketAddressLegacy. */
 extern const struct schema_member nbd_server_options[];
-extern const struct schema_member export_legacy_address[];
+extern const struct schema_member nbd_server_start_args[];
 /* QEMU's BlockExportOptions (block-export-add, --export), with werror and rerror. */
 extern const struct schema_member export_options[];
 

@@ -58,15 +58,6 @@ static json_t *query_block_exports(struct qmp_call *call, json_t *args, struct e
     return exports_query(svc->exports);
 }
 
-static const struct schema_member nbd_server_start_args[] = {
-    { "addr", SCHEMA_OBJECT, .members = export_legacy_address },
-    { "tls-creds", SCHEMA_STR, .optional = true },
-    { "tls-authz", SCHEMA_STR, .optional = true },
-    { "max-connections", SCHEMA_INT, .optional = true, .min = 0, .max = UINT32_MAX,
-      .range_name = "uint32" },
-    { NULL },
-};
-
 static const char *const export_del_modes[] = { "safe", "hard", NULL };
 
 static const struct schema_member block_export_del_args[] = {
