@@ -15,7 +15,7 @@
 #include "qmp/commands.h"
 #include "qmp/dispatch.h"
 #include "qmp/json-stream.h"
-#include "qmp/json-writer.h"
+#include "common/qjson.h"
 #include "runstate/runstate.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -27,7 +27,7 @@ static void emit(void *opaque, const char *name, json_t *data)
 
     if (data)
         json_object_set_new(ev, "data", data);
-    qmp_json_write(out, ev, false);
+    qjson_write(out, ev, false);
     json_decref(ev);
 }
 
@@ -62,8 +62,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         struct error *err;
         while (json_stream_next(js, &req, &err) == 1) {
             json_t *rsp = qmp_dispatch(d, &session, req, err);
-            qmp_json_write(&out, rsp, false);
-            qmp_json_write(&out, rsp, true);
+            qjson_write(&out, rsp, false);
+            qjson_write(&out, rsp, true);
             buf_reset(&out);
             json_decref(rsp);
             json_decref(req);

@@ -3,8 +3,8 @@
  * Drivers: "file" (a regular file: create, truncate to 0, extend to size; preallocation
  * "off" only; nocow and extent-size-hint accepted and ignored) and "qcow2" (an empty image
  * written through the node named by "file", see qcow2-create.c). Options are checked against
- * QEMU's schema when the command runs (errors go back to the command, QEMU's texts); what
- * QEMU checks inside the job (option values, the node, the I/O) fails the job instead.
+ * block_create_options when the command runs (errors go back to the command, QEMU's texts);
+ * what QEMU checks inside the job (option values, the node, the I/O) fails the job instead.
  *
  * Everything runs on the loop thread; blocking system calls go to a thread (job/offload.h),
  * image writes through node_submit().
@@ -18,14 +18,18 @@
 #include <jansson.h>
 
 #include "common/error.h"
+#include "common/schema.h"
 
 struct block_graph;
 struct job;
 
 struct block_create;
 
-/* Check options (borrowed) against QEMU's schema. Returns the creation to run, or NULL with
- * *errp set. */
+/* QEMU's BlockdevCreateOptions, for blockdev-create's "options". */
+extern const struct schema_member block_create_options[];
+
+/* The creation options (borrowed, checked against block_create_options) ask for: returns the
+ * creation to run, or NULL with *errp set (a driver thinblk cannot create with). */
 struct block_create *block_create_prepare(struct block_graph *g, json_t *options,
                                           struct error **errp);
 /* Run it as job (running): the job ends with job_finish(), now or later; c is freed then. */
@@ -34,24 +38,6 @@ void block_create_run(struct block_create *c, struct job *job);
 void block_create_free(struct block_create *c);
 
 /* ---- internal to create.c and qcow2-create.c ---- */
-
-/* An option of a creation driver, in QEMU's schema order. */
-enum create_opt_type {
-    CREATE_OPT_STR,
-    CREATE_OPT_SIZE,     /* uint64, QEMU's "size" */
-    CREATE_OPT_INT,
-    CREATE_OPT_BOOL,
-    CREATE_OPT_ENUM,     /* a string from values */
-    CREATE_OPT_REF,      /* BlockdevRef: a node name or an object of options */
-    CREATE_OPT_OBJECT,
-};
-
-struct create_opt {
-    const char *name;
-    enum create_opt_type type;
-    bool optional;
-    const char *const *values;  /* CREATE_OPT_ENUM: NULL-terminated */
-};
 
 /* QEMU's BlockdevDriver and PreallocMode values. */
 extern const char *const block_driver_names[];
@@ -65,7 +51,7 @@ struct block_create {
 };
 
 /* qcow2-create.c */
-extern const struct create_opt qcow2_create_opts[];
+extern const struct schema_member qcow2_create_opts[];
 void qcow2_create_run(struct block_create *c);
 
 /* End the creation: finish its job with err (stolen) and free c. */

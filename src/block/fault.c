@@ -9,7 +9,7 @@
  *    "after": N                 (let the first N matching requests through),
  *    "once": BOOL               (fail one request, then the rule is spent; default false:
  *                                fail until the rules are replaced)}
- * Rules are checked in order; the first that fails a request wins. The rule list can be
+ * Rules are tried in order; the first that fails a request wins. The rule list can be
  * replaced at run time with the QMP command __org.thinblk_fault-set (qmp/cmd-block.c).
  */
 #include <errno.h>
@@ -46,6 +46,33 @@ static const char *const op_names[] = {
     [BLOCK_OP_DISCARD] = "discard", [BLOCK_OP_WRITE_ZEROES] = "write-zeroes",
 };
 
+static const char *const op_values[] = {
+    "read", "write", "flush", "discard", "write-zeroes", "any", NULL,
+};
+
+#define RULE_UINT(name_) \
+    { name_, SCHEMA_INT, .optional = true, .min = 0, .max = INT64_MAX, .range_name = "uint64" }
+
+static const struct schema_member rule_members[] = {
+    /* thinblk's own: a bad value is named with its place in the list. */
+    { "op", SCHEMA_ENUM, .optional = true, .full_name = true, .values = op_values },
+    /* A name or a number: parse_errno() says what it takes. */
+    { "errno", SCHEMA_ANY },
+    RULE_UINT("offset"),
+    RULE_UINT("length"),
+    RULE_UINT("after"),
+    { "once", SCHEMA_BOOL, .optional = true },
+    { NULL },
+};
+
+const struct schema_member fault_rule = { NULL, SCHEMA_OBJECT, .members = rule_members };
+
+const struct schema_member block_fault_options[] = {
+    BLOCK_REF_MEMBER("file"),
+    { "rules", SCHEMA_ARRAY, .optional = true, .element = &fault_rule },
+    { NULL },
+};
+
 static int parse_errno(json_t *v, struct error **errp)
 {
     if (json_is_integer(v) && json_integer_value(v) > 0 && json_integer_value(v) < 4096)
@@ -61,18 +88,11 @@ static int parse_errno(json_t *v, struct error **errp)
     return -1;
 }
 
-static int parse_uint(json_t *rule, const char *key, uint64_t *out, struct error **errp)
+static uint64_t rule_uint(json_t *rule, const char *key, uint64_t dflt)
 {
     json_t *v = json_object_get(rule, key);
 
-    if (!v)
-        return 0;
-    if (!json_is_integer(v) || json_integer_value(v) < 0) {
-        error_setg(errp, "Parameter 'rules.%s' expects uint64", key);
-        return -1;
-    }
-    *out = (uint64_t)json_integer_value(v);
-    return 0;
+    return v ? (uint64_t)json_integer_value(v) : dflt;
 }
 
 int fault_parse_rules(json_t *rules, struct fault_rule **out, size_t *n, struct error **errp)
@@ -84,66 +104,28 @@ int fault_parse_rules(json_t *rules, struct fault_rule **out, size_t *n, struct 
     *n = 0;
     if (!rules)
         return 0;
-    if (!json_is_array(rules)) {
-        error_setg(errp, "Invalid parameter type for 'rules', expected: array");
-        return -1;
-    }
     struct fault_rule *list = xzalloc((json_array_size(rules) + 1) * sizeof(*list));
     json_array_foreach(rules, i, r) {
         struct fault_rule *fr = &list[i];
-        const char *key;
-        json_t *v;
-        if (!json_is_object(r)) {
-            error_setg(errp, "Invalid parameter type for 'rules[%zu]', expected: object", i);
-            goto fail;
-        }
-        json_object_foreach(r, key, v) {
-            if (strcmp(key, "op") && strcmp(key, "errno") && strcmp(key, "offset") &&
-                strcmp(key, "length") && strcmp(key, "after") && strcmp(key, "once")) {
-                error_setg(errp, "Parameter 'rules[%zu].%s' is unexpected", i, key);
-                goto fail;
-            }
-        }
-        fr->op = -1;
         const char *op = json_string_value(json_object_get(r, "op"));
-        if (op && strcmp(op, "any") != 0) {
-            for (size_t k = 0; k < ARRAY_SIZE(op_names); k++) {
-                if (strcmp(op, op_names[k]) == 0)
-                    fr->op = (int)k;
-            }
-            if (fr->op < 0) {
-                error_setg(errp, "Parameter 'rules[%zu].op' does not accept value '%s'", i, op);
-                goto fail;
-            }
-        } else if (!op && json_object_get(r, "op")) {
-            error_setg(errp, "Invalid parameter type for 'rules[%zu].op', expected: string", i);
-            goto fail;
-        }
-        if (!json_object_get(r, "errno")) {
-            error_setg(errp, "Parameter 'rules[%zu].errno' is missing", i);
-            goto fail;
+        fr->op = -1;
+        for (size_t k = 0; op && k < ARRAY_SIZE(op_names); k++) {
+            if (strcmp(op, op_names[k]) == 0)
+                fr->op = (int)k;
         }
         fr->err = parse_errno(json_object_get(r, "errno"), errp);
-        if (fr->err < 0)
-            goto fail;
-        fr->length = UINT64_MAX;
-        if (parse_uint(r, "offset", &fr->offset, errp) < 0 ||
-            parse_uint(r, "length", &fr->length, errp) < 0 ||
-            parse_uint(r, "after", &fr->after, errp) < 0)
-            goto fail;
-        json_t *once = json_object_get(r, "once");
-        if (once && !json_is_boolean(once)) {
-            error_setg(errp, "Invalid parameter type for 'rules[%zu].once', expected: boolean", i);
-            goto fail;
+        if (fr->err < 0) {
+            free(list);
+            return -1;
         }
-        fr->once = json_is_true(once);
+        fr->offset = rule_uint(r, "offset", 0);
+        fr->length = rule_uint(r, "length", UINT64_MAX);
+        fr->after = rule_uint(r, "after", 0);
+        fr->once = json_is_true(json_object_get(r, "once"));
     }
     *out = list;
     *n = json_array_size(rules);
     return 0;
-fail:
-    free(list);
-    return -1;
 }
 
 int fault_set_rules(struct block_node *n, json_t *rules, struct error **errp)
@@ -173,14 +155,12 @@ static int fault_open(struct block_node *n, json_t *opts, struct error **errp)
         free(s);
         return -1;
     }
-    child = block_node_open_child(n->graph, json_object_get(opts, "file"), "file", errp);
+    child = block_node_open_child(n->graph, json_object_get(opts, "file"), errp);
     if (!child) {
         free(s->rules);
         free(s);
         return -1;
     }
-    json_object_del(opts, "rules");
-    json_object_del(opts, "file");
     n->opaque = s;
     n->file = child;
     n->size = child->size;

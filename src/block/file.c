@@ -57,36 +57,25 @@ static uint32_t dio_alignment(int fd)
     return 4096;
 }
 
+static const char *const aio_values[] = { "threads", "native", "io_uring", NULL };
+static const char *const locking_values[] = { "auto", "on", "off", NULL };
+
+/* QEMU's BlockdevOptionsFile, the part thinblk takes. */
+const struct schema_member block_file_options[] = {
+    { "filename", SCHEMA_STR },
+    { "locking", SCHEMA_ENUM, .optional = true, .values = locking_values },
+    { "aio", SCHEMA_ENUM, .optional = true, .values = aio_values },
+    { NULL },
+};
+
 static int file_open(struct block_node *n, json_t *opts, struct error **errp)
 {
     struct file_state *s;
-    const char *filename, *aio, *locking;
+    const char *filename;
     struct stat sb;
     int flags, fd;
 
     filename = json_string_value(json_object_get(opts, "filename"));
-    if (!json_object_get(opts, "filename")) {
-        error_setg(errp, "Parameter 'filename' is missing");
-        return -1;
-    }
-    if (!filename) {
-        error_setg(errp, "Invalid parameter type for 'filename', expected: string");
-        return -1;
-    }
-    aio = json_string_value(json_object_get(opts, "aio"));
-    if (json_object_get(opts, "aio") && (!aio || (strcmp(aio, "threads") && strcmp(aio, "native") &&
-                                                  strcmp(aio, "io_uring")))) {
-        error_setg(errp, "Parameter 'aio' does not accept value '%s'", aio ? aio : "");
-        return -1;
-    }
-    locking = json_string_value(json_object_get(opts, "locking"));
-    if (json_object_get(opts, "locking") && (!locking || (strcmp(locking, "auto") &&
-                                                          strcmp(locking, "on") &&
-                                                          strcmp(locking, "off")))) {
-        error_setg(errp, "Parameter 'locking' does not accept value '%s'", locking ? locking : "");
-        return -1;
-    }
-
     /* O_NONBLOCK for the open only: a FIFO named here (by a person, or by a qcow2 image as its
      * backing file) must not block the daemon; it is refused below. The flag is cleared before
      * any I/O, as io_uring would otherwise fail reads and writes with EAGAIN. */
@@ -140,9 +129,6 @@ static int file_open(struct block_node *n, json_t *opts, struct error **errp)
         goto fail;
     }
     n->opaque = s;
-    json_object_del(opts, "filename");
-    json_object_del(opts, "aio");
-    json_object_del(opts, "locking");
     return 0;
 fail:
     close(fd);

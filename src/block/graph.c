@@ -8,8 +8,8 @@
 
 #include "common/assert.h"
 #include "common/log.h"
+#include "common/qjson.h"
 #include "common/util.h"
-#include "qmp/json-writer.h"
 
 static const struct block_driver *const drivers[] = {
     &block_driver_file,
@@ -96,146 +96,91 @@ struct block_node *block_graph_find(struct block_graph *g, const char *name)
     return NULL;
 }
 
-/* Take a boolean member of opts (QMP: JSON bool; from the command line: "on"/"off"). */
-static int take_bool(json_t *opts, const char *key, bool *out, struct error **errp)
-{
-    json_t *v = json_object_get(opts, key);
+static const char *const discard_values[] = { "ignore", "off", "unmap", "on", NULL };
 
-    if (!v)
-        return 0;
-    if (!json_is_boolean(v)) {
-        error_setg(errp, "Invalid parameter type for '%s', expected: boolean", key);
-        return -1;
-    }
-    *out = json_is_true(v);
-    json_object_del(opts, key);
-    return 0;
-}
+static const struct schema_member cache_options[] = {
+    { "direct", SCHEMA_BOOL, .optional = true },
+    { "no-flush", SCHEMA_BOOL, .optional = true },
+    { NULL },
+};
 
-int block_opt_take_uint64(json_t *opts, const char *key, uint64_t *out, struct error **errp)
-{
-    json_t *v = json_object_get(opts, key);
+/* The drivers' own members (QEMU's BlockdevOptions<Driver>), after the base's. */
+static const struct schema_variant driver_variants[] = {
+    { "file", block_file_options },
+    { "host_device", block_file_options },
+    { "raw", block_raw_options },
+    { "fault", block_fault_options },
+    { "qcow2", block_qcow2_options },
+    { NULL },
+};
 
-    if (!v)
-        return 0;
-    if (!json_is_integer(v) || json_integer_value(v) < 0) {
-        error_setg(errp, "Parameter '%s' expects uint64", key);
-        return -1;
-    }
-    *out = (uint64_t)json_integer_value(v);
-    json_object_del(opts, key);
-    return 1;
-}
-
-static int take_generic(struct block_node *n, json_t *opts, struct error **errp)
-{
-    json_t *v;
-
-    if (take_bool(opts, "read-only", &n->read_only, errp) < 0)
-        return -1;
-    if ((v = json_object_get(opts, "discard"))) {
-        const char *s = json_string_value(v);
-        if (!s) {
-            error_setg(errp, "Invalid parameter type for 'discard', expected: string");
-            return -1;
-        }
-        if (strcmp(s, "unmap") == 0 || strcmp(s, "on") == 0) {
-            n->discard_unmap = true;
-        } else if (strcmp(s, "ignore") != 0 && strcmp(s, "off") != 0) {
-            error_setg(errp, "Parameter 'discard' does not accept value '%s'", s);
-            return -1;
-        }
-        json_object_del(opts, "discard");
-    }
-    if ((v = json_object_get(opts, "cache"))) {
-        if (!json_is_object(v)) {
-            error_setg(errp, "Invalid parameter type for 'cache', expected: object");
-            return -1;
-        }
-        json_t *cache = json_deep_copy(v);
-        json_object_del(opts, "cache");
-        int r = take_bool(cache, "direct", &n->cache_direct, errp);
-        if (r == 0)
-            r = take_bool(cache, "no-flush", &n->no_flush, errp);
-        if (r == 0 && json_object_size(cache) > 0) {
-            error_setg(errp, "Parameter 'cache.%s' is unexpected", json_object_iter_key(
-                json_object_iter(cache)));
-            r = -1;
-        }
-        json_decref(cache);
-        if (r < 0)
-            return -1;
-    }
+/* QEMU's BlockdevOptions base, in its order. */
+const struct schema_member block_options[] = {
+    { "driver", SCHEMA_ENUM, .variants = driver_variants },
+    { "node-name", SCHEMA_STR, .optional = true },
+    { "discard", SCHEMA_ENUM, .optional = true, .values = discard_values },
+    { "cache", SCHEMA_OBJECT, .optional = true, .members = cache_options },
+    { "read-only", SCHEMA_BOOL, .optional = true },
     /* Accepted for compatibility with QEMU's command lines; thinblk always behaves so. */
-    json_object_del(opts, "auto-read-only");
-    json_object_del(opts, "force-share");
-    if ((v = json_object_get(opts, "detect-zeroes"))) {
-        if (!json_is_string(v) || strcmp(json_string_value(v), "off") != 0) {
-            error_setg(errp, "detect-zeroes is not supported (only 'off')");
-            return -1;
-        }
-        json_object_del(opts, "detect-zeroes");
+    { "auto-read-only", SCHEMA_BOOL, .optional = true },
+    { "force-share", SCHEMA_BOOL, .optional = true },
+    /* Any value: only "off" is supported, with its own text (read_generic()). */
+    { "detect-zeroes", SCHEMA_ANY, .optional = true },
+    { NULL },
+};
+
+/* The generic options, checked already. */
+static int read_generic(struct block_node *n, json_t *opts, struct error **errp)
+{
+    const char *discard = json_string_value(json_object_get(opts, "discard"));
+    json_t *cache = json_object_get(opts, "cache");
+    json_t *dz = json_object_get(opts, "detect-zeroes");
+
+    n->read_only = json_is_true(json_object_get(opts, "read-only"));
+    n->discard_unmap = discard && (strcmp(discard, "unmap") == 0 || strcmp(discard, "on") == 0);
+    n->cache_direct = json_is_true(json_object_get(cache, "direct"));
+    n->no_flush = json_is_true(json_object_get(cache, "no-flush"));
+    if (dz && (!json_is_string(dz) || strcmp(json_string_value(dz), "off") != 0)) {
+        error_setg(errp, "detect-zeroes is not supported (only 'off')");
+        return -1;
     }
     return 0;
 }
 
-struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, struct error **errp)
+struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct error **errp)
 {
-    json_t *opts = json_deep_copy(opts_in);
+    const char *driver = json_string_value(json_object_get(opts, "driver"));
+    const char *name = json_string_value(json_object_get(opts, "node-name"));
     const struct block_driver *drv = NULL;
     struct block_node *n = NULL;
-    bool opened = false;
-    const char *name;
-    json_t *v;
 
-    v = json_object_get(opts, "driver");
-    if (!v) {
-        error_setg(errp, "Parameter 'driver' is missing");
-        goto fail;
-    }
-    if (!json_is_string(v)) {
-        error_setg(errp, "Invalid parameter type for 'driver', expected: string");
-        goto fail;
-    }
     for (size_t i = 0; i < ARRAY_SIZE(drivers); i++) {
-        if (strcmp(drivers[i]->name, json_string_value(v)) == 0)
+        if (strcmp(drivers[i]->name, driver) == 0)
             drv = drivers[i];
     }
-    if (!drv) {
-        error_setg(errp, "Parameter 'driver' does not accept value '%s'", json_string_value(v));
-        goto fail;
+    if (!drv)
+        abort();  /* opts did not pass block_options */
+    if (name) {
+        if (!id_wellformed(name)) {
+            error_setg(errp, "Invalid node-name: '%s'", name);
+            return NULL;
+        }
+        if (strlen(name) >= 32) {
+            error_setg(errp, "Node name too long");
+            return NULL;
+        }
+        if (block_graph_find(g, name)) {
+            error_setg(errp, "Duplicate nodes with node-name='%s'", name);
+            return NULL;
+        }
     }
 
     n = xzalloc(sizeof(*n));
     n->graph = g;
     n->drv = drv;
     n->alignment = 1;
-    v = json_object_get(opts, "node-name");
-    if (v) {
-        name = json_string_value(v);
-        if (!name) {
-            error_setg(errp, "Invalid parameter type for 'node-name', expected: string");
-            goto fail;
-        }
-        if (!id_wellformed(name)) {
-            error_setg(errp, "Invalid node-name: '%s'", name);
-            goto fail;
-        }
-        if (strlen(name) >= 32) {
-            error_setg(errp, "Node name too long");
-            goto fail;
-        }
-        if (block_graph_find(g, name)) {
-            error_setg(errp, "Duplicate nodes with node-name='%s'", name);
-            goto fail;
-        }
-        n->node_name = xstrdup(name);
-        json_object_del(opts, "node-name");
-    } else {
-        n->node_name = xasprintf("#block%03u", ++g->anon_counter);
-    }
-    json_object_del(opts, "driver");
-    if (take_generic(n, opts, errp) < 0)
+    n->node_name = name ? xstrdup(name) : xasprintf("#block%03u", ++g->anon_counter);
+    if (read_generic(n, opts, errp) < 0)
         goto fail;
     /* Implicit children created by the driver inherit these options (block_node_open_child). */
     struct block_node *outer = g->opening;
@@ -245,14 +190,6 @@ struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, str
     g->opening = outer;
     if (r < 0)
         goto fail;
-    opened = true;
-    /* What the driver did not take is not an option of it. */
-    if (json_object_size(opts) > 0) {
-        error_setg(errp, "Parameter '%s' is unexpected",
-                   json_object_iter_key(json_object_iter(opts)));
-        goto fail;
-    }
-    json_decref(opts);
 
     n->refs = 1;
     n->in_graph = true;
@@ -277,24 +214,15 @@ struct block_node *block_node_create(struct block_graph *g, json_t *opts_in, str
     return n;
 
 fail:
-    json_decref(opts);
-    if (n) {
-        if (!opened)
-            n->drv = NULL;  /* the driver has nothing to close */
-        node_close(n);
-    }
+    n->drv = NULL;  /* the driver has nothing to close */
+    node_close(n);
     return NULL;
 }
 
-struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, const char *member,
-                                         struct error **errp)
+struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, struct error **errp)
 {
     struct block_node *child;
 
-    if (!ref) {
-        error_setg(errp, "Parameter '%s' is missing", member);
-        return NULL;
-    }
     if (json_is_string(ref)) {
         child = block_graph_find(g, json_string_value(ref));
         if (!child) {
@@ -303,10 +231,6 @@ struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, con
         }
         block_node_ref(child);
         return child;
-    }
-    if (!json_is_object(ref)) {
-        error_setg(errp, "Invalid parameter type for '%s', expected: object", member);
-        return NULL;
     }
     /* As in QEMU, an implicit child takes its parent's read-only, discard and cache options
      * unless it sets its own. */
@@ -434,7 +358,7 @@ char *block_node_filename(struct block_node *n)
         json_t *o = open_options(n);
         struct buf b = {0};
         buf_append(&b, "json:", 5);
-        qmp_json_write(&b, o, false);  /* QEMU's qobject_to_json(), key order included */
+        qjson_write(&b, o, false);  /* QEMU's qobject_to_json(), key order included */
         buf_append(&b, "", 1);
         json_decref(o);
         return b.data;
@@ -484,7 +408,7 @@ json_t *block_node_info_flat(struct block_node *n, bool flat)
             depth++;
         }
     }
-    /* Members in QEMU's schema order (BlockDeviceInfo); see qmp/json-writer.h. */
+    /* Members in QEMU's schema order (BlockDeviceInfo); see common/qjson.h. */
     info = json_pack("{s:s,s:s,s:b,s:s,s:i,s:b,s:s,s:i,s:i,s:i,s:i,s:i,s:i}",
                      "file", filename, "node-name", n->node_name, "ro", n->read_only,
                      "drv", n->drv->name, "backing_file_depth", depth, "encrypted", 0,

@@ -22,6 +22,7 @@
 #include <jansson.h>
 
 #include "common/error.h"
+#include "common/schema.h"
 
 struct loop;
 struct uring;
@@ -50,8 +51,9 @@ struct block_req {
 
 struct block_driver {
     const char *name;
-    /* Open n from opts (a QMP object: the BlockdevOptions members left after the generic ones
-     * have been taken); sets n->size, may set n->file. Returns 0 or -1 with *errp set. */
+    /* Open n from opts (BlockdevOptions, checked against block_options: the driver reads
+     * its members without checking them); sets n->size, may set n->file. Returns 0 or -1
+     * with *errp set. */
     int (*open)(struct block_node *n, json_t *opts, struct error **errp);
     void (*close)(struct block_node *n);
     void (*submit)(struct block_node *n, struct block_req *req);
@@ -117,23 +119,36 @@ void block_graph_free(struct block_graph *g);
 /* The node named name, or NULL. */
 struct block_node *block_graph_find(struct block_graph *g, const char *name);
 
-/* Create a node from QEMU's BlockdevOptions (borrowed): "driver", "node-name", "read-only",
- * "discard", "cache": {"direct", "no-flush"} and the driver's own members. Children given as
- * an object are created too (anonymous ones get a "#blockN" name). Returns the node, with one
- * reference held by the graph, or NULL with *errp set (QEMU's texts). */
+/* QEMU's BlockdevOptions: the base ("driver", "node-name", "discard", "cache": {"direct",
+ * "no-flush"}, "read-only", ...) and, by "driver", the driver's own members (each driver's
+ * table below). Children given as objects are BlockdevOptions too, checked with their
+ * parent. blockdev-add, --blockdev and the backing files an image names are checked against
+ * it before block_node_create(). */
+extern const struct schema_member block_options[];
+extern const struct schema_member block_file_options[];   /* file.c (and host_device) */
+extern const struct schema_member block_raw_options[];    /* raw.c */
+extern const struct schema_member block_fault_options[];  /* fault.c */
+extern const struct schema_member block_qcow2_options[];  /* qcow2.c */
+
+/* A member that is QEMU's BlockdevRef: a node name, or BlockdevOptions for a new node. */
+#define BLOCK_REF_MEMBER(name_, ...)                                                       \
+    { name_, SCHEMA_ALT, .alt = SCHEMA_ALT_STR | SCHEMA_ALT_OBJECT, .alt_name = "BlockdevRef", \
+      .members = block_options, __VA_ARGS__ }
+
+/* Create a node from BlockdevOptions opts (borrowed, checked against block_options). Checks
+ * what the schema cannot (the node name) and opens it; children given as an object are
+ * created too (anonymous ones get a "#blockN" name). Returns the node, with one reference
+ * held by the graph, or NULL with *errp set (QEMU's texts). */
 struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct error **errp);
 
 /* blockdev-del: remove a node nobody uses. Returns 0 or -1 with *errp set. */
 int block_node_delete(struct block_graph *g, const char *name, struct error **errp);
 
-/* Resolve a child reference of opts: a node name (string) or options for a new node (object).
- * Returns the node with a new reference for the caller, or NULL with *errp set. */
-struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, const char *member,
+/* Resolve a child reference (a checked BlockdevRef): a node name (string) or options for a
+ * new node (object). Returns the node with a new reference for the caller, or NULL with
+ * *errp set. */
+struct block_node *block_node_open_child(struct block_graph *g, json_t *ref,
                                          struct error **errp);
-
-/* A driver's uint64 option: take member key of opts (removing it) into *out. Returns 1, 0 if
- * absent (*out unchanged), or -1 with *errp set ("Parameter 'KEY' expects uint64"). */
-int block_opt_take_uint64(json_t *opts, const char *key, uint64_t *out, struct error **errp);
 
 void block_node_ref(struct block_node *n);
 /* Drop a reference; the last one closes the node and drops its child's reference. */

@@ -187,13 +187,18 @@ int qcow2_backing_open(struct block_node *n, struct error **errp)
                 json_object_set_new(opts, "read-only", json_true());
         }
     } else {
+        /* From the image, not checked yet: checked as blockdev-add's would be. */
         opts = implicit_options(n, errp);
+        if (opts && schema_check(block_options, opts, errp) < 0) {
+            json_decref(opts);
+            opts = NULL;
+        }
         if (!opts) {
             error_prepend(errp, "Could not open backing file: ");
             return -1;
         }
     }
-    b = block_node_open_child(n->graph, opts, "backing", errp);
+    b = block_node_open_child(n->graph, opts, errp);
     json_decref(opts);
     if (!b) {
         error_prepend(errp, "Could not open backing file: ");

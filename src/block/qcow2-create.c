@@ -14,30 +14,31 @@
 #include "block/create.h"
 #include "block/graph.h"
 #include "block/qcow2-layout.h"
+#include "common/qjson.h"
 #include "common/util.h"
 #include "job/job.h"
-#include "qmp/dispatch.h"
 
 #define CHUNK_BYTES (1u << 20)
 
 static const char *const versions[] = { "v2", "v3", NULL };
 static const char *const compression_types[] = { "zlib", "zstd", NULL };
 
-const struct create_opt qcow2_create_opts[] = {
-    { "file", CREATE_OPT_REF },
-    { "data-file", CREATE_OPT_REF, .optional = true },
-    { "data-file-raw", CREATE_OPT_BOOL, .optional = true },
-    { "extended-l2", CREATE_OPT_BOOL, .optional = true },
-    { "size", CREATE_OPT_SIZE },
-    { "version", CREATE_OPT_ENUM, .optional = true, .values = versions },
-    { "backing-file", CREATE_OPT_STR, .optional = true },
-    { "backing-fmt", CREATE_OPT_ENUM, .optional = true, .values = block_driver_names },
-    { "encrypt", CREATE_OPT_OBJECT, .optional = true },
-    { "cluster-size", CREATE_OPT_SIZE, .optional = true },
-    { "preallocation", CREATE_OPT_ENUM, .optional = true, .values = block_prealloc_names },
-    { "lazy-refcounts", CREATE_OPT_BOOL, .optional = true },
-    { "refcount-bits", CREATE_OPT_INT, .optional = true },
-    { "compression-type", CREATE_OPT_ENUM, .optional = true, .values = compression_types },
+/* QEMU's BlockdevCreateOptionsQcow2. */
+const struct schema_member qcow2_create_opts[] = {
+    BLOCK_REF_MEMBER("file"),
+    BLOCK_REF_MEMBER("data-file", .optional = true),
+    { "data-file-raw", SCHEMA_BOOL, .optional = true },
+    { "extended-l2", SCHEMA_BOOL, .optional = true },
+    { "size", SCHEMA_UINT64 },
+    { "version", SCHEMA_ENUM, .optional = true, .values = versions },
+    { "backing-file", SCHEMA_STR, .optional = true },
+    { "backing-fmt", SCHEMA_ENUM, .optional = true, .values = block_driver_names },
+    { "encrypt", SCHEMA_OBJECT, .optional = true },
+    { "cluster-size", SCHEMA_UINT64, .optional = true },
+    { "preallocation", SCHEMA_ENUM, .optional = true, .values = block_prealloc_names },
+    { "lazy-refcounts", SCHEMA_BOOL, .optional = true },
+    { "refcount-bits", SCHEMA_INT, .optional = true },
+    { "compression-type", SCHEMA_ENUM, .optional = true, .values = compression_types },
     { NULL },
 };
 
@@ -66,7 +67,7 @@ static int check_values(json_t *o, struct qcow2_layout *l, struct error **errp)
     const char *s;
     json_t *v;
 
-    l->size = qmp_arg_uint64(json_object_get(o, "size"));
+    l->size = qjson_uint64(json_object_get(o, "size"));
     if (l->size % 512) {
         error_setg(errp, "Image size must be a multiple of 512 bytes");
         return -1;
@@ -76,7 +77,7 @@ static int check_values(json_t *o, struct qcow2_layout *l, struct error **errp)
 
     uint64_t cs = 65536;
     if ((v = json_object_get(o, "cluster-size")))
-        cs = qmp_arg_uint64(v);
+        cs = qjson_uint64(v);
     if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1))) {
         error_setg(errp, "Cluster size must be a power of two between 512 and 2048k");
         return -1;
@@ -174,7 +175,7 @@ static struct block_node *open_file(struct block_graph *g, json_t *ref, struct e
         }
         block_node_ref(n);
     } else {
-        n = block_node_open_child(g, ref, "file", errp);
+        n = block_node_open_child(g, ref, errp);
         if (!n)
             return NULL;
     }

@@ -143,40 +143,44 @@ static void state_free(struct qcow2_state *s)
     free(s);
 }
 
-/* The options this driver takes from opts (removing them); returns 0 or -1 with *errp. */
+/* QEMU's BlockdevOptionsQcow2, the part thinblk takes; the cache sizes are ints there,
+ * refused below 0 here. */
+const struct schema_member block_qcow2_options[] = {
+    BLOCK_REF_MEMBER("file"),
+    { "backing", SCHEMA_ALT, .optional = true,
+      .alt = SCHEMA_ALT_STR | SCHEMA_ALT_OBJECT | SCHEMA_ALT_NULL,
+      .alt_name = "BlockdevRefOrNull", .members = block_options },
+    { "lazy-refcounts", SCHEMA_BOOL, .optional = true },
+    { "l2-cache-size", SCHEMA_INT, .optional = true, .min = 0, .max = INT64_MAX,
+      .range_name = "uint64" },
+    { "refcount-cache-size", SCHEMA_INT, .optional = true, .min = 0, .max = INT64_MAX,
+      .range_name = "uint64" },
+    { NULL },
+};
+
+/* The options this driver reads (checked already). */
 struct options {
     json_t *backing;            /* borrowed: NULL, null, a node name or options */
     uint64_t l2_bytes, rb_bytes;
     bool lazy;
 };
 
-static int take_options(json_t *opts, struct options *o, struct error **errp)
+static void read_options(json_t *opts, struct options *o)
 {
-    json_t *lazy;
+    json_t *v;
 
     o->backing = json_object_get(opts, "backing");
-    o->l2_bytes = DEFAULT_L2_CACHE_BYTES;
-    o->rb_bytes = DEFAULT_RB_CACHE_BYTES;
     if (o->backing && json_is_string(o->backing) && !*json_string_value(o->backing)) {
         log_warn("Use of \"backing\": \"\" is deprecated; use \"backing\": null instead");
         o->backing = json_null();  /* as QEMU */
     }
-    if (o->backing && !json_is_null(o->backing) && !json_is_string(o->backing) &&
-        !json_is_object(o->backing)) {
-        error_setg(errp, "Invalid parameter type for 'backing', expected: BlockdevRefOrNull");
-        return -1;
-    }
-    if (block_opt_take_uint64(opts, "l2-cache-size", &o->l2_bytes, errp) < 0 ||
-        block_opt_take_uint64(opts, "refcount-cache-size", &o->rb_bytes, errp) < 0)
-        return -1;
-    lazy = json_object_get(opts, "lazy-refcounts");
-    if (lazy && !json_is_boolean(lazy)) {
-        error_setg(errp, "Invalid parameter type for 'lazy-refcounts', expected: boolean");
-        return -1;
-    }
-    o->lazy = lazy && json_is_true(lazy);
-    json_object_del(opts, "lazy-refcounts");
-    return 0;
+    o->l2_bytes = DEFAULT_L2_CACHE_BYTES;
+    o->rb_bytes = DEFAULT_RB_CACHE_BYTES;
+    if ((v = json_object_get(opts, "l2-cache-size")))
+        o->l2_bytes = (uint64_t)json_integer_value(v);
+    if ((v = json_object_get(opts, "refcount-cache-size")))
+        o->rb_bytes = (uint64_t)json_integer_value(v);
+    o->lazy = json_is_true(json_object_get(opts, "lazy-refcounts"));
 }
 
 /* The first sector: magic, version and cluster size, before anything is allocated. */
@@ -232,12 +236,10 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
     uint32_t cluster_bits;
     _cleanup_free_ uint8_t *c0 = NULL;
 
-    if (take_options(opts, &o, errp) < 0)
-        return -1;
-    child = block_node_open_child(n->graph, json_object_get(opts, "file"), "file", errp);
+    read_options(opts, &o);
+    child = block_node_open_child(n->graph, json_object_get(opts, "file"), errp);
     if (!child)
         return -1;
-    json_object_del(opts, "file");
     n->file = child;  /* from here, a failed open drops it with the node */
     if (probe(child, &cluster_bits, errp) < 0)
         return -1;
@@ -248,7 +250,6 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
     s->bk.null = o.backing && json_is_null(o.backing);
     if (o.backing && !s->bk.null)
         s->bk.opt = json_incref(o.backing);  /* opened by qcow2_backing_open() */
-    json_object_del(opts, "backing");
     s->cluster_bits = cluster_bits;
     s->cluster_size = 1u << cluster_bits;
     s->meta_align = MAX(512u, child->alignment);

@@ -17,20 +17,25 @@ struct raw_op {
     struct block_req *parent;
 };
 
+/* QEMU's BlockdevOptionsRaw; offset and size are ints there, refused below 0 here. */
+const struct schema_member block_raw_options[] = {
+    BLOCK_REF_MEMBER("file"),
+    { "offset", SCHEMA_INT, .optional = true, .min = 0, .max = INT64_MAX, .range_name = "uint64" },
+    { "size", SCHEMA_INT, .optional = true, .min = 0, .max = INT64_MAX, .range_name = "uint64" },
+    { NULL },
+};
+
 static int raw_open(struct block_node *n, json_t *opts, struct error **errp)
 {
-    uint64_t offset = 0, size = 0;
-    int has_size;
+    json_t *size_opt = json_object_get(opts, "size");
+    uint64_t offset = (uint64_t)json_integer_value(json_object_get(opts, "offset"));
+    uint64_t size = (uint64_t)json_integer_value(size_opt);
     struct block_node *child;
 
-    if (block_opt_take_uint64(opts, "offset", &offset, errp) < 0 ||
-        (has_size = block_opt_take_uint64(opts, "size", &size, errp)) < 0)
-        return -1;
-    child = block_node_open_child(n->graph, json_object_get(opts, "file"), "file", errp);
+    child = block_node_open_child(n->graph, json_object_get(opts, "file"), errp);
     if (!child)
         return -1;
-    json_object_del(opts, "file");
-    if (!has_size)
+    if (!size_opt)
         size = child->size > offset ? child->size - offset : 0;
     if (offset > child->size || size > child->size - offset) {
         error_setg(errp, "The sum of offset (%" PRIu64 ") and size (%" PRIu64 ") has to be "

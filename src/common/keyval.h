@@ -3,7 +3,7 @@
  * ",," in a value stands for a comma. Dotted keys build nested objects ("addr.type=unix" is
  * {"addr": {"type": "unix"}}). If the first element has no '=' and implied_key is not NULL,
  * it is the value of implied_key ("nbd" in "--export nbd,..." means type=nbd). Every value is
- * a JSON string: the schema check (qmp/schema.h) converts them to the types it expects.
+ * a JSON string: the schema check (common/schema.h) converts them to the types it expects.
  */
 #ifndef THINBLK_KEYVAL_H
 #define THINBLK_KEYVAL_H

@@ -142,7 +142,12 @@ static int apply_cli_objects(struct daemon *d, const struct daemon_options *opts
 
     for (size_t i = 0; i < opts->nobjects; i++) {
         const struct cli_object *o = &opts->objects[i];
-        int r = 0;
+        /* The tables blockdev-add, nbd-server-start and block-export-add are checked with. */
+        int r = schema_check(cli_object_schema(o->kind), o->opts, errp);
+        if (r < 0) {
+            error_prepend(errp, "%s: ", opt_names[o->kind]);
+            return -1;
+        }
         switch (o->kind) {
         case CLI_BLOCKDEV:
             if (!json_object_get(o->opts, "node-name")) {

@@ -6,10 +6,12 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "block/graph.h"
 #include "common/keyval.h"
+#include "common/schema.h"
 #include "common/util.h"
+#include "export/export.h"
 #include "qmp/json-stream.h"
-#include "qmp/keyval-types.h"
 
 /* QEMU's boolean spellings (qapi_bool_parse). */
 static int parse_bool(const char *opt, const char *key, const char *s, bool *out,
@@ -275,7 +277,18 @@ static int opt_qmp(struct daemon_options *o, const char *arg, struct error **err
     return 0;
 }
 
-/* A JSON object if arg starts with '{' (as qemu-storage-daemon allows), else key=value. */
+const struct schema_member *cli_object_schema(enum cli_object_kind kind)
+{
+    switch (kind) {
+    case CLI_BLOCKDEV: return block_options;
+    case CLI_NBD_SERVER: return nbd_server_options;
+    case CLI_EXPORT: return export_options;
+    }
+    abort();
+}
+
+/* A JSON object if arg starts with '{' (as qemu-storage-daemon allows), else key=value (its
+ * strings typed as the object's table says). */
 static int opt_object(struct daemon_options *o, enum cli_object_kind kind, const char *opt,
                       const char *arg, const char *implied, struct error **errp)
 {
@@ -290,7 +303,7 @@ static int opt_object(struct daemon_options *o, enum cli_object_kind kind, const
         }
     } else {
         obj = keyval_parse(arg, implied, errp);
-        if (obj && qmp_keyval_coerce(obj, errp) < 0) {
+        if (obj && schema_coerce(cli_object_schema(kind), obj, errp) < 0) {
             json_decref(obj);
             obj = NULL;
         }

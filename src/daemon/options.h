@@ -21,6 +21,7 @@
 #include <jansson.h>
 
 #include "common/error.h"
+#include "common/schema.h"
 #include "qmp/server.h"
 
 struct chardev_opt {
@@ -35,8 +36,12 @@ enum cli_object_kind { CLI_BLOCKDEV, CLI_NBD_SERVER, CLI_EXPORT };
 
 struct cli_object {
     enum cli_object_kind kind;
-    json_t *opts;  /* the QMP arguments, typed */
+    json_t *opts;  /* the QMP arguments, typed (not checked yet) */
 };
+
+/* The table an object's options are typed and checked with: the one of blockdev-add,
+ * nbd-server-start (with the flat SocketAddress) or block-export-add. */
+const struct schema_member *cli_object_schema(enum cli_object_kind kind);
 
 struct daemon_options {
     struct cli_object *objects;

@@ -87,37 +87,87 @@ void exports_free(struct exports *x)
     free(x);
 }
 
+static const struct schema_member unix_address[] = {
+    { "path", SCHEMA_STR },
+    { NULL },
+};
+
+static const struct schema_member inet_address[] = {
+    { "host", SCHEMA_STR },
+    /* QEMU's port is a string; a number is taken too. */
+    { "port", SCHEMA_ALT, .full_name = true, .alt = SCHEMA_ALT_STR | SCHEMA_ALT_INT,
+      .alt_name = "string" },
+    { NULL },
+};
+
+static const char *const address_types[] = { "inet", "unix", NULL };
+
+static const struct schema_variant flat_address_variants[] = {
+    { "inet", inet_address },
+    { "unix", unix_address },
+    { NULL },
+};
+
+static const struct schema_member flat_address[] = {
+    { "type", SCHEMA_ENUM, .full_name = true, .values = address_types,
+      .variants = flat_address_variants },
+    { NULL },
+};
+
+static const struct schema_member inet_wrapper[] = {
+    { "data", SCHEMA_OBJECT, .members = inet_address },
+    { NULL },
+};
+
+static const struct schema_member unix_wrapper[] = {
+    { "data", SCHEMA_OBJECT, .members = unix_address },
+    { NULL },
+};
+
+static const struct schema_variant legacy_address_variants[] = {
+    { "inet", inet_wrapper },
+    { "unix", unix_wrapper },
+    { NULL },
+};
+
+static const struct schema_member legacy_address[] = {
+    { "type", SCHEMA_ENUM, .full_name = true, .values = address_types,
+      .variants = legacy_address_variants },
+    { NULL },
+};
+
+/* NbdServerOptions after addr, in the command line's table and nbd-server-start's. */
+#define NBD_SERVER_MEMBERS                                                                    \
+    { "tls-creds", SCHEMA_STR, .optional = true },                                           \
+    { "tls-authz", SCHEMA_STR, .optional = true },                                           \
+    { "max-connections", SCHEMA_INT, .optional = true, .min = 0, .max = UINT32_MAX,          \
+      .range_name = "uint32" },                                                              \
+    { NULL }
+
+const struct schema_member nbd_server_options[] = {
+    { "addr", SCHEMA_OBJECT, .members = flat_address },
+    NBD_SERVER_MEMBERS,
+};
+
+const struct schema_member nbd_server_start_args[] = {
+    { "addr", SCHEMA_OBJECT, .members = legacy_address },
+    NBD_SERVER_MEMBERS,
+};
+
 int exports_nbd_server_start(struct exports *x, json_t *opts, struct error **errp)
 {
     json_t *addr = json_object_get(opts, "addr");
     json_t *maxc = json_object_get(opts, "max-connections");
-    const char *key;
-    json_t *v;
 
-    json_object_foreach(opts, key, v) {
-        if (strcmp(key, "addr") && strcmp(key, "max-connections")) {
-            if (!strcmp(key, "tls-creds") || !strcmp(key, "tls-authz") ||
-                !strcmp(key, "tls-hostname"))
-                error_setg(errp, "TLS is not supported");
-            else
-                error_setg(errp, "Parameter '%s' is unexpected", key);
-            return -1;
-        }
+    if (json_object_get(opts, "tls-creds") || json_object_get(opts, "tls-authz")) {
+        error_setg(errp, "TLS is not supported");
+        return -1;
     }
     if (x->nbd) {
         error_setg(errp, "NBD server already running");
         return -1;
     }
-    if (!addr) {
-        error_setg(errp, "Parameter 'addr' is missing");
-        return -1;
-    }
-    if (maxc && (!json_is_integer(maxc) || json_integer_value(maxc) < 0 ||
-                 json_integer_value(maxc) > UINT32_MAX)) {
-        error_setg(errp, "Parameter 'max-connections' expects uint32");
-        return -1;
-    }
-    x->nbd = nbd_server_start(dev_context_loop(x->devs), addr, maxc ? (uint32_t)json_integer_value(maxc) : 0,
+    x->nbd = nbd_server_start(dev_context_loop(x->devs), addr, (uint32_t)json_integer_value(maxc),
                               errp);
     return x->nbd ? 0 : -1;
 }
@@ -132,90 +182,57 @@ int exports_nbd_server_stop(struct exports *x, struct error **errp)
     return 0;
 }
 
-static const char *opt_str(json_t *opts, const char *key, struct error **errp, bool *bad)
+static const char *const export_types[] = { "nbd", NULL };
+static const char *const error_actions[] = { "report", "ignore", "stop", "enospc", NULL };
+
+/* BlockExportOptionsNbd's own members. */
+static const struct schema_member nbd_export_options[] = {
+    { "name", SCHEMA_STR, .optional = true },
+    { "description", SCHEMA_STR, .optional = true },
+    { "bitmaps", SCHEMA_ARRAY, .optional = true,
+      .element = &(const struct schema_member){ NULL, SCHEMA_STR } },
+    { "allocation-depth", SCHEMA_BOOL, .optional = true },
+    { NULL },
+};
+
+static const struct schema_variant export_variants[] = {
+    { "nbd", nbd_export_options },
+    { NULL },
+};
+
+/* QEMU's BlockExportOptions base, werror and rerror (thinblk's: the device's error policy)
+ * added. */
+const struct schema_member export_options[] = {
+    { "type", SCHEMA_ENUM, .values = export_types, .variants = export_variants },
+    { "id", SCHEMA_STR },
+    { "fixed-iothread", SCHEMA_BOOL, .optional = true },
+    { "iothread", SCHEMA_STR, .optional = true },
+    { "node-name", SCHEMA_STR },
+    { "writable", SCHEMA_BOOL, .optional = true },
+    { "writethrough", SCHEMA_BOOL, .optional = true },
+    { "werror", SCHEMA_ENUM, .optional = true, .values = error_actions },
+    { "rerror", SCHEMA_ENUM, .optional = true, .values = error_actions },
+    { NULL },
+};
+
+static enum dev_error_action action(json_t *opts, const char *key, enum dev_error_action dflt)
 {
-    json_t *v = json_object_get(opts, key);
+    const char *s = json_string_value(json_object_get(opts, key));
 
-    if (v && !json_is_string(v)) {
-        error_setg(errp, "Invalid parameter type for '%s', expected: string", key);
-        *bad = true;
-    }
-    return json_string_value(v);
-}
-
-static bool opt_bool(json_t *opts, const char *key, struct error **errp, bool *bad)
-{
-    json_t *v = json_object_get(opts, key);
-
-    if (v && !json_is_boolean(v)) {
-        error_setg(errp, "Invalid parameter type for '%s', expected: boolean", key);
-        *bad = true;
-    }
-    return json_is_true(v);
-}
-
-static int opt_action(json_t *opts, const char *key, enum dev_error_action dflt,
-                      struct error **errp, bool *bad)
-{
-    const char *s = opt_str(opts, key, errp, bad);
-    int a;
-
-    if (!s)
-        return (int)dflt;
-    a = dev_error_action_parse(s);
-    if (a < 0) {
-        error_setg(errp, "Parameter '%s' does not accept value '%s'", key, s);
-        *bad = true;
-    }
-    return a;
+    return s ? (enum dev_error_action)dev_error_action_parse(s) : dflt;
 }
 
 int exports_add(struct exports *x, json_t *opts, struct error **errp)
 {
-    static const char *const known[] = {
-        "type", "id", "node-name", "writable", "writethrough", "name", "description",
-        "werror", "rerror", "fixed-iothread", "iothread", "bitmaps", "allocation-depth",
-    };
-    const char *key;
-    json_t *v;
-    bool bad = false;
+    const char *id = json_string_value(json_object_get(opts, "id"));
+    const char *node_name = json_string_value(json_object_get(opts, "node-name"));
+    bool writable = json_is_true(json_object_get(opts, "writable"));
+    bool writethrough = json_is_true(json_object_get(opts, "writethrough"));
+    const char *name = json_string_value(json_object_get(opts, "name"));
+    const char *desc = json_string_value(json_object_get(opts, "description"));
+    enum dev_error_action werror = action(opts, "werror", DEV_ACTION_ENOSPC);
+    enum dev_error_action rerror = action(opts, "rerror", DEV_ACTION_REPORT);
 
-    json_object_foreach(opts, key, v) {
-        size_t i = 0;
-        while (i < ARRAY_SIZE(known) && strcmp(known[i], key))
-            i++;
-        if (i == ARRAY_SIZE(known)) {
-            error_setg(errp, "Parameter '%s' is unexpected", key);
-            return -1;
-        }
-    }
-    const char *type = opt_str(opts, "type", errp, &bad);
-    const char *id = opt_str(opts, "id", errp, &bad);
-    const char *node_name = opt_str(opts, "node-name", errp, &bad);
-    bool writable = opt_bool(opts, "writable", errp, &bad);
-    bool writethrough = opt_bool(opts, "writethrough", errp, &bad);
-    const char *name = opt_str(opts, "name", errp, &bad);
-    const char *desc = opt_str(opts, "description", errp, &bad);
-    int werror = opt_action(opts, "werror", DEV_ACTION_ENOSPC, errp, &bad);
-    int rerror = opt_action(opts, "rerror", DEV_ACTION_REPORT, errp, &bad);
-    if (bad)
-        return -1;
-    if (!type) {
-        error_setg(errp, "Parameter 'type' is missing");
-        return -1;
-    }
-    if (strcmp(type, "nbd") != 0) {
-        error_setg(errp, "Parameter 'type' does not accept value '%s'", type);
-        return -1;
-    }
-    if (!id) {
-        error_setg(errp, "Parameter 'id' is missing");
-        return -1;
-    }
-    if (!node_name) {
-        error_setg(errp, "Parameter 'node-name' is missing");
-        return -1;
-    }
     if (json_object_get(opts, "bitmaps") || json_object_get(opts, "iothread") ||
         json_is_true(json_object_get(opts, "allocation-depth"))) {
         error_setg(errp, "bitmaps, iothread and allocation-depth are not supported");
@@ -245,8 +262,7 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
         return -1;
     }
 
-    struct device *dev = device_new(x->devs, id, root, (enum dev_error_action)werror,
-                                    (enum dev_error_action)rerror, errp);
+    struct device *dev = device_new(x->devs, id, root, werror, rerror, errp);
     if (!dev)
         return -1;
     device_set_writethrough(dev, writethrough);
@@ -272,10 +288,6 @@ int exports_del(struct exports *x, const char *id, const char *mode, struct erro
     struct export *e = find(x, id);
     bool hard = mode && strcmp(mode, "hard") == 0;
 
-    if (mode && !hard && strcmp(mode, "safe") != 0) {
-        error_setg(errp, "Parameter 'mode' does not accept value '%s'", mode);
-        return -1;
-    }
     if (!e) {
         error_setg(errp, "Export '%s' is not found", id);
         return -1;

@@ -152,23 +152,14 @@ static int listen_inet(struct nbd_server *s, const char *host, const char *port,
     return fd;
 }
 
-/* A string member of addr: QEMU takes the port as a string; a number is accepted too. */
-static const char *addr_member(json_t *addr, const char *key, char *num, size_t num_size,
-                               struct error **errp)
+/* addr's port (checked): a string, or a number. */
+static const char *addr_port(json_t *addr, char *num, size_t num_size)
 {
-    json_t *v = json_object_get(addr, key);
+    json_t *v = json_object_get(addr, "port");
 
-    if (!v) {
-        error_setg(errp, "Parameter 'addr.%s' is missing", key);
-        return NULL;
-    }
     if (json_is_integer(v)) {
         snprintf(num, num_size, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
         return num;
-    }
-    if (!json_is_string(v)) {
-        error_setg(errp, "Invalid parameter type for 'addr.%s', expected: string", key);
-        return NULL;
     }
     return json_string_value(v);
 }
@@ -176,33 +167,16 @@ static const char *addr_member(json_t *addr, const char *key, char *num, size_t 
 struct nbd_server *nbd_server_start(struct loop *loop, json_t *addr, uint32_t max_connections,
                                     struct error **errp)
 {
+    const char *type = json_string_value(json_object_get(addr, "type"));
+    struct nbd_server *s = nbd_server_new(loop, max_connections);
     char num[32];
-    const char *type, *host, *port, *path;
-    struct nbd_server *s;
     int fd;
 
-    if (!json_is_object(addr)) {
-        error_setg(errp, "Invalid parameter type for 'addr', expected: object");
-        return NULL;
-    }
-    if (!(type = addr_member(addr, "type", num, sizeof(num), errp)))
-        return NULL;
-    s = nbd_server_new(loop, max_connections);
-    if (strcmp(type, "unix") == 0) {
-        if (!(path = addr_member(addr, "path", num, sizeof(num), errp)))
-            goto fail;
-        fd = unix_listen(path, &s->unix_sock, errp);
-    } else if (strcmp(type, "inet") == 0) {
-        if (!(host = addr_member(addr, "host", num, sizeof(num), errp)))
-            goto fail;
-        host = xstrdup(host);
-        port = addr_member(addr, "port", num, sizeof(num), errp);
-        fd = port ? listen_inet(s, host, port, errp) : -1;
-        free((char *)host);
-    } else {
-        error_setg(errp, "Parameter 'addr.type' does not accept value '%s'", type);
-        goto fail;
-    }
+    if (strcmp(type, "unix") == 0)
+        fd = unix_listen(json_string_value(json_object_get(addr, "path")), &s->unix_sock, errp);
+    else
+        fd = listen_inet(s, json_string_value(json_object_get(addr, "host")),
+                         addr_port(addr, num, sizeof(num)), errp);
     if (fd < 0)
         goto fail;
     s->listen_fd = fd;

@@ -24,7 +24,8 @@ struct loop;
 struct device;
 struct nbd_server;
 
-/* Start listening on addr, QEMU's SocketAddress as a JSON object (borrowed):
+/* Start listening on addr, QEMU's SocketAddress as a JSON object (borrowed, checked: see
+ * nbd_server_options in export/export.h):
  *   {"type": "unix", "path": P}                (socket created mode 0600; stale file replaced)
  *   {"type": "inet", "host": H, "port": "N"}   (port a string, as QEMU's; binds only there)
  * max_connections 0 means no limit. Returns the server or NULL with *errp set. */

@@ -16,7 +16,7 @@ static struct block_node *find_node(struct qmp_services *svc, const char *name,
     struct block_node *node = block_graph_find(svc->graph, name);
 
     if (!node) {
-        json_t *n = qmp_string_sanitized(name);
+        json_t *n = qjson_string_sanitized(name);
         error_setg(errp, "Device '%s' not found", json_string_value(n));
         json_decref(n);
     }
@@ -32,7 +32,7 @@ static json_t *block_set_write_threshold(struct qmp_call *call, json_t *args,
     if (!node)
         return NULL;
     /* As QEMU: armed until a write goes past it, then BLOCK_WRITE_THRESHOLD once; 0 disarms. */
-    node->write_threshold = qmp_arg_uint64(json_object_get(args, "write-threshold"));
+    node->write_threshold = qjson_uint64(json_object_get(args, "write-threshold"));
     return json_object();
 }
 
@@ -108,35 +108,35 @@ static json_t *fault_set(struct qmp_call *call, json_t *args, struct error **err
     return json_object();
 }
 
-static const struct qmp_arg write_threshold_args[] = {
-    { "node-name", QMP_ARG_STR },
-    { "write-threshold", QMP_ARG_UINT64 },
+static const struct schema_member write_threshold_args[] = {
+    { "node-name", SCHEMA_STR },
+    { "write-threshold", SCHEMA_UINT64 },
     { NULL },
 };
 
-static const struct qmp_arg node_name_args[] = {
-    { "node-name", QMP_ARG_STR },
+static const struct schema_member node_name_args[] = {
+    { "node-name", SCHEMA_STR },
     { NULL },
 };
 
-static const struct qmp_arg named_nodes_args[] = {
-    { "flat", QMP_ARG_BOOL, .optional = true },
+static const struct schema_member named_nodes_args[] = {
+    { "flat", SCHEMA_BOOL, .optional = true },
     { NULL },
 };
 
-static const struct qmp_arg blockstats_args[] = {
-    { "query-nodes", QMP_ARG_BOOL, .optional = true },
+static const struct schema_member blockstats_args[] = {
+    { "query-nodes", SCHEMA_BOOL, .optional = true },
     { NULL },
 };
 
-static const struct qmp_arg fault_set_args[] = {
-    { "node-name", QMP_ARG_STR },
-    { "rules", QMP_ARG_ARRAY },
+static const struct schema_member fault_set_args[] = {
+    { "node-name", SCHEMA_STR },
+    { "rules", SCHEMA_ARRAY, .element = &fault_rule },
     { NULL },
 };
 
 static const struct qmp_command block_commands[] = {
-    { "blockdev-add", blockdev_add, NULL, QMP_CMD_OPEN_ARGS },
+    { "blockdev-add", blockdev_add, block_options, 0 },
     { "blockdev-del", blockdev_del, node_name_args, 0 },
     { "query-named-block-nodes", query_named_block_nodes, named_nodes_args, 0 },
     { "query-block", query_block, NULL, 0 },

@@ -2,37 +2,16 @@
  * block-export-del, query-block-exports. */
 #include "qmp/commands.h"
 
-#include <string.h>
-
 #include "common/util.h"
 #include "export/export.h"
 
 /* nbd-server-start takes QEMU's SocketAddressLegacy ({"type": T, "data": {...}}); the
  * command line takes the flat SocketAddress. The exports layer wants the flat one. */
-static json_t *flatten_address(json_t *legacy, struct error **errp)
+static json_t *flatten_address(json_t *legacy)
 {
-    json_t *type = json_object_get(legacy, "type");
-    json_t *data = json_object_get(legacy, "data");
-    const char *key;
-    json_t *v;
+    json_t *flat = json_deep_copy(json_object_get(legacy, "data"));
 
-    if (!json_is_string(type)) {
-        error_setg(errp, "Parameter 'addr.type' is missing");
-        return NULL;
-    }
-    if (!json_is_object(data)) {
-        error_setg(errp, "Parameter 'addr.data' is missing");
-        return NULL;
-    }
-    json_t *flat = json_deep_copy(data);
-    json_object_foreach(legacy, key, v) {
-        if (strcmp(key, "type") && strcmp(key, "data")) {
-            error_setg(errp, "Parameter 'addr.%s' is unexpected", key);
-            json_decref(flat);
-            return NULL;
-        }
-    }
-    json_object_set(flat, "type", type);
+    json_object_set(flat, "type", json_object_get(legacy, "type"));
     return flat;
 }
 
@@ -40,13 +19,10 @@ static json_t *nbd_server_start(struct qmp_call *call, json_t *args, struct erro
 {
     struct qmp_services *svc = call->opaque;
     json_t *opts = json_deep_copy(args);
-    json_t *addr = flatten_address(json_object_get(args, "addr"), errp);
-    int r = -1;
+    int r;
 
-    if (addr) {
-        json_object_set_new(opts, "addr", addr);
-        r = exports_nbd_server_start(svc->exports, opts, errp);
-    }
+    json_object_set_new(opts, "addr", flatten_address(json_object_get(args, "addr")));
+    r = exports_nbd_server_start(svc->exports, opts, errp);
     json_decref(opts);
     return r < 0 ? NULL : json_object();
 }
@@ -82,24 +58,18 @@ static json_t *query_block_exports(struct qmp_call *call, json_t *args, struct e
     return exports_query(svc->exports);
 }
 
-static const struct qmp_arg nbd_server_start_args[] = {
-    { "addr", QMP_ARG_OBJECT },
-    { "tls-creds", QMP_ARG_STR, .optional = true },
-    { "tls-authz", QMP_ARG_STR, .optional = true },
-    { "max-connections", QMP_ARG_INT, .optional = true },
-    { NULL },
-};
+static const char *const export_del_modes[] = { "safe", "hard", NULL };
 
-static const struct qmp_arg block_export_del_args[] = {
-    { "id", QMP_ARG_STR },
-    { "mode", QMP_ARG_STR, .optional = true },
+static const struct schema_member block_export_del_args[] = {
+    { "id", SCHEMA_STR },
+    { "mode", SCHEMA_ENUM, .optional = true, .values = export_del_modes },
     { NULL },
 };
 
 static const struct qmp_command export_commands[] = {
     { "nbd-server-start", nbd_server_start, nbd_server_start_args, 0 },
     { "nbd-server-stop", nbd_server_stop, NULL, 0 },
-    { "block-export-add", block_export_add, NULL, QMP_CMD_OPEN_ARGS },
+    { "block-export-add", block_export_add, export_options, 0 },
     { "block-export-del", block_export_del, block_export_del_args, 0 },
     { "query-block-exports", query_block_exports, NULL, 0 },
 };

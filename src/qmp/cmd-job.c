@@ -64,14 +64,14 @@ static json_t *blockdev_create(struct qmp_call *call, json_t *args, struct error
     return json_object();
 }
 
-static const struct qmp_arg id_args[] = {
-    { "id", QMP_ARG_STR },
+static const struct schema_member id_args[] = {
+    { "id", SCHEMA_STR },
     { NULL },
 };
 
-static const struct qmp_arg create_args[] = {
-    { "job-id", QMP_ARG_STR },
-    { "options", QMP_ARG_OBJECT },
+static const struct schema_member create_args[] = {
+    { "job-id", SCHEMA_STR },
+    { "options", SCHEMA_OBJECT, .members = block_create_options },
     { NULL },
 };
 

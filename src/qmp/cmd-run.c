@@ -13,7 +13,7 @@ static json_t *query_status(struct qmp_call *call, json_t *args, struct error **
     struct runstate *rs = ((struct qmp_services *)call->opaque)->runstate;
 
     /* "singlestep" is a VM's; QEMU 7.2 always sends it, so clients may expect it. Members in
-     * QEMU's schema order, which decides their order on the wire (json-writer.h). */
+     * QEMU's schema order, which decides their order on the wire (common/qjson.h). */
     return json_pack("{s:b,s:b,s:s}", "running", runstate_is_running(rs), "singlestep", 0,
                      "status", runstate_name(runstate_get(rs)));
 }

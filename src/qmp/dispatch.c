@@ -1,12 +1,10 @@
 /* QMP command dispatch. See dispatch.h. */
 #include "qmp/dispatch.h"
 
-#include <math.h>
 #include <string.h>
 
-#include "common/utf8.h"
+#include "common/qjson.h"
 #include "common/util.h"
-#include "qmp/json-writer.h"
 
 struct entry {
     const struct qmp_command *cmd;
@@ -61,22 +59,10 @@ void qmp_dispatcher_foreach(struct qmp_dispatcher *d,
         fn(d->entries[i].cmd, opaque);
 }
 
-json_t *qmp_string_sanitized(const char *s)
-{
-    json_t *v = json_string(s);
-
-    if (!v) {
-        char *clean = utf8_sanitize(s);
-        v = json_string(clean);
-        free(clean);
-    }
-    return v;
-}
-
 json_t *qmp_error_response(const struct error *err, json_t *id)
 {
     json_t *rsp = json_pack("{s:{s:s,s:o}}", "error", "class", error_class_name(err->cls),
-                            "desc", qmp_string_sanitized(err->desc));
+                            "desc", qjson_string_sanitized(err->desc));
 
     if (id)
         json_object_set(rsp, "id", id);
@@ -93,94 +79,6 @@ json_t *qmp_return_response(json_t *ret, json_t *id)
     return rsp;
 }
 
-uint64_t qmp_arg_uint64(json_t *v)
-{
-    if (json_is_integer(v))
-        return (uint64_t)json_integer_value(v);
-    return (uint64_t)json_real_value(v);
-}
-
-bool qmp_arg_is_uint64(json_t *v)
-{
-    if (json_is_integer(v))
-        return true;
-    if (!json_is_real(v))
-        return false;
-    double d = json_real_value(v);
-    return d >= 9223372036854775808.0 && d < 18446744073709551616.0 && d == floor(d);
-}
-
-static int check_type(const struct qmp_arg *a, json_t *v, struct error **errp)
-{
-    static const char *const expected[] = {
-        [QMP_ARG_STR] = "string", [QMP_ARG_INT] = "integer", [QMP_ARG_BOOL] = "boolean",
-        [QMP_ARG_OBJECT] = "object", [QMP_ARG_ARRAY] = "array",
-    };
-    bool ok;
-
-    switch (a->type) {
-    case QMP_ARG_STR: ok = json_is_string(v); break;
-    case QMP_ARG_BOOL: ok = json_is_boolean(v); break;
-    case QMP_ARG_OBJECT: ok = json_is_object(v); break;
-    case QMP_ARG_ARRAY: ok = json_is_array(v); break;
-    case QMP_ARG_ANY: return 0;
-    case QMP_ARG_INT:
-        /* QEMU: a number that is not an int64 (1.5, 2^63) is of the wrong type, too. */
-        ok = json_is_integer(v);
-        break;
-    case QMP_ARG_UINT64:
-        /* QEMU reports every non-uint64 value this way, strings included. */
-        if (qmp_arg_is_uint64(v))
-            return 0;
-        error_setg(errp, "Parameter '%s' expects uint64", a->name);
-        return -1;
-    default:
-        abort();
-    }
-    if (!ok) {
-        error_setg(errp, "Invalid parameter type for '%s', expected: %s", a->name,
-                   expected[a->type]);
-        return -1;
-    }
-    return 0;
-}
-
-int qmp_check_args(const struct qmp_arg *spec, json_t *args, struct error **errp)
-{
-    size_t known = 0;
-
-    /* In schema order, as QEMU's visitor walks them: the first problem is reported. */
-    for (const struct qmp_arg *a = spec; a && a->name; a++) {
-        json_t *v = json_object_get(args, a->name);
-        if (!v) {
-            if (a->optional)
-                continue;
-            error_setg(errp, "Parameter '%s' is missing", a->name);
-            return -1;
-        }
-        if (check_type(a, v, errp) < 0)
-            return -1;
-        known++;
-    }
-    if (known == json_object_size(args))
-        return 0;
-
-    const char *key;
-    json_t *v;
-    json_object_foreach(args, key, v) {
-        const struct qmp_arg *a = spec;
-        while (a && a->name && strcmp(a->name, key) != 0)
-            a++;
-        if (!a || !a->name) {
-            json_t *name = qmp_string_sanitized(key);
-            error_setg(errp, "Parameter '%s' is unexpected", json_string_value(name));
-            json_decref(name);
-            return -1;
-        }
-    }
-    return 0;
-}
-
 /* The request's shape, as QEMU's qmp_dispatch_check_obj(). Returns the command name. */
 static const char *check_request(struct qmp_session *s, json_t *req, bool *oob,
                                  struct error **errp)
@@ -193,7 +91,7 @@ static const char *check_request(struct qmp_session *s, json_t *req, bool *oob,
         return NULL;
     }
     /* In QEMU's member order, so a request with two problems gets QEMU's error for it. */
-    _cleanup_free_ const char **keys = qmp_json_keys(req, &nkeys);
+    _cleanup_free_ const char **keys = qjson_keys(req, &nkeys);
     for (size_t i = 0; i < nkeys; i++) {
         const char *key = keys[i];
         json_t *v = json_object_get(req, key);
@@ -215,7 +113,7 @@ static const char *check_request(struct qmp_session *s, json_t *req, bool *oob,
                 return NULL;
             }
         } else if (strcmp(key, "id") != 0) {
-            json_t *k = qmp_string_sanitized(key);
+            json_t *k = qjson_string_sanitized(key);
             error_setg(errp, "QMP input member '%s' is unexpected", json_string_value(k));
             json_decref(k);
             return NULL;
@@ -248,7 +146,7 @@ json_t *qmp_dispatch(struct qmp_dispatcher *d, struct qmp_session *s, json_t *re
             error_set(&err, ERROR_CLASS_COMMAND_NOT_FOUND,
                       "Expecting capabilities negotiation with 'qmp_capabilities'");
         } else {
-            json_t *n = qmp_string_sanitized(name);
+            json_t *n = qjson_string_sanitized(name);
             error_set(&err, ERROR_CLASS_COMMAND_NOT_FOUND, "The command %s has not been found",
                       json_string_value(n));
             json_decref(n);
@@ -266,7 +164,7 @@ json_t *qmp_dispatch(struct qmp_dispatcher *d, struct qmp_session *s, json_t *re
     if (!args)
         args = empty = json_object();
     json_t *ret = NULL;
-    if ((e->cmd->flags & QMP_CMD_OPEN_ARGS) || qmp_check_args(e->cmd->args, args, &err) == 0) {
+    if (schema_check(e->cmd->args, args, &err) == 0) {
         struct qmp_call call = { .session = s, .opaque = e->opaque, .dispatcher = d };
         ret = e->cmd->fn(&call, args, &err);
     }

@@ -2,8 +2,8 @@
  * response, as QEMU's qapi/qmp-dispatch.c and monitor/qmp.c do.
  *
  * Commands come in tables (one per cmd-<group>.c), each entry naming its handler and its
- * arguments; the dispatcher checks a request's shape and arguments before a handler runs, so
- * handlers see only well-typed arguments. Error texts are QEMU's, word for word.
+ * arguments' table (common/schema.h); the dispatcher checks a request's shape and arguments
+ * before a handler runs, so handlers see only well-typed arguments. Error texts are QEMU's, word for word.
  */
 #ifndef THINBLK_QMP_DISPATCH_H
 #define THINBLK_QMP_DISPATCH_H
@@ -15,22 +15,8 @@
 #include <jansson.h>
 
 #include "common/error.h"
-
-enum qmp_arg_type {
-    QMP_ARG_STR,      /* JSON string */
-    QMP_ARG_INT,      /* integer in int64 */
-    QMP_ARG_UINT64,   /* integer in uint64 (negative accepted and wrapped, as QEMU does) */
-    QMP_ARG_BOOL,
-    QMP_ARG_OBJECT,
-    QMP_ARG_ARRAY,
-    QMP_ARG_ANY,      /* any JSON value */
-};
-
-struct qmp_arg {
-    const char *name;
-    enum qmp_arg_type type;
-    bool optional;
-};
+#include "common/qjson.h"
+#include "common/schema.h"
 
 /* What a client session looks like to the dispatcher (owned by the monitor server). */
 struct qmp_session {
@@ -50,12 +36,13 @@ struct qmp_call {
 typedef json_t *qmp_handler_fn(struct qmp_call *call, json_t *args, struct error **errp);
 
 #define QMP_CMD_PRECAP 1u     /* may run before capabilities negotiation (qmp_capabilities) */
-#define QMP_CMD_OPEN_ARGS 2u  /* arguments are a union the handler checks (blockdev-add) */
 
 struct qmp_command {
     const char *name;
     qmp_handler_fn *fn;
-    const struct qmp_arg *args;  /* terminated by an entry with name NULL; NULL for none */
+    /* The arguments (common/schema.h), a union for boxed ones (blockdev-add); NULL for none.
+     * The dispatcher checks them: handlers read them without checking again. */
+    const struct schema_member *args;
     unsigned flags;
 };
 
@@ -77,20 +64,6 @@ void qmp_dispatcher_foreach(struct qmp_dispatcher *d,
  * reference): {"return": ..., "id": ...} or {"error": {"class", "desc"}, "id": ...}. */
 json_t *qmp_dispatch(struct qmp_dispatcher *d, struct qmp_session *session, json_t *request,
                      const struct error *parse_err);
-
-/* Check args (borrowed object) against spec: missing, unexpected and wrongly typed members
- * give QEMU's errors. Returns 0 or -1 with *errp set. */
-int qmp_check_args(const struct qmp_arg *spec, json_t *args, struct error **errp);
-
-/* uint64 value of an argument checked as QMP_ARG_UINT64. */
-uint64_t qmp_arg_uint64(json_t *v);
-/* Whether v is an integer QEMU would take as uint64: int64 values (negative ones wrap, for
- * backward compatibility, as QEMU says) and integers past INT64_MAX, which the JSON reader
- * keeps as reals. */
-bool qmp_arg_is_uint64(json_t *v);
-
-/* A JSON string from s, with ill-formed UTF-8 replaced by U+FFFD (client input quoted back). */
-json_t *qmp_string_sanitized(const char *s);
 
 /* The response for an error (err borrowed) or a return value (ret stolen); id borrowed, may
  * be NULL. */

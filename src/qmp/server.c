@@ -9,12 +9,12 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/qjson.h"
 #include "common/unix-socket.h"
 #include "common/util.h"
 #include "loop/loop.h"
 #include "qmp/dispatch.h"
 #include "qmp/json-stream.h"
-#include "qmp/json-writer.h"
 
 #define READ_CHUNK 65536
 #define ACCEPT_RETRY_NS (100 * 1000 * 1000ull)
@@ -157,7 +157,7 @@ static void client_queue_text(struct client *c, const char *text, size_t len)
 
 static void client_queue(struct client *c, json_t *msg)
 {
-    qmp_json_write(&c->out, msg, c->mon->pretty);
+    qjson_write(&c->out, msg, c->mon->pretty);
     buf_append(&c->out, "\r\n", 2);
 }
 
@@ -369,7 +369,7 @@ void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
             continue;
         struct buf *t = &text[c->mon->pretty];
         if (t->len == 0) {
-            qmp_json_write(t, ev, c->mon->pretty);
+            qjson_write(t, ev, c->mon->pretty);
             buf_append(t, "\r\n", 2);
         }
         if (unsent(c) + t->len > c->mon->output_limit) {

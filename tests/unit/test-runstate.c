@@ -13,7 +13,7 @@
 
 #include "common/util.h"
 #include "loop/loop.h"
-#include "qmp/json-writer.h"
+#include "common/qjson.h"
 #include "runstate/runstate.h"
 
 struct fx {
@@ -41,7 +41,7 @@ static void capture_event(void *opaque, const char *name, json_t *data)
     f->nevents++;
     if (data) {
         struct buf out = { 0 };
-        qmp_json_write(&out, data, false);
+        qjson_write(&out, data, false);
         buf_append(&out, "", 1);
         add_log(f, xasprintf("%s %s", name, out.data));
         buf_free(&out);

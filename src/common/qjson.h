@@ -1,4 +1,5 @@
-/* QMP's JSON output, byte for byte as QEMU's monitor writes it.
+/* JSON as QEMU's QObject layer has it: its output, byte for byte as QEMU's monitor writes it,
+ * and its reading of integers and strings (shared by qmp/, block/, export/ and daemon/).
  *
  * QEMU keeps objects in a hash table (qobject/qdict.c) and writes members in bucket order, so
  * the order of keys on its wire is a fixed function of the key names: "return" before "id",
@@ -7,10 +8,11 @@
  * escaped as QEMU does (every non-ASCII character as \uXXXX), ", " and ": " separate, and the
  * pretty form indents by four and, as QEMU's monitor, ends lines with "\r\n".
  */
-#ifndef THINBLK_QMP_JSON_WRITER_H
-#define THINBLK_QMP_JSON_WRITER_H
+#ifndef THINBLK_COMMON_QJSON_H
+#define THINBLK_COMMON_QJSON_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include <jansson.h>
 
@@ -19,9 +21,20 @@
 /* The keys of object obj in the order QEMU iterates them (its wire order): a new array of
  * *n borrowed key pointers, caller frees the array. QEMU checks a request's members in this
  * order too, which decides which error a request with several problems gets. */
-const char **qmp_json_keys(json_t *obj, size_t *n);
+const char **qjson_keys(json_t *obj, size_t *n);
 
 /* Append v (borrowed) to out, compact or pretty. No line end is added. */
-void qmp_json_write(struct buf *out, json_t *v, bool pretty);
+void qjson_write(struct buf *out, json_t *v, bool pretty);
+
+/* A JSON string from s, with ill-formed UTF-8 replaced by U+FFFD (client input quoted back).
+ * Returns a new reference. */
+json_t *qjson_string_sanitized(const char *s);
+
+/* Whether v is an integer QEMU would take as uint64: int64 values (negative ones wrap, for
+ * backward compatibility, as QEMU says) and integers past INT64_MAX, which the JSON reader
+ * keeps as reals. */
+bool qjson_is_uint64(json_t *v);
+/* The uint64 value of v, for which qjson_is_uint64() holds. */
+uint64_t qjson_uint64(json_t *v);
 
 #endif

@@ -1,9 +1,11 @@
-/* QMP's JSON output, QEMU's byte order. See json-writer.h. */
-#include "qmp/json-writer.h"
+/* JSON as QEMU has it. See qjson.h. */
+#include "common/qjson.h"
 
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
+
+#include "common/utf8.h"
 
 /* QEMU's qdict.c hashes keys with tdb_hash() into 512 buckets, inserts at the head of a
  * bucket's list and iterates bucket by bucket: members come out in bucket order, and within
@@ -35,7 +37,7 @@ static int member_cmp(const void *a, const void *b)
     return x->index > y->index ? -1 : x->index < y->index;
 }
 
-const char **qmp_json_keys(json_t *obj, size_t *n)
+const char **qjson_keys(json_t *obj, size_t *n)
 {
     size_t count = json_object_size(obj), i = 0;
     struct member *m = xmalloc((count + 1) * sizeof(*m));
@@ -210,7 +212,36 @@ static void write_value(struct buf *out, json_t *v, bool pretty, int level)
     }
 }
 
-void qmp_json_write(struct buf *out, json_t *v, bool pretty)
+void qjson_write(struct buf *out, json_t *v, bool pretty)
 {
     write_value(out, v, pretty, 0);
+}
+
+json_t *qjson_string_sanitized(const char *s)
+{
+    json_t *v = json_string(s);
+
+    if (!v) {
+        char *clean = utf8_sanitize(s);
+        v = json_string(clean);
+        free(clean);
+    }
+    return v;
+}
+
+bool qjson_is_uint64(json_t *v)
+{
+    if (json_is_integer(v))
+        return true;
+    if (!json_is_real(v))
+        return false;
+    double d = json_real_value(v);
+    return d >= 9223372036854775808.0 && d < 18446744073709551616.0 && (double)(uint64_t)d == d;
+}
+
+uint64_t qjson_uint64(json_t *v)
+{
+    if (json_is_integer(v))
+        return (uint64_t)json_integer_value(v);
+    return (uint64_t)json_real_value(v);
 }

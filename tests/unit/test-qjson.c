@@ -1,4 +1,4 @@
-/* Unit tests of qmp/json-writer.h: QEMU's member order, escapes, numbers, pretty form.
+/* Unit tests of common/qjson.h: QEMU's member order, escapes, numbers, pretty form.
  *
  * Every expected text was checked against QEMU 7.2's monitor output (-qmp, and -mon
  * mode=control,pretty=on), which echoes an "id" of any JSON value.
@@ -14,7 +14,7 @@
 #include <cmocka.h>
 
 #include "common/util.h"
-#include "qmp/json-writer.h"
+#include "common/qjson.h"
 
 /* Write v (stolen) and compare with expected. */
 static void check(json_t *v, bool pretty, const char *expected)
@@ -22,7 +22,7 @@ static void check(json_t *v, bool pretty, const char *expected)
     struct buf out = { 0 };
 
     assert_non_null(v);
-    qmp_json_write(&out, v, pretty);
+    qjson_write(&out, v, pretty);
     buf_append(&out, "", 1);
     assert_string_equal(out.data, expected);
     assert_int_equal(out.len - 1, strlen(expected));
@@ -312,7 +312,7 @@ static void test_appends_without_line_end(void **state)
     json_t *v = json_pack("{s:i}", "a", 1);
 
     buf_append(&out, "x", 1);
-    qmp_json_write(&out, v, false);
+    qjson_write(&out, v, false);
     assert_int_equal(out.len, 9);
     assert_memory_equal(out.data, "x{\"a\": 1}", 9);
     buf_free(&out);
