@@ -91,7 +91,7 @@ void nbd_conn_schedule(struct nbd_conn *c)
         return;
     c->scheduled = true;
     nbd_conn_ref(c);
-    loop_defer(c->loop, on_deferred_run, c);
+    loop_defer(c->loop, &c->run_call);
 }
 
 void nbd_conn_queue_reply(struct nbd_conn *c, struct nbd_cmd *cmd)
@@ -386,6 +386,7 @@ void nbd_conn_new(struct nbd_server *s, int fd)
     c->loop = s->loop;
     c->id = ++s->next_conn_id;
     c->fd = fd;
+    c->run_call = LOOP_DEFERRED_INIT(on_deferred_run, c);
     c->refs = 1;
     c->replies_tail = &c->replies;
     c->next = s->conns;

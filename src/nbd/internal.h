@@ -22,6 +22,7 @@
 #include "common/unix-socket.h"
 #include "common/util.h"
 #include "device/device.h"
+#include "loop/loop.h"
 #include "nbd/protocol.h"
 #include "nbd/server.h"
 
@@ -116,6 +117,7 @@ struct nbd_conn {
     bool eof;                      /* the client shut its side */
     bool paused;                   /* back-pressure: not starting a new message */
     bool running, rerun, scheduled;
+    struct loop_deferred run_call; /* on_deferred_run(), while scheduled (holds a reference) */
     uint64_t handshake_timer;
 
     /* Input: bytes read ahead, and the message being assembled. */

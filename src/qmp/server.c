@@ -42,6 +42,8 @@ struct client {
     unsigned watched;       /* LOOP_READ/LOOP_WRITE currently registered */
     bool eof;               /* the client closed its side: no more input */
     bool dead;              /* closed; freed by a deferred call */
+    struct loop_deferred free_call;   /* client_free_deferred() */
+    struct loop_deferred flush_call;  /* flush_event() */
 };
 
 struct qmp_server {
@@ -73,6 +75,7 @@ static void client_free_deferred(struct loop *loop, void *opaque)
 {
     struct client *c = opaque;
 
+    loop_cancel_deferred(loop, &c->flush_call);
     json_stream_free(c->in);
     buf_free(&c->out);
     free(c);
@@ -103,7 +106,7 @@ static void client_kill(struct client *c)
     if (c->dead)
         return;
     client_close(c);
-    loop_defer(c->srv->loop, client_free_deferred, c);
+    loop_defer(c->srv->loop, &c->free_call);
 }
 
 static void client_update_watch(struct client *c)
@@ -211,6 +214,7 @@ static void client_io(struct loop *loop, int fd, unsigned events, void *opaque)
 }
 
 static void accept_clients(struct loop *loop, int fd, unsigned events, void *opaque);
+static loop_fn flush_event;
 
 static void accept_retry(struct loop *loop, void *opaque)
 {
@@ -244,6 +248,8 @@ static void accept_clients(struct loop *loop, int fd, unsigned events, void *opa
         c->mon = mon;
         c->fd = cfd;
         c->in = json_stream_new();
+        c->free_call = LOOP_DEFERRED_INIT(client_free_deferred, c);
+        c->flush_call = LOOP_DEFERRED_INIT(flush_event, c);
         if (loop_add_fd(loop, cfd, 0, client_io, c) < 0) {
             log_warn("monitor %s: cannot watch client: %s", mon->path, strerror(errno));
             json_stream_free(c->in);
@@ -382,8 +388,8 @@ void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
         client_queue_text(c, t->data, t->len);
         /* Sent at the end of this loop iteration, together with the response that caused it,
          * if any; only one deferred flush per idle client. */
-        if (was_idle)
-            loop_defer(srv->loop, flush_event, c);
+        if (was_idle && !loop_deferred_queued(&c->flush_call))
+            loop_defer(srv->loop, &c->flush_call);
     }
     buf_free(&text[0]);
     buf_free(&text[1]);
