@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/list.h"
 #include "common/unix-socket.h"
 #include "common/util.h"
 #include "device/device.h"
@@ -67,21 +68,7 @@ struct nbd_export {
     unsigned clients;         /* connections in transmission on it */
 };
 
-struct nbd_conn;
-
-struct nbd_server {
-    struct loop *loop;
-    int listen_fd;             /* -1 for a server without a listener (tests, fuzzing) */
-    bool listen_inet;          /* TCP: set TCP_NODELAY on clients */
-    bool listen_paused;        /* not accepting: max_connections reached or out of fds */
-    uint64_t accept_timer;     /* resumes accepting after running out of fds */
-    struct unix_listener unix_sock;  /* removed at stop (if still ours) */
-    uint32_t max_connections;  /* 0: no limit */
-    struct nbd_export *exports;
-    struct nbd_conn *conns;    /* open connections */
-    unsigned nconns;
-    uint64_t next_conn_id;
-};
+DEFINE_QUEUE_TYPE(nbd_export_queue, struct nbd_export, next)
 
 /* One request from reading its header to having sent its reply. */
 struct nbd_cmd {
@@ -104,6 +91,8 @@ struct nbd_cmd {
     size_t payload_len;
     size_t sent;             /* of reply_len + payload_len */
 };
+
+DEFINE_QUEUE_TYPE(nbd_cmd_queue, struct nbd_cmd, next)
 
 struct nbd_conn {
     struct nbd_conn *prev, *next;  /* server->conns, while open */
@@ -154,7 +143,23 @@ struct nbd_conn {
 
     /* Output: option replies first, then request replies in completion order. */
     struct buf out;
-    struct nbd_cmd *replies, **replies_tail;
+    nbd_cmd_queue replies;
+};
+
+DEFINE_LIST_TYPE(nbd_conn_list, struct nbd_conn, prev, next)
+
+struct nbd_server {
+    struct loop *loop;
+    int listen_fd;             /* -1 for a server without a listener (tests, fuzzing) */
+    bool listen_inet;          /* TCP: set TCP_NODELAY on clients */
+    bool listen_paused;        /* not accepting: max_connections reached or out of fds */
+    uint64_t accept_timer;     /* resumes accepting after running out of fds */
+    struct unix_listener unix_sock;  /* removed at stop (if still ours) */
+    uint32_t max_connections;  /* 0: no limit */
+    nbd_export_queue exports;  /* in creation order */
+    nbd_conn_list conns;       /* open connections */
+    unsigned nconns;
+    uint64_t next_conn_id;
 };
 
 /* ---- connection.c ---- */

@@ -8,6 +8,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "common/list.h"
 #include "common/log.h"
 #include "common/unix-socket.h"
 #include "common/util.h"
@@ -46,12 +47,15 @@ struct client {
     struct loop_deferred flush_call;  /* flush_event() */
 };
 
+DEFINE_QUEUE_TYPE(monitor_queue, struct monitor, next)
+DEFINE_LIST_TYPE(client_list, struct client, prev, next)
+
 struct qmp_server {
     struct loop *loop;
     struct qmp_dispatcher *d;
     json_t *greeting;
-    struct monitor *monitors;
-    struct client *clients;
+    monitor_queue monitors;    /* the newest first */
+    client_list clients;       /* open, the newest first */
     bool closed;
     void (*flushed_fn)(void *opaque);
     void *flushed_opaque;
@@ -91,12 +95,7 @@ static void client_close(struct client *c)
     c->dead = true;
     loop_del_fd(srv->loop, c->fd);
     close(c->fd);
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        srv->clients = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
+    client_list_remove(&srv->clients, c);
     check_flushed(srv);
 }
 
@@ -257,10 +256,7 @@ static void accept_clients(struct loop *loop, int fd, unsigned events, void *opa
             free(c);
             continue;
         }
-        c->next = srv->clients;
-        if (c->next)
-            c->next->prev = c;
-        srv->clients = c;
+        client_list_push_head(&srv->clients, c);
         client_queue(c, srv->greeting);
         if (client_flush(c) == 0)
             client_update_watch(c);
@@ -294,27 +290,27 @@ static void monitor_close(struct qmp_server *srv, struct monitor *mon)
 void qmp_server_close(struct qmp_server *srv)
 {
     srv->closed = true;
-    for (struct monitor *m = srv->monitors; m; m = m->next)
+    for (struct monitor *m = srv->monitors.head; m; m = m->next)
         monitor_close(srv, m);
-    for (struct client *c = srv->clients; c; c = c->next)
+    for (struct client *c = srv->clients.head; c; c = c->next)
         client_update_watch(c);
 }
 
 void qmp_server_free(struct qmp_server *srv)
 {
+    struct monitor *m;
+
     if (!srv)
         return;
     qmp_server_close(srv);
     /* No callback holds a client now: free them at once (the loop may be freed next). */
     srv->flushed_fn = NULL;
-    while (srv->clients) {
-        struct client *c = srv->clients;
+    while (!client_list_empty(&srv->clients)) {
+        struct client *c = srv->clients.head;
         client_close(c);
         client_free_deferred(srv->loop, c);
     }
-    while (srv->monitors) {
-        struct monitor *m = srv->monitors;
-        srv->monitors = m->next;
+    while ((m = monitor_queue_pop(&srv->monitors))) {
         free(m->path);
         free(m);
     }
@@ -345,8 +341,7 @@ int qmp_server_add_monitor(struct qmp_server *srv, const struct qmp_monitor_conf
         free(mon);
         return -1;
     }
-    mon->next = srv->monitors;
-    srv->monitors = mon;
+    monitor_queue_push_head(&srv->monitors, mon);
     return 0;
 }
 
@@ -369,7 +364,7 @@ void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
     if (data)
         json_object_set_new(ev, "data", data);
 
-    for (struct client *c = srv->clients, *next; c; c = next) {
+    for (struct client *c = srv->clients.head, *next; c; c = next) {
         next = c->next;
         if (!c->session.negotiated)
             continue;
@@ -398,7 +393,7 @@ void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
 
 bool qmp_server_flushed(const struct qmp_server *srv)
 {
-    for (const struct client *c = srv->clients; c; c = c->next) {
+    for (const struct client *c = srv->clients.head; c; c = c->next) {
         if (unsent(c) > 0)
             return false;
     }
