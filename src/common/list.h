@@ -12,6 +12,9 @@
  *     for (struct req *x = q.head; x; x = x->next) ...
  *     while ((r = req_queue_pop(&q))) ...
  *
+ * DECLARE_LIST_HEAD(name, type) and DEFINE_QUEUE_FUNCTIONS / DEFINE_LIST_FUNCTIONS split the
+ * same in two, for a list type needed before its element type is complete.
+ *
  * An element is on at most one list through a given link field at a time; the caller keeps
  * track of which (the list does not). Popped or removed elements have their links cleared.
  */
@@ -21,10 +24,22 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#define DEFINE_QUEUE_TYPE(name, type, next)                                                \
+/* The list's own type alone, where the element type is not complete yet (a struct that holds
+ * a list of elements declared after it); DEFINE_*_FUNCTIONS follow once it is. */
+#define DECLARE_LIST_HEAD(name, type)                                                      \
     typedef struct {                                                                       \
         type *head, *last;                                                                 \
-    } name;                                                                                \
+    } name;
+
+#define DEFINE_QUEUE_TYPE(name, type, next)                                                \
+    DECLARE_LIST_HEAD(name, type)                                                          \
+    DEFINE_QUEUE_FUNCTIONS(name, type, next)
+
+#define DEFINE_LIST_TYPE(name, type, prev, next)                                           \
+    DECLARE_LIST_HEAD(name, type)                                                          \
+    DEFINE_LIST_FUNCTIONS(name, type, prev, next)
+
+#define DEFINE_QUEUE_FUNCTIONS(name, type, next)                                           \
     static inline __attribute__((unused)) bool name##_empty(const name *q)                 \
     {                                                                                      \
         return !q->head;                                                                   \
@@ -103,10 +118,7 @@
         from->head = from->last = NULL;                                                    \
     }
 
-#define DEFINE_LIST_TYPE(name, type, prev, next)                                           \
-    typedef struct {                                                                       \
-        type *head, *last;                                                                 \
-    } name;                                                                                \
+#define DEFINE_LIST_FUNCTIONS(name, type, prev, next)                                      \
     static inline __attribute__((unused)) bool name##_empty(const name *l)                 \
     {                                                                                      \
         return !l->head;                                                                   \
