@@ -18,6 +18,7 @@
 #include <jansson.h>
 
 #include "agent/config.h"
+#include "common/list.h"
 
 struct loop;
 struct qmpc;
@@ -79,6 +80,9 @@ struct disk {
     const char *waiting;    /* why not, for the log */
 };
 
+DEFINE_QUEUE_TYPE(disk_queue, struct disk, next)
+DECLARE_LIST_HEAD(mon_call_queue, struct mon_call)
+
 /* A watched daemon: its connection and its disks. */
 struct mon {
     struct agent *agent;
@@ -92,7 +96,7 @@ struct mon {
     bool ever_connected;
     char *last_connect_error; /* said once, not at every attempt */
     /* Replies expected: id -> callback. */
-    struct mon_call *calls;
+    mon_call_queue calls;
     /* Reconcile: */
     bool reconciling;
     bool reconcile_again;
@@ -102,7 +106,7 @@ struct mon {
     uint64_t stopped_since_wall_ns; /* the current io-error's start (0: running) */
     const char *reported;   /* the daemon's last logged state */
     char waiting_text[256]; /* the last reason logged for not resuming */
-    struct disk *disks;
+    disk_queue disks;
 };
 
 typedef void mon_reply_fn(struct mon *m, json_t *ret, const char *error_class,

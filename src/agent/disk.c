@@ -96,7 +96,7 @@ static const struct agent_disk_policy *find_policy(struct mon *m, const char *de
 
 static struct disk *find_disk(struct mon *m, const char *device)
 {
-    for (struct disk *d = m->disks; d; d = d->next) {
+    for (struct disk *d = m->disks.head; d; d = d->next) {
         if (strcmp(d->device, device) == 0)
             return d;
     }
@@ -142,8 +142,7 @@ static void learn(struct mon *m, json_t *entry, json_t *block, json_t *nodes)
         d->device = xstrdup(device);
         d->name = xstrdup(strcmp(p->device ? p->device : "", "*") ? p->name : device);
         d->backoff_ns = m->agent->cfg->retry_min_ns;
-        d->next = m->disks;
-        m->disks = d;
+        disk_queue_push_head(&m->disks, d);
     }
     d->policy = p;
     d->present = true;
@@ -389,11 +388,11 @@ static void process(struct mon *m)
         m->stopped_since_wall_ns = 0;
     }
 
-    for (struct disk *d = m->disks; d; d = d->next)
+    for (struct disk *d = m->disks.head; d; d = d->next)
         d->present = false;
     json_array_foreach(stats, i, e)
         learn(m, e, block, nodes);
-    for (struct disk *d = m->disks; d; d = d->next) {
+    for (struct disk *d = m->disks.head; d; d = d->next) {
         if (d->present)
             check_disk(m, d, io_error);
     }
@@ -451,7 +450,7 @@ void disk_on_event(struct mon *m, const char *name, json_t *data)
 {
     if (strcmp(name, "BLOCK_WRITE_THRESHOLD") == 0) {
         const char *node = str(data, "node-name");
-        for (struct disk *d = m->disks; d && node; d = d->next) {
+        for (struct disk *d = m->disks.head; d && node; d = d->next) {
             if (d->proto_node && strcmp(d->proto_node, node) == 0) {
                 d->crossed_at = u64(data, "write-threshold") + u64(data, "amount-exceeded");
                 d->armed = 0;
@@ -474,7 +473,7 @@ void disk_on_disconnect(struct mon *m)
     m->snap_pending = 0;
     m->cont_in_flight = false;
     m->reported = NULL;
-    for (struct disk *d = m->disks; d; d = d->next) {
+    for (struct disk *d = m->disks.head; d; d = d->next) {
         d->present = false;
         d->armed = 0;
         d->reported = NULL;
@@ -512,9 +511,9 @@ void disk_extension_done(struct disk *d, bool ok, uint64_t new_size, const char 
 
 void disk_free_all(struct mon *m)
 {
-    while (m->disks) {
-        struct disk *d = m->disks;
-        m->disks = d->next;
+    struct disk *d;
+
+    while ((d = disk_queue_pop(&m->disks))) {
         if (d->job)
             extend_abandon(m->agent, d->job);
         loop_del_timer(m->agent->loop, d->retry_timer);

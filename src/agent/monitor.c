@@ -35,13 +35,14 @@ struct mon *mon_new(struct agent *a, const struct agent_daemon_conf *conf)
     return m;
 }
 
+DEFINE_QUEUE_FUNCTIONS(mon_call_queue, struct mon_call, next)
+
 static void drop_calls(struct mon *m)
 {
-    while (m->calls) {
-        struct mon_call *c = m->calls;
-        m->calls = c->next;
+    struct mon_call *c;
+
+    while ((c = mon_call_queue_pop(&m->calls)))
         free(c);
-    }
 }
 
 static void mon_close(struct mon *m)
@@ -136,11 +137,10 @@ static void dispatch(struct mon *m, struct qmpc_message *msg)
         log_warn("daemon %s: a reply without our id: %.200s", m->conf->name, msg->text);
         return;
     }
-    for (struct mon_call **pp = &m->calls; *pp; pp = &(*pp)->next) {
-        struct mon_call *c = *pp;
+    for (struct mon_call *c = m->calls.head; c; c = c->next) {
         if (c->id != json_integer_value(msg->id))
             continue;
-        *pp = c->next;
+        mon_call_queue_remove(&m->calls, c);
         if (c->fn)
             c->fn(m, msg->kind == QMPC_MSG_RETURN ? msg->ret : NULL, msg->error_class,
                   msg->error_desc, c->opaque);
@@ -219,12 +219,10 @@ int mon_call(struct mon *m, const char *name, json_t *args, mon_reply_fn *fn, vo
         log_debug("daemon %s: %s: %s", m->conf->name, name, err->desc);
         return -1;
     }
-    struct mon_call *c = xzalloc(sizeof(*c)), **pp = &m->calls;
+    struct mon_call *c = xzalloc(sizeof(*c));
     c->id = id;
     c->fn = fn;
     c->opaque = opaque;
-    while (*pp)
-        pp = &(*pp)->next;
-    *pp = c;
+    mon_call_queue_push(&m->calls, c);
     return 0;
 }

@@ -46,40 +46,66 @@ static void init_calls(struct call *c, size_t n, int *log, size_t *len)
     }
 }
 
+/* A loop and five calls, c[i] logging i into log[0..n). */
+struct fx {
+    struct loop *loop;
+    struct call c[5];
+    int log[16];
+    size_t n;
+};
+
+static int setup(void **state)
+{
+    struct fx *f = calloc(1, sizeof(*f));
+
+    f->loop = loop_new();
+    init_calls(f->c, 5, f->log, &f->n);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    struct fx *f = *state;
+
+    loop_free(f->loop);
+    free(f);
+    return 0;
+}
+
+/* The log so far, as a number (digits). */
+static int logged(const struct fx *f)
+{
+    int d = 0;
+
+    for (size_t i = 0; i < f->n; i++)
+        d = d * 10 + f->log[i];
+    return d;
+}
+
 static void test_runs_in_order_queued(void **state)
 {
-    struct loop *loop = loop_new();
-    struct call c[5];
-    int log[8];
-    size_t n = 0;
+    struct fx *f = *state;
 
-    init_calls(c, 5, log, &n);
     for (int i = 0; i < 5; i++)
-        loop_defer(loop, &c[i].d);
-    assert_int_equal(n, 0);  /* never inside loop_defer() */
-    assert_int_equal(loop_run_once(loop, 0), 0);
-    assert_int_equal(n, 5);
-    for (int i = 0; i < 5; i++)
-        assert_int_equal(log[i], i);
-    loop_free(loop);
+        loop_defer(f->loop, &f->c[i].d);
+    assert_int_equal(f->n, 0);  /* never inside loop_defer() */
+    assert_int_equal(loop_run_once(f->loop, 0), 0);
+    assert_int_equal(logged(f), 1234);  /* 01234 */
+    assert_int_equal(f->n, 5);
 }
 
 static void test_runs_once(void **state)
 {
-    struct loop *loop = loop_new();
-    struct call c[1];
-    int log[4];
-    size_t n = 0;
+    struct fx *f = *state;
 
-    init_calls(c, 1, log, &n);
-    loop_defer(loop, &c[0].d);
-    assert_true(loop_deferred_queued(&c[0].d));
-    loop_run_deferred(loop);
-    loop_run_deferred(loop);
-    assert_int_equal(loop_run_once(loop, 0), 0);
-    assert_int_equal(n, 1);
-    assert_false(loop_deferred_queued(&c[0].d));
-    loop_free(loop);
+    loop_defer(f->loop, &f->c[1].d);
+    assert_true(loop_deferred_queued(&f->c[1].d));
+    loop_run_deferred(f->loop);
+    loop_run_deferred(f->loop);
+    assert_int_equal(loop_run_once(f->loop, 0), 0);
+    assert_int_equal(logged(f), 1);
+    assert_false(loop_deferred_queued(&f->c[1].d));
 }
 
 /* Counts allocations made while it is set; the loop must make none to defer a call. The
@@ -134,83 +160,52 @@ static void test_defer_does_not_allocate(void **state)
 
 static void test_requeue_from_its_own_call(void **state)
 {
-    struct loop *loop = loop_new();
-    struct call c[2];
-    int log[8];
-    size_t n = 0;
+    struct fx *f = *state;
 
-    init_calls(c, 2, log, &n);
-    c[0].requeue = 2;
-    loop_defer(loop, &c[0].d);
-    loop_defer(loop, &c[1].d);
-    loop_run_deferred(loop);
+    f->c[1].requeue = 2;
+    loop_defer(f->loop, &f->c[1].d);
+    loop_defer(f->loop, &f->c[2].d);
+    loop_run_deferred(f->loop);
     /* Queued again at the end, in the same round: after the calls already queued. */
-    assert_int_equal(n, 4);
-    assert_int_equal(log[0], 0);
-    assert_int_equal(log[1], 1);
-    assert_int_equal(log[2], 0);
-    assert_int_equal(log[3], 0);
-    loop_free(loop);
+    assert_int_equal(logged(f), 1211);
 }
 
 static void test_queued_from_a_call_runs_in_the_same_round(void **state)
 {
-    struct loop *loop = loop_new();
-    struct call c[3];
-    int log[8];
-    size_t n = 0;
+    struct fx *f = *state;
 
-    init_calls(c, 3, log, &n);
-    c[0].also = &c[2].d;
-    loop_defer(loop, &c[0].d);
-    loop_defer(loop, &c[1].d);
-    loop_run_deferred(loop);
-    assert_int_equal(n, 3);
-    assert_int_equal(log[0], 0);
-    assert_int_equal(log[1], 1);
-    assert_int_equal(log[2], 2);
-    loop_free(loop);
+    f->c[1].also = &f->c[3].d;
+    loop_defer(f->loop, &f->c[1].d);
+    loop_defer(f->loop, &f->c[2].d);
+    loop_run_deferred(f->loop);
+    assert_int_equal(logged(f), 123);
 }
 
 static void test_cancel(void **state)
 {
-    struct loop *loop = loop_new();
-    struct call c[4];
-    int log[8];
-    size_t n = 0;
+    struct fx *f = *state;
 
-    init_calls(c, 4, log, &n);
-    for (int i = 0; i < 4; i++)
-        loop_defer(loop, &c[i].d);
-    loop_cancel_deferred(loop, &c[3].d);  /* the last */
-    loop_cancel_deferred(loop, &c[0].d);  /* the first */
-    loop_cancel_deferred(loop, &c[0].d);  /* not queued: nothing */
-    assert_false(loop_deferred_queued(&c[0].d));
+    for (int i = 1; i < 5; i++)
+        loop_defer(f->loop, &f->c[i].d);
+    loop_cancel_deferred(f->loop, &f->c[4].d);  /* the last */
+    loop_cancel_deferred(f->loop, &f->c[1].d);  /* the first */
+    loop_cancel_deferred(f->loop, &f->c[1].d);  /* not queued: nothing */
+    assert_false(loop_deferred_queued(&f->c[1].d));
     /* The queue stays whole: one queued after the cancelled last one still runs. */
-    loop_defer(loop, &c[3].d);
-    loop_run_deferred(loop);
-    assert_int_equal(n, 3);
-    assert_int_equal(log[0], 1);
-    assert_int_equal(log[1], 2);
-    assert_int_equal(log[2], 3);
-    loop_free(loop);
+    loop_defer(f->loop, &f->c[4].d);
+    loop_run_deferred(f->loop);
+    assert_int_equal(logged(f), 234);
 }
 
 static void test_cancel_the_only_one_then_queue(void **state)
 {
-    struct loop *loop = loop_new();
-    struct call c[2];
-    int log[4];
-    size_t n = 0;
+    struct fx *f = *state;
 
-    init_calls(c, 2, log, &n);
-    loop_defer(loop, &c[0].d);
-    loop_cancel_deferred(loop, &c[0].d);
-    loop_defer(loop, &c[1].d);
-    loop_run_deferred(loop);
-    assert_int_equal(n, 1);
-    assert_int_equal(log[0], 1);
-    loop_free(loop);
+    loop_defer(f->loop, &f->c[1].d);
+    loop_cancel_deferred(f->loop, &f->c[1].d);
+    loop_defer(f->loop, &f->c[2].d);
+    loop_run_deferred(f->loop);
+    assert_int_equal(logged(f), 2);
 }
 
 /* A call that cancels the one queued after it (its object going away). */
@@ -224,38 +219,26 @@ static void cancel_next(struct loop *loop, void *opaque)
 
 static void test_cancel_from_a_call(void **state)
 {
-    struct loop *loop = loop_new();
-    struct call c[3];
-    int log[4];
-    size_t n = 0;
+    struct fx *f = *state;
 
-    init_calls(c, 3, log, &n);
-    c[0].d.fn = cancel_next;
-    for (int i = 0; i < 3; i++)
-        loop_defer(loop, &c[i].d);
-    loop_run_deferred(loop);
-    assert_int_equal(n, 2);
-    assert_int_equal(log[0], 0);
-    assert_int_equal(log[1], 2);
-    loop_free(loop);
+    f->c[1].d.fn = cancel_next;
+    for (int i = 1; i < 4; i++)
+        loop_defer(f->loop, &f->c[i].d);
+    loop_run_deferred(f->loop);
+    assert_int_equal(logged(f), 13);
 }
 
 static void test_queued_twice_aborts(void **state)
 {
+    struct fx *f = *state;
     pid_t pid = fork();
     int status;
 
     assert_true(pid >= 0);
     if (pid == 0) {
-        struct loop *loop = loop_new();
-        struct call c[1];
-        int log[2];
-        size_t n = 0;
-
-        init_calls(c, 1, log, &n);
         dup2(open("/dev/null", O_WRONLY), 2);  /* the check's message */
-        loop_defer(loop, &c[0].d);
-        loop_defer(loop, &c[0].d);
+        loop_defer(f->loop, &f->c[0].d);
+        loop_defer(f->loop, &f->c[0].d);
         _exit(0);  /* not reached: the second loop_defer() aborts */
     }
     assert_int_equal(waitpid(pid, &status, 0), pid);
@@ -265,31 +248,30 @@ static void test_queued_twice_aborts(void **state)
 
 static void test_free_drops_queued_calls(void **state)
 {
-    struct loop *loop = loop_new();
-    struct call c[2];
-    int log[4];
-    size_t n = 0;
+    struct fx *f = *state;
 
-    init_calls(c, 2, log, &n);
-    loop_defer(loop, &c[0].d);
-    loop_defer(loop, &c[1].d);
-    loop_free(loop);
-    assert_int_equal(n, 0);
+    loop_defer(f->loop, &f->c[0].d);
+    loop_defer(f->loop, &f->c[1].d);
+    loop_free(f->loop);
+    f->loop = loop_new();  /* for teardown */
+    assert_int_equal(f->n, 0);
 }
+
+#define WITH_FX(test) cmocka_unit_test_setup_teardown(test, setup, teardown)
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_runs_in_order_queued),
-        cmocka_unit_test(test_runs_once),
-        cmocka_unit_test(test_defer_does_not_allocate),
-        cmocka_unit_test(test_requeue_from_its_own_call),
-        cmocka_unit_test(test_queued_from_a_call_runs_in_the_same_round),
-        cmocka_unit_test(test_cancel),
-        cmocka_unit_test(test_cancel_the_only_one_then_queue),
-        cmocka_unit_test(test_cancel_from_a_call),
-        cmocka_unit_test(test_queued_twice_aborts),
-        cmocka_unit_test(test_free_drops_queued_calls),
+        WITH_FX(test_runs_in_order_queued),
+        WITH_FX(test_runs_once),
+        cmocka_unit_test(test_defer_does_not_allocate),  /* its own loop */
+        WITH_FX(test_requeue_from_its_own_call),
+        WITH_FX(test_queued_from_a_call_runs_in_the_same_round),
+        WITH_FX(test_cancel),
+        WITH_FX(test_cancel_the_only_one_then_queue),
+        WITH_FX(test_cancel_from_a_call),
+        WITH_FX(test_queued_twice_aborts),
+        WITH_FX(test_free_drops_queued_calls),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
