@@ -18,7 +18,7 @@
 #include "block/fault.h"
 #include "block/graph.h"
 #include "common/util.h"
-#include "io/uring.h"
+#include "loop/loop.h"
 
 struct fault_rule {
     int op;          /* enum block_op, or -1 for any */
@@ -35,7 +35,7 @@ struct fault_state {
 };
 
 struct fault_op {
-    struct uring_op uop;       /* for failing asynchronously */
+    struct loop_deferred fail_call;  /* failing later, never inside node_submit() */
     struct block_req child;
     struct block_req *parent;
     int err;
@@ -199,9 +199,9 @@ static int match(struct fault_state *s, const struct block_req *req)
     return 0;
 }
 
-static void fault_failed(struct uring_op *uop, int res)
+static void fault_failed(struct loop *loop, void *opaque)
 {
-    struct fault_op *op = container_of(uop, struct fault_op, uop);
+    struct fault_op *op = opaque;
     struct block_req *parent = op->parent;
     int err = op->err;
 
@@ -225,8 +225,8 @@ static void fault_submit(struct block_node *n, struct block_req *req)
     op->parent = req;
     op->err = match(n->opaque, req);
     if (op->err) {
-        op->uop.done = fault_failed;
-        uring_nop(n->graph->uring, &op->uop);
+        op->fail_call = LOOP_DEFERRED_INIT(fault_failed, op);
+        loop_defer(n->graph->loop, &op->fail_call);
         return;
     }
     op->child = *req;

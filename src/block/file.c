@@ -23,6 +23,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "io/uring.h"
+#include "loop/loop.h"
 
 struct file_state {
     int fd;
@@ -34,6 +35,7 @@ struct file_state {
 /* One request in flight at the file: a block_req may take several kernel operations. */
 struct file_op {
     struct uring_op uop;
+    struct loop_deferred done_call;  /* completing without I/O (nop_done()) */
     struct block_node *node;
     struct block_req *req;
     uint64_t done_bytes;  /* READ/WRITE: transferred so far */
@@ -300,6 +302,14 @@ static void op_step(struct file_op *op)
     }
 }
 
+/* A request with nothing to do, completed as an operation with res 0 would be. */
+static void nop_done(struct loop *loop, void *opaque)
+{
+    struct file_op *op = opaque;
+
+    op_done(&op->uop, 0);
+}
+
 static void file_submit(struct block_node *n, struct block_req *req)
 {
     struct file_op *op = xzalloc(sizeof(*op));
@@ -309,8 +319,10 @@ static void file_submit(struct block_node *n, struct block_req *req)
     op->req = req;
     if ((req->op == BLOCK_OP_DISCARD && !n->discard_unmap) ||
         (req->op == BLOCK_OP_FLUSH && n->no_flush)) {
-        /* discard=ignore, cache.no-flush=on: nothing to do, but done() still comes later. */
-        uring_nop(n->graph->uring, &op->uop);
+        /* discard=ignore, cache.no-flush=on: nothing to do, but done() still comes later,
+         * never inside node_submit(). */
+        op->done_call = LOOP_DEFERRED_INIT(nop_done, op);
+        loop_defer(n->graph->loop, &op->done_call);
         return;
     }
     op_step(op);

@@ -63,13 +63,8 @@ void block_node_unref(struct block_node *n)
 
 static void graph_unlink(struct block_graph *g, struct block_node *n)
 {
-    for (struct block_node **p = &g->nodes; *p; p = &(*p)->next) {
-        if (*p == n) {
-            *p = n->next;
-            n->in_graph = false;
-            return;
-        }
-    }
+    if (block_node_queue_remove(&g->nodes, n))
+        n->in_graph = false;
 }
 
 void block_graph_free(struct block_graph *g)
@@ -77,10 +72,8 @@ void block_graph_free(struct block_graph *g)
     if (!g)
         return;
     /* Newest first: parents were created after their children and go before them. */
-    while (g->nodes) {
-        struct block_node *last = g->nodes;
-        while (last->next)
-            last = last->next;
+    while (!block_node_queue_empty(&g->nodes)) {
+        struct block_node *last = g->nodes.last;
         graph_unlink(g, last);
         block_node_unref(last);
     }
@@ -89,7 +82,7 @@ void block_graph_free(struct block_graph *g)
 
 struct block_node *block_graph_find(struct block_graph *g, const char *name)
 {
-    for (struct block_node *n = g->nodes; n; n = n->next) {
+    for (struct block_node *n = g->nodes.head; n; n = n->next) {
         if (strcmp(n->node_name, name) == 0)
             return n;
     }
@@ -193,10 +186,7 @@ struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct
 
     n->refs = 1;
     n->in_graph = true;
-    struct block_node **p = &g->nodes;
-    while (*p)
-        p = &(*p)->next;
-    *p = n;
+    block_node_queue_push(&g->nodes, n);
     if (drv->open_backing) {
         /* After the node is listed: QEMU lists it before its backing chain. */
         g->opening = n;
@@ -265,7 +255,7 @@ int block_node_delete(struct block_graph *g, const char *name, struct error **er
         error_setg(errp, "Failed to find node with node-name='%s'", name);
         return -1;
     }
-    for (struct block_node *p = g->nodes; p; p = p->next) {
+    for (struct block_node *p = g->nodes.head; p; p = p->next) {
         if (p->backing == n) {
             error_setg(errp, "Node '%s' is busy: node is used as backing hd of '%s'", name,
                        p->node_name);

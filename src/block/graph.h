@@ -22,6 +22,7 @@
 #include <jansson.h>
 
 #include "common/error.h"
+#include "common/list.h"
 #include "common/schema.h"
 
 struct loop;
@@ -75,8 +76,10 @@ struct block_driver {
     void (*query_image)(struct block_node *n, json_t *image);
 };
 
+DECLARE_LIST_HEAD(block_node_queue, struct block_node)
+
 struct block_graph {
-    struct block_node *nodes;  /* in creation order */
+    block_node_queue nodes;    /* in creation order */
     struct loop *loop;
     struct uring *uring;
     /* BLOCK_WRITE_THRESHOLD and other node events: name and data (stolen). */
@@ -108,6 +111,8 @@ struct block_node {
     uint64_t write_threshold;
     uint64_t wr_highest_offset;  /* the highest byte written + 1 */
 };
+
+DEFINE_QUEUE_FUNCTIONS(block_node_queue, struct block_node, next)
 
 /* A new, empty graph; file I/O goes to uring, events to emit. */
 struct block_graph *block_graph_new(struct loop *loop, struct uring *uring,

@@ -83,13 +83,13 @@ struct qcow2_batch;
 /* The allocator's state (s->alloc). */
 struct qcow2_alloc {
     struct qcow2_state *s;
-    struct qcow2_part *queue_head, **queue_tail;
+    qcow2_part_queue queue;     /* parts waiting for a batch, in arrival order */
     struct qcow2_batch *batch;  /* the oldest batch in progress */
     struct qcow2_batch *batch2; /* the next one, started while batch links */
     void *bounce[2];            /* the batches' merged data writes (not zeroed), kept */
     size_t bounce_len[2];
-    bool kicking, kick_scheduled;
-    struct uring_op kick_uop;   /* starts a batch once the parts queued meanwhile are in */
+    bool kicking;
+    struct loop_deferred kick_call;  /* starts a batch once the parts queued meanwhile are in */
 };
 
 /* A host cluster reserved by the batch. */
@@ -206,23 +206,21 @@ static struct qcow2_batch *batch_new(struct qcow2_alloc *a)
     struct qcow2_state *s = a->s;
     const struct qcow2_batch *prev = a->batch;
     struct qcow2_batch *b = xzalloc(sizeof(*b));
-    struct qcow2_part *keep = NULL, **keep_tail = &keep, *failed = NULL;
+    qcow2_part_queue keep = {0}, failed = {0};
+    struct qcow2_part *p;
     uint64_t cs = s->cluster_size;
 
     b->s = s;
     b->a = a;
     b->p = xmalloc(BATCH_MAX * sizeof(*b->p));
-    while (a->queue_head && b->n < BATCH_MAX) {
-        struct qcow2_part *p = a->queue_head;
-        a->queue_head = p->next;
+    while (!qcow2_part_queue_empty(&a->queue) && b->n < BATCH_MAX) {
+        p = qcow2_part_queue_pop(&a->queue);
         if (p->r->err) {
             /* Its request failed already and will be retried whole (after a stop, by cont):
              * finish it now, so that the request fails before the stop, not after. */
-            p->next = failed;
-            failed = p;
+            qcow2_part_queue_push_head(&failed, p);
             continue;
         }
-        p->next = NULL;
         p->ri = (int32_t)b->n;  /* until LOOKUP: the queue's order, for part_cmp() */
         b->p[b->n++] = p;
     }
@@ -231,26 +229,19 @@ static struct qcow2_batch *batch_new(struct qcow2_alloc *a)
     qsort(b->p, b->n, sizeof(*b->p), part_cmp);
     size_t n = 0;
     for (size_t i = 0; i < b->n; i++) {
-        struct qcow2_part *p = b->p[i];
+        p = b->p[i];
         if ((n && b->p[n - 1]->voff / cs == p->voff / cs) ||
             (prev && batch_has(s, prev, p->voff / cs))) {
-            *keep_tail = p;       /* the same cluster: next batch */
-            keep_tail = &p->next;
+            qcow2_part_queue_push(&keep, p);  /* the same cluster: next batch */
             continue;
         }
         b->p[n++] = p;
     }
     b->n = n;
-    *keep_tail = a->queue_head;
-    a->queue_head = keep;
-    a->queue_tail = &a->queue_head;
-    while (*a->queue_tail)
-        a->queue_tail = &(*a->queue_tail)->next;
-    while (failed) {
-        struct qcow2_part *p = failed;
-        failed = p->next;
+    qcow2_part_queue_concat(&keep, &a->queue);
+    a->queue = keep;
+    while ((p = qcow2_part_queue_pop(&failed)))
         qcow2_part_done(p, 0);
-    }
     return b;
 }
 
@@ -913,7 +904,7 @@ static void kick(struct qcow2_alloc *a)
     if (a->kicking)
         return;
     a->kicking = true;
-    while (a->queue_head && (slot = batch_slot(a))) {
+    while (!qcow2_part_queue_empty(&a->queue) && (slot = batch_slot(a))) {
         struct qcow2_batch *b = batch_new(a);
         if (b->n == 0) {
             free(b->p);
@@ -930,13 +921,9 @@ static void kick(struct qcow2_alloc *a)
     a->kicking = false;
 }
 
-static void kick_nop_done(struct uring_op *uop, int res)
+static void kick_deferred(struct loop *loop, void *opaque)
 {
-    struct qcow2_alloc *a = container_of(uop, struct qcow2_alloc, kick_uop);
-
-    (void)res;
-    a->kick_scheduled = false;
-    kick(a);
+    kick(opaque);
 }
 
 /* The batch starts from the loop, not at once: the other parts that arrive in this turn of
@@ -945,13 +932,9 @@ void qcow2_alloc_enqueue(struct qcow2_state *s, struct qcow2_part *p)
 {
     struct qcow2_alloc *a = s->alloc;
 
-    p->next = NULL;
-    *a->queue_tail = p;
-    a->queue_tail = &p->next;
-    if (!a->kick_scheduled && batch_slot(a)) {
-        a->kick_scheduled = true;
-        uring_nop(s->node->graph->uring, &a->kick_uop);
-    }
+    qcow2_part_queue_push(&a->queue, p);
+    if (!loop_deferred_queued(&a->kick_call) && batch_slot(a))
+        loop_defer(s->node->graph->loop, &a->kick_call);
 }
 
 struct qcow2_alloc *qcow2_alloc_new(struct qcow2_state *s)
@@ -959,8 +942,7 @@ struct qcow2_alloc *qcow2_alloc_new(struct qcow2_state *s)
     struct qcow2_alloc *a = xzalloc(sizeof(*a));
 
     a->s = s;
-    a->queue_tail = &a->queue_head;
-    a->kick_uop.done = kick_nop_done;
+    a->kick_call = LOOP_DEFERRED_INIT(kick_deferred, a);
     return a;
 }
 
@@ -977,6 +959,8 @@ void qcow2_alloc_free(struct qcow2_state *s)
 
     if (!a)
         return;
+    if (loop_deferred_queued(&a->kick_call))  /* then s->node is set */
+        loop_cancel_deferred(s->node->graph->loop, &a->kick_call);
     for (int i = 0; i < 2; i++)
         free(a->bounce[i]);
     free(a);

@@ -12,7 +12,10 @@
 
 #include "block/graph.h"
 #include "block/qcow2-format.h"
+#include "common/list.h"
 #include "common/util.h"
+
+DEFINE_QUEUE_TYPE(waiter_queue, struct qcow2_waiter, next)
 
 struct slot {
     struct slot *hnext;             /* hash chain */
@@ -20,11 +23,12 @@ struct slot {
     uint64_t offset;
     void *table;
     bool loading, reload;
-    struct qcow2_waiter *waiters;   /* while loading, in arrival order */
-    struct qcow2_waiter **wtail;
+    waiter_queue waiters;           /* while loading, in arrival order */
     struct block_req req;
     struct qcow2_cache *cache;
 };
+
+DEFINE_LIST_TYPE(slot_lru, struct slot, lprev, lnext)
 
 struct qcow2_cache {
     struct block_node *file;
@@ -32,7 +36,7 @@ struct qcow2_cache {
     unsigned capacity, count;
     struct slot **buckets;
     size_t nbuckets;                /* a power of two */
-    struct slot *lru_head, *lru_tail;
+    slot_lru lru;                   /* most recent first */
 };
 
 struct qcow2_cache *qcow2_cache_new(struct block_node *file, uint32_t table_size,
@@ -64,30 +68,6 @@ static struct slot *find(struct qcow2_cache *c, uint64_t offset)
     return NULL;
 }
 
-static void lru_unlink(struct qcow2_cache *c, struct slot *sl)
-{
-    if (sl->lprev)
-        sl->lprev->lnext = sl->lnext;
-    else
-        c->lru_head = sl->lnext;
-    if (sl->lnext)
-        sl->lnext->lprev = sl->lprev;
-    else
-        c->lru_tail = sl->lprev;
-    sl->lprev = sl->lnext = NULL;
-}
-
-static void lru_push(struct qcow2_cache *c, struct slot *sl)
-{
-    sl->lprev = NULL;
-    sl->lnext = c->lru_head;
-    if (c->lru_head)
-        c->lru_head->lprev = sl;
-    c->lru_head = sl;
-    if (!c->lru_tail)
-        c->lru_tail = sl;
-}
-
 static void slot_remove(struct qcow2_cache *c, struct slot *sl)
 {
     for (struct slot **p = &c->buckets[bucket(c, sl->offset)]; *p; p = &(*p)->hnext) {
@@ -96,7 +76,7 @@ static void slot_remove(struct qcow2_cache *c, struct slot *sl)
             break;
         }
     }
-    lru_unlink(c, sl);
+    slot_lru_remove(&c->lru, sl);
     c->count--;
     free(sl->table);
     free(sl);
@@ -105,7 +85,7 @@ static void slot_remove(struct qcow2_cache *c, struct slot *sl)
 /* Make room: drop least recently used tables that are not loading. */
 static void evict(struct qcow2_cache *c)
 {
-    struct slot *sl = c->lru_tail;
+    struct slot *sl = c->lru.last;
 
     while (c->count > c->capacity && sl) {
         struct slot *prev = sl->lprev;
@@ -125,7 +105,7 @@ static struct slot *slot_new(struct qcow2_cache *c, uint64_t offset)
     sl->table = qcow2_alloc_buf(c->table_size);
     sl->hnext = c->buckets[b];
     c->buckets[b] = sl;
-    lru_push(c, sl);
+    slot_lru_push_head(&c->lru, sl);
     c->count++;
     return sl;
 }
@@ -141,18 +121,17 @@ static void load_done(struct block_req *req, int ret)
         return;
     }
     /* Detach the waiters first: their callbacks may use the cache, evicting this slot. */
-    struct qcow2_waiter *w = sl->waiters;
-    sl->waiters = NULL;
+    waiter_queue ws = sl->waiters;
+    struct qcow2_waiter *w;
+
+    sl->waiters = (waiter_queue){0};
     sl->loading = false;
     if (ret < 0)
         slot_remove(c, sl);
     else
         evict(c);
-    while (w) {
-        struct qcow2_waiter *next = w->next;
+    while ((w = waiter_queue_pop(&ws)))
         w->cb(w, ret);
-        w = next;
-    }
 }
 
 const void *qcow2_cache_get(struct qcow2_cache *c, uint64_t offset, struct qcow2_waiter *w)
@@ -160,20 +139,17 @@ const void *qcow2_cache_get(struct qcow2_cache *c, uint64_t offset, struct qcow2
     struct slot *sl = find(c, offset);
 
     if (sl && !sl->loading) {
-        lru_unlink(c, sl);
-        lru_push(c, sl);
+        slot_lru_remove(&c->lru, sl);
+        slot_lru_push_head(&c->lru, sl);
         return sl->table;
     }
-    w->next = NULL;
     if (sl) {
-        *sl->wtail = w;
-        sl->wtail = &w->next;
+        waiter_queue_push(&sl->waiters, w);
         return NULL;
     }
     sl = slot_new(c, offset);
     sl->loading = true;
-    sl->waiters = w;
-    sl->wtail = &w->next;
+    waiter_queue_push(&sl->waiters, w);
     sl->req = (struct block_req){.op = BLOCK_OP_READ, .offset = offset, .len = c->table_size,
                                  .buf = sl->table, .done = load_done};
     node_submit(c->file, &sl->req);
@@ -211,8 +187,8 @@ void qcow2_cache_free(struct qcow2_cache *c)
 {
     if (!c)
         return;
-    while (c->lru_head)
-        slot_remove(c, c->lru_head);
+    while (!slot_lru_empty(&c->lru))
+        slot_remove(c, c->lru.head);
     free(c->buckets);
     free(c);
 }

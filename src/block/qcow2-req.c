@@ -44,44 +44,39 @@ static void req_finish(struct qcow2_req *r)
     parent->done(parent, err);
 }
 
-static void req_nop_done(struct uring_op *uop, int res)
+static void req_deferred_done(struct loop *loop, void *opaque)
 {
-    (void)res;
-    req_finish(container_of(uop, struct qcow2_req, uop));
+    req_finish(opaque);
 }
 
-/* Start waiting parts while there is room. Called only from completions, never inside
- * node_submit(), so that a part finishing at once cannot complete another request there. */
-static void resume_nop_done(struct uring_op *uop, int res)
+/* Start waiting parts while there is room. A deferred call, never inside node_submit(), so
+ * that a part finishing at once cannot complete another request there. */
+static void resume(struct loop *loop, void *opaque)
 {
-    struct qcow2_state *s = container_of(uop, struct qcow2_state, reqs.resume_uop);
-    struct qcow2_reqs *q = &s->reqs;
+    struct qcow2_reqs *q = &((struct qcow2_state *)opaque)->reqs;
 
-    (void)res;
-    q->resume_scheduled = false;
-    while (q->wait_head && q->active < QCOW2_MAX_ACTIVE) {
-        struct qcow2_part *p = q->wait_head;
-        q->wait_head = p->next;
-        if (!q->wait_head)
-            q->wait_tail = &q->wait_head;
+    while (!qcow2_part_queue_empty(&q->waiting) && q->active < QCOW2_MAX_ACTIVE) {
         q->active++;
-        q->run(p);
+        q->run(qcow2_part_queue_pop(&q->waiting));
     }
 }
 
 static void schedule_resume(struct qcow2_state *s)
 {
-    if (!s->reqs.resume_scheduled) {
-        s->reqs.resume_scheduled = true;
-        uring_nop(s->node->graph->uring, &s->reqs.resume_uop);
-    }
+    if (!loop_deferred_queued(&s->reqs.resume_call))
+        loop_defer(s->node->graph->loop, &s->reqs.resume_call);
 }
 
 void qcow2_reqs_init(struct qcow2_state *s, void (*run)(struct qcow2_part *p))
 {
     s->reqs.run = run;
-    s->reqs.wait_tail = &s->reqs.wait_head;
-    s->reqs.resume_uop.done = resume_nop_done;
+    s->reqs.resume_call = LOOP_DEFERRED_INIT(resume, s);
+}
+
+void qcow2_reqs_cleanup(struct qcow2_state *s)
+{
+    if (loop_deferred_queued(&s->reqs.resume_call))  /* then s->node is set */
+        loop_cancel_deferred(s->node->graph->loop, &s->reqs.resume_call);
 }
 
 void qcow2_part_done(struct qcow2_part *p, int ret)
@@ -94,7 +89,7 @@ void qcow2_part_done(struct qcow2_part *p, int ret)
     free(p->zbuf);
     free(p);
     s->reqs.active--;
-    if (s->reqs.wait_head)
+    if (!qcow2_part_queue_empty(&s->reqs.waiting))
         schedule_resume(s);
     if (ret < 0 && !r->err)
         r->err = ret;
@@ -109,7 +104,7 @@ void qcow2_req_submit(struct qcow2_state *s, struct block_req *req)
 
     r->s = s;
     r->parent = req;
-    r->uop.done = req_nop_done;
+    r->done_call = LOOP_DEFERRED_INIT(req_deferred_done, r);
     if (req->op == BLOCK_OP_FLUSH) {
         r->fua = true;  /* the flush after no writes is the whole request */
         req_finish(r);
@@ -127,14 +122,13 @@ void qcow2_req_submit(struct qcow2_state *s, struct block_req *req)
             p->len = (uint32_t)len;
             p->buf = req->buf ? (char *)req->buf + (off - req->offset) : NULL;
             r->pending++;
-            *s->reqs.wait_tail = p;
-            s->reqs.wait_tail = &p->next;
+            qcow2_part_queue_push(&s->reqs.waiting, p);
             off += len;
         }
         schedule_resume(s);
     }
     if (--r->pending == 0)
-        uring_nop(s->node->graph->uring, &r->uop);
+        loop_defer(s->node->graph->loop, &r->done_call);
 }
 
 /* ---- I/O in place ------------------------------------------------------------------------ */

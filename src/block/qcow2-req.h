@@ -14,7 +14,8 @@
 
 #include "block/graph.h"
 #include "block/qcow2-cache.h"
-#include "io/uring.h"
+#include "common/list.h"
+#include "loop/loop.h"
 
 struct qcow2_state;
 struct qcow2_part;
@@ -23,17 +24,6 @@ struct qcow2_chunk;
 
 #define QCOW2_MAX_ACTIVE 64
 
-/* Owned by qcow2-req.c. Parts running (at most QCOW2_MAX_ACTIVE) and parts waiting for a
- * turn: a large request of small clusters must not flood the ring with thousands of
- * operations at once. */
-struct qcow2_reqs {
-    void (*run)(struct qcow2_part *p);  /* the driver's: runs a part given its turn */
-    unsigned active;
-    struct qcow2_part *wait_head, **wait_tail;
-    struct uring_op resume_uop;
-    bool resume_scheduled;
-};
-
 /* A request from the parent: its parts, and a flush after them for FUA. */
 struct qcow2_req {
     struct qcow2_state *s;
@@ -41,7 +31,7 @@ struct qcow2_req {
     unsigned pending;          /* parts not done, +1 while submitting */
     int err;                   /* the first error */
     bool fua;
-    struct uring_op uop;       /* completing without I/O, off the submitter's stack */
+    struct loop_deferred done_call;  /* completing without I/O, off the submitter's stack */
     struct block_req child;    /* FLUSH */
 };
 
@@ -92,7 +82,22 @@ struct qcow2_part {
     int ret;
 };
 
+/* Parts in order, linked through next. */
+DEFINE_QUEUE_TYPE(qcow2_part_queue, struct qcow2_part, next)
+
+/* Owned by qcow2-req.c. Parts running (at most QCOW2_MAX_ACTIVE) and parts waiting for a
+ * turn: a large request of small clusters must not flood the ring with thousands of
+ * operations at once. */
+struct qcow2_reqs {
+    void (*run)(struct qcow2_part *p);  /* the driver's: runs a part given its turn */
+    unsigned active;
+    qcow2_part_queue waiting;
+    struct loop_deferred resume_call;   /* resume(), queued while parts wait for room */
+};
+
 void qcow2_reqs_init(struct qcow2_state *s, void (*run)(struct qcow2_part *p));
+/* Before s is freed: drop a pending resume of waiting parts. */
+void qcow2_reqs_cleanup(struct qcow2_state *s);
 /* Split req into parts and start them (the driver's submit()). */
 void qcow2_req_submit(struct qcow2_state *s, struct block_req *req);
 /* The part is done with ret: completes the request once all its parts are, lets a waiting

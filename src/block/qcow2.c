@@ -131,6 +131,7 @@ static void state_free(struct qcow2_state *s)
 {
     if (!s)
         return;
+    qcow2_reqs_cleanup(s);
     qcow2_alloc_free(s);
     qcow2_reserve_cleanup(s);
     qcow2_cache_free(s->l2_cache);

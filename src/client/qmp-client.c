@@ -17,6 +17,7 @@
 #include <time.h>
 
 #include "client/qmp-framer.h"
+#include "common/list.h"
 #include "common/util.h"
 
 /* How much qmpc_read() takes in one call, so one busy connection cannot starve a loop. */
@@ -28,6 +29,8 @@ struct qmpc_queued {
     struct qmpc_queued *next;
 };
 
+DEFINE_QUEUE_TYPE(qmpc_queue, struct qmpc_queued, next)
+
 /* Not thread-safe: every field belongs to the one thread using the client. */
 struct qmpc {
     int fd;                      /* the socket, or -1; open until qmpc_free() */
@@ -36,8 +39,7 @@ struct qmpc {
     bool broken;                 /* the stream was malformed: qmpc_pop() fails */
     char *closed_why;            /* in QMPC_STATE_CLOSED: the reason, for later calls */
     struct qmpc_framer framer;
-    struct qmpc_queued *head;    /* messages taken from the stream but not yet returned */
-    struct qmpc_queued **tail;
+    qmpc_queue queue;            /* messages taken from the stream but not yet returned */
     json_t *greeting;            /* the greeting's "QMP" object, or NULL */
     int64_t next_id;
     qmpc_trace_fn *trace;
@@ -50,9 +52,7 @@ static void queue_push(struct qmpc *c, struct qmpc_message *msg)
 {
     struct qmpc_queued *q = xmalloc(sizeof(*q));
     q->msg = msg;
-    q->next = NULL;
-    *c->tail = q;
-    c->tail = &q->next;
+    qmpc_queue_push(&c->queue, q);
 }
 
 typedef bool queue_match_fn(const struct qmpc_message *msg, json_t *id);
@@ -60,13 +60,10 @@ typedef bool queue_match_fn(const struct qmpc_message *msg, json_t *id);
 /* Remove and return the oldest queued message for which match() holds, or NULL. */
 static struct qmpc_message *queue_take(struct qmpc *c, queue_match_fn *match, json_t *id)
 {
-    for (struct qmpc_queued **p = &c->head; *p; p = &(*p)->next) {
-        struct qmpc_queued *q = *p;
+    for (struct qmpc_queued *q = c->queue.head; q; q = q->next) {
         if (!match(q->msg, id))
             continue;
-        *p = q->next;
-        if (c->tail == &q->next)
-            c->tail = p;
+        qmpc_queue_remove(&c->queue, q);
         struct qmpc_message *msg = q->msg;
         free(q);
         return msg;
@@ -106,7 +103,6 @@ struct qmpc *qmpc_new(int fd)
     }
     c->state = QMPC_STATE_GREETING;
     qmpc_framer_init(&c->framer);
-    c->tail = &c->head;
     c->next_id = 1;
     return c;
 }
@@ -351,7 +347,7 @@ int qmpc_pop(struct qmpc *c, struct qmpc_message **msg, struct error **errp)
 
 bool qmpc_pending(struct qmpc *c)
 {
-    if (c->head)
+    if (!qmpc_queue_empty(&c->queue))
         return true;
     if (c->broken)
         return false;
@@ -364,7 +360,7 @@ bool qmpc_pending(struct qmpc *c)
 
 bool qmpc_eof(const struct qmpc *c)
 {
-    return c->eof && !c->broken && !c->head && !qmpc_framer_partial(&c->framer);
+    return c->eof && !c->broken && qmpc_queue_empty(&c->queue) && !qmpc_framer_partial(&c->framer);
 }
 
 /* ---- sending -------------------------------------------------------------------------- */

@@ -1,4 +1,5 @@
 #include "common/util.h"
+#include "common/check.h"
 #include "common/vector.h"
 
 #include <ctype.h>
@@ -6,6 +7,12 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+
+void check_failed(const char *cond, const char *file, int line, const char *func)
+{
+    fprintf(stderr, "%s:%d: %s: check failed: %s\n", file, line, func, cond);
+    abort();
+}
 
 void *xmalloc(size_t n)
 {

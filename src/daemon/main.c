@@ -180,6 +180,9 @@ static void drain_io(struct daemon *d)
 
     if (d->exports)
         exports_shutdown(d->exports);
+    /* Requests with nothing to do complete by a deferred call, not counted in flight. */
+    if (d->loop)
+        loop_run_deferred(d->loop);
     while (((d->uring && uring_in_flight(d->uring) > 0) || job_list_busy(d->jobs)) &&
            now_monotonic_ns() < deadline)
         loop_run_once(d->loop, 100);

@@ -6,16 +6,17 @@
 #include <string.h>
 
 #include "common/assert.h"
+#include "common/list.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "common/vector.h"
 #include "device/internal.h"
 #include "loop/loop.h"
 
 #define EVENT_PERIOD_NS (1000 * 1000 * 1000ull)
 
-struct req_queue {
-    struct dev_req *head, **tail;
-};
+DEFINE_QUEUE_TYPE(req_queue, struct dev_req, next)
+DEFINE_QUEUE_TYPE(dev_waiter_queue, struct dev_waiter, next)
 
 struct dev_stats {
     uint64_t rd_bytes, wr_bytes, unmap_bytes;
@@ -45,17 +46,16 @@ struct device {
     enum dev_iostatus iostatus;
 
     uint64_t seq;
-    struct req_queue held;     /* came while stopped, in order */
-    struct req_queue parked;   /* failed with action stop, by seq */
-    struct req_queue flushes;  /* flushes waiting for earlier writes, in order */
+    req_queue held;            /* came while stopped, in order */
+    req_queue parked;          /* failed with action stop, by seq */
+    req_queue flushes;         /* flushes waiting for earlier writes, in order */
     unsigned in_flight;        /* at the root node */
     unsigned unfinished_writes;
     /* seq of every unfinished write, to know when a waiting flush may go; small in practice
      * (bounded by the exports' in-flight limits), so a plain array. */
-    uint64_t *write_seqs;
-    size_t nwrite_seqs, cap_write_seqs;
+    u64_vector write_seqs;
 
-    struct dev_waiter *waiters;
+    dev_waiter_queue waiters;
 
     uint64_t last_event_ns;    /* BLOCK_IO_ERROR throttling */
     json_t *pending_event;     /* the latest event held back, sent at the period's end */
@@ -89,59 +89,26 @@ const char *dev_iostatus_name(enum dev_iostatus s)
     return names[s];
 }
 
-static void queue_init(struct req_queue *q)
-{
-    q->head = NULL;
-    q->tail = &q->head;
-}
-
-static void queue_push(struct req_queue *q, struct dev_req *r)
-{
-    r->next = NULL;
-    *q->tail = r;
-    q->tail = &r->next;
-}
-
-static struct dev_req *queue_pop(struct req_queue *q)
-{
-    struct dev_req *r = q->head;
-
-    if (r) {
-        q->head = r->next;
-        if (!q->head)
-            q->tail = &q->head;
-        r->next = NULL;
-    }
-    return r;
-}
-
 /* Insert in seq order (parked requests may fail in any order). */
-static void queue_insert_sorted(struct req_queue *q, struct dev_req *r)
+static void queue_insert_sorted(req_queue *q, struct dev_req *r)
 {
-    struct dev_req **p = &q->head;
+    struct dev_req *after = NULL;
 
-    while (*p && (*p)->seq < r->seq)
-        p = &(*p)->next;
-    r->next = *p;
-    *p = r;
-    if (!r->next)
-        q->tail = &r->next;
+    for (struct dev_req *x = q->head; x && x->seq < r->seq; x = x->next)
+        after = x;
+    req_queue_insert_after(q, after, r);
 }
 
 static void write_seq_add(struct device *d, uint64_t seq)
 {
-    if (d->nwrite_seqs == d->cap_write_seqs) {
-        d->cap_write_seqs = d->cap_write_seqs ? d->cap_write_seqs * 2 : 64;
-        d->write_seqs = xrealloc(d->write_seqs, d->cap_write_seqs * sizeof(*d->write_seqs));
-    }
-    d->write_seqs[d->nwrite_seqs++] = seq;
+    u64_vector_append(&d->write_seqs, seq);
 }
 
 static void write_seq_del(struct device *d, uint64_t seq)
 {
-    for (size_t i = 0; i < d->nwrite_seqs; i++) {
-        if (d->write_seqs[i] == seq) {
-            d->write_seqs[i] = d->write_seqs[--d->nwrite_seqs];
+    for (size_t i = 0; i < d->write_seqs.len; i++) {
+        if (d->write_seqs.ptr[i] == seq) {
+            d->write_seqs.ptr[i] = d->write_seqs.ptr[--d->write_seqs.len];
             return;
         }
     }
@@ -150,8 +117,8 @@ static void write_seq_del(struct device *d, uint64_t seq)
 /* Whether a write submitted before seq has not finished yet. */
 static bool earlier_write_pending(const struct device *d, uint64_t seq)
 {
-    for (size_t i = 0; i < d->nwrite_seqs; i++) {
-        if (d->write_seqs[i] < seq)
+    for (size_t i = 0; i < d->write_seqs.len; i++) {
+        if (d->write_seqs.ptr[i] < seq)
             return true;
     }
     return false;
@@ -170,35 +137,26 @@ bool device_accepting(const struct device *d)
 
 void device_wait(struct device *d, struct dev_waiter *w)
 {
-    for (struct dev_waiter *x = d->waiters; x; x = x->next) {
+    for (struct dev_waiter *x = d->waiters.head; x; x = x->next) {
         if (x == w)
             return;
     }
-    w->next = d->waiters;
-    d->waiters = w;
+    dev_waiter_queue_push_head(&d->waiters, w);
 }
 
 void device_cancel_wait(struct device *d, struct dev_waiter *w)
 {
-    for (struct dev_waiter **p = &d->waiters; *p; p = &(*p)->next) {
-        if (*p == w) {
-            *p = w->next;
-            return;
-        }
-    }
+    dev_waiter_queue_remove(&d->waiters, w);
 }
 
 static void wake_waiters(struct device *d)
 {
-    struct dev_waiter *w = d->waiters;
+    dev_waiter_queue ws = d->waiters;  /* those waiting again from fn() wait for the next */
+    struct dev_waiter *w;
 
-    d->waiters = NULL;
-    while (w) {
-        struct dev_waiter *next = w->next;
-        w->next = NULL;
+    d->waiters = (dev_waiter_queue){0};
+    while ((w = dev_waiter_queue_pop(&ws)))
         w->fn(w);
-        w = next;
-    }
 }
 
 /* ---- statistics ---- */
@@ -283,7 +241,7 @@ static void write_finished(struct device *d, struct dev_req *r)
     write_seq_del(d, r->seq);
     /* Flushes that were waiting for this write may go now, in order. */
     while (d->flushes.head && !earlier_write_pending(d, d->flushes.head->seq)) {
-        struct dev_req *f = queue_pop(&d->flushes);
+        struct dev_req *f = req_queue_pop(&d->flushes);
         d->in_flight++;
         node_submit(d->root, &f->breq);
     }
@@ -349,7 +307,7 @@ static void on_block_done(struct block_req *breq, int ret)
 static void dispatch(struct device *d, struct dev_req *r)
 {
     if (r->breq.op == BLOCK_OP_FLUSH && earlier_write_pending(d, r->seq)) {
-        queue_push(&d->flushes, r);
+        req_queue_push(&d->flushes, r);
         return;
     }
     d->in_flight++;
@@ -378,7 +336,7 @@ void device_submit(struct device *d, struct dev_req *r)
     if (r->is_write)
         write_seq_add(d, r->seq);
     if (!device_accepting(d)) {
-        queue_push(&d->held, r);
+        req_queue_push(&d->held, r);
         return;
     }
     dispatch(d, r);
@@ -390,9 +348,9 @@ static void resume(struct device *d)
     struct dev_req *r;
 
     d->iostatus = DEV_IOSTATUS_OK;
-    while (device_running(d) && (r = queue_pop(&d->parked)))
+    while (device_running(d) && (r = req_queue_pop(&d->parked)))
         dispatch(d, r);
-    while (device_running(d) && (r = queue_pop(&d->held)))
+    while (device_running(d) && (r = req_queue_pop(&d->held)))
         dispatch(d, r);
     if (device_running(d))
         wake_waiters(d);
@@ -503,9 +461,6 @@ struct device *device_new(struct dev_context *ctx, const char *name, struct bloc
     block_node_ref(root);
     d->werror = werror;
     d->rerror = rerror;
-    queue_init(&d->held);
-    queue_init(&d->parked);
-    queue_init(&d->flushes);
     if (!d->stopper->ops->running(d->stopper))
         d->stats.stopped_since = now_monotonic_ns();
 
@@ -520,20 +475,20 @@ void device_abort(struct device *d)
 {
     struct dev_req *r;
 
-    while ((r = queue_pop(&d->flushes)))
+    while ((r = req_queue_pop(&d->flushes)))
         r->done(r, -ESHUTDOWN);
-    while ((r = queue_pop(&d->parked)))
+    while ((r = req_queue_pop(&d->parked)))
         r->done(r, -ESHUTDOWN);
-    while ((r = queue_pop(&d->held)))
+    while ((r = req_queue_pop(&d->held)))
         r->done(r, -ESHUTDOWN);
-    d->nwrite_seqs = 0;
+    d->write_seqs.len = 0;
     d->iostatus = DEV_IOSTATUS_OK;
 }
 
 static void really_free(struct device *d)
 {
     block_node_unref(d->root);
-    free(d->write_seqs);
+    u64_vector_reset(&d->write_seqs);
     free(d->name);
     free(d);
 }
@@ -553,7 +508,7 @@ void device_free(struct device *d)
         loop_del_timer(d->ctx->loop, d->event_timer);
     json_decref(d->pending_event);
     d->pending_event = NULL;
-    d->waiters = NULL;
+    d->waiters = (dev_waiter_queue){0};
     d->dying = true;
     if (d->in_flight == 0)
         really_free(d);

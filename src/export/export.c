@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "block/graph.h"
+#include "common/list.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "device/device.h"
@@ -16,11 +17,13 @@ struct export {
     struct device *dev;
 };
 
+DEFINE_QUEUE_TYPE(export_queue, struct export, next)
+
 struct exports {
     struct block_graph *graph;
     struct dev_context *devs;
     struct nbd_server *nbd;
-    struct export *list;
+    export_queue list;
 };
 
 struct exports *exports_new(struct block_graph *graph, struct dev_context *devs)
@@ -34,7 +37,7 @@ struct exports *exports_new(struct block_graph *graph, struct dev_context *devs)
 
 static struct export *find(struct exports *x, const char *id)
 {
-    for (struct export *e = x->list; e; e = e->next) {
+    for (struct export *e = x->list.head; e; e = e->next) {
         if (strcmp(e->id, id) == 0)
             return e;
     }
@@ -43,12 +46,7 @@ static struct export *find(struct exports *x, const char *id)
 
 static void export_free(struct exports *x, struct export *e)
 {
-    for (struct export **p = &x->list; *p; p = &(*p)->next) {
-        if (*p == e) {
-            *p = e->next;
-            break;
-        }
-    }
+    export_queue_remove(&x->list, e);
     device_free(e->dev);
     free(e->id);
     free(e->name);
@@ -71,8 +69,8 @@ static void export_remove(struct exports *x, struct export *e)
 
 void exports_shutdown(struct exports *x)
 {
-    while (x->list)
-        export_remove(x, x->list);
+    while (!export_queue_empty(&x->list))
+        export_remove(x, x->list.head);
     if (x->nbd) {
         nbd_server_stop(x->nbd);
         x->nbd = NULL;
@@ -274,10 +272,7 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
     e->id = xstrdup(id);
     e->name = xstrdup(name);
     e->dev = dev;
-    struct export **p = &x->list;
-    while (*p)
-        p = &(*p)->next;
-    *p = e;
+    export_queue_push(&x->list, e);
     log_info("export %s: node %s as NBD export '%s'%s", id, node_name, name,
              writable ? ", writable" : "");
     return 0;
@@ -304,7 +299,7 @@ json_t *exports_query(struct exports *x)
 {
     json_t *list = json_array();
 
-    for (struct export *e = x->list; e; e = e->next) {
+    for (struct export *e = x->list.head; e; e = e->next) {
         json_array_append_new(list, json_pack("{s:s,s:s,s:s,s:b}", "type", "nbd", "id", e->id,
                                               "node-name", device_root(e->dev)->node_name,
                                               "shutting-down", 0));

@@ -7,6 +7,8 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "common/check.h"
+#include "common/list.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "loop/loop.h"
@@ -18,14 +20,16 @@ struct backlog {
     struct io_uring_sqe sqe;
 };
 
+DEFINE_QUEUE_TYPE(backlog_queue, struct backlog, next)
+
 struct uring {
     struct loop *loop;
     struct io_uring ring;
     int efd;               /* signalled by the kernel on completions */
     unsigned queued;       /* prepared in the ring, not yet submitted */
     unsigned in_flight;    /* backlog + queued + submitted, not completed */
-    struct backlog *backlog, **backlog_tail;  /* in the order they were queued */
-    bool submit_scheduled;
+    backlog_queue backlog;  /* in the order they were queued */
+    struct loop_deferred submit_call;  /* deferred_submit(), queued while a submit is due */
     bool reaping;          /* inside reap() */
 };
 
@@ -65,19 +69,21 @@ static void on_eventfd(struct loop *loop, int fd, unsigned events, void *opaque)
     reap(u);
 }
 
-static void deferred_submit(struct loop *loop, void *opaque);
+/* Submit at the end of this callback (once, however many operations are queued). */
+static void schedule_submit(struct uring *u)
+{
+    if (!loop_deferred_queued(&u->submit_call))
+        loop_defer(u->loop, &u->submit_call);
+}
 
 /* Move backlogged operations into free submission slots, oldest first. */
 static void fill_from_backlog(struct uring *u)
 {
     struct io_uring_sqe *sqe;
 
-    while (u->backlog && (sqe = io_uring_get_sqe(&u->ring))) {
-        struct backlog *b = u->backlog;
+    while (!backlog_queue_empty(&u->backlog) && (sqe = io_uring_get_sqe(&u->ring))) {
+        struct backlog *b = backlog_queue_pop(&u->backlog);
         *sqe = b->sqe;
-        u->backlog = b->next;
-        if (!u->backlog)
-            u->backlog_tail = &u->backlog;
         free(b);
         u->queued++;
     }
@@ -97,10 +103,7 @@ static void submit(struct uring *u)
                 /* Completions must be reaped to make room. Inside reap() already, leave the
                  * rest to the deferred submission, after reap() has made room. */
                 if (u->reaping) {
-                    if (!u->submit_scheduled) {
-                        u->submit_scheduled = true;
-                        loop_defer(u->loop, deferred_submit, u);
-                    }
+                    schedule_submit(u);
                     return;
                 }
                 reap(u);
@@ -117,10 +120,7 @@ static void submit(struct uring *u)
 
 static void deferred_submit(struct loop *loop, void *opaque)
 {
-    struct uring *u = opaque;
-
-    u->submit_scheduled = false;
-    submit(u);
+    submit(opaque);
 }
 
 /* A submission slot for op: in the ring, or in the backlog when the ring is full and cannot be
@@ -130,11 +130,12 @@ static struct io_uring_sqe *get_sqe(struct uring *u, struct uring_op *op)
 {
     struct io_uring_sqe *sqe = NULL;
 
-    if (!u->backlog) {
+    CHECK(op != NULL && op->done != NULL);
+    if (backlog_queue_empty(&u->backlog)) {
         sqe = io_uring_get_sqe(&u->ring);
         if (!sqe) {
             submit(u);
-            if (!u->backlog)
+            if (backlog_queue_empty(&u->backlog))
                 sqe = io_uring_get_sqe(&u->ring);
         }
     }
@@ -142,16 +143,12 @@ static struct io_uring_sqe *get_sqe(struct uring *u, struct uring_op *op)
         u->queued++;
     } else {
         struct backlog *b = xzalloc(sizeof(*b));
-        *u->backlog_tail = b;
-        u->backlog_tail = &b->next;
+        backlog_queue_push(&u->backlog, b);
         sqe = &b->sqe;
     }
     io_uring_sqe_set_data(sqe, op);
     u->in_flight++;
-    if (!u->submit_scheduled) {
-        u->submit_scheduled = true;
-        loop_defer(u->loop, deferred_submit, u);
-    }
+    schedule_submit(u);
     return sqe;
 }
 
@@ -163,7 +160,7 @@ struct uring *uring_new(struct loop *loop, unsigned entries, struct error **errp
 
     u->loop = loop;
     u->efd = -1;
-    u->backlog_tail = &u->backlog;
+    u->submit_call = LOOP_DEFERRED_INIT(deferred_submit, u);
     /* A completion queue four times the submission queue: completions are only reaped
      * between loop iterations, and many requests may be in flight at once. */
     p.flags = IORING_SETUP_CQSIZE;
@@ -189,13 +186,13 @@ struct uring *uring_new(struct loop *loop, unsigned entries, struct error **errp
 
 void uring_free(struct uring *u)
 {
+    struct backlog *b;
+
     if (!u)
         return;
-    while (u->backlog) {
-        struct backlog *b = u->backlog;
-        u->backlog = b->next;
+    while ((b = backlog_queue_pop(&u->backlog)))
         free(b);
-    }
+    loop_cancel_deferred(u->loop, &u->submit_call);
     loop_del_fd(u->loop, u->efd);
     close(u->efd);
     io_uring_queue_exit(&u->ring);
@@ -207,30 +204,38 @@ unsigned uring_in_flight(const struct uring *u)
     return u->in_flight;
 }
 
+/* The kernel reads or writes buf[0..len) at offset, which must fit in off_t. */
+static void check_transfer(int fd, const void *buf, uint32_t len, uint64_t offset)
+{
+    CHECK(fd >= 0);
+    CHECK(buf != NULL || len == 0);
+    CHECK(offset <= (uint64_t)INT64_MAX - len);
+}
+
 void uring_read(struct uring *u, struct uring_op *op, int fd, void *buf, uint32_t len,
                 uint64_t offset)
 {
+    check_transfer(fd, buf, len, offset);
     io_uring_prep_read(get_sqe(u, op), fd, buf, len, offset);
 }
 
 void uring_write(struct uring *u, struct uring_op *op, int fd, const void *buf, uint32_t len,
                  uint64_t offset)
 {
+    check_transfer(fd, buf, len, offset);
     io_uring_prep_write(get_sqe(u, op), fd, buf, len, offset);
-}
-
-void uring_nop(struct uring *u, struct uring_op *op)
-{
-    io_uring_prep_nop(get_sqe(u, op));
 }
 
 void uring_fdatasync(struct uring *u, struct uring_op *op, int fd)
 {
+    CHECK(fd >= 0);
     io_uring_prep_fsync(get_sqe(u, op), fd, IORING_FSYNC_DATASYNC);
 }
 
 void uring_fallocate(struct uring *u, struct uring_op *op, int fd, int mode, uint64_t offset,
                      uint64_t len)
 {
+    CHECK(fd >= 0);
+    CHECK(offset <= (uint64_t)INT64_MAX && len <= (uint64_t)INT64_MAX - offset);
     io_uring_prep_fallocate(get_sqe(u, op), fd, mode, (off_t)offset, (off_t)len);
 }

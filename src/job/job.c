@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "common/list.h"
 #include "common/utf8.h"
 #include "common/util.h"
 
@@ -20,8 +21,10 @@ struct job {
     struct error *err;         /* why it failed, once concluded */
 };
 
+DEFINE_QUEUE_TYPE(job_queue, struct job, next)
+
 struct job_list {
-    struct job *jobs;
+    job_queue jobs;
     void (*emit)(void *opaque, const char *name, json_t *data);
     void *emit_opaque;
 };
@@ -86,19 +89,18 @@ static void job_free(struct job *job)
 
 void job_list_free(struct job_list *l)
 {
+    struct job *job;
+
     if (!l)
         return;
-    while (l->jobs) {
-        struct job *job = l->jobs;
-        l->jobs = job->next;
+    while ((job = job_queue_pop(&l->jobs)))
         job_free(job);
-    }
     free(l);
 }
 
 bool job_list_busy(const struct job_list *l)
 {
-    for (const struct job *job = l ? l->jobs : NULL; job; job = job->next) {
+    for (const struct job *job = l ? l->jobs.head : NULL; job; job = job->next) {
         if (job->busy)
             return true;
     }
@@ -116,7 +118,7 @@ static void set_status(struct job *job, enum job_status s)
 
 struct job *job_find(struct job_list *l, const char *id)
 {
-    for (struct job *job = l->jobs; job; job = job->next) {
+    for (struct job *job = l->jobs.head; job; job = job->next) {
         if (strcmp(job->id, id) == 0)
             return job;
     }
@@ -137,8 +139,7 @@ struct job *job_new(struct job_list *l, const char *id, const char *type, struct
     job->list = l;
     job->id = xstrdup(id);
     job->type = type;
-    job->next = l->jobs;
-    l->jobs = job;
+    job_queue_push_head(&l->jobs, job);
     set_status(job, JOB_STATUS_CREATED);
     return job;
 }
@@ -206,12 +207,7 @@ int job_apply_verb(struct job_list *l, const char *id, enum job_verb verb, struc
         break;
     case JOB_VERB_DISMISS:
         set_status(job, JOB_STATUS_NULL);
-        for (struct job **p = &l->jobs; *p; p = &(*p)->next) {
-            if (*p == job) {
-                *p = job->next;
-                break;
-            }
-        }
+        job_queue_remove(&l->jobs, job);
         job_free(job);
         break;
     case JOB_VERB_COMPLETE:   /* no job here is ever ready */
@@ -226,7 +222,7 @@ json_t *job_list_query(struct job_list *l)
 {
     json_t *list = json_array();
 
-    for (struct job *job = l->jobs; job; job = job->next) {
+    for (struct job *job = l->jobs.head; job; job = job->next) {
         json_t *info = json_pack("{s:s,s:s,s:s,s:I,s:I}", "id", job->id, "type", job->type,
                                  "status", status_names[job->status],
                                  "current-progress", (json_int_t)job->progress_current,

@@ -5,7 +5,10 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
+#include "common/check.h"
+#include "common/list.h"
 #include "common/util.h"
+#include "common/vector.h"
 
 struct fd_reg {
     loop_fd_fn *fn;
@@ -13,6 +16,8 @@ struct fd_reg {
     uint32_t gen;   /* bumped on every add, so a stale epoll event is recognised */
     bool active;
 };
+
+DEFINE_VECTOR_TYPE(fd_reg_vector, struct fd_reg)
 
 struct timer {
     struct timer *next;
@@ -22,19 +27,16 @@ struct timer {
     void *opaque;
 };
 
-struct deferred {
-    struct deferred *next;
-    loop_fn *fn;
-    void *opaque;
-};
+DEFINE_QUEUE_TYPE(timer_queue, struct timer, next)
+DEFINE_QUEUE_TYPE(deferred_queue, struct loop_deferred, next)
 
 struct loop {
     int epfd;
-    struct fd_reg *fds;     /* indexed by fd */
-    int nfds;
-    struct timer *timers;   /* sorted by deadline */
+    fd_reg_vector fds;      /* indexed by fd */
+    timer_queue timers;     /* sorted by deadline */
     uint64_t next_timer_id;
-    struct deferred *defer_head, **defer_tail;
+    deferred_queue deferred;  /* the callers' nodes, in the order queued */
+    bool running_deferred;    /* inside run_deferred() */
     bool stop;
 };
 
@@ -46,26 +48,19 @@ struct loop *loop_new(void)
         free(loop);
         return NULL;
     }
-    loop->defer_tail = &loop->defer_head;
     return loop;
 }
 
 void loop_free(struct loop *loop)
 {
+    struct timer *t;
+
     if (!loop)
         return;
-    while (loop->timers) {
-        struct timer *t = loop->timers;
-        loop->timers = t->next;
+    while ((t = timer_queue_pop(&loop->timers)))
         free(t);
-    }
-    while (loop->defer_head) {
-        struct deferred *d = loop->defer_head;
-        loop->defer_head = d->next;
-        free(d);
-    }
     close(loop->epfd);
-    free(loop->fds);
+    fd_reg_vector_reset(&loop->fds);
     free(loop);
 }
 
@@ -76,17 +71,11 @@ static uint32_t to_epoll(unsigned events)
 
 int loop_add_fd(struct loop *loop, int fd, unsigned events, loop_fd_fn *fn, void *opaque)
 {
-    if (fd < 0) {
-        errno = EBADF;
-        return -1;
-    }
-    if (fd >= loop->nfds) {
-        int n = MAX(fd + 1, loop->nfds * 2);
-        loop->fds = xrealloc(loop->fds, sizeof(*loop->fds) * n);
-        memset(loop->fds + loop->nfds, 0, sizeof(*loop->fds) * (n - loop->nfds));
-        loop->nfds = n;
-    }
-    struct fd_reg *reg = &loop->fds[fd];
+    CHECK(fd >= 0);
+    CHECK(fn != NULL);
+    if ((size_t)fd >= loop->fds.len)
+        fd_reg_vector_grow_to(&loop->fds, (size_t)fd + 1);
+    struct fd_reg *reg = &loop->fds.ptr[fd];
     if (reg->active) {
         errno = EEXIST;
         return -1;
@@ -102,79 +91,85 @@ int loop_add_fd(struct loop *loop, int fd, unsigned events, loop_fd_fn *fn, void
 
 int loop_mod_fd(struct loop *loop, int fd, unsigned events)
 {
-    if (fd < 0 || fd >= loop->nfds || !loop->fds[fd].active) {
+    if (fd < 0 || (size_t)fd >= loop->fds.len || !loop->fds.ptr[fd].active) {
         errno = ENOENT;
         return -1;
     }
     struct epoll_event ev = {.events = to_epoll(events),
-                             .data.u64 = (uint64_t)loop->fds[fd].gen << 32 | (uint32_t)fd};
+                             .data.u64 = (uint64_t)loop->fds.ptr[fd].gen << 32 | (uint32_t)fd};
     return epoll_ctl(loop->epfd, EPOLL_CTL_MOD, fd, &ev);
 }
 
 void loop_del_fd(struct loop *loop, int fd)
 {
-    if (fd < 0 || fd >= loop->nfds || !loop->fds[fd].active)
+    if (fd < 0 || (size_t)fd >= loop->fds.len || !loop->fds.ptr[fd].active)
         return;
     epoll_ctl(loop->epfd, EPOLL_CTL_DEL, fd, NULL);
-    loop->fds[fd].active = false;
+    loop->fds.ptr[fd].active = false;
 }
 
 uint64_t loop_add_timer(struct loop *loop, uint64_t delay_ns, loop_fn *fn, void *opaque)
 {
-    struct timer *t = xzalloc(sizeof(*t));
+    struct timer *t = xzalloc(sizeof(*t)), *after = NULL;
+
+    CHECK(fn != NULL);
     t->id = ++loop->next_timer_id;
     t->deadline_ns = now_monotonic_ns() + delay_ns;
     t->fn = fn;
     t->opaque = opaque;
-    struct timer **p = &loop->timers;
-    while (*p && (*p)->deadline_ns <= t->deadline_ns)
-        p = &(*p)->next;
-    t->next = *p;
-    *p = t;
+    /* After the timers due no later: equal deadlines fire in the order they were added. */
+    for (struct timer *x = loop->timers.head; x && x->deadline_ns <= t->deadline_ns; x = x->next)
+        after = x;
+    timer_queue_insert_after(&loop->timers, after, t);
     return t->id;
 }
 
 void loop_del_timer(struct loop *loop, uint64_t id)
 {
-    for (struct timer **p = &loop->timers; *p; p = &(*p)->next) {
-        if ((*p)->id == id) {
-            struct timer *t = *p;
-            *p = t->next;
+    for (struct timer *t = loop->timers.head; t; t = t->next) {
+        if (t->id == id) {
+            timer_queue_remove(&loop->timers, t);
             free(t);
             return;
         }
     }
 }
 
-void loop_defer(struct loop *loop, loop_fn *fn, void *opaque)
+void loop_defer(struct loop *loop, struct loop_deferred *d)
 {
-    struct deferred *d = xmalloc(sizeof(*d));
-    d->next = NULL;
-    d->fn = fn;
-    d->opaque = opaque;
-    *loop->defer_tail = d;
-    loop->defer_tail = &d->next;
+    CHECK(d->fn != NULL);
+    CHECK(!d->queued);  /* queued twice would make the queue a cycle */
+    d->queued = true;
+    deferred_queue_push(&loop->deferred, d);
+}
+
+void loop_cancel_deferred(struct loop *loop, struct loop_deferred *d)
+{
+    if (!d->queued)
+        return;
+    CHECK(deferred_queue_remove(&loop->deferred, d));  /* else queued on another loop */
+    d->queued = false;
 }
 
 static void run_deferred(struct loop *loop)
 {
-    /* Calls deferred by these calls run too, in order, before we wait again. */
-    while (loop->defer_head) {
-        struct deferred *d = loop->defer_head;
-        loop->defer_head = d->next;
-        if (!loop->defer_head)
-            loop->defer_tail = &loop->defer_head;
+    struct loop_deferred *d;
+
+    /* Calls deferred by these calls run too, in order, before we wait again. d is off the
+     * queue before its call: the call may queue it again, or free it. */
+    loop->running_deferred = true;
+    while ((d = deferred_queue_pop(&loop->deferred))) {
+        d->queued = false;
         d->fn(loop, d->opaque);
-        free(d);
     }
+    loop->running_deferred = false;
 }
 
 static void run_timers(struct loop *loop)
 {
     uint64_t now = now_monotonic_ns();
-    while (loop->timers && loop->timers->deadline_ns <= now) {
-        struct timer *t = loop->timers;
-        loop->timers = t->next;
+    while (loop->timers.head && loop->timers.head->deadline_ns <= now) {
+        struct timer *t = timer_queue_pop(&loop->timers);
         loop_fn *fn = t->fn;
         void *opaque = t->opaque;
         free(t);
@@ -185,12 +180,12 @@ static void run_timers(struct loop *loop)
 
 static int wait_timeout_ms(struct loop *loop, int timeout_ms)
 {
-    if (loop->defer_head)
+    if (!deferred_queue_empty(&loop->deferred))
         return 0;
-    if (!loop->timers)
+    if (timer_queue_empty(&loop->timers))
         return timeout_ms;
     uint64_t now = now_monotonic_ns();
-    uint64_t deadline = loop->timers->deadline_ns;
+    uint64_t deadline = loop->timers.head->deadline_ns;
     int t = deadline <= now ? 0 : (int)MIN((deadline - now + 999999) / 1000000, 60000u);
     return timeout_ms < 0 ? t : MIN(t, timeout_ms);
 }
@@ -208,9 +203,9 @@ int loop_run_once(struct loop *loop, int timeout_ms)
     for (int i = 0; i < n; i++) {
         int fd = (int)(uint32_t)evs[i].data.u64;
         uint32_t gen = (uint32_t)(evs[i].data.u64 >> 32);
-        if (fd >= loop->nfds)
+        if ((size_t)fd >= loop->fds.len)
             continue;
-        struct fd_reg *reg = &loop->fds[fd];
+        struct fd_reg *reg = &loop->fds.ptr[fd];
         if (!reg->active || reg->gen != gen)
             continue; /* removed (or replaced) by an earlier callback in this batch */
         unsigned events = 0;
@@ -238,4 +233,9 @@ int loop_run(struct loop *loop)
 
 void loop_stop(struct loop *loop) { loop->stop = true; }
 
-void loop_run_deferred(struct loop *loop) { run_deferred(loop); }
+void loop_run_deferred(struct loop *loop)
+{
+    /* From inside a deferred call, the calls after it would run on its stack. */
+    CHECK(!loop->running_deferred);
+    run_deferred(loop);
+}

@@ -21,7 +21,8 @@ typedef void loop_fn(struct loop *loop, void *opaque);
 
 /* A new loop, or NULL with errno set. */
 struct loop *loop_new(void);
-/* Free the loop; registrations still present are dropped (their fds are not closed). */
+/* Free the loop; registrations still present are dropped (their fds are not closed), and
+ * so are deferred calls still queued (not called, their nodes not touched). */
 void loop_free(struct loop *loop);
 
 /* Watch fd for events (LOOP_READ | LOOP_WRITE, may be 0). One registration per fd.
@@ -37,11 +38,34 @@ uint64_t loop_add_timer(struct loop *loop, uint64_t delay_ns, loop_fn *fn, void 
 /* Cancel a timer that has not fired; unknown or fired ids are ignored. */
 void loop_del_timer(struct loop *loop, uint64_t id);
 
-/* Call fn once, after the current callback returns and before the loop waits again.
- * Deferred calls run in the order they were made. */
-void loop_defer(struct loop *loop, loop_fn *fn, void *opaque);
+/* A deferred call: embedded by the caller in its own object, so deferring never allocates.
+ * Set fn and opaque (LOOP_DEFERRED_INIT or plain assignment) before the first loop_defer();
+ * next and queued belong to the loop while the call is queued. */
+struct loop_deferred {
+    loop_fn *fn;
+    void *opaque;
+    struct loop_deferred *next;  /* the loop's queue */
+    bool queued;                 /* on the queue: set by loop_defer(), cleared before fn runs */
+};
+#define LOOP_DEFERRED_INIT(fn_, opaque_) ((struct loop_deferred){.fn = (fn_), .opaque = (opaque_)})
 
-/* Run the deferred calls now (before tearing down what they refer to). */
+/* Queue d: d->fn(loop, d->opaque) runs once, after the current callback returns and before
+ * the loop waits again; outside any callback, at the start of the next loop_run_once(). Never
+ * inside the call to loop_defer(), so a completion deferred this way does not re-enter its
+ * caller. Deferred calls run in the order they were queued; calls queued by a deferred call
+ * run in the same round, after those already queued.
+ * d must not be queued already (checked, aborts): a caller that may ask twice tests
+ * loop_deferred_queued() first. d is not queued any more when fn runs, so fn may queue it
+ * again. d must stay valid while queued: cancel it before freeing its object. */
+void loop_defer(struct loop *loop, struct loop_deferred *d);
+/* Whether d is queued (its call has not started). */
+static inline bool loop_deferred_queued(const struct loop_deferred *d) { return d->queued; }
+/* Take d off the queue if it is there (its call will not run); otherwise nothing. O(calls
+ * queued). */
+void loop_cancel_deferred(struct loop *loop, struct loop_deferred *d);
+
+/* Run the deferred calls now (before tearing down what they refer to). Not from inside a
+ * deferred call (checked). */
 void loop_run_deferred(struct loop *loop);
 
 /* Run until loop_stop(). Returns 0, or -1 with errno if epoll fails. */

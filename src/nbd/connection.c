@@ -91,26 +91,22 @@ void nbd_conn_schedule(struct nbd_conn *c)
         return;
     c->scheduled = true;
     nbd_conn_ref(c);
-    loop_defer(c->loop, on_deferred_run, c);
+    loop_defer(c->loop, &c->run_call);
 }
 
 void nbd_conn_queue_reply(struct nbd_conn *c, struct nbd_cmd *cmd)
 {
-    cmd->next = NULL;
     cmd->sent = 0;
-    *c->replies_tail = cmd;
-    c->replies_tail = &cmd->next;
+    nbd_cmd_queue_push(&c->replies, cmd);
     nbd_conn_schedule(c);
 }
 
 static void free_replies(struct nbd_conn *c)
 {
-    while (c->replies) {
-        struct nbd_cmd *cmd = c->replies;
-        c->replies = cmd->next;
+    struct nbd_cmd *cmd;
+
+    while ((cmd = nbd_cmd_queue_pop(&c->replies)))
         nbd_cmd_free(c, cmd);
-    }
-    c->replies_tail = &c->replies;
 }
 
 void nbd_conn_close(struct nbd_conn *c, const char *fmt, ...)
@@ -155,7 +151,7 @@ void nbd_conn_close(struct nbd_conn *c, const char *fmt, ...)
 
 static bool output_pending(const struct nbd_conn *c)
 {
-    return c->out.len > 0 || c->replies;
+    return c->out.len > 0 || !nbd_cmd_queue_empty(&c->replies);
 }
 
 /* Send what the socket takes. Returns the number of replies fully sent (and freed). */
@@ -174,12 +170,12 @@ static unsigned flush_output(struct nbd_conn *c)
         }
         buf_consume(&c->out, (size_t)r);
     }
-    while (c->replies) {
+    while (!nbd_cmd_queue_empty(&c->replies)) {
         struct iovec iov[64];
         struct msghdr msg = { .msg_iov = iov };
         size_t n = 0;
 
-        for (struct nbd_cmd *cmd = c->replies; cmd && n + 2 <= ARRAY_SIZE(iov);
+        for (struct nbd_cmd *cmd = c->replies.head; cmd && n + 2 <= ARRAY_SIZE(iov);
              cmd = cmd->next) {
             size_t pos = cmd->sent;
             if (pos < cmd->reply_len) {
@@ -201,17 +197,15 @@ static unsigned flush_output(struct nbd_conn *c)
             return done;
         }
         size_t left = (size_t)r;
-        while (c->replies) {
-            struct nbd_cmd *cmd = c->replies;
+        while (!nbd_cmd_queue_empty(&c->replies)) {
+            struct nbd_cmd *cmd = c->replies.head;
             size_t rest = cmd->reply_len + cmd->payload_len - cmd->sent;
             if (left < rest) {
                 cmd->sent += left;
                 break;
             }
             left -= rest;
-            c->replies = cmd->next;
-            if (!c->replies)
-                c->replies_tail = &c->replies;
+            nbd_cmd_queue_pop(&c->replies);
             nbd_cmd_free(c, cmd);
             done++;
         }
@@ -386,12 +380,9 @@ void nbd_conn_new(struct nbd_server *s, int fd)
     c->loop = s->loop;
     c->id = ++s->next_conn_id;
     c->fd = fd;
+    c->run_call = LOOP_DEFERRED_INIT(on_deferred_run, c);
     c->refs = 1;
-    c->replies_tail = &c->replies;
-    c->next = s->conns;
-    if (s->conns)
-        s->conns->prev = c;
-    s->conns = c;
+    nbd_conn_list_push_head(&s->conns, c);
     s->nconns++;
     log_debug("nbd: client %" PRIu64 ": connected", c->id);
 

@@ -152,7 +152,7 @@ static void opt_list(struct nbd_conn *c)
         reply_error(c, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
         return;
     }
-    for (struct nbd_export *e = c->server->exports; e; e = e->next) {
+    for (struct nbd_export *e = c->server->exports.head; e; e = e->next) {
         size_t dlen = e->description ? strlen(e->description) : 0;
         uint32_t nlen = htobe32((uint32_t)e->name_len);
         reply_header(c, NBD_REP_SERVER, sizeof(nlen) + e->name_len + dlen);

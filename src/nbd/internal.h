@@ -19,9 +19,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/list.h"
 #include "common/unix-socket.h"
 #include "common/util.h"
 #include "device/device.h"
+#include "loop/loop.h"
 #include "nbd/protocol.h"
 #include "nbd/server.h"
 
@@ -66,21 +68,7 @@ struct nbd_export {
     unsigned clients;         /* connections in transmission on it */
 };
 
-struct nbd_conn;
-
-struct nbd_server {
-    struct loop *loop;
-    int listen_fd;             /* -1 for a server without a listener (tests, fuzzing) */
-    bool listen_inet;          /* TCP: set TCP_NODELAY on clients */
-    bool listen_paused;        /* not accepting: max_connections reached or out of fds */
-    uint64_t accept_timer;     /* resumes accepting after running out of fds */
-    struct unix_listener unix_sock;  /* removed at stop (if still ours) */
-    uint32_t max_connections;  /* 0: no limit */
-    struct nbd_export *exports;
-    struct nbd_conn *conns;    /* open connections */
-    unsigned nconns;
-    uint64_t next_conn_id;
-};
+DEFINE_QUEUE_TYPE(nbd_export_queue, struct nbd_export, next)
 
 /* One request from reading its header to having sent its reply. */
 struct nbd_cmd {
@@ -104,6 +92,8 @@ struct nbd_cmd {
     size_t sent;             /* of reply_len + payload_len */
 };
 
+DEFINE_QUEUE_TYPE(nbd_cmd_queue, struct nbd_cmd, next)
+
 struct nbd_conn {
     struct nbd_conn *prev, *next;  /* server->conns, while open */
     struct nbd_server *server;     /* NULL once closed */
@@ -116,6 +106,7 @@ struct nbd_conn {
     bool eof;                      /* the client shut its side */
     bool paused;                   /* back-pressure: not starting a new message */
     bool running, rerun, scheduled;
+    struct loop_deferred run_call; /* on_deferred_run(), while scheduled (holds a reference) */
     uint64_t handshake_timer;
 
     /* Input: bytes read ahead, and the message being assembled. */
@@ -152,7 +143,23 @@ struct nbd_conn {
 
     /* Output: option replies first, then request replies in completion order. */
     struct buf out;
-    struct nbd_cmd *replies, **replies_tail;
+    nbd_cmd_queue replies;
+};
+
+DEFINE_LIST_TYPE(nbd_conn_list, struct nbd_conn, prev, next)
+
+struct nbd_server {
+    struct loop *loop;
+    int listen_fd;             /* -1 for a server without a listener (tests, fuzzing) */
+    bool listen_inet;          /* TCP: set TCP_NODELAY on clients */
+    bool listen_paused;        /* not accepting: max_connections reached or out of fds */
+    uint64_t accept_timer;     /* resumes accepting after running out of fds */
+    struct unix_listener unix_sock;  /* removed at stop (if still ours) */
+    uint32_t max_connections;  /* 0: no limit */
+    nbd_export_queue exports;  /* in creation order */
+    nbd_conn_list conns;       /* open connections */
+    unsigned nconns;
+    uint64_t next_conn_id;
 };
 
 /* ---- connection.c ---- */

@@ -95,13 +95,7 @@ int nbd_server_add_client(struct nbd_server *s, int fd, struct error **errp)
 
 void nbd_server_forget_conn(struct nbd_server *s, struct nbd_conn *c)
 {
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        s->conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
-    c->prev = c->next = NULL;
+    nbd_conn_list_remove(&s->conns, c);
     s->nconns--;
     if (c->exp)
         c->exp->clients--;
@@ -192,6 +186,8 @@ fail:
 
 void nbd_server_stop(struct nbd_server *s)
 {
+    struct nbd_export *e;
+
     if (!s)
         return;
     if (s->listen_fd >= 0) {
@@ -204,11 +200,9 @@ void nbd_server_stop(struct nbd_server *s)
         loop_del_timer(s->loop, s->accept_timer);
         s->accept_timer = 0;
     }
-    while (s->conns)
-        nbd_conn_close(s->conns, "server stopped");
-    while (s->exports) {
-        struct nbd_export *e = s->exports;
-        s->exports = e->next;
+    while (!nbd_conn_list_empty(&s->conns))
+        nbd_conn_close(s->conns.head, "server stopped");
+    while ((e = nbd_export_queue_pop(&s->exports))) {
         free(e->name);
         free(e->description);
         free(e);
@@ -221,7 +215,7 @@ void nbd_server_stop(struct nbd_server *s)
 struct nbd_export *nbd_server_find_export(struct nbd_server *s, const char *name,
                                           size_t name_len)
 {
-    for (struct nbd_export *e = s->exports; e; e = e->next) {
+    for (struct nbd_export *e = s->exports.head; e; e = e->next) {
         if (e->name_len == name_len && memcmp(e->name, name, name_len) == 0)
             return e;
     }
@@ -231,7 +225,7 @@ struct nbd_export *nbd_server_find_export(struct nbd_server *s, const char *name
 int nbd_server_add_export(struct nbd_server *s, const char *name, const char *description,
                           struct device *dev, bool writable, struct error **errp)
 {
-    struct nbd_export *e, **p;
+    struct nbd_export *e;
 
     if (strlen(name) > NBD_MAX_STRING) {
         error_setg(errp, "export name '%.64s...' too long", name);
@@ -252,9 +246,7 @@ int nbd_server_add_export(struct nbd_server *s, const char *name, const char *de
     e->dev = dev;
     e->writable = writable;
     /* In creation order, so NBD_OPT_LIST lists them so. */
-    for (p = &s->exports; *p; p = &(*p)->next)
-        ;
-    *p = e;
+    nbd_export_queue_push(&s->exports, e);
     return 0;
 }
 
@@ -271,17 +263,12 @@ int nbd_server_remove_export(struct nbd_server *s, const char *name, bool hard,
         error_setg(errp, "export '%s' still in use", name);
         return -1;
     }
-    for (struct nbd_conn *c = s->conns, *next; c; c = next) {
+    for (struct nbd_conn *c = s->conns.head, *next; c; c = next) {
         next = c->next;
         if (c->exp == e)
             nbd_conn_close(c, "export removed");
     }
-    for (struct nbd_export **p = &s->exports; *p; p = &(*p)->next) {
-        if (*p == e) {
-            *p = e->next;
-            break;
-        }
-    }
+    nbd_export_queue_remove(&s->exports, e);
     free(e->name);
     free(e->description);
     free(e);

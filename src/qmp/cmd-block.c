@@ -67,7 +67,7 @@ static json_t *query_named_block_nodes(struct qmp_call *call, json_t *args, stru
     bool flat = json_is_true(json_object_get(args, "flat"));
 
     /* Newest first, as QEMU lists them; backing images nested unless flat. */
-    for (struct block_node *n = svc->graph->nodes; n; n = n->next)
+    for (struct block_node *n = svc->graph->nodes.head; n; n = n->next)
         json_array_insert_new(list, 0, block_node_info_flat(n, flat));
     return list;
 }

@@ -8,6 +8,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "common/list.h"
 #include "common/log.h"
 #include "common/qjson.h"
 #include "common/unix-socket.h"
@@ -42,14 +43,19 @@ struct client {
     unsigned watched;       /* LOOP_READ/LOOP_WRITE currently registered */
     bool eof;               /* the client closed its side: no more input */
     bool dead;              /* closed; freed by a deferred call */
+    struct loop_deferred free_call;   /* client_free_deferred() */
+    struct loop_deferred flush_call;  /* flush_event() */
 };
+
+DEFINE_QUEUE_TYPE(monitor_queue, struct monitor, next)
+DEFINE_LIST_TYPE(client_list, struct client, prev, next)
 
 struct qmp_server {
     struct loop *loop;
     struct qmp_dispatcher *d;
     json_t *greeting;
-    struct monitor *monitors;
-    struct client *clients;
+    monitor_queue monitors;    /* the newest first */
+    client_list clients;       /* open, the newest first */
     bool closed;
     void (*flushed_fn)(void *opaque);
     void *flushed_opaque;
@@ -73,6 +79,7 @@ static void client_free_deferred(struct loop *loop, void *opaque)
 {
     struct client *c = opaque;
 
+    loop_cancel_deferred(loop, &c->flush_call);
     json_stream_free(c->in);
     buf_free(&c->out);
     free(c);
@@ -88,12 +95,7 @@ static void client_close(struct client *c)
     c->dead = true;
     loop_del_fd(srv->loop, c->fd);
     close(c->fd);
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        srv->clients = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
+    client_list_remove(&srv->clients, c);
     check_flushed(srv);
 }
 
@@ -103,7 +105,7 @@ static void client_kill(struct client *c)
     if (c->dead)
         return;
     client_close(c);
-    loop_defer(c->srv->loop, client_free_deferred, c);
+    loop_defer(c->srv->loop, &c->free_call);
 }
 
 static void client_update_watch(struct client *c)
@@ -211,6 +213,7 @@ static void client_io(struct loop *loop, int fd, unsigned events, void *opaque)
 }
 
 static void accept_clients(struct loop *loop, int fd, unsigned events, void *opaque);
+static loop_fn flush_event;
 
 static void accept_retry(struct loop *loop, void *opaque)
 {
@@ -244,6 +247,8 @@ static void accept_clients(struct loop *loop, int fd, unsigned events, void *opa
         c->mon = mon;
         c->fd = cfd;
         c->in = json_stream_new();
+        c->free_call = LOOP_DEFERRED_INIT(client_free_deferred, c);
+        c->flush_call = LOOP_DEFERRED_INIT(flush_event, c);
         if (loop_add_fd(loop, cfd, 0, client_io, c) < 0) {
             log_warn("monitor %s: cannot watch client: %s", mon->path, strerror(errno));
             json_stream_free(c->in);
@@ -251,10 +256,7 @@ static void accept_clients(struct loop *loop, int fd, unsigned events, void *opa
             free(c);
             continue;
         }
-        c->next = srv->clients;
-        if (c->next)
-            c->next->prev = c;
-        srv->clients = c;
+        client_list_push_head(&srv->clients, c);
         client_queue(c, srv->greeting);
         if (client_flush(c) == 0)
             client_update_watch(c);
@@ -288,27 +290,27 @@ static void monitor_close(struct qmp_server *srv, struct monitor *mon)
 void qmp_server_close(struct qmp_server *srv)
 {
     srv->closed = true;
-    for (struct monitor *m = srv->monitors; m; m = m->next)
+    for (struct monitor *m = srv->monitors.head; m; m = m->next)
         monitor_close(srv, m);
-    for (struct client *c = srv->clients; c; c = c->next)
+    for (struct client *c = srv->clients.head; c; c = c->next)
         client_update_watch(c);
 }
 
 void qmp_server_free(struct qmp_server *srv)
 {
+    struct monitor *m;
+
     if (!srv)
         return;
     qmp_server_close(srv);
     /* No callback holds a client now: free them at once (the loop may be freed next). */
     srv->flushed_fn = NULL;
-    while (srv->clients) {
-        struct client *c = srv->clients;
+    while (!client_list_empty(&srv->clients)) {
+        struct client *c = srv->clients.head;
         client_close(c);
         client_free_deferred(srv->loop, c);
     }
-    while (srv->monitors) {
-        struct monitor *m = srv->monitors;
-        srv->monitors = m->next;
+    while ((m = monitor_queue_pop(&srv->monitors))) {
         free(m->path);
         free(m);
     }
@@ -339,8 +341,7 @@ int qmp_server_add_monitor(struct qmp_server *srv, const struct qmp_monitor_conf
         free(mon);
         return -1;
     }
-    mon->next = srv->monitors;
-    srv->monitors = mon;
+    monitor_queue_push_head(&srv->monitors, mon);
     return 0;
 }
 
@@ -363,7 +364,7 @@ void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
     if (data)
         json_object_set_new(ev, "data", data);
 
-    for (struct client *c = srv->clients, *next; c; c = next) {
+    for (struct client *c = srv->clients.head, *next; c; c = next) {
         next = c->next;
         if (!c->session.negotiated)
             continue;
@@ -382,8 +383,8 @@ void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
         client_queue_text(c, t->data, t->len);
         /* Sent at the end of this loop iteration, together with the response that caused it,
          * if any; only one deferred flush per idle client. */
-        if (was_idle)
-            loop_defer(srv->loop, flush_event, c);
+        if (was_idle && !loop_deferred_queued(&c->flush_call))
+            loop_defer(srv->loop, &c->flush_call);
     }
     buf_free(&text[0]);
     buf_free(&text[1]);
@@ -392,7 +393,7 @@ void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
 
 bool qmp_server_flushed(const struct qmp_server *srv)
 {
-    for (const struct client *c = srv->clients; c; c = c->next) {
+    for (const struct client *c = srv->clients.head; c; c = c->next) {
         if (unsent(c) > 0)
             return false;
     }

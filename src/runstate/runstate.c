@@ -24,6 +24,7 @@ struct runstate {
     /* A stop asked for by the I/O path and not yet carried out (deferred to the loop). */
     bool stop_requested;
     bool stop_scheduled;       /* deferred_stop() is queued on the loop */
+    struct loop_deferred stop_call;  /* deferred_stop() */
     enum run_state requested_state;
     struct runstate_io *io;    /* the stop waits while it is busy; NULL: nothing to wait for */
 };
@@ -41,6 +42,8 @@ const char *runstate_name(enum run_state state)
     return names[state];
 }
 
+static loop_fn deferred_stop;
+
 struct runstate *runstate_new(struct loop *loop, enum run_state initial, runstate_event_fn *emit,
                               void *emit_opaque)
 {
@@ -51,6 +54,7 @@ struct runstate *runstate_new(struct loop *loop, enum run_state initial, runstat
     rs->since_ns = now_realtime_ns();
     rs->emit = emit;
     rs->emit_opaque = emit_opaque;
+    rs->stop_call = LOOP_DEFERRED_INIT(deferred_stop, rs);
     return rs;
 }
 
@@ -58,6 +62,7 @@ void runstate_free(struct runstate *rs)
 {
     if (!rs)
         return;
+    loop_cancel_deferred(rs->loop, &rs->stop_call);
     free(rs->listeners);
     free(rs);
 }
@@ -162,7 +167,7 @@ void runstate_poke(struct runstate *rs)
 {
     if (rs->stop_requested && !rs->stop_scheduled) {
         rs->stop_scheduled = true;
-        loop_defer(rs->loop, deferred_stop, rs);
+        loop_defer(rs->loop, &rs->stop_call);
     }
 }
 

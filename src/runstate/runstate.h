@@ -58,6 +58,7 @@ struct runstate;
  * emit(emit_opaque, ...). */
 struct runstate *runstate_new(struct loop *loop, enum run_state initial, runstate_event_fn *emit,
                               void *emit_opaque);
+/* Free rs (a deferred stop still pending is dropped); before its loop. */
 void runstate_free(struct runstate *rs);
 
 enum run_state runstate_get(const struct runstate *rs);

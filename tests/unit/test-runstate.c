@@ -112,8 +112,8 @@ static int teardown(void **state)
 {
     struct fx *f = *state;
 
+    runstate_free(f->rs);  /* before its loop: it drops its deferred stop there */
     loop_free(f->loop);
-    runstate_free(f->rs);
     for (size_t i = 0; i < f->n; i++)
         free(f->log[i]);
     free(f);
