@@ -1,5 +1,4 @@
 #include "common/util.h"
-#include "common/check.h"
 #include "common/vector.h"
 
 #include <ctype.h>
@@ -7,12 +6,6 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
-
-void check_failed(const char *cond, const char *file, int line, const char *func)
-{
-    fprintf(stderr, "%s:%d: %s: check failed: %s\n", file, line, func, cond);
-    abort();
-}
 
 void *xmalloc(size_t n)
 {

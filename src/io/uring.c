@@ -7,7 +7,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include "common/check.h"
+#include "common/assert.h"
 #include "common/list.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -130,7 +130,7 @@ static struct io_uring_sqe *get_sqe(struct uring *u, struct uring_op *op)
 {
     struct io_uring_sqe *sqe = NULL;
 
-    CHECK(op != NULL && op->done != NULL);
+    ASSERT(op != NULL && op->done != NULL);
     if (backlog_queue_empty(&u->backlog)) {
         sqe = io_uring_get_sqe(&u->ring);
         if (!sqe) {
@@ -207,9 +207,9 @@ unsigned uring_in_flight(const struct uring *u)
 /* The kernel reads or writes buf[0..len) at offset, which must fit in off_t. */
 static void check_transfer(int fd, const void *buf, uint32_t len, uint64_t offset)
 {
-    CHECK(fd >= 0);
-    CHECK(buf != NULL || len == 0);
-    CHECK(offset <= (uint64_t)INT64_MAX - len);
+    ASSERT(fd >= 0);
+    ASSERT(buf != NULL || len == 0);
+    ASSERT(offset <= (uint64_t)INT64_MAX - len);
 }
 
 void uring_read(struct uring *u, struct uring_op *op, int fd, void *buf, uint32_t len,
@@ -228,14 +228,14 @@ void uring_write(struct uring *u, struct uring_op *op, int fd, const void *buf, 
 
 void uring_fdatasync(struct uring *u, struct uring_op *op, int fd)
 {
-    CHECK(fd >= 0);
+    ASSERT(fd >= 0);
     io_uring_prep_fsync(get_sqe(u, op), fd, IORING_FSYNC_DATASYNC);
 }
 
 void uring_fallocate(struct uring *u, struct uring_op *op, int fd, int mode, uint64_t offset,
                      uint64_t len)
 {
-    CHECK(fd >= 0);
-    CHECK(offset <= (uint64_t)INT64_MAX && len <= (uint64_t)INT64_MAX - offset);
+    ASSERT(fd >= 0);
+    ASSERT(offset <= (uint64_t)INT64_MAX && len <= (uint64_t)INT64_MAX - offset);
     io_uring_prep_fallocate(get_sqe(u, op), fd, mode, (off_t)offset, (off_t)len);
 }

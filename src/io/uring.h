@@ -27,7 +27,7 @@ struct uring *uring_new(struct loop *loop, unsigned entries, struct error **errp
 /* Free the ring. No operation may be in flight. */
 void uring_free(struct uring *u);
 
-/* The operations below check their arguments (common/check.h, in every build): op and
+/* The operations below check their arguments (ASSERT, common/assert.h: in every build): op and
  * op->done set, fd >= 0, a buffer for any bytes, offset + len within off_t. To complete
  * something without I/O, off the caller's stack, use loop_defer(). */
 void uring_read(struct uring *u, struct uring_op *op, int fd, void *buf, uint32_t len,

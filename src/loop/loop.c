@@ -5,7 +5,7 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
-#include "common/check.h"
+#include "common/assert.h"
 #include "common/list.h"
 #include "common/util.h"
 #include "common/vector.h"
@@ -71,8 +71,8 @@ static uint32_t to_epoll(unsigned events)
 
 int loop_add_fd(struct loop *loop, int fd, unsigned events, loop_fd_fn *fn, void *opaque)
 {
-    CHECK(fd >= 0);
-    CHECK(fn != NULL);
+    ASSERT(fd >= 0);
+    ASSERT(fn != NULL);
     if ((size_t)fd >= loop->fds.len)
         fd_reg_vector_grow_to(&loop->fds, (size_t)fd + 1);
     struct fd_reg *reg = &loop->fds.ptr[fd];
@@ -112,7 +112,7 @@ uint64_t loop_add_timer(struct loop *loop, uint64_t delay_ns, loop_fn *fn, void 
 {
     struct timer *t = xzalloc(sizeof(*t)), *after = NULL;
 
-    CHECK(fn != NULL);
+    ASSERT(fn != NULL);
     t->id = ++loop->next_timer_id;
     t->deadline_ns = now_monotonic_ns() + delay_ns;
     t->fn = fn;
@@ -137,8 +137,8 @@ void loop_del_timer(struct loop *loop, uint64_t id)
 
 void loop_defer(struct loop *loop, struct loop_deferred *d)
 {
-    CHECK(d->fn != NULL);
-    CHECK(!d->queued);  /* queued twice would make the queue a cycle */
+    ASSERT(d->fn != NULL);
+    ASSERT(!d->queued);  /* queued twice would make the queue a cycle */
     d->queued = true;
     deferred_queue_push(&loop->deferred, d);
 }
@@ -147,7 +147,7 @@ void loop_cancel_deferred(struct loop *loop, struct loop_deferred *d)
 {
     if (!d->queued)
         return;
-    CHECK(deferred_queue_remove(&loop->deferred, d));  /* else queued on another loop */
+    ASSERT(deferred_queue_remove(&loop->deferred, d));  /* else queued on another loop */
     d->queued = false;
 }
 
@@ -236,6 +236,6 @@ void loop_stop(struct loop *loop) { loop->stop = true; }
 void loop_run_deferred(struct loop *loop)
 {
     /* From inside a deferred call, the calls after it would run on its stack. */
-    CHECK(!loop->running_deferred);
+    ASSERT(!loop->running_deferred);
     run_deferred(loop);
 }
