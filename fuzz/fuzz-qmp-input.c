@@ -14,7 +14,7 @@
 #include "loop/loop.h"
 #include "qmp/commands.h"
 #include "qmp/dispatch.h"
-#include "qmp/json-stream.h"
+#include "common/json-stream.h"
 #include "common/qjson.h"
 #include "runstate/runstate.h"
 

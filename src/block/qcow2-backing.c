@@ -32,6 +32,7 @@
 #include "block/qcow2.h"
 #include "block/qcow2-cache.h"
 #include "common/log.h"
+#include "common/qjson.h"
 #include "common/util.h"
 
 #define MAX_CHAIN_DEPTH 128     /* qcow2 images opened one inside another's open */
@@ -179,7 +180,7 @@ int qcow2_backing_open(struct block_node *n, struct error **errp)
     }
     if (s->bk.opt) {
         opts = json_incref(s->bk.opt);
-        if (json_is_object(opts)) {  /* a backing node is read-only unless asked otherwise */
+        if (qjson_is_object(opts)) {  /* a backing node is read-only unless asked otherwise */
             json_t *copy = json_deep_copy(opts);
             json_decref(opts);
             opts = copy;

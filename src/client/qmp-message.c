@@ -5,6 +5,7 @@
 
 #include <string.h>
 
+#include "common/json-stream.h"
 #include "common/util.h"
 
 void qmpc_message_free(struct qmpc_message *msg)
@@ -93,11 +94,12 @@ struct qmpc_message *qmpc_message_parse(const char *text, size_t len, struct err
     m->text[len] = '\0';
     m->text_len = len;
 
-    json_error_t jerr;
-    /* Strings with "\u0000" are valid JSON; accept them rather than drop the connection. */
-    m->json = json_loadb(text, len, JSON_ALLOW_NUL, &jerr);
+    /* The monitor's own reader: integers above INT64_MAX stay exact (common/qjson.h). */
+    struct error *err = NULL;
+    m->json = json_stream_parse(text, len, &err);
     if (!m->json) {
-        error_setg(errp, "Invalid JSON from the server: %s: %.200s", jerr.text, m->text);
+        error_setg(errp, "Invalid JSON from the server: %s: %.200s", err->desc, m->text);
+        error_free(err);
         qmpc_message_free(m);
         return NULL;
     }

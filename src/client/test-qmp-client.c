@@ -12,6 +12,7 @@
 
 #include "client/qmp-client.h"
 #include "client/qmp-framer.h"
+#include "common/qjson.h"
 
 #define GREETING "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}, " \
                  "\"package\": \"\"}, \"capabilities\": [\"oob\"]}}\r\n"
@@ -195,6 +196,18 @@ static void test_parse_return(void **state)
     assert_true(json_is_object(m->id));
     assert_string_equal(m->text, text);
     assert_int_equal(m->text_len, strlen(text));
+    qmpc_message_free(m);
+}
+
+static void test_parse_uint64_exact(void **state)
+{
+    /* The server's integers above INT64_MAX (QEMU's uint64 members) stay exact. */
+    struct qmpc_message *m = parse("{\"return\": {\"x\": 18446744073709551615}, "
+                                   "\"id\": 9223372036854775808}");
+    assert_non_null(m);
+    assert_int_equal(m->kind, QMPC_MSG_RETURN);
+    assert_true(qjson_uint64(json_object_get(m->ret, "x")) == UINT64_MAX);
+    assert_true(qjson_uint64(m->id) == 9223372036854775808ull);
     qmpc_message_free(m);
 }
 
@@ -492,6 +505,7 @@ int main(void)
         cmocka_unit_test(test_framer_many_messages),
         cmocka_unit_test(test_parse_greeting),
         cmocka_unit_test(test_parse_return),
+        cmocka_unit_test(test_parse_uint64_exact),
         cmocka_unit_test(test_parse_error),
         cmocka_unit_test(test_parse_event),
         cmocka_unit_test(test_parse_rejects),

@@ -184,7 +184,12 @@ static void write_value(struct buf *out, json_t *v, bool pretty, int level)
 
     switch (json_typeof(v)) {
     case JSON_OBJECT:
-        write_object(out, v, pretty, level);
+        if (qjson_is_big_uint64(v)) {
+            snprintf(num, sizeof(num), "%" PRIu64, qjson_uint64(v));
+            put(out, num);
+        } else {
+            write_object(out, v, pretty, level);
+        }
         break;
     case JSON_ARRAY:
         write_array(out, v, pretty, level);
@@ -229,19 +234,37 @@ json_t *qjson_string_sanitized(const char *s)
     return v;
 }
 
-bool qjson_is_uint64(json_t *v)
+/* The box's key: 0xFF never occurs in UTF-8, and the monitor's lexer rejects it. */
+static const char big_key[] = "\xffuint64";
+
+json_t *qjson_uint64_new(uint64_t v)
 {
-    if (json_is_integer(v))
-        return true;
-    if (!json_is_real(v))
-        return false;
-    double d = json_real_value(v);
-    return d >= 9223372036854775808.0 && d < 18446744073709551616.0 && (double)(uint64_t)d == d;
+    if (v <= INT64_MAX)
+        return json_integer((json_int_t)v);
+    json_t *box = json_object();
+    json_object_set_new_nocheck(box, big_key, json_integer((json_int_t)v));
+    return box;
 }
 
-uint64_t qjson_uint64(json_t *v)
+bool qjson_is_big_uint64(const json_t *v)
 {
-    if (json_is_integer(v))
-        return (uint64_t)json_integer_value(v);
-    return (uint64_t)json_real_value(v);
+    return json_is_object(v) && json_object_size(v) == 1 &&
+           json_is_integer(json_object_get(v, big_key));
+}
+
+bool qjson_is_object(const json_t *v)
+{
+    return json_is_object(v) && !qjson_is_big_uint64(v);
+}
+
+bool qjson_is_uint64(const json_t *v)
+{
+    return json_is_integer(v) || qjson_is_big_uint64(v);
+}
+
+uint64_t qjson_uint64(const json_t *v)
+{
+    if (qjson_is_big_uint64(v))
+        v = json_object_get(v, big_key);
+    return (uint64_t)json_integer_value(v);
 }

@@ -30,11 +30,25 @@ void qjson_write(struct buf *out, json_t *v, bool pretty);
  * Returns a new reference. */
 json_t *qjson_string_sanitized(const char *s);
 
+/* Integers above INT64_MAX. jansson has no unsigned integer, and QEMU keeps them exactly (its
+ * QNum has a uint64 kind): an id of 18446744073709551615 comes back as sent, a uint64 argument
+ * takes its whole range. So such a value is boxed: a one-member object whose key holds a 0xFF
+ * byte, which no JSON text the monitor reads can hold (its lexer rejects the byte), with the
+ * bits in a json_integer. qjson_write() writes it as the number; every type test that reads
+ * client JSON uses qjson_is_object() so that a box is a number there, never an object. */
+
+/* A new reference: v as a json_integer when it fits in int64, boxed otherwise. */
+json_t *qjson_uint64_new(uint64_t v);
+/* Whether v is a boxed integer above INT64_MAX. */
+bool qjson_is_big_uint64(const json_t *v);
+/* Whether v is a JSON object (and not a boxed integer). */
+bool qjson_is_object(const json_t *v);
+
 /* Whether v is an integer QEMU would take as uint64: int64 values (negative ones wrap, for
- * backward compatibility, as QEMU says) and integers past INT64_MAX, which the JSON reader
- * keeps as reals. */
-bool qjson_is_uint64(json_t *v);
+ * backward compatibility, as QEMU says) and integers up to UINT64_MAX. Reals are not, as in
+ * QEMU ("Parameter 'x' expects uint64"). */
+bool qjson_is_uint64(const json_t *v);
 /* The uint64 value of v, for which qjson_is_uint64() holds. */
-uint64_t qjson_uint64(json_t *v);
+uint64_t qjson_uint64(const json_t *v);
 
 #endif

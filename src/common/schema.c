@@ -105,7 +105,7 @@ static int check_value(const struct schema_member *m, json_t *v, const char *ful
         }
         break;
     case SCHEMA_OBJECT:
-        if (!json_is_object(v))
+        if (!qjson_is_object(v))
             break;
         return m->members ? check_object(m->members, v, full, errp) : 0;
     case SCHEMA_ARRAY:
@@ -120,7 +120,7 @@ static int check_value(const struct schema_member *m, json_t *v, const char *ful
         }
         return 0;
     case SCHEMA_ALT:
-        if (json_is_object(v) && (m->alt & SCHEMA_ALT_OBJECT))
+        if (qjson_is_object(v) && (m->alt & SCHEMA_ALT_OBJECT))
             return m->members ? check_object(m->members, v, full, errp) : 0;
         if ((json_is_string(v) && (m->alt & SCHEMA_ALT_STR)) ||
             (json_is_integer(v) && (m->alt & SCHEMA_ALT_INT)) ||
@@ -265,7 +265,7 @@ static int coerce_value(const struct schema_member *m, json_t *parent, const cha
         json_object_set_new(parent, key, typed);
         return 0;
     }
-    if (!json_is_object(v))
+    if (!qjson_is_object(v))
         return 0;
     if (m->type == SCHEMA_ARRAY) {
         json_t *list = as_list(v);
@@ -280,7 +280,7 @@ static int coerce_value(const struct schema_member *m, json_t *parent, const cha
             if (json_is_string(e)) {
                 json_t *typed = coerce_string(m->element, e, elem, errp);
                 r = typed ? json_array_set_new(list, i, typed) : -1;
-            } else if (json_is_object(e) && m->element->members) {
+            } else if (qjson_is_object(e) && m->element->members) {
                 r = coerce_object(m->element->members, e, elem, errp);
             }
             free(elem);

@@ -6,12 +6,41 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/qjson.h"
 #include "common/util.h"
+
+/* v with every integer above INT64_MAX (boxed, common/qjson.h) as a double, which jansson
+ * can print: the readable format rounds them, --raw prints what the server sent. A new
+ * reference. */
+static json_t *printable(json_t *v)
+{
+    const char *key;
+    json_t *e, *copy;
+    size_t i;
+
+    if (qjson_is_big_uint64(v))
+        return json_real((double)qjson_uint64(v));
+    if (json_is_object(v)) {
+        copy = json_object();
+        json_object_foreach(v, key, e)
+            json_object_set_new(copy, key, printable(e));
+        return copy;
+    }
+    if (json_is_array(v)) {
+        copy = json_array();
+        json_array_foreach(v, i, e)
+            json_array_append_new(copy, printable(e));
+        return copy;
+    }
+    return json_incref(v);
+}
 
 /* Print v as JSON (flags for json_dumps) and a newline. */
 static void print_json(json_t *v, size_t flags)
 {
-    _cleanup_free_ char *s = json_dumps(v, flags | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER);
+    json_t *p = printable(v);
+    _cleanup_free_ char *s = json_dumps(p, flags | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER);
+    json_decref(p);
     if (s)
         printf("%s\n", s);
 }

@@ -7,11 +7,12 @@
 #include <string.h>
 
 #include "block/graph.h"
+#include "common/json-stream.h"
 #include "common/keyval.h"
+#include "common/qjson.h"
 #include "common/schema.h"
 #include "common/util.h"
 #include "export/export.h"
-#include "qmp/json-stream.h"
 
 /* QEMU's boolean spellings (qapi_bool_parse). */
 static int parse_bool(const char *opt, const char *key, const char *s, bool *out,
@@ -296,7 +297,7 @@ static int opt_object(struct daemon_options *o, enum cli_object_kind kind, const
 
     if (arg[0] == '{') {
         obj = json_stream_parse(arg, strlen(arg), errp);
-        if (obj && !json_is_object(obj)) {
+        if (obj && !qjson_is_object(obj)) {
             json_decref(obj);
             obj = NULL;
             error_setg(errp, "expected a JSON object");

@@ -86,7 +86,7 @@ static const char *check_request(struct qmp_session *s, json_t *req, bool *oob,
     const char *name = NULL;
     size_t nkeys;
 
-    if (!json_is_object(req)) {
+    if (!qjson_is_object(req)) {
         error_setg(errp, "QMP input must be a JSON object");
         return NULL;
     }
@@ -108,7 +108,7 @@ static const char *check_request(struct qmp_session *s, json_t *req, bool *oob,
             name = json_string_value(v);
             *oob = !is_exec;
         } else if (strcmp(key, "arguments") == 0) {
-            if (!json_is_object(v)) {
+            if (!qjson_is_object(v)) {
                 error_setg(errp, "QMP input member 'arguments' must be an object");
                 return NULL;
             }
@@ -128,7 +128,7 @@ json_t *qmp_dispatch(struct qmp_dispatcher *d, struct qmp_session *s, json_t *re
                      const struct error *parse_err)
 {
     _cleanup_error_ struct error *err = NULL;
-    json_t *id = json_is_object(req) ? json_object_get(req, "id") : NULL;
+    json_t *id = qjson_is_object(req) ? json_object_get(req, "id") : NULL;
     bool oob = false;
 
     if (!req)

@@ -15,7 +15,7 @@
 #include "common/util.h"
 #include "loop/loop.h"
 #include "qmp/dispatch.h"
-#include "qmp/json-stream.h"
+#include "common/json-stream.h"
 
 #define READ_CHUNK 65536
 #define ACCEPT_RETRY_NS (100 * 1000 * 1000ull)

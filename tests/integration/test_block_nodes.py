@@ -56,6 +56,19 @@ def test_blockdev_add_query_and_del(daemons, tmp_path):
         "Failed to find node with node-name='f0'")
 
 
+@pytest.mark.parametrize("threshold, shown", [(1 << 40, 1 << 40), ((1 << 64) - 1, -1)],
+                         ids=["2^40", "uint64-max-shown-as-int-like-qemu"])
+def test_write_threshold_set_and_queried(daemons, tmp_path, threshold, shown):
+    """QEMU 7.2 takes any uint64, and its BlockDeviceInfo.write_threshold is an int: 2^64-1 is
+    shown as -1."""
+    img = image(tmp_path / "disk.raw", MiB)
+    qmp = daemons.start().negotiated()
+    ok(qmp.cmd("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(img)}))
+    ok(qmp.cmd("block-set-write-threshold", {"node-name": "f0", "write-threshold": threshold}))
+    [f0] = qmp.cmd("query-named-block-nodes")["return"]
+    assert f0["write_threshold"] == shown
+
+
 def test_blockdev_add_errors(daemons, tmp_path):
     qmp = daemons.start().negotiated()
     assert qmp.cmd("blockdev-add", {"driver": "file", "filename": "/x"}) == error(

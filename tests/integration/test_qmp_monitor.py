@@ -273,12 +273,9 @@ def test_exec_oob_not_a_string(oob):
 
 # ---- id -----------------------------------------------------------------------------------
 
-# A documented deviation (docs/qmp.md, src/qmp/json-stream.h): jansson has no unsigned integers,
-# so thinblk reads integers above INT64_MAX as doubles and UINT64_MAX comes back rounded.
-UINT64_MAX = pytest.param(
-    18446744073709551615, id="uint64-max",
-    marks=pytest.mark.xfail(not AGAINST_QEMU, strict=True,
-                            reason="integers above INT64_MAX are doubles in thinblk"))
+# QEMU keeps integers up to 2^64-1 exact (docs/qmp.md, "Limits"; src/common/qjson.h).
+UINT64_MAX = 18446744073709551615
+
 
 @pytest.mark.parametrize("value", [
     "a string", "é\n\t\"\\/ \u2603", "", 0, 42, -5, 3.5, UINT64_MAX,
@@ -287,6 +284,32 @@ UINT64_MAX = pytest.param(
         "int64-min", "true", "false", "null", "empty-array", "array", "empty-object", "object"])
 def test_id_echoed(qmp, value):
     assert qmp.cmd("query-status", id=value) == {"return": RUNNING, "id": value}
+
+
+@pytest.mark.parametrize("sent, echoed", [
+    (b"18446744073709551615", b"18446744073709551615"),
+    (b"9223372036854775808", b"9223372036854775808"),
+    (b"18446744073709551616", b"1.8446744073709552e+19"),
+    (b"-9223372036854775809", b"-9.2233720368547758e+18"),
+], ids=["uint64-max", "2^63", "2^64-is-a-double", "below-int64-min-is-a-double"])
+def test_id_number_bytes_as_qemu(qmp, sent, echoed):
+    """QEMU 7.2's bytes: integers up to 2^64-1 exact, others as doubles with 17 digits."""
+    qmp.send(b'{"execute": "query-status", "id": ' + sent + b"}\n")
+    assert qmp.read_raw() == (b'{"return": {"status": "running", "singlestep": false, '
+                              b'"running": true}, "id": ' + echoed + b"}\r\n")
+
+
+@pytest.mark.parametrize("text, desc", [
+    (b"18446744073709551615", "QMP input must be a JSON object"),
+    (b'{"execute": "query-status", "arguments": 18446744073709551615}',
+     "QMP input member 'arguments' must be an object"),
+    (b'{"execute": "block-set-write-threshold", "arguments": {"node-name": "x", '
+     b'"write-threshold": 9223372036854775808.0}}',
+     "Parameter 'write-threshold' expects uint64"),
+], ids=["message", "arguments", "real-is-not-uint64"])
+def test_big_integers_are_numbers(qmp, text, desc):
+    qmp.send(text + b"\n")
+    assert qmp.read_message() == generic_error(desc)
 
 
 # ---- pretty=on ----------------------------------------------------------------------------

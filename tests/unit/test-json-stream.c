@@ -15,7 +15,8 @@
 #include <cmocka.h>
 
 #include "common/util.h"
-#include "qmp/json-stream.h"
+#include "common/json-stream.h"
+#include "common/qjson.h"
 
 /* ---- helpers ---- */
 
@@ -664,12 +665,35 @@ static void test_int64_min(void **state)
     json_decref(v);
 }
 
-static void test_2pow63_is_real(void **state)
+static void test_2pow63_is_exact(void **state)
 {
     json_t *v = parse_ok("9223372036854775808");
 
+    assert_true(qjson_is_big_uint64(v));
+    assert_false(qjson_is_object(v));
+    assert_true(qjson_uint64(v) == 9223372036854775808ull);
+    json_decref(v);
+}
+
+static void test_uint64_max_is_exact_and_written_back(void **state)
+{
+    json_t *v = parse_ok("18446744073709551615");
+    struct buf b = { 0 };
+
+    assert_true(qjson_uint64(v) == UINT64_MAX);
+    qjson_write(&b, v, false);
+    buf_append(&b, "", 1);
+    assert_string_equal(b.data, "18446744073709551615");
+    buf_free(&b);
+    json_decref(v);
+}
+
+static void test_2pow64_is_real(void **state)
+{
+    json_t *v = parse_ok("18446744073709551616");
+
     assert_true(json_is_real(v));
-    assert_true(json_real_value(v) == 9223372036854775808.0);
+    assert_true(json_real_value(v) == 18446744073709551616.0);
     json_decref(v);
 }
 
@@ -888,7 +912,9 @@ int main(void)
         cmocka_unit_test(test_unterminated_string_error_before_its_end),
         cmocka_unit_test(test_int64_max),
         cmocka_unit_test(test_int64_min),
-        cmocka_unit_test(test_2pow63_is_real),
+        cmocka_unit_test(test_2pow63_is_exact),
+        cmocka_unit_test(test_uint64_max_is_exact_and_written_back),
+        cmocka_unit_test(test_2pow64_is_real),
         cmocka_unit_test(test_below_int64_min_is_real),
         cmocka_unit_test(test_minus_zero_is_integer),
         cmocka_unit_test(test_fraction_is_real),

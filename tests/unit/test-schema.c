@@ -9,16 +9,19 @@
 
 #include <cmocka.h>
 
+#include "common/json-stream.h"
+#include "common/qjson.h"
 #include "common/schema.h"
 #include "common/util.h"
 
+/* Test JSON, read as the monitor reads it (common/json-stream.h). */
 static json_t *parse(const char *text)
 {
-    json_error_t jerr;
-    json_t *v = json_loads(text, 0, &jerr);
+    struct error *err = NULL;
+    json_t *v = json_stream_parse(text, strlen(text), &err);
 
     if (!v)
-        fail_msg("bad test JSON %s: %s", text, jerr.text);
+        fail_msg("bad test JSON %s: %s", text, err->desc);
     return v;
 }
 
@@ -88,10 +91,16 @@ static void test_type_errors(void **state)
 static void test_uint64(void **state)
 {
     check(scalars, "{\"u\": -1}", NULL);  /* wraps, as QEMU's */
-    /* Past INT64_MAX the JSON reader (qmp/json-stream.h) keeps integers as reals. */
-    check_obj(scalars, json_pack("{s:f}", "u", 18446744073709549568.0), "2^64-2048", NULL);
-    check_obj(scalars, json_pack("{s:f}", "u", 18446744073709551616.0), "2^64",
-              "Parameter 'u' expects uint64");
+    /* Past INT64_MAX the JSON reader keeps integers exact, boxed (common/qjson.h). */
+    check(scalars, "{\"u\": 18446744073709551615}", NULL);
+    check_obj(scalars, json_pack("{s:o}", "u", qjson_uint64_new(UINT64_MAX)), "2^64-1", NULL);
+    check(scalars, "{\"u\": 18446744073709551616}", "Parameter 'u' expects uint64");
+    check(scalars, "{\"u\": 9223372036854775808.0}", "Parameter 'u' expects uint64");
+    /* A box is a number everywhere else. */
+    check(scalars, "{\"i\": 18446744073709551615}",
+          "Invalid parameter type for 'i', expected: integer");
+    check(scalars, "{\"o\": 18446744073709551615}",
+          "Invalid parameter type for 'o', expected: object");
     check(scalars, "{\"u\": 1.5}", "Parameter 'u' expects uint64");
     check(scalars, "{\"u\": \"1\"}", "Parameter 'u' expects uint64");
 }

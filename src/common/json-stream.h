@@ -15,12 +15,13 @@
  * bounded by the limits. (QEMU resets instead, and then answers every leftover closing bracket
  * with its own "expecting value" error; one error per message is kinder to the client.)
  *
- * Values are jansson values. JSON numbers that are integers and fit in int64 become
- * json_integer; others become json_real (so an integer above INT64_MAX loses precision: jansson
- * has no unsigned type). Nothing here blocks or does I/O.
+ * Values are jansson values, numbers as QEMU's parser reads them: an integer that fits in
+ * int64 becomes a json_integer, one up to UINT64_MAX the exact boxed value of
+ * qjson_uint64_new() (common/qjson.h), any other number a json_real. Used by the monitor, by
+ * thinblkd's command line and by the QMP client library. Nothing here blocks or does I/O.
  */
-#ifndef THINBLK_QMP_JSON_STREAM_H
-#define THINBLK_QMP_JSON_STREAM_H
+#ifndef THINBLK_COMMON_JSON_STREAM_H
+#define THINBLK_COMMON_JSON_STREAM_H
 
 #include <stddef.h>
 

@@ -1,5 +1,5 @@
 /* QMP's JSON input: lexer, streamer and parser. See json-stream.h for the contract. */
-#include "qmp/json-stream.h"
+#include "common/json-stream.h"
 
 #include <errno.h>
 #include <stdbool.h>
@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/qjson.h"
 #include "common/utf8.h"
 #include "common/util.h"
 
@@ -258,8 +259,14 @@ static json_t *parse_number(struct parser *p, const struct token *t)
         long long v = strtoll(s, NULL, 10);
         if (errno == 0)
             return json_integer(v);
+        if (s[0] != '-') {
+            errno = 0;
+            unsigned long long u = strtoull(s, NULL, 10);
+            if (errno == 0)
+                return qjson_uint64_new(u);
+        }
     }
-    /* Beyond int64, or a float: jansson has only double left. */
+    /* Beyond uint64, or a float: a double, as in QEMU. */
     return json_real(strtod(s, NULL));
 }
 
