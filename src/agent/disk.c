@@ -138,8 +138,8 @@ static const struct agent_disk_policy *find_policy(struct disk_daemon *dm, const
     const struct agent_config *cfg = dm->cfg;
 
     /* A policy that names the device or a node wins over "device = *". */
-    for (size_t i = 0; i < cfg->ndisks; i++) {
-        const struct agent_disk_policy *p = &cfg->disks[i];
+    for (size_t i = 0; i < cfg->disks.len; i++) {
+        const struct agent_disk_policy *p = &cfg->disks.ptr[i];
         if (strcmp(p->daemon, dm->conf->name))
             continue;
         if (p->device && strcmp(p->device, "*") && strcmp(p->device, device) == 0)
@@ -147,8 +147,8 @@ static const struct agent_disk_policy *find_policy(struct disk_daemon *dm, const
         if (p->node && (strcmp(p->node, root) == 0 || strcmp(p->node, proto) == 0))
             return p;
     }
-    for (size_t i = 0; i < cfg->ndisks; i++) {
-        const struct agent_disk_policy *p = &cfg->disks[i];
+    for (size_t i = 0; i < cfg->disks.len; i++) {
+        const struct agent_disk_policy *p = &cfg->disks.ptr[i];
         if (strcmp(p->daemon, dm->conf->name) == 0 && p->device && strcmp(p->device, "*") == 0)
             return p;
     }
