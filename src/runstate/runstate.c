@@ -25,7 +25,6 @@ struct runstate {
 
     /* A stop asked for by the I/O path and not yet carried out (deferred to the loop). */
     bool stop_requested;
-    bool stop_scheduled;       /* deferred_stop() is queued on the loop */
     struct loop_deferred stop_call;  /* deferred_stop() */
     enum run_state requested_state;
     struct runstate_io *io;    /* the stop waits while it is busy; NULL: nothing to wait for */
@@ -156,7 +155,6 @@ static void deferred_stop(struct loop *loop, void *opaque)
 {
     struct runstate *rs = opaque;
 
-    rs->stop_scheduled = false;
     if (!rs->stop_requested)
         return;
     if (rs->state == RUN_STATE_RUNNING && rs->io && rs->io->busy(rs->io))
@@ -167,10 +165,8 @@ static void deferred_stop(struct loop *loop, void *opaque)
 
 void runstate_poke(struct runstate *rs)
 {
-    if (rs->stop_requested && !rs->stop_scheduled) {
-        rs->stop_scheduled = true;
+    if (rs->stop_requested && !loop_deferred_queued(&rs->stop_call))
         loop_defer(rs->loop, &rs->stop_call);
-    }
 }
 
 void runstate_request_stop(struct runstate *rs, enum run_state new_state)
