@@ -41,33 +41,28 @@ static void policy_free(struct agent_disk_policy *p)
 
 void agent_config_free(struct agent_config *cfg)
 {
-    for (size_t i = 0; i < cfg->ndaemons; i++) {
-        free(cfg->daemons[i].name);
-        free(cfg->daemons[i].socket);
+    for (size_t i = 0; i < cfg->daemons.len; i++) {
+        free(cfg->daemons.ptr[i].name);
+        free(cfg->daemons.ptr[i].socket);
     }
-    for (size_t i = 0; i < cfg->ndisks; i++)
-        policy_free(&cfg->disks[i]);
-    free(cfg->daemons);
-    free(cfg->disks);
-    cfg->daemons = NULL;
-    cfg->disks = NULL;
-    cfg->ndaemons = cfg->ndisks = 0;
+    for (size_t i = 0; i < cfg->disks.len; i++)
+        policy_free(&cfg->disks.ptr[i]);
+    agent_daemon_conf_vector_reset(&cfg->daemons);
+    agent_disk_policy_vector_reset(&cfg->disks);
 }
 
 struct agent_daemon_conf *agent_config_add_daemon(struct agent_config *cfg, const char *name)
 {
-    cfg->daemons = xrealloc(cfg->daemons, (cfg->ndaemons + 1) * sizeof(*cfg->daemons));
-    struct agent_daemon_conf *d = &cfg->daemons[cfg->ndaemons++];
-    *d = (struct agent_daemon_conf){.name = xstrdup(name)};
-    return d;
+    agent_daemon_conf_vector_append(&cfg->daemons,
+                                    (struct agent_daemon_conf){.name = xstrdup(name)});
+    return &cfg->daemons.ptr[cfg->daemons.len - 1];
 }
 
 struct agent_disk_policy *agent_config_add_disk(struct agent_config *cfg, const char *name)
 {
-    cfg->disks = xrealloc(cfg->disks, (cfg->ndisks + 1) * sizeof(*cfg->disks));
-    struct agent_disk_policy *p = &cfg->disks[cfg->ndisks++];
-    *p = (struct agent_disk_policy){.name = xstrdup(name)};
-    return p;
+    agent_disk_policy_vector_append(&cfg->disks,
+                                    (struct agent_disk_policy){.name = xstrdup(name)});
+    return &cfg->disks.ptr[cfg->disks.len - 1];
 }
 
 /* ---- values --------------------------------------------------------------------------- */
@@ -340,25 +335,25 @@ static int parse_header(struct agent_config *cfg, char *line, enum section *sec,
         return -1;
     }
     if (strcmp(body, "daemon") == 0) {
-        for (size_t i = 0; i < cfg->ndaemons; i++) {
-            if (strcmp(cfg->daemons[i].name, name) == 0) {
+        for (size_t i = 0; i < cfg->daemons.len; i++) {
+            if (strcmp(cfg->daemons.ptr[i].name, name) == 0) {
                 error_setg(errp, "daemon '%s' is defined twice", name);
                 return -1;
             }
         }
         agent_config_add_daemon(cfg, name);
         *sec = SECTION_DAEMON;
-        *idx = cfg->ndaemons - 1;
+        *idx = cfg->daemons.len - 1;
     } else {
-        for (size_t i = 0; i < cfg->ndisks; i++) {
-            if (strcmp(cfg->disks[i].name, name) == 0) {
+        for (size_t i = 0; i < cfg->disks.len; i++) {
+            if (strcmp(cfg->disks.ptr[i].name, name) == 0) {
                 error_setg(errp, "disk '%s' is defined twice", name);
                 return -1;
             }
         }
         agent_config_add_disk(cfg, name);
         *sec = SECTION_DISK;
-        *idx = cfg->ndisks - 1;
+        *idx = cfg->disks.len - 1;
     }
     return 0;
 }
@@ -401,10 +396,10 @@ static int parse_line(struct agent_config *cfg, char *line, enum section *sec, s
             error_setg(errp, "unknown key '%s' in a [daemon] section", key);
             return -1;
         }
-        replace(&cfg->daemons[*idx].socket, value);
+        replace(&cfg->daemons.ptr[*idx].socket, value);
         return 0;
     case SECTION_DISK:
-        return set_disk_key(&cfg->disks[*idx], key, value, errp);
+        return set_disk_key(&cfg->disks.ptr[*idx], key, value, errp);
     }
     return -1;
 }
@@ -478,20 +473,20 @@ int agent_config_check(struct agent_config *cfg, struct error **errp)
 {
     if (cfg->retry_max_ns < cfg->retry_min_ns)
         cfg->retry_max_ns = cfg->retry_min_ns;
-    for (size_t i = 0; i < cfg->ndaemons; i++) {
-        if (!cfg->daemons[i].socket) {
-            error_setg(errp, "daemon '%s' has no socket", cfg->daemons[i].name);
+    for (size_t i = 0; i < cfg->daemons.len; i++) {
+        if (!cfg->daemons.ptr[i].socket) {
+            error_setg(errp, "daemon '%s' has no socket", cfg->daemons.ptr[i].name);
             return -1;
         }
     }
-    for (size_t i = 0; i < cfg->ndisks; i++) {
-        struct agent_disk_policy *p = &cfg->disks[i];
+    for (size_t i = 0; i < cfg->disks.len; i++) {
+        struct agent_disk_policy *p = &cfg->disks.ptr[i];
         bool found = false;
 
-        if (!p->daemon && cfg->ndaemons == 1)
-            p->daemon = xstrdup(cfg->daemons[0].name);
-        for (size_t j = 0; p->daemon && j < cfg->ndaemons; j++)
-            found |= strcmp(cfg->daemons[j].name, p->daemon) == 0;
+        if (!p->daemon && cfg->daemons.len == 1)
+            p->daemon = xstrdup(cfg->daemons.ptr[0].name);
+        for (size_t j = 0; p->daemon && j < cfg->daemons.len; j++)
+            found |= strcmp(cfg->daemons.ptr[j].name, p->daemon) == 0;
         if (!found) {
             error_setg(errp, "disk '%s': %s", p->name,
                        p->daemon ? "no such daemon" : "which daemon? (daemon = NAME)");

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "common/error.h"
+#include "common/vector.h"
 
 #define MiB (1024ull * 1024)
 #define GiB (1024ull * MiB)
@@ -51,11 +52,12 @@ struct agent_daemon_conf {
     char *socket;             /* the QMP monitor's Unix socket */
 };
 
+DEFINE_VECTOR_TYPE(agent_daemon_conf_vector, struct agent_daemon_conf)
+DEFINE_VECTOR_TYPE(agent_disk_policy_vector, struct agent_disk_policy)
+
 struct agent_config {
-    struct agent_daemon_conf *daemons;
-    size_t ndaemons;
-    struct agent_disk_policy *disks;
-    size_t ndisks;
+    agent_daemon_conf_vector daemons;
+    agent_disk_policy_vector disks;
     uint64_t poll_ns;         /* the backstop: queries every this often (2 s) */
     uint64_t retry_min_ns;    /* first wait after a failed extension (1 s), doubling ... */
     uint64_t retry_max_ns;    /* ... up to this (60 s) */

@@ -26,6 +26,7 @@
 
 #include "agent/extend.h"
 #include "agent/monitor.h"
+#include "common/list.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "loop/loop.h"
@@ -78,6 +79,8 @@ struct disk {
     const char *waiting;    /* why not, for the log */
 };
 
+DEFINE_QUEUE_TYPE(disk_queue, struct disk, next)
+
 /* A watched daemon: its connection and its disks. */
 struct disk_daemon {
     struct loop *loop;
@@ -95,7 +98,7 @@ struct disk_daemon {
     uint64_t stopped_since_wall_ns; /* the current io-error's start (0: running) */
     const char *reported;   /* the daemon's last logged state */
     char waiting_text[256]; /* the last reason logged for not resuming */
-    struct disk *disks;
+    disk_queue disks;       /* the newest first */
 };
 
 static void reconcile(struct disk_daemon *dm);
@@ -138,8 +141,8 @@ static const struct agent_disk_policy *find_policy(struct disk_daemon *dm, const
     const struct agent_config *cfg = dm->cfg;
 
     /* A policy that names the device or a node wins over "device = *". */
-    for (size_t i = 0; i < cfg->ndisks; i++) {
-        const struct agent_disk_policy *p = &cfg->disks[i];
+    for (size_t i = 0; i < cfg->disks.len; i++) {
+        const struct agent_disk_policy *p = &cfg->disks.ptr[i];
         if (strcmp(p->daemon, dm->conf->name))
             continue;
         if (p->device && strcmp(p->device, "*") && strcmp(p->device, device) == 0)
@@ -147,8 +150,8 @@ static const struct agent_disk_policy *find_policy(struct disk_daemon *dm, const
         if (p->node && (strcmp(p->node, root) == 0 || strcmp(p->node, proto) == 0))
             return p;
     }
-    for (size_t i = 0; i < cfg->ndisks; i++) {
-        const struct agent_disk_policy *p = &cfg->disks[i];
+    for (size_t i = 0; i < cfg->disks.len; i++) {
+        const struct agent_disk_policy *p = &cfg->disks.ptr[i];
         if (strcmp(p->daemon, dm->conf->name) == 0 && p->device && strcmp(p->device, "*") == 0)
             return p;
     }
@@ -157,7 +160,7 @@ static const struct agent_disk_policy *find_policy(struct disk_daemon *dm, const
 
 static struct disk *find_disk(struct disk_daemon *dm, const char *device)
 {
-    for (struct disk *d = dm->disks; d; d = d->next) {
+    for (struct disk *d = dm->disks.head; d; d = d->next) {
         if (strcmp(d->device, device) == 0)
             return d;
     }
@@ -203,8 +206,7 @@ static void learn(struct disk_daemon *dm, json_t *entry, json_t *block, json_t *
         d->device = xstrdup(device);
         d->name = xstrdup(strcmp(p->device ? p->device : "", "*") ? p->name : device);
         d->backoff_ns = dm->cfg->retry_min_ns;
-        d->next = dm->disks;
-        dm->disks = d;
+        disk_queue_push_head(&dm->disks, d);
     }
     d->policy = p;
     d->present = true;
@@ -470,11 +472,11 @@ static void process(struct disk_daemon *dm)
         dm->stopped_since_wall_ns = 0;
     }
 
-    for (struct disk *d = dm->disks; d; d = d->next)
+    for (struct disk *d = dm->disks.head; d; d = d->next)
         d->present = false;
     json_array_foreach(stats, i, e)
         learn(dm, e, block, nodes);
-    for (struct disk *d = dm->disks; d; d = d->next) {
+    for (struct disk *d = dm->disks.head; d; d = d->next) {
         if (d->present)
             check_disk(dm, d, io_error);
     }
@@ -538,7 +540,7 @@ static void on_event(void *opaque, const char *name, json_t *data)
 
     if (strcmp(name, "BLOCK_WRITE_THRESHOLD") == 0) {
         const char *node = str(data, "node-name");
-        for (struct disk *d = dm->disks; d && node; d = d->next) {
+        for (struct disk *d = dm->disks.head; d && node; d = d->next) {
             if (d->proto_node && strcmp(d->proto_node, node) == 0) {
                 d->crossed_at = u64(data, "write-threshold") + u64(data, "amount-exceeded");
                 d->armed = 0;
@@ -584,7 +586,7 @@ static void on_disconnected(void *opaque)
     dm->snap_pending = 0;
     dm->cont_in_flight = false;
     dm->reported = NULL;
-    for (struct disk *d = dm->disks; d; d = d->next) {
+    for (struct disk *d = dm->disks.head; d; d = d->next) {
         d->present = false;
         d->armed = 0;
         d->reported = NULL;
@@ -650,13 +652,13 @@ void disk_daemon_start(struct disk_daemon *dm)
 
 void disk_daemon_free(struct disk_daemon *dm)
 {
+    struct disk *d;
+
     if (!dm)
         return;
     mon_free(dm->mon);
     loop_del_timer(dm->loop, dm->poll_timer);
-    while (dm->disks) {
-        struct disk *d = dm->disks;
-        dm->disks = d->next;
+    while ((d = disk_queue_pop(&dm->disks))) {
         if (d->job)
             extend_abandon(d->job);
         loop_del_timer(dm->loop, d->retry_timer);

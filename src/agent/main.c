@@ -25,6 +25,7 @@
 #include "agent/extend.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "common/vector.h"
 #include "loop/loop.h"
 
 static const char usage_text[] =
@@ -95,10 +96,11 @@ static const struct option long_options[] = {
 };
 
 /* What the command line says about its one daemon and its disks. */
+DEFINE_VECTOR_TYPE(string_vector, const char *)
+
 struct cli {
     const char *socket;
-    const char **devices;
-    size_t ndevices;
+    string_vector devices;
     const char *node;
     /* Policy keys and values, applied to every disk of the command line. */
     const char *keys[16];
@@ -141,14 +143,14 @@ static int cli_disk(struct agent_config *cfg, struct cli *cli, const char *devic
 static int cli_apply(struct agent_config *cfg, struct cli *cli, struct error **errp)
 {
     if (!cli->socket) {
-        if (cli->ndevices || cli->node || cli->policy_given) {
+        if (cli->devices.len || cli->node || cli->policy_given) {
             error_setg(errp, "--device, --node and the policy options need --socket");
             return -1;
         }
         return 0;
     }
-    for (size_t i = 0; i < cfg->ndaemons; i++) {
-        if (strcmp(cfg->daemons[i].name, "default") == 0) {
+    for (size_t i = 0; i < cfg->daemons.len; i++) {
+        if (strcmp(cfg->daemons.ptr[i].name, "default") == 0) {
             error_setg(errp, "--socket: the configuration file has a daemon named 'default'");
             return -1;
         }
@@ -156,10 +158,10 @@ static int cli_apply(struct agent_config *cfg, struct cli *cli, struct error **e
     agent_config_add_daemon(cfg, "default")->socket = xstrdup(cli->socket);
     if (cli->node)
         return cli_disk(cfg, cli, NULL, cli->node, errp);
-    if (!cli->ndevices)
+    if (!cli->devices.len)
         return cli_disk(cfg, cli, "*", NULL, errp);
-    for (size_t i = 0; i < cli->ndevices; i++) {
-        if (cli_disk(cfg, cli, cli->devices[i], NULL, errp) < 0)
+    for (size_t i = 0; i < cli->devices.len; i++) {
+        if (cli_disk(cfg, cli, cli->devices.ptr[i], NULL, errp) < 0)
             return -1;
     }
     return 0;
@@ -202,8 +204,8 @@ static void log_config(const struct agent_config *cfg)
 {
     char a[32], b[32], c[64];
 
-    for (size_t i = 0; i < cfg->ndisks; i++) {
-        const struct agent_disk_policy *p = &cfg->disks[i];
+    for (size_t i = 0; i < cfg->disks.len; i++) {
+        const struct agent_disk_policy *p = &cfg->disks.ptr[i];
         if (p->cap)
             agent_fmt_size(p->cap, c, sizeof(c));
         else if (p->cap_percent)
@@ -241,8 +243,7 @@ int main(int argc, char **argv)
             cli.socket = optarg;
             break;
         case 'd':
-            cli.devices = xrealloc(cli.devices, (cli.ndevices + 1) * sizeof(*cli.devices));
-            cli.devices[cli.ndevices++] = optarg;
+            string_vector_append(&cli.devices, optarg);
             break;
         case 'n':
             cli.node = optarg;
@@ -308,7 +309,7 @@ int main(int argc, char **argv)
         ret = 2;
         goto out;
     }
-    if (cli.ndevices && cli.node) {
+    if (cli.devices.len && cli.node) {
         fprintf(stderr, "thinblk-agent: give --device or --node, not both\n");
         ret = 2;
         goto out;
@@ -319,7 +320,7 @@ int main(int argc, char **argv)
         goto fail;
     if (cli_apply(&cfg, &cli, &err) < 0 || agent_config_check(&cfg, &err) < 0)
         goto fail;
-    if (!cfg.ndaemons) {
+    if (!cfg.daemons.len) {
         error_setg(&err, "nothing to watch: give --socket or a configuration file (--config)");
         goto fail;
     }
@@ -356,10 +357,10 @@ int main(int argc, char **argv)
     }
 
     log_config(&cfg);
-    size_t ndaemons = cfg.ndaemons;
+    size_t ndaemons = cfg.daemons.len;
     struct disk_daemon **daemons = xzalloc(ndaemons * sizeof(*daemons));
     for (size_t i = 0; i < ndaemons; i++) {
-        daemons[i] = disk_daemon_new(loop, &cfg, &cfg.daemons[i], self_exe);
+        daemons[i] = disk_daemon_new(loop, &cfg, &cfg.daemons.ptr[i], self_exe);
         disk_daemon_start(daemons[i]);
     }
     ret = loop_run(loop) < 0 ? 1 : 0;
@@ -375,7 +376,7 @@ fail:
     fprintf(stderr, "thinblk-agent: %s\n", err->desc);
     ret = 1;
 out:
-    free(cli.devices);
+    string_vector_reset(&cli.devices);
     agent_config_free(&cfg);
     return ret;
 }

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "client/qmp-client.h"
+#include "common/list.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "loop/loop.h"
@@ -23,6 +24,8 @@ struct mon_call {
     mon_reply_fn *fn;
     void *opaque;
 };
+
+DEFINE_QUEUE_TYPE(mon_call_queue, struct mon_call, next)
 
 /* A watched daemon's connection. */
 struct mon {
@@ -37,8 +40,8 @@ struct mon {
     uint64_t backoff_ns;
     bool ever_connected;
     char *last_connect_error; /* said once, not at every attempt */
-    /* Replies expected: id -> callback. */
-    struct mon_call *calls;
+    /* Replies expected: id -> callback, in the order sent. */
+    mon_call_queue calls;
 };
 
 static void mon_connect(struct loop *loop, void *opaque);
@@ -69,11 +72,10 @@ void *mon_opaque(const struct mon *m)
 
 static void drop_calls(struct mon *m)
 {
-    while (m->calls) {
-        struct mon_call *c = m->calls;
-        m->calls = c->next;
+    struct mon_call *c;
+
+    while ((c = mon_call_queue_pop(&m->calls)))
         free(c);
-    }
 }
 
 static void mon_close(struct mon *m)
@@ -154,11 +156,10 @@ static void dispatch(struct mon *m, struct qmpc_message *msg)
         log_warn("daemon %s: a reply without our id: %.200s", m->conf->name, msg->text);
         return;
     }
-    for (struct mon_call **pp = &m->calls; *pp; pp = &(*pp)->next) {
-        struct mon_call *c = *pp;
+    for (struct mon_call *c = m->calls.head; c; c = c->next) {
         if (c->id != json_integer_value(msg->id))
             continue;
-        *pp = c->next;
+        mon_call_queue_remove(&m->calls, c);
         if (c->fn)
             c->fn(m, msg->kind == QMPC_MSG_RETURN ? msg->ret : NULL, msg->error_class,
                   msg->error_desc, c->opaque);
@@ -237,12 +238,10 @@ int mon_call(struct mon *m, const char *name, json_t *args, mon_reply_fn *fn, vo
         log_debug("daemon %s: %s: %s", m->conf->name, name, err->desc);
         return -1;
     }
-    struct mon_call *c = xzalloc(sizeof(*c)), **pp = &m->calls;
+    struct mon_call *c = xzalloc(sizeof(*c));
     c->id = id;
     c->fn = fn;
     c->opaque = opaque;
-    while (*pp)
-        pp = &(*pp)->next;
-    *pp = c;
+    mon_call_queue_push(&m->calls, c);
     return 0;
 }

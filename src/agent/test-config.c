@@ -92,18 +92,18 @@ static void test_file(void **state)
     assert_int_equal(agent_config_check(&cfg, &err), 0);
     assert_int_equal(cfg.poll_ns, 500000000ull);
     assert_true(cfg.resume_on_other_errors);
-    assert_int_equal(cfg.ndaemons, 2);
-    assert_string_equal(cfg.daemons[0].socket, "/run/thinblk/vm1.sock");
-    assert_string_equal(cfg.daemons[1].socket, "/run/thinblk/vm2.sock");
-    assert_int_equal(cfg.ndisks, 2);
-    assert_int_equal(cfg.disks[0].method, AGENT_METHOD_LOOP);
-    assert_int_equal(cfg.disks[0].chunk, 64 * MiB);
-    assert_int_equal(cfg.disks[0].watermark, AGENT_LOOP_WATERMARK);
+    assert_int_equal(cfg.daemons.len, 2);
+    assert_string_equal(cfg.daemons.ptr[0].socket, "/run/thinblk/vm1.sock");
+    assert_string_equal(cfg.daemons.ptr[1].socket, "/run/thinblk/vm2.sock");
+    assert_int_equal(cfg.disks.len, 2);
+    assert_int_equal(cfg.disks.ptr[0].method, AGENT_METHOD_LOOP);
+    assert_int_equal(cfg.disks.ptr[0].chunk, 64 * MiB);
+    assert_int_equal(cfg.disks.ptr[0].watermark, AGENT_LOOP_WATERMARK);
     /* A hook without a method means method hook, with the hook defaults. */
-    assert_int_equal(cfg.disks[1].method, AGENT_METHOD_HOOK);
-    assert_int_equal(cfg.disks[1].chunk, AGENT_HOOK_CHUNK);
-    assert_int_equal(cfg.disks[1].cap_percent, 120);
-    assert_string_equal(cfg.disks[1].node, "proto0");
+    assert_int_equal(cfg.disks.ptr[1].method, AGENT_METHOD_HOOK);
+    assert_int_equal(cfg.disks.ptr[1].chunk, AGENT_HOOK_CHUNK);
+    assert_int_equal(cfg.disks.ptr[1].cap_percent, 120);
+    assert_string_equal(cfg.disks.ptr[1].node, "proto0");
     agent_config_free(&cfg);
 }
 

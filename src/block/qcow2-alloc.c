@@ -72,6 +72,7 @@
 #include "block/qcow2-grow.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "common/vector.h"
 
 #define BATCH_MAX 512
 #define AHEAD_BYTES (8u << 20) /* reserved ahead when a batch takes clusters at next_free */
@@ -111,6 +112,9 @@ struct newl2 {
     struct qcow2_chunk *l1;
 };
 
+DEFINE_VECTOR_TYPE(resv_vector, struct resv)
+DEFINE_VECTOR_TYPE(newl2_vector, struct newl2)
+
 enum bstate {
     B_LOOKUP, B_ASSIGN, B_GROW, B_INCS, B_A, B_A_DONE, B_FLUSHED, B_GATE, B_LINKS, B_B,
     B_B_DONE, B_DECS, B_C, B_DISCARD, B_END,
@@ -131,10 +135,8 @@ struct qcow2_batch {
     struct qcow2_chunkset links;   /* L1 and L2 chunks: B */
     struct qcow2_chunkset incs;    /* refcount increments: A */
     struct qcow2_chunkset decs;    /* refcount decrements: C */
-    struct newl2 *nl2;
-    size_t nnl2;
-    struct resv *resv;
-    size_t nresv;
+    newl2_vector nl2;
+    resv_vector resv;
     u64_vector dec;          /* clusters to decrement, repeated as many times */
     u64_vector freed;        /* clusters whose refcount reached 0 in C */
     struct block_req flush;
@@ -254,10 +256,8 @@ static void batch_drop(struct qcow2_batch *b, size_t i)
 
 static int32_t reserve(struct qcow2_batch *b, uint64_t cluster, bool counted)
 {
-    if ((b->nresv & (b->nresv - 1)) == 0)  /* 0, 1, 2, 4...: grow to the next power of 2 */
-        b->resv = xrealloc(b->resv, (b->nresv ? 2 * b->nresv : 1) * sizeof(*b->resv));
-    b->resv[b->nresv] = (struct resv){.cluster = cluster, .inc = !counted};
-    return (int32_t)b->nresv++;
+    resv_vector_append(&b->resv, (struct resv){.cluster = cluster, .inc = !counted});
+    return (int32_t)(b->resv.len - 1);
 }
 
 static uint64_t part_entry(const struct qcow2_part *p)
@@ -403,13 +403,10 @@ static int st_lookup(struct qcow2_batch *b)
             p->host = l2e & QCOW2_OFFSET_MASK;
         if (!l2_off) {
             size_t j;
-            for (j = 0; j < b->nnl2 && b->nl2[j].l1_idx != l1_idx; j++)
+            for (j = 0; j < b->nl2.len && b->nl2.ptr[j].l1_idx != l1_idx; j++)
                 ;
-            if (j == b->nnl2) {
-                b->nl2 = xrealloc(b->nl2, (b->nnl2 + 1) * sizeof(*b->nl2));
-                b->nl2[j] = (struct newl2){.l1_idx = l1_idx, .ri = -1};
-                b->nnl2++;
-            }
+            if (j == b->nl2.len)
+                newl2_vector_append(&b->nl2, (struct newl2){.l1_idx = l1_idx, .ri = -1});
             p->li = (int32_t)j;
         }
         b->i++;
@@ -426,7 +423,7 @@ static void reserve_ahead(struct qcow2_batch *b)
 
     for (uint64_t i = 0; i < want && qcow2_reserve_take_ahead(b->s, &cl); i++) {
         int32_t r = reserve(b, cl, false);  /* may move b->resv */
-        b->resv[r].ahead = true;
+        b->resv.ptr[r].ahead = true;
     }
 }
 
@@ -434,7 +431,7 @@ static int st_assign(struct qcow2_batch *b)
 {
     struct qcow2_state *s = b->s;
     uint64_t cs = s->cluster_size, from_end;
-    size_t n = b->nnl2;
+    size_t n = b->nl2.len;
 
     for (size_t i = 0; i < b->n; i++)
         n += b->p[i]->act == QCOW2_ACT_ALLOC;
@@ -459,9 +456,9 @@ static int st_assign(struct qcow2_batch *b)
         return ret < 0 ? fail(b, ret) : WAIT;
     }
     size_t k = 0;
-    for (size_t j = 0; j < b->nnl2; j++, k++) {
-        b->nl2[j].host = t[k].cluster * cs;
-        b->nl2[j].ri = reserve(b, t[k].cluster, t[k].counted);
+    for (size_t j = 0; j < b->nl2.len; j++, k++) {
+        b->nl2.ptr[j].host = t[k].cluster * cs;
+        b->nl2.ptr[j].ri = reserve(b, t[k].cluster, t[k].counted);
     }
     for (size_t i = 0; i < b->n; i++) {
         struct qcow2_part *p = b->p[i];
@@ -489,8 +486,8 @@ static int st_incs(struct qcow2_batch *b)
 {
     if (b->load_err)
         return fail(b, b->load_err);
-    while (b->i < b->nresv) {
-        struct resv *r = &b->resv[b->i];
+    while (b->i < b->resv.len) {
+        struct resv *r = &b->resv.ptr[b->i];
         if (r->inc) {
             int err;
             struct qcow2_chunk *c = qcow2_chunk_refcount(b->s, &b->incs, r->cluster, +1, true,
@@ -513,13 +510,13 @@ static void build_tables(struct qcow2_batch *b)
     struct qcow2_state *s = b->s;
     uint32_t l2_bits = s->cluster_bits - 3;
 
-    for (size_t j = 0; j < b->nnl2; j++)
-        b->nl2[j].table = qcow2_alloc_buf(s->cluster_size);
+    for (size_t j = 0; j < b->nl2.len; j++)
+        b->nl2.ptr[j].table = qcow2_alloc_buf(s->cluster_size);
     for (size_t i = 0; i < b->n; i++) {
         struct qcow2_part *p = b->p[i];
         uint64_t l2_idx = (p->voff >> s->cluster_bits) & ((1ULL << l2_bits) - 1);
         if (p->li >= 0)
-            b->nl2[p->li].table[l2_idx] = part_entry(p);
+            b->nl2.ptr[p->li].table[l2_idx] = part_entry(p);
     }
 }
 
@@ -561,16 +558,16 @@ static int st_a(struct qcow2_batch *b)
     io_begin(b, B_A_DONE);
     /* Refcounts and new L2 tables must be on disk before anything links them; data only
      * written (the entry is written after the data write completed). */
-    b->wrote = b->wrote || b->incs.n || b->nnl2;
+    b->wrote = b->wrote || b->incs.v.len || b->nl2.len;
     b->pending += qcow2_chunks_write(s, &b->incs, chunks_done, b);
-    for (size_t j = 0; j < b->nnl2; j++) {
-        if (qcow2_pre_write(s, b->nl2[j].host, s->cluster_size, false) < 0) {
+    for (size_t j = 0; j < b->nl2.len; j++) {
+        if (qcow2_pre_write(s, b->nl2.ptr[j].host, s->cluster_size, false) < 0) {
             b->err = b->err ? b->err : -EIO;
             continue;
         }
         struct block_req *req = xzalloc(sizeof(*req));
-        *req = (struct block_req){.op = BLOCK_OP_WRITE, .offset = b->nl2[j].host,
-                                  .len = s->cluster_size, .buf = b->nl2[j].table,
+        *req = (struct block_req){.op = BLOCK_OP_WRITE, .offset = b->nl2.ptr[j].host,
+                                  .len = s->cluster_size, .buf = b->nl2.ptr[j].table,
                                   .done = newl2_done, .opaque = b};
         b->pending++;
         node_submit(s->file, req);
@@ -607,8 +604,8 @@ static int st_flushed(struct qcow2_batch *b)
 {
     if (b->err)
         return fail(b, b->err);
-    for (size_t r = 0; r < b->nresv; r++) {
-        struct resv *v = &b->resv[r];
+    for (size_t r = 0; r < b->resv.len; r++) {
+        struct resv *v = &b->resv.ptr[r];
         if (v->ahead && v->rb && v->rb->ret == 0 && qcow2_reserve_ahead_add(b->s, v->cluster))
             v->handed = true;
     }
@@ -638,9 +635,9 @@ static int st_links(struct qcow2_batch *b)
     if (b->load_err)
         return fail(b, b->load_err);
     if (b->i == 0) {
-        b->pipe = b->nnl2 == 0;
-        for (size_t j = 0; j < b->nnl2; j++) {
-            struct newl2 *t = &b->nl2[j];
+        b->pipe = b->nl2.len == 0;
+        for (size_t j = 0; j < b->nl2.len; j++) {
+            struct newl2 *t = &b->nl2.ptr[j];
             uint64_t e = htobe64(t->host | QCOW2_OFLAG_COPIED);
             t->l1 = qcow2_chunk_touch(&b->links, a, QCOW2_CHUNK_L1, 0, s->l1, qcow2_l1_bytes(s),
                                       s->l1_offset, t->l1_idx * 8);
@@ -652,7 +649,7 @@ static int st_links(struct qcow2_batch *b)
         if (p->act == QCOW2_ACT_SET || from_compressed(s, p))
             b->pipe = false;  /* C frees clusters: refcount writes after B */
         if (p->li >= 0) {
-            p->link = b->nl2[p->li].l1;
+            p->link = b->nl2.ptr[p->li].l1;
             continue;
         }
         uint64_t l1_idx = p->voff >> (s->cluster_bits + l2_bits), l2_off;
@@ -692,11 +689,11 @@ static int st_b_done(struct qcow2_batch *b)
     uint64_t cs = s->cluster_size;
 
     b->err = 0;  /* each part goes by its own link's result */
-    for (size_t j = 0; j < b->nnl2; j++) {
-        if (b->nl2[j].l1->ret == 0) {
-            b->resv[b->nl2[j].ri].linked = true;
-            qcow2_meta_add(s, b->nl2[j].host / cs, QCOW2_META_L2);
-            qcow2_cache_insert(s->l2_cache, b->nl2[j].host, b->nl2[j].table);
+    for (size_t j = 0; j < b->nl2.len; j++) {
+        if (b->nl2.ptr[j].l1->ret == 0) {
+            b->resv.ptr[b->nl2.ptr[j].ri].linked = true;
+            qcow2_meta_add(s, b->nl2.ptr[j].host / cs, QCOW2_META_L2);
+            qcow2_cache_insert(s->l2_cache, b->nl2.ptr[j].host, b->nl2.ptr[j].table);
         }
     }
     for (size_t i = 0; i < b->n; i++) {
@@ -706,7 +703,7 @@ static int st_b_done(struct qcow2_batch *b)
             continue;
         }
         if (p->ri >= 0)
-            b->resv[p->ri].linked = true;
+            b->resv.ptr[p->ri].linked = true;
         enum qcow2_ctype t = qcow2_l2e_type(p->old_l2e, s->cluster_bits, s->version, NULL);
         uint64_t h = p->old_l2e & QCOW2_OFFSET_MASK;
         if (t == QCOW2_COMPRESSED) {
@@ -806,8 +803,8 @@ static int st_end(struct qcow2_batch *b)
     struct qcow2_alloc *a = b->a;
     struct qcow2_batch *next = NULL;
 
-    for (size_t r = 0; r < b->nresv; r++) {
-        struct resv *v = &b->resv[r];
+    for (size_t r = 0; r < b->resv.len; r++) {
+        struct resv *v = &b->resv.ptr[r];
         if (v->linked || v->handed)
             continue;
         if (!v->inc || (v->rb && v->rb->ret == 0))
@@ -817,10 +814,10 @@ static int st_end(struct qcow2_batch *b)
     }
     for (size_t i = 0; i < b->freed.len; i++)
         qcow2_reserve_put_freed(s, b->freed.ptr[i]);
-    for (size_t j = 0; j < b->nnl2; j++)
-        free(b->nl2[j].table);
-    free(b->nl2);
-    free(b->resv);
+    for (size_t j = 0; j < b->nl2.len; j++)
+        free(b->nl2.ptr[j].table);
+    newl2_vector_reset(&b->nl2);
+    resv_vector_reset(&b->resv);
     qcow2_chunkset_free(&b->links);
     qcow2_chunkset_free(&b->incs);
     qcow2_chunkset_free(&b->decs);

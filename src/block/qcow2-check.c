@@ -328,8 +328,7 @@ static int count_refs(struct check *k, struct error **errp)
 
 /* New refcount structures, placed from the first cluster after the last one in use. */
 struct growth {
-    uint64_t *newb;      /* per block index: the new block's cluster, or 0 */
-    uint64_t nb;         /* entries of newb */
+    u64_vector newb;     /* per block index: the new block's cluster, or 0 */
     uint64_t next;       /* the next cluster to place one at */
     uint64_t rt_first;   /* a new refcount table: its first cluster and size, or 0 */
     uint64_t rt_k;
@@ -381,18 +380,14 @@ static int plan_growth(struct check *k, struct growth *g, struct error **errp)
     for (;;) {
         bool changed = false;
         uint64_t nb = (used_end(k) + (1ULL << s->rb_bits) - 1) >> s->rb_bits, last = 0;
-        if (nb > g->nb) {
-            g->newb = xrealloc(g->newb, nb * sizeof(*g->newb));
-            memset(g->newb + g->nb, 0, (nb - g->nb) * sizeof(*g->newb));
-            g->nb = nb;
-        }
+        u64_vector_grow_to(&g->newb, nb);
         for (uint64_t b = 0; b < nb; b++) {
             if (!block_in_use(k, b))
                 continue;
             last = b + 1;
-            if (qcow2_rt_entry(s, b) || g->newb[b])
+            if (qcow2_rt_entry(s, b) || g->newb.ptr[b])
                 continue;
-            g->newb[b] = g->next;
+            g->newb.ptr[b] = g->next;
             if (place(k, g, 1, errp) < 0)
                 return -1;
             k->new_blocks++;
@@ -498,8 +493,8 @@ static int compare_and_fix(struct check *k, struct growth *g, uint64_t *last,
     struct qcow2_state *s = k->s;
     uint64_t cs = s->cluster_size;
 
-    for (uint64_t b = 0; b < g->nb; b++) {
-        if (g->newb[b] && fix_block(k, b, g->newb[b] * cs, true, last, errp) < 0)
+    for (uint64_t b = 0; b < g->newb.len; b++) {
+        if (g->newb.ptr[b] && fix_block(k, b, g->newb.ptr[b] * cs, true, last, errp) < 0)
             return -1;
     }
     for (uint64_t b = 0; b < s->rt_entries; b++) {
@@ -549,9 +544,9 @@ static int compare_and_fix(struct check *k, struct growth *g, uint64_t *last,
     uint64_t n = g->rt_k ? g->rt_k : s->rt_clusters;
     uint64_t *rt = qcow2_alloc_buf(n * cs);
     memcpy(rt, s->rt, s->rt_entries * 8);
-    for (uint64_t b = 0; b < g->nb; b++) {
-        if (g->newb[b])
-            rt[b] = htobe64(g->newb[b] * cs);
+    for (uint64_t b = 0; b < g->newb.len; b++) {
+        if (g->newb.ptr[b])
+            rt[b] = htobe64(g->newb.ptr[b] * cs);
     }
     uint64_t off = g->rt_k ? g->rt_first * cs : s->rt_offset;
     if (write_sync(s, rt, n * cs, off, errp) < 0) {
@@ -560,9 +555,9 @@ static int compare_and_fix(struct check *k, struct growth *g, uint64_t *last,
     }
     free(s->rt);
     s->rt = rt;
-    for (uint64_t b = 0; b < g->nb; b++) {
-        if (g->newb[b])
-            qcow2_meta_add(s, g->newb[b], QCOW2_META_RB);
+    for (uint64_t b = 0; b < g->newb.len; b++) {
+        if (g->newb.ptr[b])
+            qcow2_meta_add(s, g->newb.ptr[b], QCOW2_META_RB);
     }
     if (g->rt_k) {
         /* The header switches to the new table (still dirty: the old table is free now). */
@@ -641,6 +636,6 @@ out:
         free(k.fixed.ptr[i].buf);
     fixed_vector_reset(&k.fixed);
     refs_free(&k.refs);
-    free(g.newb);
+    u64_vector_reset(&g.newb);
     return ret;
 }

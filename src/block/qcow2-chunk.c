@@ -44,16 +44,12 @@ struct qcow2_chunk *qcow2_chunk_touch(struct qcow2_chunkset *cs, uint32_t align,
 
     if (c)
         return c;
-    if (2 * (cs->n + 1) > cs->hcap) {
+    if (2 * (cs->v.len + 1) > cs->hcap) {
         free(cs->h);
         cs->hcap = cs->hcap ? 2 * cs->hcap : 64;
         cs->h = xzalloc(cs->hcap * sizeof(*cs->h));
-        for (size_t i = 0; i < cs->n; i++)
-            hash_add(cs, cs->v[i]);
-    }
-    if (cs->n == cs->cap) {
-        cs->cap = cs->cap ? 2 * cs->cap : 16;
-        cs->v = xrealloc(cs->v, cs->cap * sizeof(*cs->v));
+        for (size_t i = 0; i < cs->v.len; i++)
+            hash_add(cs, cs->v.ptr[i]);
     }
     c = xzalloc(sizeof(*c));
     c->disk = base + pos;
@@ -64,18 +60,18 @@ struct qcow2_chunk *qcow2_chunk_touch(struct qcow2_chunkset *cs, uint32_t align,
     c->ret = 1;
     c->buf = qcow2_alloc_buf(align);
     memcpy(c->buf, (const char *)image + pos, c->len);
-    cs->v[cs->n++] = c;
+    qcow2_chunk_vector_append(&cs->v, c);
     hash_add(cs, c);
     return c;
 }
 
 void qcow2_chunkset_free(struct qcow2_chunkset *cs)
 {
-    for (size_t i = 0; i < cs->n; i++) {
-        free(cs->v[i]->buf);
-        free(cs->v[i]);
+    for (size_t i = 0; i < cs->v.len; i++) {
+        free(cs->v.ptr[i]->buf);
+        free(cs->v.ptr[i]);
     }
-    free(cs->v);
+    qcow2_chunk_vector_reset(&cs->v);
     free(cs->h);
     *cs = (struct qcow2_chunkset){0};
 }
@@ -93,15 +89,16 @@ size_t qcow2_chunk_runs(struct qcow2_chunkset *cs, uint32_t align, uint64_t max,
 {
     size_t nruns = 0;
 
-    if (!cs->n)
+    if (!cs->v.len)
         return 0;
-    qsort(cs->v, cs->n, sizeof(*cs->v), chunk_cmp);
-    for (size_t i = 0; i < cs->n;) {
+    qsort(cs->v.ptr, cs->v.len, sizeof(*cs->v.ptr), chunk_cmp);
+    for (size_t i = 0; i < cs->v.len;) {
+        struct qcow2_chunk **v = cs->v.ptr;
         size_t j = i + 1;
-        uint64_t len = cs->v[i]->len;
-        while (j < cs->n && cs->v[j - 1]->disk + cs->v[j - 1]->len == cs->v[j]->disk &&
-               cs->v[j - 1]->len == align && len + cs->v[j]->len <= max)
-            len += cs->v[j++]->len;
+        uint64_t len = v[i]->len;
+        while (j < cs->v.len && v[j - 1]->disk + v[j - 1]->len == v[j]->disk &&
+               v[j - 1]->len == align && len + v[j]->len <= max)
+            len += v[j++]->len;
         out[nruns++] = (struct qcow2_chunk_run){.first = i, .n = j - i, .len = len};
         i = j;
     }
@@ -160,12 +157,12 @@ static void mwrite_done(struct block_req *req, int ret)
 size_t qcow2_chunks_write(struct qcow2_state *s, struct qcow2_chunkset *cs,
                           void (*done)(void *opaque, int ret), void *opaque)
 {
-    struct qcow2_chunk_run *runs = xmalloc(MAX(cs->n, 1) * sizeof(*runs));
+    struct qcow2_chunk_run *runs = xmalloc(MAX(cs->v.len, 1) * sizeof(*runs));
     size_t nruns = qcow2_chunk_runs(cs, s->meta_align, MERGE_MAX, runs);
 
     for (size_t r = 0; r < nruns; r++) {
         struct mwrite *w = xzalloc(sizeof(*w));
-        struct qcow2_chunk **c = cs->v + runs[r].first;
+        struct qcow2_chunk **c = cs->v.ptr + runs[r].first;
         void *buf = c[0]->buf;
 
         w->s = s;

@@ -15,6 +15,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/vector.h"
+
 struct qcow2_state;
 struct qcow2_waiter;
 
@@ -29,9 +31,10 @@ struct qcow2_chunk {
     char *buf;           /* len bytes (an aligned buffer of the chunk size) */
 };
 
+DEFINE_VECTOR_TYPE(qcow2_chunk_vector, struct qcow2_chunk *)
+
 struct qcow2_chunkset {
-    struct qcow2_chunk **v;
-    size_t n, cap;
+    qcow2_chunk_vector v;    /* in the order touched; qcow2_chunk_runs() sorts it */
     struct qcow2_chunk **h;  /* open addressing on disk offset */
     size_t hcap;
 };
@@ -52,7 +55,7 @@ struct qcow2_chunk *qcow2_chunk_touch(struct qcow2_chunkset *cs, uint32_t align,
                                       uint64_t base, uint64_t off);
 /* Sort the set by disk offset and group it into runs: chunks contiguous on disk, each but
  * the last of a run whole (align bytes), at most max bytes a run. Writes n runs to out
- * (room for cs->n) and returns n. */
+ * (room for cs->v.len) and returns n. */
 size_t qcow2_chunk_runs(struct qcow2_chunkset *cs, uint32_t align, uint64_t max,
                         struct qcow2_chunk_run *out);
 /* Write every chunk of cs, a request per run; each completion sets its chunks' ret, copies

@@ -140,8 +140,8 @@ static int apply_cli_objects(struct daemon *d, const struct daemon_options *opts
         [CLI_EXPORT] = "--export",
     };
 
-    for (size_t i = 0; i < opts->nobjects; i++) {
-        const struct cli_object *o = &opts->objects[i];
+    for (size_t i = 0; i < opts->objects.len; i++) {
+        const struct cli_object *o = &opts->objects.ptr[i];
         /* The tables blockdev-add, nbd-server-start and block-export-add are checked with. */
         int r = schema_check(cli_object_schema(o->kind), o->opts, errp);
         if (r < 0) {
@@ -277,8 +277,8 @@ int main(int argc, char **argv)
             goto out;
         }
     }
-    for (size_t i = 0; i < opts.nmonitors; i++) {
-        if (qmp_server_add_monitor(d.server, &opts.monitors[i], &err) < 0) {
+    for (size_t i = 0; i < opts.monitors.len; i++) {
+        if (qmp_server_add_monitor(d.server, &opts.monitors.ptr[i], &err) < 0) {
             log_error("%s", err->desc);
             goto out;
         }

@@ -88,9 +88,9 @@ static int no_leftovers(json_t *obj, const char *opt, struct error **errp)
 
 static struct chardev_opt *find_chardev(struct daemon_options *o, const char *id)
 {
-    for (size_t i = 0; i < o->nchardevs; i++) {
-        if (!strcmp(o->chardevs[i].id, id))
-            return &o->chardevs[i];
+    for (size_t i = 0; i < o->chardevs.len; i++) {
+        if (!strcmp(o->chardevs.ptr[i].id, id))
+            return &o->chardevs.ptr[i];
     }
     return NULL;
 }
@@ -102,8 +102,8 @@ static int add_chardev(struct daemon_options *o, const char *id, const char *pat
         error_setg(errp, "--chardev: Duplicate chardev ID '%s'", id);
         return -1;
     }
-    o->chardevs = xrealloc(o->chardevs, (o->nchardevs + 1) * sizeof(*o->chardevs));
-    o->chardevs[o->nchardevs++] = (struct chardev_opt){ xstrdup(id), xstrdup(path), false };
+    chardev_opt_vector_append(&o->chardevs,
+                              (struct chardev_opt){ xstrdup(id), xstrdup(path), false });
     return 0;
 }
 
@@ -179,8 +179,8 @@ out:
 
 static void add_monitor(struct daemon_options *o, const char *path, bool pretty, size_t limit)
 {
-    o->monitors = xrealloc(o->monitors, (o->nmonitors + 1) * sizeof(*o->monitors));
-    o->monitors[o->nmonitors++] = (struct qmp_monitor_config){ path, pretty, limit };
+    qmp_monitor_config_vector_append(&o->monitors,
+                                     (struct qmp_monitor_config){ path, pretty, limit });
 }
 
 static int opt_monitor(struct daemon_options *o, const char *arg, struct error **errp)
@@ -254,7 +254,7 @@ static int opt_qmp(struct daemon_options *o, const char *arg, struct error **err
     }
     const char *comma = strchr(spec, ',');
     _cleanup_free_ char *path = comma ? strndup(spec, (size_t)(comma - spec)) : xstrdup(spec);
-    _cleanup_free_ char *id = xasprintf("qmp%zu", o->nchardevs);
+    _cleanup_free_ char *id = xasprintf("qmp%zu", o->chardevs.len);
 
     if (!path || !*path) {
         error_setg(errp, "%s: a socket path is required", opt);
@@ -273,8 +273,8 @@ static int opt_qmp(struct daemon_options *o, const char *arg, struct error **err
     }
     if (add_chardev(o, id, path, errp) < 0)
         return -1;
-    o->chardevs[o->nchardevs - 1].used = true;
-    add_monitor(o, o->chardevs[o->nchardevs - 1].path, false, 0);
+    o->chardevs.ptr[o->chardevs.len - 1].used = true;
+    add_monitor(o, o->chardevs.ptr[o->chardevs.len - 1].path, false, 0);
     return 0;
 }
 
@@ -313,8 +313,7 @@ static int opt_object(struct daemon_options *o, enum cli_object_kind kind, const
         error_prepend(errp, "%s: ", opt);
         return -1;
     }
-    o->objects = xrealloc(o->objects, (o->nobjects + 1) * sizeof(*o->objects));
-    o->objects[o->nobjects++] = (struct cli_object){ kind, obj };
+    cli_object_vector_append(&o->objects, (struct cli_object){ kind, obj });
     return 0;
 }
 
@@ -383,15 +382,15 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
 
 void daemon_options_free(struct daemon_options *o)
 {
-    for (size_t i = 0; i < o->nchardevs; i++) {
-        free(o->chardevs[i].id);
-        free(o->chardevs[i].path);
+    for (size_t i = 0; i < o->chardevs.len; i++) {
+        free(o->chardevs.ptr[i].id);
+        free(o->chardevs.ptr[i].path);
     }
-    free(o->chardevs);
-    free(o->monitors);
-    for (size_t i = 0; i < o->nobjects; i++)
-        json_decref(o->objects[i].opts);
-    free(o->objects);
+    chardev_opt_vector_reset(&o->chardevs);
+    qmp_monitor_config_vector_reset(&o->monitors);
+    for (size_t i = 0; i < o->objects.len; i++)
+        json_decref(o->objects.ptr[i].opts);
+    cli_object_vector_reset(&o->objects);
     free(o->pidfile);
 }
 

@@ -22,6 +22,7 @@
 
 #include "common/error.h"
 #include "common/schema.h"
+#include "common/vector.h"
 #include "qmp/server.h"
 
 struct chardev_opt {
@@ -43,13 +44,14 @@ struct cli_object {
  * nbd-server-start (with the flat SocketAddress) or block-export-add. */
 const struct schema_member *cli_object_schema(enum cli_object_kind kind);
 
+DEFINE_VECTOR_TYPE(cli_object_vector, struct cli_object)
+DEFINE_VECTOR_TYPE(chardev_opt_vector, struct chardev_opt)
+DEFINE_VECTOR_TYPE(qmp_monitor_config_vector, struct qmp_monitor_config)
+
 struct daemon_options {
-    struct cli_object *objects;
-    size_t nobjects;
-    struct chardev_opt *chardevs;
-    size_t nchardevs;
-    struct qmp_monitor_config *monitors;  /* path borrowed from its chardev */
-    size_t nmonitors;
+    cli_object_vector objects;
+    chardev_opt_vector chardevs;
+    qmp_monitor_config_vector monitors;  /* path borrowed from its chardev */
     bool prelaunch;   /* -S: start in prelaunch, like QEMU */
     char *pidfile;
     int verbose;

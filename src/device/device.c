@@ -17,6 +17,7 @@
 
 DEFINE_QUEUE_TYPE(req_queue, struct dev_req, next)
 DEFINE_QUEUE_TYPE(dev_waiter_queue, struct dev_waiter, next)
+DECLARE_LIST_HEAD(device_queue, struct device)
 
 struct dev_stats {
     uint64_t rd_bytes, wr_bytes, unmap_bytes;
@@ -32,7 +33,7 @@ struct dev_context {
     struct loop *loop;
     void (*emit)(void *opaque, const char *name, json_t *data);  /* data stolen */
     void *emit_opaque;
-    struct device *devices;         /* every device, in creation order */
+    device_queue devices;           /* every device, in creation order */
     struct dev_stopper *runstate;   /* the daemon's run state: every device's stopper */
 };
 
@@ -65,6 +66,8 @@ struct device {
     bool writethrough;
     bool dying;                /* device_free() was called; freed when in_flight drops to 0 */
 };
+
+DEFINE_QUEUE_FUNCTIONS(device_queue, struct device, next)
 
 static const char *const action_names[] = {
     [DEV_ACTION_REPORT] = "report", [DEV_ACTION_IGNORE] = "ignore",
@@ -373,7 +376,7 @@ void dev_stopper_fini(struct dev_stopper *s)
 
 bool dev_stopper_busy(const struct dev_stopper *s)
 {
-    for (struct device *d = s->ctx->devices; d; d = d->next) {
+    for (struct device *d = s->ctx->devices.head; d; d = d->next) {
         if (d->stopper == s && d->in_flight)
             return true;
     }
@@ -382,7 +385,7 @@ bool dev_stopper_busy(const struct dev_stopper *s)
 
 void dev_stopper_stopped(struct dev_stopper *s)
 {
-    for (struct device *d = s->ctx->devices; d; d = d->next) {
+    for (struct device *d = s->ctx->devices.head; d; d = d->next) {
         if (d->stopper == s) {
             d->stats.stopped_count++;
             d->stats.stopped_since = now_monotonic_ns();
@@ -392,7 +395,7 @@ void dev_stopper_stopped(struct dev_stopper *s)
 
 void dev_stopper_resumed(struct dev_stopper *s)
 {
-    for (struct device *d = s->ctx->devices; d; d = d->next) {
+    for (struct device *d = s->ctx->devices.head; d; d = d->next) {
         if (d->stopper != s)
             continue;
         if (d->stats.stopped_since) {
@@ -464,10 +467,7 @@ struct device *device_new(struct dev_context *ctx, const char *name, struct bloc
     if (!d->stopper->ops->running(d->stopper))
         d->stats.stopped_since = now_monotonic_ns();
 
-    struct device **p = &ctx->devices;
-    while (*p)
-        p = &(*p)->next;
-    *p = d;
+    device_queue_push(&ctx->devices, d);
     return d;
 }
 
@@ -498,12 +498,7 @@ void device_free(struct device *d)
     if (!d)
         return;
     device_abort(d);
-    for (struct device **p = &d->ctx->devices; *p; p = &(*p)->next) {
-        if (*p == d) {
-            *p = d->next;
-            break;
-        }
-    }
+    device_queue_remove(&d->ctx->devices, d);
     if (d->event_timer)
         loop_del_timer(d->ctx->loop, d->event_timer);
     json_decref(d->pending_event);
@@ -516,7 +511,7 @@ void device_free(struct device *d)
 
 struct device *device_find(struct dev_context *ctx, const char *name)
 {
-    for (struct device *d = ctx->devices; d; d = d->next) {
+    for (struct device *d = ctx->devices.head; d; d = d->next) {
         if (strcmp(d->name, name) == 0)
             return d;
     }
@@ -530,7 +525,7 @@ void device_set_writethrough(struct device *d, bool on)
 
 struct device *device_first(const struct dev_context *ctx)
 {
-    return ctx->devices;
+    return ctx->devices.head;
 }
 
 struct device *device_next(const struct device *d)

@@ -75,7 +75,6 @@ static void on_deferred_run(struct loop *loop, void *opaque)
 {
     struct nbd_conn *c = opaque;
 
-    c->scheduled = false;
     if (c->state != NBD_STATE_CLOSED)
         conn_run(c);
     nbd_conn_unref(c);
@@ -87,9 +86,8 @@ void nbd_conn_schedule(struct nbd_conn *c)
         c->rerun = true;
         return;
     }
-    if (c->scheduled || c->state == NBD_STATE_CLOSED)
+    if (loop_deferred_queued(&c->run_call) || c->state == NBD_STATE_CLOSED)
         return;
-    c->scheduled = true;
     nbd_conn_ref(c);
     loop_defer(c->loop, &c->run_call);
 }

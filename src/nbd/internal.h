@@ -105,8 +105,8 @@ struct nbd_conn {
     unsigned watched;              /* LOOP_* registered with the loop */
     bool eof;                      /* the client shut its side */
     bool paused;                   /* back-pressure: not starting a new message */
-    bool running, rerun, scheduled;
-    struct loop_deferred run_call; /* on_deferred_run(), while scheduled (holds a reference) */
+    bool running, rerun;
+    struct loop_deferred run_call; /* on_deferred_run(), while queued (holds a reference) */
     uint64_t handshake_timer;
 
     /* Input: bytes read ahead, and the message being assembled. */

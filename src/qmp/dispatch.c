@@ -5,15 +5,17 @@
 
 #include "common/qjson.h"
 #include "common/util.h"
+#include "common/vector.h"
 
 struct entry {
     const struct qmp_command *cmd;
     void *opaque;
 };
 
+DEFINE_VECTOR_TYPE(entry_vector, struct entry)
+
 struct qmp_dispatcher {
-    struct entry *entries;
-    size_t n, cap;
+    entry_vector entries;
 };
 
 struct qmp_dispatcher *qmp_dispatcher_new(void)
@@ -25,15 +27,15 @@ void qmp_dispatcher_free(struct qmp_dispatcher *d)
 {
     if (!d)
         return;
-    free(d->entries);
+    entry_vector_reset(&d->entries);
     free(d);
 }
 
 static const struct entry *find(struct qmp_dispatcher *d, const char *name)
 {
-    for (size_t i = 0; i < d->n; i++) {
-        if (strcmp(d->entries[i].cmd->name, name) == 0)
-            return &d->entries[i];
+    for (size_t i = 0; i < d->entries.len; i++) {
+        if (strcmp(d->entries.ptr[i].cmd->name, name) == 0)
+            return &d->entries.ptr[i];
     }
     return NULL;
 }
@@ -44,19 +46,15 @@ void qmp_dispatcher_add(struct qmp_dispatcher *d, const struct qmp_command *cmds
     for (size_t i = 0; i < n; i++) {
         if (find(d, cmds[i].name))
             abort(); /* two tables claim one name: a programming error */
-        if (d->n == d->cap) {
-            d->cap = d->cap ? d->cap * 2 : 32;
-            d->entries = xrealloc(d->entries, d->cap * sizeof(*d->entries));
-        }
-        d->entries[d->n++] = (struct entry){ &cmds[i], opaque };
+        entry_vector_append(&d->entries, (struct entry){ &cmds[i], opaque });
     }
 }
 
 void qmp_dispatcher_foreach(struct qmp_dispatcher *d,
                             void (*fn)(const struct qmp_command *cmd, void *opaque), void *opaque)
 {
-    for (size_t i = 0; i < d->n; i++)
-        fn(d->entries[i].cmd, opaque);
+    for (size_t i = 0; i < d->entries.len; i++)
+        fn(d->entries.ptr[i].cmd, opaque);
 }
 
 json_t *qmp_error_response(const struct error *err, json_t *id)

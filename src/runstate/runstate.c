@@ -4,12 +4,15 @@
 #include <string.h>
 
 #include "common/util.h"
+#include "common/vector.h"
 #include "loop/loop.h"
 
 struct listener {
     runstate_listener_fn *fn;
     void *opaque;
 };
+
+DEFINE_VECTOR_TYPE(listener_vector, struct listener)
 
 struct runstate {
     struct loop *loop;
@@ -18,12 +21,10 @@ struct runstate {
     runstate_event_fn *emit;
     void *emit_opaque;
 
-    struct listener *listeners;
-    size_t nlisteners;
+    listener_vector listeners;  /* in the order added */
 
     /* A stop asked for by the I/O path and not yet carried out (deferred to the loop). */
     bool stop_requested;
-    bool stop_scheduled;       /* deferred_stop() is queued on the loop */
     struct loop_deferred stop_call;  /* deferred_stop() */
     enum run_state requested_state;
     struct runstate_io *io;    /* the stop waits while it is busy; NULL: nothing to wait for */
@@ -63,7 +64,7 @@ void runstate_free(struct runstate *rs)
     if (!rs)
         return;
     loop_cancel_deferred(rs->loop, &rs->stop_call);
-    free(rs->listeners);
+    listener_vector_reset(&rs->listeners);
     free(rs);
 }
 
@@ -84,17 +85,17 @@ bool runstate_is_running(const struct runstate *rs)
 
 void runstate_add_listener(struct runstate *rs, runstate_listener_fn *fn, void *opaque)
 {
-    rs->listeners = xrealloc(rs->listeners, (rs->nlisteners + 1) * sizeof(*rs->listeners));
-    rs->listeners[rs->nlisteners++] = (struct listener){ fn, opaque };
+    listener_vector_append(&rs->listeners, (struct listener){ fn, opaque });
 }
 
 void runstate_remove_listener(struct runstate *rs, runstate_listener_fn *fn, void *opaque)
 {
-    for (size_t i = 0; i < rs->nlisteners; i++) {
-        if (rs->listeners[i].fn == fn && rs->listeners[i].opaque == opaque) {
-            memmove(&rs->listeners[i], &rs->listeners[i + 1],
-                    (rs->nlisteners - i - 1) * sizeof(*rs->listeners));
-            rs->nlisteners--;
+    listener_vector *v = &rs->listeners;
+
+    for (size_t i = 0; i < v->len; i++) {
+        if (v->ptr[i].fn == fn && v->ptr[i].opaque == opaque) {
+            memmove(&v->ptr[i], &v->ptr[i + 1], (v->len - i - 1) * sizeof(*v->ptr));
+            v->len--;
             return;
         }
     }
@@ -106,8 +107,8 @@ static void set_state(struct runstate *rs, enum run_state new_state)
 
     rs->state = new_state;
     rs->since_ns = now_realtime_ns();
-    for (size_t i = 0; i < rs->nlisteners; i++)
-        rs->listeners[i].fn(rs->listeners[i].opaque, old, new_state);
+    for (size_t i = 0; i < rs->listeners.len; i++)
+        rs->listeners.ptr[i].fn(rs->listeners.ptr[i].opaque, old, new_state);
 }
 
 /* QEMU's do_vm_stop(): only a running machine stops, and only then is STOP sent. */
@@ -154,7 +155,6 @@ static void deferred_stop(struct loop *loop, void *opaque)
 {
     struct runstate *rs = opaque;
 
-    rs->stop_scheduled = false;
     if (!rs->stop_requested)
         return;
     if (rs->state == RUN_STATE_RUNNING && rs->io && rs->io->busy(rs->io))
@@ -165,10 +165,8 @@ static void deferred_stop(struct loop *loop, void *opaque)
 
 void runstate_poke(struct runstate *rs)
 {
-    if (rs->stop_requested && !rs->stop_scheduled) {
-        rs->stop_scheduled = true;
+    if (rs->stop_requested && !loop_deferred_queued(&rs->stop_call))
         loop_defer(rs->loop, &rs->stop_call);
-    }
 }
 
 void runstate_request_stop(struct runstate *rs, enum run_state new_state)

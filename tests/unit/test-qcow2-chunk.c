@@ -43,11 +43,11 @@ static void test_touch_copies_once(void **state)
     assert_ptr_equal(qcow2_chunk_touch(&cs, 512, QCOW2_CHUNK_L2, 0x40000, table, sizeof(table),
                                        0x40000, 1023), c);
     assert_int_equal((uint8_t)c->buf[8], 0xee);
-    assert_int_equal(cs.n, 1);
+    assert_int_equal(cs.v.len, 1);
     assert_ptr_equal(qcow2_chunk_find(&cs, 0x40000 + 512), c);
     assert_null(qcow2_chunk_find(&cs, 0x40000));
     qcow2_chunkset_free(&cs);
-    assert_int_equal(cs.n, 0);
+    assert_int_equal(cs.v.len, 0);
 }
 
 static void test_chunk_at_table_end(void **state)
@@ -74,7 +74,7 @@ static void test_many_chunks_found(void **state)
     for (uint64_t i = 0; i < 2048; i += 2)
         qcow2_chunk_touch(&cs, 512, QCOW2_CHUNK_RB, 0x100000, table, sizeof(table), 0x100000,
                           i * 512);
-    assert_int_equal(cs.n, 1024);
+    assert_int_equal(cs.v.len, 1024);
     for (uint64_t i = 0; i < 2048; i++) {
         struct qcow2_chunk *c = qcow2_chunk_find(&cs, 0x100000 + i * 512);
         if (i % 2)
@@ -104,9 +104,9 @@ static void test_runs(void **state)
     /* 1, 2, 3 together; 7 alone; 9 and the short chunk after it together. */
     assert_int_equal(runs[0].n, 3);
     assert_int_equal(runs[0].len, 1536);
-    assert_int_equal(cs.v[runs[0].first]->disk, 0x10000 + 512);
+    assert_int_equal(cs.v.ptr[runs[0].first]->disk, 0x10000 + 512);
     assert_int_equal(runs[1].n, 1);
-    assert_int_equal(cs.v[runs[1].first]->disk, 0x10000 + 7 * 512);
+    assert_int_equal(cs.v.ptr[runs[1].first]->disk, 0x10000 + 7 * 512);
     assert_int_equal(runs[2].n, 2);
     assert_int_equal(runs[2].len, 512 + 24);
     /* A smaller maximum splits the first run. */
@@ -253,7 +253,7 @@ static void test_refcount_changes(void **state)
     assert_int_equal(qcow2_refcount_get(4, c->buf, 7), 0);
     assert_ptr_equal(change(im, &cs, 8, +1, false, &err), c);  /* shared: 2 */
     assert_int_equal(qcow2_refcount_get(4, c->buf, 8), 2);
-    assert_int_equal(cs.n, 1);
+    assert_int_equal(cs.v.len, 1);
     assert_int_equal(json_array_size(im->events), 0);
 
     /* A new allocation over a cluster in use, a decrement below 0, an increment past the
@@ -271,7 +271,7 @@ static void test_refcount_changes(void **state)
     im->s.meta.signalled = false;
     assert_null(change(im, &cs, 300, +1, false, &err));
     assert_int_equal(err, -EIO);
-    assert_int_equal(cs.n, 2);  /* the second chunk was touched before the check */
+    assert_int_equal(cs.v.len, 2);  /* the second chunk was touched before the check */
     /* No refcount block for a cluster past what the table covers. */
     im->s.meta.signalled = false;
     assert_null(change(im, &cs, (uint64_t)1 << 15, +1, true, &err));
