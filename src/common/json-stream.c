@@ -10,6 +10,7 @@
 #include "common/qjson.h"
 #include "common/utf8.h"
 #include "common/util.h"
+#include "common/vector.h"
 
 enum tok_type {
     TOK_LCURLY, TOK_RCURLY, TOK_LSQUARE, TOK_RSQUARE, TOK_COLON, TOK_COMMA,
@@ -32,6 +33,8 @@ struct token {
     size_t len;
 };
 
+DEFINE_VECTOR_TYPE(token_vector, struct token)
+
 struct json_stream {
     struct buf in;        /* queued input; in.data[in_pos..in.len) not yet lexed */
     size_t in_pos;
@@ -40,8 +43,7 @@ struct json_stream {
     struct buf tok;       /* the token being lexed (not kept while skipping) */
 
     /* The message being collected: its tokens, their text back to back. */
-    struct token *tokens;
-    size_t ntokens, cap_tokens;
+    token_vector tokens;
     struct buf text;
     size_t size;           /* bytes of the tokens (text also has a NUL after each) */
     int braces, brackets;  /* open minus closed, as QEMU counts them */
@@ -61,7 +63,7 @@ struct json_stream *json_stream_new(void)
 
 static void message_reset(struct json_stream *js)
 {
-    js->ntokens = 0;
+    js->tokens.len = 0;
     js->size = 0;
     buf_reset(&js->text);
     js->braces = js->brackets = 0;
@@ -70,11 +72,8 @@ static void message_reset(struct json_stream *js)
         buf_free(&js->text);
     if (js->tok.len == 0 && js->tok.cap > 65536)
         buf_free(&js->tok);
-    if (js->cap_tokens > 4096) {
-        free(js->tokens);
-        js->tokens = NULL;
-        js->cap_tokens = 0;
-    }
+    if (js->tokens.cap > 4096)
+        token_vector_reset(&js->tokens);
 }
 
 void json_stream_free(struct json_stream *js)
@@ -84,7 +83,7 @@ void json_stream_free(struct json_stream *js)
     buf_free(&js->in);
     buf_free(&js->tok);
     buf_free(&js->text);
-    free(js->tokens);
+    token_vector_reset(&js->tokens);
     json_decref(js->ready_value);
     error_free(js->ready_err);
     free(js);
@@ -129,12 +128,12 @@ static void parse_error(struct parser *p, const char *fmt, ...)
 
 static const struct token *peek(struct parser *p)
 {
-    return p->pos < p->js->ntokens ? &p->js->tokens[p->pos] : NULL;
+    return p->pos < p->js->tokens.len ? &p->js->tokens.ptr[p->pos] : NULL;
 }
 
 static const struct token *pop(struct parser *p)
 {
-    return p->pos < p->js->ntokens ? &p->js->tokens[p->pos++] : NULL;
+    return p->pos < p->js->tokens.len ? &p->js->tokens.ptr[p->pos++] : NULL;
 }
 
 static const char *tok_text(struct parser *p, const struct token *t)
@@ -434,7 +433,7 @@ static void parse_message(struct json_stream *js)
 
     /* A message ends when the brackets balance, so tokens are left over only when a closing
      * bracket came too early, e.g. "1 }". */
-    if (v && p.pos != js->ntokens) {
+    if (v && p.pos != js->tokens.len) {
         json_decref(v);
         v = NULL;
         parse_error(&p, "expecting value");
@@ -478,11 +477,7 @@ static void token_done(struct json_stream *js, enum tok_type type)
     else if (type == TOK_LSQUARE || type == TOK_RSQUARE)
         js->brackets += delta;
 
-    if (js->ntokens == js->cap_tokens) {
-        js->cap_tokens = js->cap_tokens ? js->cap_tokens * 2 : 64;
-        js->tokens = xrealloc(js->tokens, js->cap_tokens * sizeof(*js->tokens));
-    }
-    js->tokens[js->ntokens++] = (struct token){ type, js->text.len, js->tok.len };
+    token_vector_append(&js->tokens, (struct token){ type, js->text.len, js->tok.len });
     js->size += js->tok.len;
     buf_append(&js->text, js->tok.data, js->tok.len);
     buf_append(&js->text, "", 1);  /* each token's text is NUL-terminated */
@@ -493,7 +488,7 @@ static void token_done(struct json_stream *js, enum tok_type type)
         limit = "JSON nesting depth limit exceeded";
     else if (js->size >= JSON_STREAM_MAX_SIZE)  /* QEMU's boundary: 64 MiB is one too many */
         limit = "JSON token size limit exceeded";
-    else if (js->ntokens > JSON_STREAM_MAX_TOKENS)
+    else if (js->tokens.len > JSON_STREAM_MAX_TOKENS)
         limit = "JSON token count limit exceeded";
     if (limit) {
         int open = js->braces + js->brackets;
