@@ -1,6 +1,7 @@
 /* Block exports. See export.h. */
 #include "export/export.h"
 
+#include <inttypes.h>
 #include <string.h>
 
 #include "block/graph.h"
@@ -9,11 +10,19 @@
 #include "common/util.h"
 #include "device/device.h"
 #include "nbd/server.h"
+#include "vhost-user-blk/server.h"
+
+enum export_type {
+    EXPORT_NBD,
+    EXPORT_VHOST_USER_BLK,
+};
 
 struct export {
     struct export *next;
+    enum export_type type;
     char *id;
-    char *name;   /* the NBD export name */
+    char *name;   /* NBD: the NBD export name */
+    struct vub_export *vub;  /* vhost-user-blk: its socket and frontend */
     struct device *dev;
 };
 
@@ -58,8 +67,9 @@ static void export_remove(struct exports *x, struct export *e)
 {
     char *id = xstrdup(e->id);
 
-    if (x->nbd)
+    if (e->type == EXPORT_NBD && x->nbd)
         nbd_server_remove_export(x->nbd, e->name, true, NULL);
+    vub_export_free(e->vub);
     /* Requests the clients left behind (held or parked) have nobody to answer to. */
     device_abort(e->dev);
     export_free(x, e);
@@ -176,11 +186,18 @@ int exports_nbd_server_stop(struct exports *x, struct error **errp)
         error_setg(errp, "NBD server not running");
         return -1;
     }
-    exports_shutdown(x);
+    /* As QEMU: the NBD exports go with their server; the others stay. */
+    for (struct export *e = x->list.head, *next; e; e = next) {
+        next = e->next;
+        if (e->type == EXPORT_NBD)
+            export_remove(x, e);
+    }
+    nbd_server_stop(x->nbd);
+    x->nbd = NULL;
     return 0;
 }
 
-static const char *const export_types[] = { "nbd", NULL };
+static const char *const export_types[] = { "nbd", "vhost-user-blk", NULL };
 static const char *const error_actions[] = { "report", "ignore", "stop", "enospc", NULL };
 
 /* BlockExportOptionsNbd's own members. */
@@ -193,8 +210,19 @@ static const struct schema_member nbd_export_options[] = {
     { NULL },
 };
 
+/* BlockExportOptionsVhostUserBlk. */
+static const struct schema_member vub_export_options[] = {
+    { "addr", SCHEMA_OBJECT, .members = flat_address },
+    /* QEMU's size: negative numbers wrap, and its check reports them as negative. */
+    { "logical-block-size", SCHEMA_UINT64, .optional = true },
+    { "num-queues", SCHEMA_INT, .optional = true, .min = 0, .max = UINT16_MAX,
+      .range_name = "uint16_t" },
+    { NULL },
+};
+
 static const struct schema_variant export_variants[] = {
     { "nbd", nbd_export_options },
+    { "vhost-user-blk", vub_export_options },
     { NULL },
 };
 
@@ -220,8 +248,49 @@ static enum dev_error_action action(json_t *opts, const char *key, enum dev_erro
     return s ? (enum dev_error_action)dev_error_action_parse(s) : dflt;
 }
 
+/* vhost-user-blk's own options, with qemu-storage-daemon 7.2's texts. Fills *cfg. */
+static int vub_options(json_t *opts, const char *id, struct vub_export_config *cfg,
+                       struct error **errp)
+{
+    json_t *addr = json_object_get(opts, "addr");
+    json_t *lbs = json_object_get(opts, "logical-block-size");
+    json_t *nq = json_object_get(opts, "num-queues");
+
+    if (strcmp(json_string_value(json_object_get(addr, "type")), "unix") != 0) {
+        error_setg(errp, "Only socket address types 'unix' and 'fd' are supported");
+        return -1;
+    }
+    cfg->path = json_string_value(json_object_get(addr, "path"));
+    cfg->logical_block_size = 512;
+    if (lbs && json_integer_value(lbs) != 0) {
+        int64_t v = json_integer_value(lbs);
+        if (v < 512 || v > 2 * 1024 * 1024) {
+            error_setg(errp, "Property %s.logical-block-size doesn't take value %" PRId64
+                       " (minimum: 512, maximum: 2097152)", id, v);
+            return -1;
+        }
+        if (v & (v - 1)) {
+            error_setg(errp, "Property %s.logical-block-size doesn't take value '%" PRId64
+                       "', it's not a power of 2", id, v);
+            return -1;
+        }
+        cfg->logical_block_size = (uint32_t)v;
+    }
+    cfg->num_queues = 1;
+    if (nq) {
+        if (json_integer_value(nq) == 0) {
+            error_setg(errp, "num-queues must be greater than 0");
+            return -1;
+        }
+        cfg->num_queues = (uint16_t)json_integer_value(nq);
+    }
+    return 0;
+}
+
 int exports_add(struct exports *x, json_t *opts, struct error **errp)
 {
+    const char *type = json_string_value(json_object_get(opts, "type"));
+    enum export_type t = strcmp(type, "nbd") == 0 ? EXPORT_NBD : EXPORT_VHOST_USER_BLK;
     const char *id = json_string_value(json_object_get(opts, "id"));
     const char *node_name = json_string_value(json_object_get(opts, "node-name"));
     bool writable = json_is_true(json_object_get(opts, "writable"));
@@ -230,6 +299,7 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
     const char *desc = json_string_value(json_object_get(opts, "description"));
     enum dev_error_action werror = action(opts, "werror", DEV_ACTION_ENOSPC);
     enum dev_error_action rerror = action(opts, "rerror", DEV_ACTION_REPORT);
+    struct vub_export_config vcfg = { .id = id, .writable = writable };
 
     if (json_object_get(opts, "bitmaps") || json_object_get(opts, "iothread") ||
         json_is_true(json_object_get(opts, "allocation-depth"))) {
@@ -240,7 +310,7 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
         error_setg(errp, "Block export id '%s' is already in use", id);
         return -1;
     }
-    if (!x->nbd) {
+    if (t == EXPORT_NBD && !x->nbd) {
         error_setg(errp, "NBD server not running");
         return -1;
     }
@@ -253,9 +323,11 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
         error_setg(errp, "Cannot export read-only node '%s' as writable", node_name);
         return -1;
     }
+    if (t == EXPORT_VHOST_USER_BLK && vub_options(opts, id, &vcfg, errp) < 0)
+        return -1;
     if (!name)
         name = node_name;
-    if (strlen(name) > 4096) {
+    if (t == EXPORT_NBD && strlen(name) > 4096) {
         error_setg(errp, "export name '%s' too long", name);
         return -1;
     }
@@ -264,17 +336,32 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
     if (!dev)
         return -1;
     device_set_writethrough(dev, writethrough);
-    if (nbd_server_add_export(x->nbd, name, desc, dev, writable, errp) < 0) {
-        device_free(dev);
-        return -1;
+    struct vub_export *vub = NULL;
+    if (t == EXPORT_NBD) {
+        if (nbd_server_add_export(x->nbd, name, desc, dev, writable, errp) < 0) {
+            device_free(dev);
+            return -1;
+        }
+    } else {
+        vub = vub_export_new(dev_context_loop(x->devs), dev, &vcfg, errp);
+        if (!vub) {
+            device_free(dev);
+            return -1;
+        }
     }
     struct export *e = xzalloc(sizeof(*e));
+    e->type = t;
     e->id = xstrdup(id);
-    e->name = xstrdup(name);
+    e->name = t == EXPORT_NBD ? xstrdup(name) : NULL;
+    e->vub = vub;
     e->dev = dev;
     export_queue_push(&x->list, e);
-    log_info("export %s: node %s as NBD export '%s'%s", id, node_name, name,
-             writable ? ", writable" : "");
+    if (t == EXPORT_NBD)
+        log_info("export %s: node %s as NBD export '%s'%s", id, node_name, name,
+                 writable ? ", writable" : "");
+    else
+        log_info("export %s: node %s as vhost-user-blk on %s, %u queue(s)%s", id, node_name,
+                 vcfg.path, vcfg.num_queues, writable ? ", writable" : "");
     return 0;
 }
 
@@ -287,7 +374,9 @@ int exports_del(struct exports *x, const char *id, const char *mode, struct erro
         error_setg(errp, "Export '%s' is not found", id);
         return -1;
     }
-    if (!hard && x->nbd && nbd_server_export_clients(x->nbd, e->name) > 0) {
+    if (!hard && ((e->type == EXPORT_NBD && x->nbd &&
+                   nbd_server_export_clients(x->nbd, e->name) > 0) ||
+                  (e->vub && vub_export_connected(e->vub)))) {
         error_setg(errp, "export '%s' still in use", id);
         return -1;
     }
@@ -300,7 +389,9 @@ json_t *exports_query(struct exports *x)
     json_t *list = json_array();
 
     for (struct export *e = x->list.head; e; e = e->next) {
-        json_array_append_new(list, json_pack("{s:s,s:s,s:s,s:b}", "type", "nbd", "id", e->id,
+        json_array_append_new(list, json_pack("{s:s,s:s,s:s,s:b}", "type",
+                                              e->type == EXPORT_NBD ? "nbd" : "vhost-user-blk",
+                                              "id", e->id,
                                               "node-name", device_root(e->dev)->node_name,
                                               "shutting-down", 0));
     }
