@@ -1,0 +1,373 @@
+"""The vhost-user-blk export (issue 12): QEMU as the frontend of a TCG guest, the QMP side
+(block-export-add/-del, query-block-exports, qemu-storage-daemon 7.2's error texts), and the
+vhost-user socket spoken to directly for what a guest cannot show (a second frontend, a bad
+message, GET_VRING_BASE while stopped).
+
+The guest tests need qemu-system-x86_64 and the guest kit's cache (tests/guest); the ENOSPC
+one needs root (it mounts a tmpfs).
+"""
+
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import AGAINST_QEMU, without_timestamp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest"))
+import guest as kit  # noqa: E402
+
+pytestmark = pytest.mark.skipif(AGAINST_QEMU, reason="thinblkd's vhost-user-blk export")
+
+MIB = kit.MIB
+GUEST_TIMEOUT = 300
+needs_qemu = pytest.mark.skipif(kit.qemu_path() is None,
+                                reason="qemu-system-x86_64 is not installed")
+
+
+def ok(r):
+    assert r == {"return": {}}, r
+
+
+def error(desc):
+    return {"error": {"class": "GenericError", "desc": desc}}
+
+
+def image(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def wait_for_file_socket(path, daemon):
+    """Waits for the socket file without connecting: the export takes one frontend at a time."""
+    def ready():
+        if not daemon.running():
+            pytest.fail(f"thinblkd exited before creating {path}:\n{daemon.stderr()}")
+        try:
+            return stat.S_ISSOCK(os.stat(path).st_mode)
+        except FileNotFoundError:
+            return False
+    kit.wait_until(ready, 30, f"socket {path}")
+
+
+def start_export(daemons, img, extra="", num_queues=None):
+    """thinblkd with file+raw nodes on img and a writable vhost-user-blk export disk0."""
+    sockdir = daemons.rundir()
+    vsock = sockdir / "vub.sock"
+    export = (f"type=vhost-user-blk,id=disk0,node-name=fmt0,addr.type=unix,"
+              f"addr.path={vsock},writable=on{extra}")
+    if num_queues:
+        export += f",num-queues={num_queues}"
+    d = daemons.start(args=["--blockdev", f"driver=file,node-name=proto0,filename={img}",
+                            "--blockdev", "driver=raw,node-name=fmt0,file=proto0",
+                            "--export", export])
+    wait_for_file_socket(vsock, d)
+    return d, vsock
+
+
+# ---- a minimal vhost-user frontend, for the socket's own behaviour ----------------------------
+
+GET_FEATURES, GET_VRING_BASE, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_CONFIG = 1, 11, 15, 17, 24
+
+
+class Frontend:
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(10)
+        self.s.connect(str(path))
+
+    def send(self, request, payload=b"", flags=1):
+        self.s.sendall(struct.pack("<III", request, flags, len(payload)) + payload)
+
+    def recv_exact(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.s.recv(n - len(data))
+            if not chunk:
+                raise EOFError(f"closed after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+    def call(self, request, payload=b""):
+        self.send(request, payload)
+        req, flags, size = struct.unpack("<III", self.recv_exact(12))
+        assert (req, flags) == (request, 0x5), (req, flags)
+        return self.recv_exact(size)
+
+    def closed(self):
+        try:
+            return self.s.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.s.close()
+
+
+def test_frontend_queries(daemons, tmp_path):
+    _, vsock = start_export(daemons, image(tmp_path / "d.raw", 8 * MIB), num_queues=3)
+    f = Frontend(vsock)
+    features, = struct.unpack("<Q", f.call(GET_FEATURES))
+    for bit in (32, 28, 29, 30, 9, 12, 13, 14):  # VERSION_1 INDIRECT EVENT_IDX PROTOCOL FLUSH MQ ..
+        assert features & (1 << bit), hex(features)
+    assert not features & (1 << 5)  # writable: no VIRTIO_BLK_F_RO
+    proto, = struct.unpack("<Q", f.call(GET_PROTOCOL_FEATURES))
+    assert proto & 0b1000001001 == 0b1000001001, hex(proto)  # MQ, REPLY_ACK, CONFIG
+    assert struct.unpack("<Q", f.call(GET_QUEUE_NUM)) == (3,)
+    cfg = f.call(GET_CONFIG, struct.pack("<III", 0, 60, 0) + bytes(60))
+    offset, size, _ = struct.unpack("<III", cfg[:12])
+    assert (offset, size) == (0, 60)
+    capacity, = struct.unpack("<Q", cfg[12:20])
+    blk_size, = struct.unpack("<I", cfg[32:36])
+    num_queues, = struct.unpack("<H", cfg[46:48])
+    assert (capacity, blk_size, num_queues) == (8 * MIB // 512, 512, 3)
+    f.close()
+
+
+def test_second_frontend_refused(daemons, tmp_path):
+    _, vsock = start_export(daemons, image(tmp_path / "d.raw", MIB))
+    first = Frontend(vsock)
+    assert len(first.call(GET_FEATURES)) == 8
+    second = Frontend(vsock)
+    assert second.closed()
+    # The first one goes on; once it is gone, another may come.
+    assert len(first.call(GET_FEATURES)) == 8
+    first.close()
+
+    def third_served():
+        f = Frontend(vsock)
+        try:
+            return len(f.call(GET_FEATURES)) == 8
+        except (EOFError, ConnectionResetError):
+            return False
+        finally:
+            f.close()
+    kit.wait_until(third_served, 10, "a new frontend after the first left")
+
+
+@pytest.mark.parametrize("request_, payload", [
+    (99, b""),                                   # unknown request
+    (GET_QUEUE_NUM, b"\0" * 8),                  # payload of the wrong size
+    (GET_VRING_BASE, struct.pack("<II", 7, 0)),  # no queue 7
+    (GET_CONFIG, struct.pack("<III", 250, 60, 0) + bytes(60)),  # past the config space
+], ids=["unknown", "wrong-size", "bad-queue", "config-range"])
+def test_bad_message_closes_only_that_connection(daemons, tmp_path, request_, payload):
+    d, vsock = start_export(daemons, image(tmp_path / "d.raw", MIB))
+    f = Frontend(vsock)
+    f.send(request_, payload)
+    assert f.closed()
+    f.close()
+    assert d.running()
+    kit.wait_until(lambda: Frontend(vsock).call(GET_QUEUE_NUM) == struct.pack("<Q", 1), 10,
+                   "a new frontend")
+    assert d.negotiated().cmd("query-status")["return"]["status"] == "running"
+
+
+def test_get_vring_base_answered_while_stopped(daemons, tmp_path):
+    d, vsock = start_export(daemons, image(tmp_path / "d.raw", MIB))
+    qmp = d.negotiated()
+    ok(qmp.cmd("stop"))
+    f = Frontend(vsock)
+    assert f.call(GET_VRING_BASE, struct.pack("<II", 0, 0)) == struct.pack("<II", 0, 0)
+    f.close()
+
+
+# ---- QMP ----------------------------------------------------------------------------------------
+
+def test_block_export_add_query_del(daemons, tmp_path):
+    img = image(tmp_path / "d.raw", 4 * MIB)
+    qmp = daemons.start().negotiated()
+    ok(qmp.cmd("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(img)}))
+    vsock = daemons.rundir() / "v.sock"
+    ok(qmp.cmd("block-export-add", {"type": "vhost-user-blk", "id": "vub0", "node-name": "f0",
+                                    "addr": {"type": "unix", "path": str(vsock)},
+                                    "writable": True, "num-queues": 2,
+                                    "logical-block-size": 4096, "werror": "stop"}))
+    assert stat.S_ISSOCK(os.stat(vsock).st_mode)
+    assert qmp.cmd("query-block-exports") == {"return": [
+        {"type": "vhost-user-blk", "id": "vub0", "node-name": "f0", "shutting-down": False}]}
+    devices = [b["device"] for b in qmp.cmd("query-block")["return"]]
+    assert "vub0" in devices
+    assert qmp.cmd("block-export-add", {
+        "type": "vhost-user-blk", "id": "vub0", "node-name": "f0",
+        "addr": {"type": "unix", "path": str(vsock)}}) == error(
+        "Block export id 'vub0' is already in use")
+    ok(qmp.cmd("block-export-del", {"id": "vub0"}))
+    ev = without_timestamp(qmp.wait_event("BLOCK_EXPORT_DELETED"))
+    assert ev == {"event": "BLOCK_EXPORT_DELETED", "data": {"id": "vub0"}}
+    assert not vsock.exists()
+    assert qmp.cmd("query-block-exports") == {"return": []}
+    assert qmp.cmd("block-export-del", {"id": "vub0"}) == error("Export 'vub0' is not found")
+
+
+def test_nbd_server_stop_keeps_vhost_user_exports(daemons, tmp_path):
+    img = image(tmp_path / "d.raw", MIB)
+    rundir = daemons.rundir()
+    qmp = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=f0,filename={img}",
+        "--nbd-server", f"addr.type=unix,addr.path={rundir}/nbd.sock",
+        "--export", "type=nbd,id=n0,node-name=f0",
+        "--export", f"type=vhost-user-blk,id=v0,node-name=f0,addr.type=unix,"
+                    f"addr.path={rundir}/v.sock"]).negotiated()
+    ok(qmp.cmd("nbd-server-stop"))
+    assert [e["id"] for e in qmp.cmd("query-block-exports")["return"]] == ["v0"]
+
+
+@pytest.mark.parametrize("extra, desc", [
+    ({}, "Parameter 'addr' is missing"),
+    ({"addr": {"type": "unix"}}, "Parameter 'addr.path' is missing"),
+    ({"addr": {"type": "inet", "host": "127.0.0.1", "port": "1234"}},
+     "Only socket address types 'unix' and 'fd' are supported"),
+    ({"num-queues": 0}, "num-queues must be greater than 0"),
+    ({"num-queues": 70000}, "Parameter 'num-queues' expects uint16_t"),
+    ({"num-queues": -1}, "Parameter 'num-queues' expects uint16_t"),
+    ({"logical-block-size": 1000},
+     "Property e0.logical-block-size doesn't take value '1000', it's not a power of 2"),
+    ({"logical-block-size": 256},
+     "Property e0.logical-block-size doesn't take value 256 (minimum: 512, maximum: 2097152)"),
+    ({"logical-block-size": 1 << 30}, "Property e0.logical-block-size doesn't take value "
+                                      "1073741824 (minimum: 512, maximum: 2097152)"),
+    ({"logical-block-size": -1},
+     "Property e0.logical-block-size doesn't take value -1 (minimum: 512, maximum: 2097152)"),
+    ({"name": "x"}, "Parameter 'name' is unexpected"),
+    ({"bogus": 1}, "Parameter 'bogus' is unexpected"),
+    ({"node-name": "nope"}, "Cannot find device='' nor node-name='nope'"),
+    ({"addr": {"type": "unix", "path": "/nonexistent/v.sock"}},
+     "Failed to bind socket to /nonexistent/v.sock: No such file or directory"),
+], ids=["no-addr", "no-path", "inet", "zero-queues", "queues-range", "queues-negative",
+        "lbs-not-power-of-2", "lbs-small", "lbs-large", "lbs-negative", "nbd-member", "unknown",
+        "no-node", "bind"])
+def test_block_export_add_errors(daemons, tmp_path, extra, desc):
+    img = image(tmp_path / "d.raw", MIB)
+    qmp = daemons.start(args=["--blockdev",
+                              f"driver=file,node-name=f0,filename={img}"]).negotiated()
+    args = {"type": "vhost-user-blk", "id": "e0", "node-name": "f0",
+            "addr": {"type": "unix", "path": str(daemons.rundir() / "v.sock")}}
+    if extra == {}:
+        del args["addr"]
+    args.update(extra)
+    assert qmp.cmd("block-export-add", args) == error(desc)
+    assert qmp.cmd("query-block-exports") == {"return": []}
+
+
+def test_logical_block_size_zero_is_the_default(daemons, tmp_path):
+    img = image(tmp_path / "d.raw", MIB)
+    qmp = daemons.start(args=["--blockdev",
+                              f"driver=file,node-name=f0,filename={img}"]).negotiated()
+    vsock = daemons.rundir() / "v.sock"
+    ok(qmp.cmd("block-export-add", {"type": "vhost-user-blk", "id": "e0", "node-name": "f0",
+                                    "addr": {"type": "unix", "path": str(vsock)},
+                                    "logical-block-size": 0}))
+    cfg = Frontend(vsock).call(GET_CONFIG, struct.pack("<III", 20, 4, 0) + bytes(4))
+    assert struct.unpack("<I", cfg[12:16]) == (512,)
+
+
+# ---- a guest -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guest_image():
+    return kit.build_guest()
+
+
+@needs_qemu
+def test_guest_writes_and_reads_back(guest_image, daemons, tmp_path):
+    img = image(tmp_path / "disk.raw", 64 * MIB)
+    d, vsock = start_export(daemons, img, num_queues=2)
+    with kit.Guest(guest_image, kit.VhostUserBlkDisk(str(vsock), num_queues=2), job="write",
+                   mb=8, off=4, seed=12, workdir=tmp_path / "guest") as g:
+        console, rc = g.wait(timeout=GUEST_TIMEOUT)
+    assert rc == 0, f"QEMU exited with {rc}:\n{g.stderr()}\n{console}"
+    assert not g.io_error, g.dmesg
+    r = g.result()
+    assert (r["dd-status"], r["read-status"]) == (0, 0), r
+    assert r["write-sha256"] == r["readback-sha256"], r
+    assert kit.file_sha256(img, 4 * MIB, 8 * MIB) == r["write-sha256"]
+    with open(img, "rb") as f:
+        f.seek(4 * MIB)
+        assert f.read(MIB) == kit.pattern(1, 12, off=4)
+    stats = d.negotiated().cmd("query-blockstats")["return"]
+    disk0 = [s for s in stats if s.get("device") == "disk0"]
+    assert disk0 and disk0[0]["stats"]["wr_bytes"] >= 8 * MIB, stats
+
+
+@pytest.fixture
+def store():
+    """An 8 MiB tmpfs, unmounted (lazily if still busy) after the test."""
+    mnt = Path(tempfile.mkdtemp(prefix="tbv-store-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "thinblk-vub", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])
+        mnt.rmdir()
+
+
+EXPECTED_IO_ERROR = {"device": "disk0", "node-name": "fmt0", "operation": "write",
+                     "action": "stop", "nospace": True, "reason": "No space left on device"}
+
+
+def next_event(qmp, g, d, timeout=GUEST_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while True:
+        if qmp.events:
+            return without_timestamp(qmp.events.pop(0))
+        try:
+            msg = qmp.read_message(timeout=1)
+        except TimeoutError:
+            assert d.running(), d.stderr()
+            assert g.running(), f"the guest finished while an event was awaited:\n{g.console}"
+            assert time.monotonic() < deadline, "no event in time"
+            continue
+        assert "event" in msg, msg
+        return without_timestamp(msg)
+
+
+@needs_qemu
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+def test_guest_write_survives_enospc(guest_image, store, daemons, tmp_path):
+    img = image(store / "disk.raw", 32 * MIB)
+    d, vsock = start_export(daemons, img)
+    qmp = d.negotiated()
+    with kit.Guest(guest_image, kit.VhostUserBlkDisk(str(vsock)), job="write", mb=16, seed=3,
+                   workdir=tmp_path / "guest") as g:
+        # BLOCK_IO_ERROR (one or more), then one STOP; the guest is held, not failed.
+        errors = 0
+        while True:
+            ev = next_event(qmp, g, d)
+            if ev["event"] == "STOP":
+                break
+            assert ev == {"event": "BLOCK_IO_ERROR", "data": EXPECTED_IO_ERROR}, ev
+            errors += 1
+        assert errors >= 1
+        assert qmp.cmd("query-status")["return"]["status"] == "io-error"
+        block = [b for b in qmp.cmd("query-block")["return"] if b.get("device") == "disk0"]
+        assert block[0]["io-status"] == "nospace", block
+        assert g.running() and not g.markers("RESULT"), g.console
+
+        subprocess.run(["mount", "-o", "remount,size=64M", str(store)], check=True)
+        ok(qmp.cmd("cont"))
+        while True:
+            ev = next_event(qmp, g, d)
+            if ev["event"] == "RESUME":
+                break
+            assert ev == {"event": "BLOCK_IO_ERROR", "data": EXPECTED_IO_ERROR}, ev
+        console, rc = g.wait(GUEST_TIMEOUT)
+    assert rc == 0, f"QEMU exited with {rc}:\n{g.stderr()}\n{console}"
+    assert "I/O error" not in console and not g.io_error, g.dmesg
+    r = g.result()
+    assert (r["dd-status"], r["read-status"]) == (0, 0), r
+    assert r["write-sha256"] == r["readback-sha256"], r
+    assert kit.file_sha256(img, 0, 16 * MIB) == r["write-sha256"]
+    assert qmp.cmd("query-status")["return"]["status"] == "running"
+    late = [without_timestamp(e) for e in qmp.take_events()]
+    assert not [e for e in late if e["event"] in ("BLOCK_IO_ERROR", "STOP")], late
