@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -303,28 +304,28 @@ static int set_vring_kick(struct vub_conn *c)
     return MSG_OK;
 }
 
-static int set_vring_call(struct vub_conn *c)
+/* SET_VRING_CALL and SET_VRING_ERR: replace the queue's eventfd at member off. */
+static int set_vring_notifier(struct vub_conn *c, size_t off)
 {
     int fd;
     struct vub_queue *q = vring_fd(c, &fd);
 
     if (!q)
         return MSG_CLOSE;
-    close_fd(c, &q->call_fd, false);
-    q->call_fd = fd;
+    int *slot = (int *)((char *)q + off);
+    close_fd(c, slot, false);
+    *slot = fd;
     return MSG_OK;
+}
+
+static int set_vring_call(struct vub_conn *c)
+{
+    return set_vring_notifier(c, offsetof(struct vub_queue, call_fd));
 }
 
 static int set_vring_err(struct vub_conn *c)
 {
-    int fd;
-    struct vub_queue *q = vring_fd(c, &fd);
-
-    if (!q)
-        return MSG_CLOSE;
-    close_fd(c, &q->err_fd, false);
-    q->err_fd = fd;
-    return MSG_OK;
+    return set_vring_notifier(c, offsetof(struct vub_queue, err_fd));
 }
 
 static int get_protocol_features(struct vub_conn *c)

@@ -504,3 +504,20 @@ def daemon(daemons):
 def qmp(daemon):
     """A negotiated client of `daemon`."""
     return daemon.negotiated()
+
+
+# ---- small helpers of QMP tests ----
+
+def ok(reply):
+    assert reply == {"return": {}}, reply
+
+
+def error(desc):
+    return {"error": {"class": "GenericError", "desc": desc}}
+
+
+def image(path, size):
+    """A sparse file of size bytes at path (returned)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path

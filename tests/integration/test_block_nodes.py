@@ -8,24 +8,10 @@ import subprocess
 import nbd
 import pytest
 
-from conftest import without_timestamp
+from conftest import error, image, ok, without_timestamp
 
 MiB = 1 << 20
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounts or loop devices: needs root")
-
-
-def ok(reply):
-    assert reply == {"return": {}}, reply
-
-
-def error(desc):
-    return {"error": {"class": "GenericError", "desc": desc}}
-
-
-def image(path, size):
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
 
 
 def nbd_unix(sock, name):

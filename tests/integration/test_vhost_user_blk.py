@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AGAINST_QEMU, without_timestamp
+from conftest import AGAINST_QEMU, error, image, ok, without_timestamp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest"))
 import guest as kit  # noqa: E402
@@ -30,20 +30,6 @@ MIB = kit.MIB
 GUEST_TIMEOUT = 300
 needs_qemu = pytest.mark.skipif(kit.qemu_path() is None,
                                 reason="qemu-system-x86_64 is not installed")
-
-
-def ok(r):
-    assert r == {"return": {}}, r
-
-
-def error(desc):
-    return {"error": {"class": "GenericError", "desc": desc}}
-
-
-def image(path, size):
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
 
 
 def wait_for_file_socket(path, daemon):
