@@ -357,3 +357,96 @@ def test_guest_write_survives_enospc(guest_image, store, daemons, tmp_path):
     assert qmp.cmd("query-status")["return"]["status"] == "running"
     late = [without_timestamp(e) for e in qmp.take_events()]
     assert not [e for e in late if e["event"] in ("BLOCK_IO_ERROR", "STOP")], late
+
+
+# ---- a guest that breaks the ring, played by the test ------------------------------------------
+
+SET_FEATURES, SET_OWNER, SET_MEM_TABLE, SET_VRING_NUM, SET_VRING_ADDR = 2, 3, 5, 8, 9
+SET_VRING_BASE, SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 10, 12, 13, 14
+QVA = 0x7f0000000000       # the "frontend's" address of guest physical 0
+DESC, AVAIL, USED, DATA = 0x0, 0x1000, 0x2000, 0x3000
+RING = 8
+
+
+class FakeGuest:
+    """One queue of RING entries in a 64 KiB memfd shared with thinblkd."""
+
+    def __init__(self, path):
+        import mmap
+        self.fd = os.memfd_create("vub-test")
+        os.ftruncate(self.fd, 65536)
+        self.mem = mmap.mmap(self.fd, 65536)
+        self.f = Frontend(path)
+        self.call, self.err, self.kick = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
+        f = self.f
+        f.send(SET_OWNER)
+        f.send(SET_FEATURES, struct.pack("<Q", 1 << 32 | 1 << 28))
+        f.s.sendmsg([struct.pack("<III", SET_MEM_TABLE, 1, 40) +
+                     struct.pack("<IIQQQQ", 1, 0, 0, 65536, QVA, 0)],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("<i", self.fd))])
+        f.send(SET_VRING_NUM, struct.pack("<II", 0, RING))
+        f.send(SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, QVA + DESC, QVA + USED,
+                                           QVA + AVAIL, 0))
+        f.send(SET_VRING_BASE, struct.pack("<II", 0, 0))
+        for req, efd in ((SET_VRING_CALL, self.call), (SET_VRING_ERR, self.err),
+                         (SET_VRING_KICK, self.kick)):
+            f.s.sendmsg([struct.pack("<III", req, 1, 8) + struct.pack("<Q", 0)],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("<i", efd))])
+        self.avail_idx = 0
+
+    def desc(self, i, addr, length, flags, nxt=0):
+        struct.pack_into("<QIHH", self.mem, DESC + 16 * i, addr, length, flags, nxt)
+
+    def submit(self, head):
+        struct.pack_into("<H", self.mem, AVAIL + 4 + 2 * (self.avail_idx % RING), head)
+        self.avail_idx += 1
+        struct.pack_into("<H", self.mem, AVAIL + 2, self.avail_idx)
+        os.eventfd_write(self.kick, 1)
+
+    def used_idx(self):
+        return struct.unpack_from("<H", self.mem, USED + 2)[0]
+
+    def signalled(self, efd):
+        try:
+            return os.eventfd_read(efd) > 0
+        except BlockingIOError:
+            return False
+
+
+@pytest.mark.parametrize("case", ["loop", "outside-memory", "head-past-ring"])
+def test_broken_ring_is_stopped_not_followed(daemons, tmp_path, case):
+    d, vsock = start_export(daemons, image(tmp_path / "d.raw", MIB))
+    g = FakeGuest(vsock)
+    if case == "loop":
+        g.desc(0, DATA, 16, 1, 1)
+        g.desc(1, DATA + 16, 16, 1, 0)
+        g.submit(0)
+    elif case == "outside-memory":
+        g.desc(0, 1 << 40, 16, 0)
+        g.submit(0)
+    else:
+        g.submit(RING + 3)
+    kit.wait_until(lambda: g.signalled(g.err), 10, "the error eventfd")
+    assert g.used_idx() == 0
+    assert d.running()
+    assert d.negotiated().cmd("query-status")["return"]["status"] == "running"
+
+
+@pytest.mark.parametrize("sector, header_len, status", [
+    (0, 16, 0),               # a good read of one sector
+    (MIB // 512, 16, 1),      # past the end: IOERR
+    (0, 8, 1),                # short header: IOERR
+], ids=["ok", "past-end", "short-header"])
+def test_request_status(daemons, tmp_path, sector, header_len, status):
+    _, vsock = start_export(daemons, image(tmp_path / "d.raw", MIB))
+    g = FakeGuest(vsock)
+    struct.pack_into("<IIQ", g.mem, DATA, 0, 0, sector)   # VIRTIO_BLK_T_IN
+    g.mem[DATA + 0x200] = 0xff
+    g.desc(0, DATA, header_len, 1, 1)
+    g.desc(1, DATA + 0x1000, 512, 1 | 2, 2)
+    g.desc(2, DATA + 0x200, 1, 2)
+    g.submit(0)
+    kit.wait_until(lambda: g.used_idx() == 1, 10, "the request's completion")
+    assert g.mem[DATA + 0x200] == status
+    assert g.signalled(g.call)
+    assert not g.signalled(g.err)
