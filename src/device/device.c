@@ -69,15 +69,15 @@ struct device {
 
 DEFINE_QUEUE_FUNCTIONS(device_queue, struct device, next)
 
-static const char *const action_names[] = {
+const char *const dev_error_action_names[] = {
     [DEV_ACTION_REPORT] = "report", [DEV_ACTION_IGNORE] = "ignore",
-    [DEV_ACTION_STOP] = "stop", [DEV_ACTION_ENOSPC] = "enospc",
+    [DEV_ACTION_STOP] = "stop", [DEV_ACTION_ENOSPC] = "enospc", NULL,
 };
 
 int dev_error_action_parse(const char *s)
 {
-    for (size_t i = 0; i < ARRAY_SIZE(action_names); i++) {
-        if (strcmp(s, action_names[i]) == 0)
+    for (size_t i = 0; dev_error_action_names[i]; i++) {
+        if (strcmp(s, dev_error_action_names[i]) == 0)
             return (int)i;
     }
     return -1;

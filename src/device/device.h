@@ -146,6 +146,8 @@ const struct dev_stop_cause *dev_context_last_stop(const struct dev_context *ctx
 
 /* QEMU's names: "report", "ignore", "stop", "enospc". Returns -1 for an unknown name. */
 int dev_error_action_parse(const char *s);
+/* The names, indexed by enum dev_error_action, NULL-terminated (an option schema's enum). */
+extern const char *const dev_error_action_names[];
 const char *dev_iostatus_name(enum dev_iostatus s);
 
 /* A device named name on root (a reference is taken). Returns NULL with *errp set if the name

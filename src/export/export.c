@@ -198,7 +198,6 @@ int exports_nbd_server_stop(struct exports *x, struct error **errp)
 }
 
 static const char *const export_types[] = { "nbd", "vhost-user-blk", NULL };
-static const char *const error_actions[] = { "report", "ignore", "stop", "enospc", NULL };
 
 /* BlockExportOptionsNbd's own members. */
 static const struct schema_member nbd_export_options[] = {
@@ -236,8 +235,8 @@ const struct schema_member export_options[] = {
     { "node-name", SCHEMA_STR },
     { "writable", SCHEMA_BOOL, .optional = true },
     { "writethrough", SCHEMA_BOOL, .optional = true },
-    { "werror", SCHEMA_ENUM, .optional = true, .values = error_actions },
-    { "rerror", SCHEMA_ENUM, .optional = true, .values = error_actions },
+    { "werror", SCHEMA_ENUM, .optional = true, .values = dev_error_action_names },
+    { "rerror", SCHEMA_ENUM, .optional = true, .values = dev_error_action_names },
     { NULL },
 };
 
