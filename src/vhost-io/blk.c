@@ -85,7 +85,7 @@ int vio_blk_submit(struct vio_blk_req *r, uint32_t type, uint64_t offset, uint32
 {
     struct vio_blk_queue *q = r->q;
     ASSERT(r->head < 0);
-    ASSERT(len <= q->data_cap);
+    ASSERT(len <= q->data_cap || (type != VIO_BLK_T_IN && type != VIO_BLK_T_OUT));
     struct vio_sg sg[VIO_BLK_MAX_SEGS];
     unsigned n = 0;
 

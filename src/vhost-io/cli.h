@@ -25,6 +25,7 @@ struct vio_cli {
     bool unmap, random, write, use_indirect;
     double seconds;             /* bench */
     const char *output;         /* read: write the data to this file */
+    const char *probe;          /* probe: the case */
     int timeout_ms;
     /* The connection. */
     struct vio_dev *dev;
@@ -38,5 +39,15 @@ int vio_cli_transfer(struct vio_cli *c, uint32_t type, bool check);
 
 /* The bench mode. Returns an exit status. */
 int vio_cli_bench(struct vio_cli *c);
+
+/* The probe mode (probe.c): case is a malformed request ("desc-loop", ...), run on queue 0
+ * of the started device, or a malformed message ("msg-..."), sent before it starts. Prints
+ * one JSON line with the outcome. Returns an exit status. */
+int vio_cli_probe(struct vio_cli *c, const char *name);
+bool vio_cli_probe_is_msg(const char *name);
+int vio_cli_probe_msg(struct vio_cli *c, const char *name);
+/* Print the names of the cases, one a line. */
+void vio_cli_probe_list(void);
+void vio_cli_probe_list_msgs(void);
 
 #endif

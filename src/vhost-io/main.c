@@ -12,11 +12,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "common/util.h"
 #include "vhost-io/cli.h"
 
 static const char usage_text[] =
     "Usage: thinblk-vhost-io [OPTIONS] -s SOCKET MODE\n"
+    "       thinblk-vhost-io [OPTIONS] -s SOCKET probe CASE | probe list\n"
     "Talk to a vhost-user-blk backend as a virtio driver would, from guest memory of its own.\n"
     "\n"
     "Modes: info, read, write, verify, discard, write-zeroes, flush, get-id, bench\n"
@@ -208,6 +210,7 @@ static const struct {
     {"flush", VIO_BLK_T_FLUSH, false},
     {"get-id", VIO_BLK_T_GET_ID, false},
     {"bench", -2, false},
+    {"probe", -3, false},
 };
 
 /* Check the range against the disk and the sector size. */
@@ -244,6 +247,8 @@ static int run_mode(struct vio_cli *c, struct vio_options *o, int type, bool che
         o->queue_size *= 2;
     o->mem_size = (1u << 20) + (uint64_t)c->queues *
                                    vio_blk_queue_mem(o->queue_size, c->depth, c->block_size);
+    if (type == -3) /* the probe's own buffers and indirect table */
+        o->mem_size += 16ull * (o->queue_size + 2) + 3 * 4096;
 
     c->dev = vio_dev_connect(c->socket, o, &err);
     if (!c->dev)
@@ -252,12 +257,17 @@ static int run_mode(struct vio_cli *c, struct vio_options *o, int type, bool che
         ret = mode_info(c->dev);
         goto out;
     }
-    if (type != VIO_BLK_T_FLUSH && type != VIO_BLK_T_GET_ID && !c->dev->have_config) {
+    if (type == -3 && vio_cli_probe_is_msg(c->probe)) {
+        ret = vio_cli_probe_msg(c, c->probe);
+        goto out;
+    }
+    bool ranged = type >= 0 && type != VIO_BLK_T_FLUSH && type != VIO_BLK_T_GET_ID;
+    if (ranged && !c->dev->have_config) {
         fprintf(stderr, "thinblk-vhost-io: the backend has no config space to read the "
                         "capacity from\n");
         goto out;
     }
-    if (type != VIO_BLK_T_FLUSH && type != VIO_BLK_T_GET_ID && (ret = check_range(c, bench)))
+    if ((ranged || bench) && (ret = check_range(c, bench)))
         goto out;
     ret = VIO_EXIT_CONNECTION;
     if (vio_dev_start(c->dev, &err) < 0)
@@ -270,13 +280,16 @@ static int run_mode(struct vio_cli *c, struct vio_options *o, int type, bool che
                                &err) < 0)
             goto fail;
     }
-    if (type == VIO_BLK_T_FLUSH || type == VIO_BLK_T_GET_ID)
+    if (type == -3)
+        ret = vio_cli_probe(c, c->probe);
+    else if (type == VIO_BLK_T_FLUSH || type == VIO_BLK_T_GET_ID)
         ret = mode_single(c, (uint32_t)type);
     else if (bench)
         ret = vio_cli_bench(c);
     else
         ret = vio_cli_transfer(c, (uint32_t)type, check);
-    if (vio_dev_stop(c->dev, &err) < 0) {
+    /* A probe may well have made the backend hang up: that is its result, not an error. */
+    if (!(type == -3 && vio_dev_hung_up(c->dev)) && vio_dev_stop(c->dev, &err) < 0) {
         ret = VIO_EXIT_CONNECTION;
         goto fail;
     }
@@ -304,6 +317,7 @@ int main(int argc, char **argv)
     int opt;
     uint64_t v;
 
+    log_program = "thinblk-vhost-io";
     opterr = 0;
     while ((opt = getopt_long(argc, argv, "+:s:o:l:P:b:d:q:wt:T:vhV", long_options, NULL)) !=
            -1) {
@@ -395,15 +409,25 @@ int main(int argc, char **argv)
     }
     if (optind >= argc)
         return usage_error("No mode given");
-    if (optind + 1 < argc)
+    const char *mode = argv[optind];
+    if (strcmp(mode, "probe") == 0) {
+        if (optind + 2 != argc)
+            return usage_error("probe needs one CASE (or list)");
+        c.probe = argv[optind + 1];
+        if (strcmp(c.probe, "list") == 0) {
+            vio_cli_probe_list();
+            vio_cli_probe_list_msgs();
+            return VIO_EXIT_OK;
+        }
+    } else if (optind + 1 < argc) {
         return usage_error("Unexpected argument '%s'", argv[optind + 1]);
+    }
     if (!c.socket)
         return usage_error("No socket given (-s)");
     if (c.use_indirect && !o.indirect)
         return usage_error("--indirect and --no-indirect contradict each other");
     o.timeout_ms = c.timeout_ms;
 
-    const char *mode = argv[optind];
     for (size_t i = 0; i < ARRAY_SIZE(modes); i++) {
         if (strcmp(mode, modes[i].name) != 0)
             continue;
@@ -416,7 +440,8 @@ int main(int argc, char **argv)
             c.queues = 1;
         if (c.seconds == 0)
             c.seconds = 5;
-        return run_mode(&c, &o, modes[i].type, modes[i].check || (modes[i].type == VIO_BLK_T_IN && c.pattern >= 0));
+        bool check = modes[i].check || (modes[i].type == VIO_BLK_T_IN && c.pattern >= 0);
+        return run_mode(&c, &o, modes[i].type, check);
     }
     return usage_error("Unknown mode '%s'", mode);
 }
