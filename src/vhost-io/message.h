@@ -110,7 +110,8 @@ struct vio_msg {
 };
 
 /* Send one message: header fields as given (flags exactly as given, so a test can send a
- * wrong version), size bytes of payload and nfds descriptors. Returns 0, or -1 with *errp. */
+ * wrong version), size bytes of payload and nfds descriptors. With payload NULL only the
+ * header goes out, size being then just what it claims. Returns 0, or -1 with *errp. */
 int vio_msg_send(int sock, uint32_t request, uint32_t flags, const void *payload,
                  uint32_t size, const int *fds, size_t nfds, struct error **errp);
 

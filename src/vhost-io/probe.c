@@ -296,13 +296,12 @@ int vio_cli_probe_msg(struct vio_cli *c, const char *name)
         i++;
     struct vio_dev *d = c->dev;
     struct error *err = NULL;
-    /* The payload sent is at most the 8 bytes of a vring state; size may claim more. */
-    uint32_t sent = MIN(probe_msgs[i].size, (uint32_t)sizeof(probe_msgs[i].payload));
-    if (vio_msg_send(d->sock, probe_msgs[i].request, probe_msgs[i].flags,
-                     sent ? &probe_msgs[i].payload : NULL, probe_msgs[i].size, NULL, 0,
-                     &err) < 0)
+    /* A size beyond the 8 bytes of a vring state is a claim only: the header goes alone. */
+    const void *payload = probe_msgs[i].size <= sizeof(probe_msgs[i].payload)
+                              ? (const void *)&probe_msgs[i].payload : NULL;
+    if (vio_msg_send(d->sock, probe_msgs[i].request, probe_msgs[i].flags, payload,
+                     probe_msgs[i].size, NULL, 0, &err) < 0)
         error_free(err); /* the backend may have hung up already: reported below */
-    (void)sent;
     struct pollfd p = {.fd = d->sock, .events = POLLIN | POLLRDHUP};
     bool reply = false, hung_up = false;
     uint64_t value = 0;
