@@ -70,6 +70,17 @@ int vio_msg_send(int sock, uint32_t request, uint32_t flags, const void *payload
     return 0;
 }
 
+/* The error of a recv() that returned n <= 0 (EAGAIN is SO_RCVTIMEO running out). */
+static int recv_failed(ssize_t n, struct error **errp)
+{
+    if (n == 0)
+        error_setg(errp, "vhost-user: the backend closed the connection");
+    else
+        error_setg_errno(errp, errno == EAGAIN ? ETIMEDOUT : errno,
+                         "vhost-user: receiving a message");
+    return -1;
+}
+
 /* Read exactly len bytes; returns 0, or -1 with *errp (EOF included). */
 static int read_full(int sock, void *buf, size_t len, struct error **errp)
 {
@@ -78,15 +89,8 @@ static int read_full(int sock, void *buf, size_t len, struct error **errp)
         ssize_t n = recv(sock, (char *)buf + done, len - done, 0);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0) {
-            error_setg_errno(errp, errno == EAGAIN ? ETIMEDOUT : errno,
-                             "vhost-user: receiving a message");
-            return -1;
-        }
-        if (n == 0) {
-            error_setg(errp, "vhost-user: the backend closed the connection");
-            return -1;
-        }
+        if (n <= 0)
+            return recv_failed(n, errp);
         done += (size_t)n;
     }
     return 0;
@@ -114,15 +118,8 @@ int vio_msg_recv(int sock, struct vio_msg *msg, struct error **errp)
     do {
         n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
     } while (n < 0 && errno == EINTR);
-    if (n < 0) {
-        error_setg_errno(errp, errno == EAGAIN ? ETIMEDOUT : errno,
-                         "vhost-user: receiving a message");
-        return -1;
-    }
-    if (n == 0) {
-        error_setg(errp, "vhost-user: the backend closed the connection");
-        return -1;
-    }
+    if (n <= 0)
+        return recv_failed(n, errp);
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
         if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
             continue;
