@@ -231,7 +231,7 @@ static int rw(struct vub_req *r, uint64_t sector)
         r->data_len > VUB_MAX_DATA)
         return VIRTIO_BLK_S_IOERR;
     if (r->data_len == 0)
-        return VIRTIO_BLK_S_OK;
+        return VIRTIO_BLK_S_IOERR;  /* a read or write of nothing: a broken driver */
     void *buf = data_buffer(r, align);
     if (!buf)
         return VIRTIO_BLK_S_IOERR;
@@ -334,10 +334,22 @@ static void handle(struct vub_queue *q, const struct vub_elem *e)
     switch (hdr.type) {
     case VIRTIO_BLK_T_IN:
     case VIRTIO_BLK_T_GET_ID:
+        /* Nothing the driver wrote past the header: a buffer it meant for the data, but did
+         * not mark device-writable, must not be taken for the header's tail. */
+        if (out_len != sizeof(hdr)) {
+            complete(r, VIRTIO_BLK_S_IOERR, 0);
+            return;
+        }
         r->data_len = in_len - 1;
         r->ndata = slice(e, true, 0, r->data_len, &r->data);
         break;
     default:
+        /* A write's data is the driver's: nothing the device would write but the status. */
+        if (in_len != 1 && (hdr.type == VIRTIO_BLK_T_OUT || hdr.type == VIRTIO_BLK_T_DISCARD ||
+                            hdr.type == VIRTIO_BLK_T_WRITE_ZEROES)) {
+            complete(r, VIRTIO_BLK_S_IOERR, 0);
+            return;
+        }
         r->data_len = out_len - sizeof(hdr);
         r->ndata = slice(e, false, sizeof(hdr), r->data_len, &r->data);
         break;

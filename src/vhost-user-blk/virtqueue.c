@@ -113,8 +113,10 @@ static int walk_indirect(struct vub_queue *q, struct vub_elem *e, const struct v
         *why = "indirect descriptor not negotiated";
         return -1;
     }
+    /* No chain longer than the queue (2.7.5.3.1), indirect or not. */
     if (d->len == 0 || d->len % sizeof(struct vring_desc) ||
-        d->len / sizeof(struct vring_desc) > VUB_MAX_SEGS || (d->flags & VRING_DESC_F_NEXT)) {
+        d->len / sizeof(struct vring_desc) > MIN((unsigned)VUB_MAX_SEGS, q->num) ||
+        (d->flags & VRING_DESC_F_NEXT)) {
         *why = "invalid indirect descriptor";
         return -1;
     }

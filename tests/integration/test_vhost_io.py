@@ -1,8 +1,8 @@
-"""thinblk-vhost-io, our vhost-user-blk frontend, against a real backend.
+"""thinblk-vhost-io, our vhost-user-blk frontend, against two real backends.
 
-The backend is qemu-storage-daemon's vhost-user-blk export over a raw file; these tests are
-meant to run against thinblkd's own export later, so what is checked is what any correct
-backend must do, and qemu-storage-daemon's known quirks are marked as such.
+Every test runs against thinblkd's vhost-user-blk export and against qemu-storage-daemon's
+(the peer), each over a raw file: what is checked is what any correct backend must do, and
+qemu-storage-daemon's known quirks are marked as such (xfail on its rows only).
 
 Every wait is for a condition (the socket file, a process exit), up to conftest's TIMEOUT.
 """
@@ -19,21 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUILD_DIR, TIMEOUT, _die_with_parent
+from conftest import BUILD_DIR, THINBLKD, TIMEOUT, _die_with_parent
 
 VHOST_IO = BUILD_DIR / "src" / "vhost-io" / "thinblk-vhost-io"
 QSD = shutil.which("qemu-storage-daemon")
 MiB = 1 << 20
 
-pytestmark = [
-    pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed"),
-]
 
 
 class Backend:
-    """qemu-storage-daemon exporting one raw image over vhost-user-blk."""
+    """thinblkd or qemu-storage-daemon exporting one raw image over vhost-user-blk."""
 
-    def __init__(self, rundir, image, num_queues=1, writable=True, discard=True):
+    def __init__(self, server, rundir, image, num_queues=1, writable=True, discard=True):
+        self.server = server
         self.image = image
         self.sock = str(rundir / "vhost.sock")
         blockdev = f"driver=file,node-name=f0,filename={image}"
@@ -42,9 +40,10 @@ class Backend:
         export = (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
                   f"addr.path={self.sock},writable={'on' if writable else 'off'},"
                   f"num-queues={num_queues}")
-        self.stderr_path = rundir / "qsd.stderr"
+        self.stderr_path = rundir / f"{server}.stderr"
+        binary = QSD if server == "qsd" else str(THINBLKD)
         with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([QSD, "--blockdev", blockdev, "--export", export],
+            self.proc = subprocess.Popen([binary, "--blockdev", blockdev, "--export", export],
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                          preexec_fn=_die_with_parent)
         self._wait_for_socket()
@@ -53,7 +52,7 @@ class Backend:
         deadline = time.monotonic() + TIMEOUT
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(f"qemu-storage-daemon exited with {self.proc.returncode}: "
+                pytest.fail(f"{self.server} exited with {self.proc.returncode}: "
                             f"{self.stderr_path.read_text(errors='replace')}")
             try:
                 if stat.S_ISSOCK(os.stat(self.sock).st_mode):
@@ -82,10 +81,17 @@ def rundir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(params=["thinblkd", "qsd"])
+def server(request):
+    if request.param == "qsd" and QSD is None:
+        pytest.skip("qemu-storage-daemon is not installed")
+    return request.param
+
+
 @pytest.fixture
-def backend(rundir):
-    """A factory: backend(size=..., num_queues=...) starts qemu-storage-daemon on a new
-    sparse image; all are stopped at the end."""
+def backend(rundir, server):
+    """A factory: backend(size=..., num_queues=...) starts the server on a new sparse image;
+    all are stopped at the end."""
     started = []
 
     def start(size=64 * MiB, num_queues=1, writable=True, data=None):
@@ -94,7 +100,7 @@ def backend(rundir):
             if data is not None:
                 f.write(data)
             f.truncate(size)
-        b = Backend(rundir, image, num_queues=num_queues, writable=writable)
+        b = Backend(server, rundir, image, num_queues=num_queues, writable=writable)
         started.append(b)
         return b
 
@@ -255,7 +261,8 @@ def test_get_id(backend):
     b = backend()
     ident = vio(b, "get-id").stdout.rstrip("\n")
     assert 0 < len(ident) <= 20
-    assert ident == "vhost_user_blk"   # qemu-storage-daemon's fixed answer
+    # thinblkd answers the export id; qemu-storage-daemon a fixed string.
+    assert ident == ("e0" if b.server == "thinblkd" else "vhost_user_blk")
 
 
 def test_flush(backend):
@@ -314,8 +321,8 @@ def test_probe_valid_requests_complete(backend, case):
 
 
 @pytest.mark.parametrize("case", PROBES_BAD)
-def test_probe_malformed_request_is_not_ok(backend, case, request):
-    if case in QSD_LENIENT:
+def test_probe_malformed_request_is_not_ok(backend, server, case, request):
+    if server == "qsd" and case in QSD_LENIENT:
         request.applymarker(pytest.mark.xfail(strict=True,
                                               reason="qemu-storage-daemon 7.2 accepts it"))
     b = backend()
@@ -334,8 +341,8 @@ def test_probe_malformed_request_is_not_ok(backend, case, request):
                                   "msg-vring-index-out-of-range",
                                   "msg-vring-num-not-power-of-two", "msg-oversized",
                                   "msg-mem-table-no-fd"])
-def test_probe_malformed_message_leaves_backend_usable(backend, case, request):
-    if case == "msg-vring-index-out-of-range":
+def test_probe_malformed_message_leaves_backend_usable(backend, server, case, request):
+    if server == "qsd" and case == "msg-vring-index-out-of-range":
         # Seen: qemu-storage-daemon 7.2 hangs up and then refuses every new connection (once,
         # with num-queues=2, it acked the message instead), so not strict.
         request.applymarker(pytest.mark.xfail(reason="qemu-storage-daemon 7.2 stops "
