@@ -1,6 +1,7 @@
 #!/bin/bash
 # Set up, build and run the whole job on its embedded default, in ./run: thinblkd serving a thin
-# qcow2 disk over NBD, and thinblk-agent keeping it extended.
+# qcow2 disk over NBD (or, with THINBLK_EXPORT=vhost-user-blk, as a vhost-user-blk device), and
+# thinblk-agent keeping it extended.
 #
 #   run/disk.img   the thin volume: a sparse file attached as a loop device, with a qcow2 image
 #                  (16 GiB virtual) made on the device the first time. It starts at 256 MiB; the
@@ -8,18 +9,28 @@
 #                  by 1 GiB, keeping 512 MiB free past the highest write, never beyond 110% of
 #                  the virtual size) and resumes the daemon if it ever stops on ENOSPC.
 #   run/qmp.sock   thinblkd's QMP monitor (thinblkctl -s run/qmp.sock ...)
-#   run/nbd.sock   the NBD server, exporting the disk as "disk0" (device "disk0")
+#   run/nbd.sock   the NBD server, exporting the disk as "disk0" (device "disk0"); or, with
+#   run/vhost.sock THINBLK_EXPORT=vhost-user-blk, the vhost-user-blk export "disk0" (device
+#                  "disk0", 2 queues) for a VMM with shared guest memory (see
+#                  docs/thin-provisioning.md; check it with build/src/vhost-io/thinblk-vhost-io)
 #
 # Both programs log to this terminal. Ctrl-C (or SIGTERM, or either program exiting) stops both
 # and detaches the loop device; run/disk.img stays and the next run serves it again (remove it
 # to start afresh). The set-up and build run as you; the loop device needs root, so the rest
 # runs through sudo when you are not root (scripts/deps.sh does the same for apt-get).
 #
-# Environment, used only when run/disk.img is made: THINBLK_VSIZE (virtual size, default 16G),
-# THINBLK_INITIAL (the volume's first size, default 256M). Extra arguments go to thinblkd (e.g.
-# -S to start stopped). scripts/demo.sh shows it all with a real guest.
+# Environment: THINBLK_EXPORT (nbd, the default, or vhost-user-blk: how the disk is exported);
+# used only when run/disk.img is made: THINBLK_VSIZE (virtual size, default 16G), THINBLK_INITIAL
+# (the volume's first size, default 256M). Extra arguments go to thinblkd (e.g. -S to start
+# stopped). scripts/demo.sh shows it all with a real guest (it takes THINBLK_EXPORT too).
 set -euo pipefail
 cd "$(dirname "$0")"
+
+export_type=${THINBLK_EXPORT:-nbd}
+case $export_type in
+nbd | vhost-user-blk) ;;
+*) echo "run.sh: THINBLK_EXPORT must be nbd or vhost-user-blk, not '$export_type'" >&2; exit 2 ;;
+esac
 
 if [ "${1:-}" = --serve ]; then
     shift
@@ -28,7 +39,11 @@ else
     [ -d build ] || meson setup build
     ninja -C build
     if [ "$(id -u)" -ne 0 ]; then
-        exec sudo -- "$PWD/run.sh" --serve "$@"
+        # sudo resets the environment: pass on what this script reads from it.
+        exec sudo -- env THINBLK_EXPORT="$export_type" \
+            ${THINBLK_VSIZE:+THINBLK_VSIZE="$THINBLK_VSIZE"} \
+            ${THINBLK_INITIAL:+THINBLK_INITIAL="$THINBLK_INITIAL"} \
+            "$PWD/run.sh" --serve "$@"
     fi
 fi
 
@@ -67,34 +82,48 @@ else
 fi
 echo "run.sh: $img on $dev, $(($(stat -c %s "$img") >> 20)) MiB allocated" >&2
 
-rm -f run/qmp.sock run/nbd.sock
+if [ "$export_type" = nbd ]; then
+    sock=run/nbd.sock
+    export_args=(--nbd-server "addr.type=unix,addr.path=$sock"
+                 --export "type=nbd,id=disk0,node-name=disk0,name=disk0,writable=on")
+else
+    sock=run/vhost.sock
+    export_args=(--export "type=vhost-user-blk,id=disk0,node-name=disk0,addr.type=unix,addr.path=$sock,writable=on,num-queues=2")
+fi
+rm -f run/qmp.sock run/nbd.sock run/vhost.sock
 "$thinblkd" \
     --chardev socket,id=mon0,path=run/qmp.sock,server=on,wait=off \
     --monitor chardev=mon0 \
     --blockdev "driver=host_device,node-name=proto0,filename=$dev" \
     --blockdev driver=qcow2,node-name=disk0,file=proto0 \
-    --nbd-server addr.type=unix,addr.path=run/nbd.sock \
-    --export type=nbd,id=disk0,node-name=disk0,name=disk0,writable=on \
+    "${export_args[@]}" \
     --pidfile run/thinblkd.pid \
     -v "$@" </dev/null &
 pids+=($!)
 for _ in $(seq 200); do
-    [ -S run/qmp.sock ] && [ -S run/nbd.sock ] && break
+    [ -S run/qmp.sock ] && [ -S "$sock" ] && break
     kill -0 "${pids[0]}" 2>/dev/null || die "thinblkd exited"
     sleep 0.05
 done
-[ -S run/nbd.sock ] || die "thinblkd did not create its sockets"
+[ -S "$sock" ] || die "thinblkd did not create its sockets"
 
 # The agent's defaults for a loop device; see thinblk-agent(8) for a configuration file.
 "$agent" --socket run/qmp.sock --device disk0 </dev/null &
 pids+=($!)
 
-cat >&2 <<'HELP'
-run.sh: thinblkd (QMP run/qmp.sock, NBD export "disk0" at run/nbd.sock) and thinblk-agent are
+if [ "$export_type" = nbd ]; then
+    what='NBD export "disk0" at run/nbd.sock'
+    try="nbdinfo 'nbd+unix:///disk0?socket=run/nbd.sock'"
+else
+    what='vhost-user-blk export "disk0" at run/vhost.sock'
+    try='build/src/vhost-io/thinblk-vhost-io -s run/vhost.sock info   (one frontend at a time)'
+fi
+cat >&2 <<HELP
+run.sh: thinblkd (QMP run/qmp.sock, $what) and thinblk-agent are
 running; Ctrl-C stops both. From another terminal:
   build/src/ctl/thinblkctl -s run/qmp.sock query-block
   build/src/ctl/thinblkctl -s run/qmp.sock events
-  nbdinfo 'nbd+unix:///disk0?socket=run/nbd.sock'
+  $try
 HELP
 # Until either exits.
 wait -n "${pids[@]}" || true

@@ -70,49 +70,16 @@ for s in "${servers[@]}"; do
     esac
 done
 
-job_list=()
-if [[ -n ${JOBS:-} ]]; then
-    for want in $JOBS; do
-        found=
-        for j in "${all_jobs[@]}"; do
-            [[ ${j%% *} == "$want" ]] && { job_list+=("$j"); found=1; }
-        done
-        [[ -n $found ]] || die "unknown job in JOBS: $want"
-    done
-else
-    job_list=("${all_jobs[@]}")
-fi
-
-if [[ ${PIN:-0} == 1 ]]; then
-    [[ $(nproc) -ge 2 ]] || die "PIN=1 needs two CPUs"
-    need taskset "PIN=1" >/dev/null
-    server_pin=(taskset -c 0)
-    client_pin=(taskset -c 1)
-    pin_note="servers on CPU 0, fio on CPU 1"
-else
-    server_pin=()
-    client_pin=()
-    pin_note="nothing pinned (servers and fio share all CPUs)"
-fi
-
-size_bytes=$(numfmt --from=iec "$size") || die "bad SIZE: $size"
-[[ -d $img_dir ]] || die "IMG_DIR not found: $img_dir"
-img_fs=$(stat -f -c %T "$img_dir")
-[[ $img_fs == tmpfs ]] || note "warning: $img_dir is $img_fs, not tmpfs; numbers include that file system"
-((size_bytes > 0 && size_bytes % (1 << 20) == 0)) || die "SIZE must be a whole number of MiB"
-avail=$(($(stat -f -c '%a * %S' "$img_dir")))
-((avail > size_bytes + (64 << 20))) || die "$img_dir has $avail bytes free, the image needs $size_bytes"
+select_jobs
+setup_pin "fio"
+check_image_dir "$img_dir" "$size"
 
 tmp=$(mktemp -d /tmp/thinblk-bench-nbd.XXXXXX)
 img=$(mktemp "$img_dir/thinblk-bench-nbd.XXXXXX.img")
 cleanup() {
     kill_all
     rm -f "$img"
-    if [[ ${KEEP:-0} == 1 ]]; then
-        note "kept $tmp"
-    else
-        rm -rf "$tmp"
-    fi
+    remove_tmp "$tmp"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

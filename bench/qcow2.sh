@@ -81,35 +81,14 @@ for s in "${servers[@]}"; do
     esac
 done
 
-job_list=()
-if [[ -n ${JOBS:-} ]]; then
-    for want in $JOBS; do
-        found=
-        for j in "${all_jobs[@]}"; do
-            [[ ${j%% *} == "$want" ]] && { job_list+=("$j"); found=1; }
-        done
-        [[ -n $found ]] || die "unknown job in JOBS: $want"
-    done
-else
-    job_list=("${all_jobs[@]}")
-fi
+select_jobs
 need_full=
 for j in "${job_list[@]}"; do
     read -r _ kind _ <<<"$j"
     [[ $kind == steady ]] && need_full=1
 done
 
-if [[ ${PIN:-0} == 1 ]]; then
-    [[ $(nproc) -ge 2 ]] || die "PIN=1 needs two CPUs"
-    need taskset "PIN=1" >/dev/null
-    server_pin=(taskset -c 0)
-    client_pin=(taskset -c 1)
-    pin_note="servers on CPU 0, fio on CPU 1"
-else
-    server_pin=()
-    client_pin=()
-    pin_note="nothing pinned (servers and fio share all CPUs)"
-fi
+setup_pin fio
 
 size_bytes=$(numfmt --from=iec "$size") || die "bad SIZE: $size"
 ((size_bytes > 0 && size_bytes % (1 << 20) == 0)) || die "SIZE must be a whole number of MiB"

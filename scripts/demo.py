@@ -5,6 +5,9 @@ through scripts/demo.sh, which sets up and builds first).
 Each scenario: a sparse backing file of 32 MiB attached as a loop device, with a 4 GiB qcow2
 image on it; thinblkd serving it over NBD; a Linux guest (QEMU TCG, tests/guest) writing 192 MiB
 of random data (six times the allocation) one 16 MiB segment at a time, then reading it back.
+With THINBLK_EXPORT=vhost-user-blk in the environment, thinblkd exports the disk as a
+vhost-user-blk device instead and the guest gets it as vhost-user-blk-pci (its RAM a shared
+memfd); the host then reads the disk back with thinblk-vhost-io once the guest is gone.
 
 1. "agent keeps up": thinblk-agent runs from the start (chunk 32M, watermark 32M): it extends the
    volume as the guest writes, and the disk never stops.
@@ -41,6 +44,7 @@ SEG_MB = 16
 CHUNK = WATERMARK = "32M"
 TIMEOUT = 600
 HOLD = 2        # seconds scenario 2 leaves the disk stopped before starting the agent
+EXPORT = os.environ.get("THINBLK_EXPORT") or "nbd"    # or vhost-user-blk
 
 
 def say(text=""):
@@ -121,12 +125,14 @@ class Stack:
         self.store = thin.LoopStore(self.dir / "backing.img", INITIAL, VIRTUAL_SIZE)
         self.qmp_sock = self.dir / "qmp.sock"
         self.nbd_sock = self.dir / "nbd.sock"
+        self.vhost_sock = self.dir / "vhost.sock" if EXPORT == "vhost-user-blk" else None
         self.uri = f"nbd+unix:///disk0?socket={self.nbd_sock}"
         self.events_path = self.dir / "events.jsonl"
         argv = thin.thinblkd_argv(self.build / "src/daemon/thinblkd", self.store.dev,
-                                  self.qmp_sock, self.nbd_sock)
+                                  self.qmp_sock, self.nbd_sock, vhost_sock=self.vhost_sock)
         self.thinblkd = self._start(argv, "thinblkd.log")
-        kit.wait_until(lambda: self._alive(self.thinblkd) and self.nbd_sock.exists()
+        sock = self.vhost_sock or self.nbd_sock
+        kit.wait_until(lambda: self._alive(self.thinblkd) and sock.exists()
                        and self.qmp_sock.exists(), 30, "thinblkd's sockets")
         self.logger = self._start(["/usr/bin/python3", str(ROOT / "bench/qmp-events.py"),
                                    str(self.qmp_sock), str(self.events_path)], "events.err")
@@ -153,6 +159,35 @@ class Stack:
                                  "agent.log")
         return self.dir / "agent.log"
 
+    def disk(self):
+        """The guest's disk on this stack's export."""
+        if self.vhost_sock:
+            return kit.VhostUserBlkDisk(str(self.vhost_sock))
+        return kit.NbdDisk(str(self.nbd_sock), "disk0")
+
+    def host_digest(self):
+        """The stream job's digest as the host reads the export: over NBD, or, for a
+        vhost-user-blk export (one frontend at a time: call it once the guest is gone), with
+        thinblk-vhost-io into a file."""
+        if not self.vhost_sock:
+            return kit.nbd_stream_digest(self.uri, WRITE_MB, SEG_MB)
+        out = self.dir / "readback.raw"
+        argv = [str(self.build / "src/vhost-io/thinblk-vhost-io"), "-s", str(self.vhost_sock),
+                "-l", f"{WRITE_MB}M", "-d", "8", "--output", str(out), "read"]
+        # QEMU has exited, but thinblkd may not have seen its connection close yet, and
+        # refuses a second frontend meanwhile (exit status 3): try again for a while.
+        deadline = time.monotonic() + 10
+        while (rc := subprocess.run(argv, stdin=subprocess.DEVNULL).returncode) == 3 \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if rc != 0:
+            raise RuntimeError(f"thinblk-vhost-io read exited with {rc}")
+        with open(out, "rb") as f:
+            def read(offset, length):
+                f.seek(offset)
+                return f.read(length)
+            return kit.digest_list(kit.stream_segment_digests(read, WRITE_MB, SEG_MB))
+
     def close(self):
         for p in reversed(self.procs):
             if p.poll() is None:
@@ -177,7 +212,7 @@ def query(build, st, command):
 
 
 def scenario(n, title, build, image, agent_late):
-    say(f"=== {n}. {title} ===")
+    say(f"=== {n}. {title} ({EXPORT}) ===")
     say(f"    a {INITIAL >> 20} MiB volume (loop device, qcow2 of {VIRTUAL_SIZE >> 30} GiB); the "
         f"guest writes {WRITE_MB} MiB; agent policy: chunk {CHUNK}, watermark {WATERMARK}")
     st = Stack(build)
@@ -186,7 +221,7 @@ def scenario(n, title, build, image, agent_late):
     try:
         if not agent_late:
             feed.agent_path = st.start_agent()
-        with kit.Guest(image, kit.NbdDisk(str(st.nbd_sock), "disk0"), job="stream",
+        with kit.Guest(image, st.disk(), job="stream",
                        mb=WRITE_MB, seg=SEG_MB, workdir=st.dir / "guest") as g:
             agent_started = not agent_late
             deadline = time.monotonic() + TIMEOUT
@@ -216,7 +251,7 @@ def scenario(n, title, build, image, agent_late):
                 f"{g.stderr()}\n{tail}\n")
             return False
         r = g.result()
-        host = kit.nbd_stream_digest(st.uri, WRITE_MB, SEG_MB)
+        host = st.host_digest()
         extensions = [line for line in (st.dir / "agent.log").read_text().splitlines()
                       if ": extended " in line]
         ok = (rc == 0 and r["dd-status"] == 0 and r["read-status"] == 0 and not g.io_error
@@ -228,7 +263,7 @@ def scenario(n, title, build, image, agent_late):
             f"{INITIAL >> 20} MiB -> {st.store.size() >> 20} MiB")
         say(f"    guest wrote      sha256 {r['write-sha256']}")
         say(f"    guest read back  sha256 {r['readback-sha256']}")
-        say(f"    host reads (NBD) sha256 {host}")
+        say(f"    host reads       sha256 {host} (over {EXPORT})")
         say(f"    guest I/O errors: {'yes' if g.io_error else 'none'}; checksums "
             f"{'match' if ok else 'DO NOT MATCH'}; pauses {stops} (expected {expected})")
         say()
@@ -241,7 +276,10 @@ def main():
     build = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "build").resolve()
     if os.geteuid() != 0:
         sys.exit("demo.py: needs root (loop devices); run scripts/demo.sh")
-    for b in ("src/daemon/thinblkd", "src/agent/thinblk-agent", "src/ctl/thinblkctl"):
+    if EXPORT not in ("nbd", "vhost-user-blk"):
+        sys.exit(f"demo.py: THINBLK_EXPORT must be nbd or vhost-user-blk, not {EXPORT!r}")
+    for b in ("src/daemon/thinblkd", "src/agent/thinblk-agent", "src/ctl/thinblkctl",
+              "src/vhost-io/thinblk-vhost-io"):
         if not os.access(build / b, os.X_OK):
             sys.exit(f"demo.py: missing {build / b}: build first (ninja -C {build})")
     image = kit.build_guest()

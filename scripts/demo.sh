@@ -8,6 +8,9 @@
 #      then, finds it stopped, extends the volume and resumes it.
 # and prints what happened: the agent's log, STOP/RESUME, the guest's progress, then the pauses,
 # the extensions and the checksums (guest written, guest read back, host read over NBD).
+# THINBLK_EXPORT=vhost-user-blk runs the same with the disk exported as vhost-user-blk: QEMU
+# then gets it as vhost-user-blk-pci, with the guest's RAM a shared memfd (memory-backend-memfd,
+# share=on), and the host reads it back with thinblk-vhost-io. The default, nbd, is as above.
 # Takes about a minute (the guest runs under QEMU TCG). Loop devices need root: when not root,
 # the demo itself runs through sudo. Exits 0 if both scenarios went as expected.
 set -euo pipefail
@@ -17,6 +20,6 @@ scripts/deps.sh
 [ -d build ] || meson setup build
 ninja -C build
 if [ "$(id -u)" -ne 0 ]; then
-    exec sudo -- /usr/bin/python3 scripts/demo.py "$PWD/build"
+    exec sudo -- env THINBLK_EXPORT="${THINBLK_EXPORT:-nbd}" /usr/bin/python3 scripts/demo.py "$PWD/build"
 fi
 exec /usr/bin/python3 scripts/demo.py "$PWD/build"

@@ -58,16 +58,21 @@ class LoopStore:
             self.dev = None
 
 
-def thinblkd_argv(thinblkd, dev, qmp_sock, nbd_sock, name="disk0"):
+def thinblkd_argv(thinblkd, dev, qmp_sock, nbd_sock, name="disk0", vhost_sock=None):
     """thinblkd serving the qcow2 image on block device DEV as the NBD export NAME (device NAME,
-    format node NAME, protocol node proto0), with a QMP monitor on QMP_SOCK."""
+    format node NAME, protocol node proto0), with a QMP monitor on QMP_SOCK. With VHOST_SOCK,
+    the export is a vhost-user-blk one on that socket instead (NBD_SOCK is then unused)."""
+    if vhost_sock:
+        export = ["--export", f"type=vhost-user-blk,id={name},node-name={name},addr.type=unix,"
+                              f"addr.path={vhost_sock},writable=on"]
+    else:
+        export = ["--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
+                  "--export", f"type=nbd,id={name},node-name={name},name={name},writable=on"]
     return [str(thinblkd),
             "--chardev", f"socket,id=mon0,path={qmp_sock},server=on,wait=off",
             "--monitor", "chardev=mon0",
             "--blockdev", f"driver=host_device,node-name=proto0,filename={dev}",
-            "--blockdev", f"driver=qcow2,node-name={name},file=proto0",
-            "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
-            "--export", f"type=nbd,id={name},node-name={name},name={name},writable=on"]
+            "--blockdev", f"driver=qcow2,node-name={name},file=proto0"] + export
 
 
 @dataclass
