@@ -8,7 +8,10 @@
  *                                length defaults to the rest of the node),
  *    "after": N                 (let the first N matching requests through),
  *    "once": BOOL               (fail one request, then the rule is spent; default false:
- *                                fail until the rules are replaced)}
+ *                                fail until the rules are replaced),
+ *    "delay-ms": N              (hold a matching request N ms first: it is in flight at
+ *                                its device meanwhile; then fail it with errno, or without
+ *                                errno pass it on to the child)}
  * Rules are tried in order; the first that fails a request wins. The rule list can be
  * replaced at run time with the QMP command __org.thinblk_fault-set (qmp/cmd-block.c).
  */
@@ -25,6 +28,7 @@ struct fault_rule {
     int err;         /* positive errno */
     uint64_t offset, length;
     uint64_t after;  /* matching requests still to let through */
+    uint64_t delay_ms;
     bool once;
     bool spent;
 };
@@ -36,6 +40,7 @@ struct fault_state {
 
 struct fault_op {
     struct loop_deferred fail_call;  /* failing later, never inside node_submit() */
+    struct block_node *node;
     struct block_req child;
     struct block_req *parent;
     int err;
@@ -56,12 +61,13 @@ static const char *const op_values[] = {
 static const struct schema_member rule_members[] = {
     /* thinblk's own: a bad value is named with its place in the list. */
     { "op", SCHEMA_ENUM, .optional = true, .full_name = true, .values = op_values },
-    /* A name or a number: parse_errno() says what it takes. */
-    { "errno", SCHEMA_ANY },
+    /* A name or a number: parse_errno() says what it takes. Optional only with delay-ms. */
+    { "errno", SCHEMA_ANY, .optional = true },
     RULE_UINT("offset"),
     RULE_UINT("length"),
     RULE_UINT("after"),
     { "once", SCHEMA_BOOL, .optional = true },
+    RULE_UINT("delay-ms"),
     { NULL },
 };
 
@@ -113,7 +119,14 @@ int fault_parse_rules(json_t *rules, struct fault_rule **out, size_t *n, struct 
             if (strcmp(op, op_names[k]) == 0)
                 fr->op = (int)k;
         }
-        fr->err = parse_errno(json_object_get(r, "errno"), errp);
+        fr->delay_ms = rule_uint(r, "delay-ms", 0);
+        json_t *err = json_object_get(r, "errno");
+        if (!err && !fr->delay_ms) {
+            error_setg(errp, "Parameter 'rules[%zu].errno' is missing", i);
+            free(list);
+            return -1;
+        }
+        fr->err = err ? parse_errno(err, errp) : 0;
         if (fr->err < 0) {
             free(list);
             return -1;
@@ -177,8 +190,8 @@ static void fault_close(struct block_node *n)
     free(s);
 }
 
-/* The errno to fail req with, or 0 to let it through. */
-static int match(struct fault_state *s, const struct block_req *req)
+/* The rule req matches, or NULL to let it through. */
+static const struct fault_rule *match(struct fault_state *s, const struct block_req *req)
 {
     for (size_t i = 0; i < s->nrules; i++) {
         struct fault_rule *r = &s->rules[i];
@@ -194,19 +207,9 @@ static int match(struct fault_state *s, const struct block_req *req)
         }
         if (r->once)
             r->spent = true;
-        return r->err;
+        return r;
     }
-    return 0;
-}
-
-static void fault_failed(struct loop *loop, void *opaque)
-{
-    struct fault_op *op = opaque;
-    struct block_req *parent = op->parent;
-    int err = op->err;
-
-    free(op);
-    parent->done(parent, -err);
+    return NULL;
 }
 
 static void fault_child_done(struct block_req *child, int ret)
@@ -218,20 +221,41 @@ static void fault_child_done(struct block_req *child, int ret)
     parent->done(parent, ret);
 }
 
-static void fault_submit(struct block_node *n, struct block_req *req)
+/* Fail op's request with op->err, or pass it on if there is none (a delay rule). */
+static void fault_go(struct loop *loop, void *opaque)
 {
-    struct fault_op *op = xzalloc(sizeof(*op));
+    struct fault_op *op = opaque;
+    struct block_req *parent = op->parent;
+    int err = op->err;
 
-    op->parent = req;
-    op->err = match(n->opaque, req);
-    if (op->err) {
-        op->fail_call = LOOP_DEFERRED_INIT(fault_failed, op);
-        loop_defer(n->graph->loop, &op->fail_call);
+    if (!err) {
+        op->child = *parent;
+        op->child.done = fault_child_done;
+        node_submit(op->node->file, &op->child);
         return;
     }
-    op->child = *req;
-    op->child.done = fault_child_done;
-    node_submit(n->file, &op->child);
+    free(op);
+    parent->done(parent, -err);
+}
+
+static void fault_submit(struct block_node *n, struct block_req *req)
+{
+    const struct fault_rule *r = match(n->opaque, req);
+    struct fault_op *op = xzalloc(sizeof(*op));
+
+    op->node = n;
+    op->parent = req;
+    if (!r) {
+        fault_go(n->graph->loop, op);  /* straight to the child */
+        return;
+    }
+    op->err = r->err;
+    if (r->delay_ms) {
+        loop_add_timer(n->graph->loop, r->delay_ms * 1000000, fault_go, op);
+        return;
+    }
+    op->fail_call = LOOP_DEFERRED_INIT(fault_go, op);
+    loop_defer(n->graph->loop, &op->fail_call);
 }
 
 const struct block_driver block_driver_fault = {

@@ -177,11 +177,15 @@ static void on_device_done(struct dev_req *dreq, int ret)
 {
     struct vub_req *r = container_of(dreq, struct vub_req, dreq);
     struct vub_conn *c = r->conn;
+    struct vub_queue *q = r->q;  /* lives as long as c */
 
     c->in_device--;
+    q->in_device--;
     if (ret == 0 && r->type == VIRTIO_BLK_T_IN && r->bounce && req_current(r))
         scatter(r->data, r->ndata, r->bounce, r->data_len);
     complete(r, status_of(-ret), r->type == VIRTIO_BLK_T_IN && ret == 0 ? r->data_len : 0);
+    if (q->draining && q->in_device == 0)
+        vub_conn_ring_drained(q);
     vub_conn_unref(c);
 }
 
@@ -196,6 +200,7 @@ static void submit(struct vub_req *r, enum block_op op, unsigned flags, uint64_t
     r->dreq.done = on_device_done;
     r->dreq.opaque = r;
     c->in_device++;
+    r->q->in_device++;
     vub_conn_ref(c);
     device_submit(c->exp->dev, &r->dreq);
 }
@@ -386,7 +391,8 @@ static bool runnable(const struct vub_queue *q)
     bool enabled = q->enabled ||
                    !vub_conn_has_feature(q->conn, VHOST_USER_F_PROTOCOL_FEATURES);
 
-    return q->conn->state != VUB_CONN_CLOSED && q->started && enabled && !q->broken && q->desc;
+    return q->conn->state != VUB_CONN_CLOSED && q->started && enabled && !q->broken &&
+           !q->draining && q->desc;
 }
 
 static void on_device_accepting(struct dev_waiter *w)

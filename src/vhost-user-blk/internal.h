@@ -67,6 +67,8 @@ struct vub_queue {
     bool enabled;              /* SET_VRING_ENABLE (always, without protocol features) */
     bool broken;               /* the guest broke the ring: not processed until restarted */
     uint64_t generation;       /* bumped when the ring stops: older requests are dropped */
+    unsigned in_device;        /* requests of this ring submitted, not done */
+    bool draining;             /* GET_VRING_BASE waits for in_device to reach 0 */
 };
 
 /* A data segment of a request, in our mapping of guest memory. */
@@ -104,6 +106,7 @@ void vub_vq_break(struct vub_queue *q, const char *why);
 enum vub_conn_state {
     VUB_CONN_HEADER,    /* reading a message header */
     VUB_CONN_PAYLOAD,   /* reading its payload */
+    VUB_CONN_DRAINING,  /* a GET_VRING_BASE waits for its ring's requests: nothing is read */
     VUB_CONN_CLOSED,    /* terminal: freed once no request refers to it */
 };
 
@@ -138,6 +141,9 @@ void vub_conn_close(struct vub_conn *c, const char *why);
 void vub_conn_ref(struct vub_conn *c);
 void vub_conn_unref(struct vub_conn *c);
 bool vub_conn_has_feature(const struct vub_conn *c, unsigned bit);
+/* q was draining and its last request in the device is done: answer the GET_VRING_BASE that
+ * waited for it, and read messages again. */
+void vub_conn_ring_drained(struct vub_queue *q);
 
 /* ---- virtio-blk (blk.c) ---- */
 

@@ -33,6 +33,7 @@ enum {
     MSG_OK = 0,       /* done (REPLY_ACK: 0) */
     MSG_FAILED = 1,   /* not done (REPLY_ACK: 1) */
     MSG_CLOSE = -1,   /* a protocol error: close the connection */
+    MSG_DEFERRED = 2, /* answered later; nothing is read meanwhile (VUB_CONN_DRAINING) */
 };
 
 #define PROTOCOL_FEATURES                                                                  \
@@ -247,16 +248,45 @@ static int set_vring_base(struct vub_conn *c)
     return MSG_OK;
 }
 
-/* Answered whatever the device does (stopped or not): the frontend waits for it. */
+static int answer_vring_base(struct vub_conn *c, struct vub_queue *q)
+{
+    stop_ring(q);
+    struct vhost_vring_state st = { q->index, q->last_avail_idx };
+    return send_reply(c, &st, sizeof(st));
+}
+
+/* The frontend restarts the ring at the base we answer, so every request taken before it must
+ * be on the used ring first: one taken but not done would never complete to the guest (there
+ * is no inflight region yet to hand it back). So while the device takes requests, the answer
+ * waits for the ring's requests in the device (reading stops meanwhile: the frontend waits for
+ * the answer anyway). While the device is stopped they may wait for a cont the frontend
+ * cannot wait for: the answer goes at once, and those requests are lost to the guest (a gap
+ * INFLIGHT_SHMFD will close). */
 static int get_vring_base(struct vub_conn *c)
 {
     struct vub_queue *q = queue(c, c->payload.state.index);
 
     if (!q)
         return MSG_CLOSE;
-    stop_ring(q);
-    struct vhost_vring_state st = { q->index, q->last_avail_idx };
-    return send_reply(c, &st, sizeof(st));
+    if (q->in_device == 0 || !device_accepting(c->exp->dev))
+        return answer_vring_base(c, q);
+    q->draining = true;
+    c->state = VUB_CONN_DRAINING;
+    loop_mod_fd(c->loop, c->fd, 0);
+    return MSG_DEFERRED;
+}
+
+void vub_conn_ring_drained(struct vub_queue *q)
+{
+    struct vub_conn *c = q->conn;
+
+    q->draining = false;
+    if (c->state != VUB_CONN_DRAINING)
+        return;
+    c->state = VUB_CONN_HEADER;
+    c->have = 0;
+    if (answer_vring_base(c, q) == MSG_OK)
+        loop_mod_fd(c->loop, c->fd, LOOP_READ);
 }
 
 /* SET_VRING_KICK/CALL/ERR's payload: the queue, and its fd (or -1 with the no-fd flag). */
@@ -429,7 +459,7 @@ static void dispatch(struct vub_conn *c)
     log_debug("vhost-user-blk: %s: %s", c->exp->id, h->name);
     int r = h->fn(c);
     close_fds(c);
-    if (r == MSG_CLOSE || c->state == VUB_CONN_CLOSED)
+    if (r == MSG_CLOSE || r == MSG_DEFERRED || c->state == VUB_CONN_CLOSED)
         return;
     if (r == MSG_FAILED)
         log_warn("vhost-user-blk: %s: %s failed", c->exp->id, h->name);
@@ -493,8 +523,13 @@ static void on_readable(struct loop *loop, int fd, unsigned events, void *opaque
 {
     struct vub_conn *c = opaque;
 
+    if (c->state == VUB_CONN_DRAINING) {
+        /* Nothing is asked for now but hang-ups and errors, which epoll always reports. */
+        vub_conn_close(c, "the frontend hung up while GET_VRING_BASE waited");
+        return;
+    }
     vub_conn_ref(c);
-    while (c->state != VUB_CONN_CLOSED) {
+    while (c->state == VUB_CONN_HEADER || c->state == VUB_CONN_PAYLOAD) {
         bool header = c->state == VUB_CONN_HEADER;
         size_t want = header ? sizeof(c->hdr) : c->hdr.size;
         char *dst = header ? (char *)&c->hdr : (char *)&c->payload;
@@ -520,7 +555,7 @@ static void on_readable(struct loop *loop, int fd, unsigned events, void *opaque
         } else {
             memset((char *)&c->payload + c->hdr.size, 0, sizeof(c->payload) - c->hdr.size);
             dispatch(c);
-            if (c->state != VUB_CONN_CLOSED) {
+            if (c->state == VUB_CONN_PAYLOAD) {
                 c->state = VUB_CONN_HEADER;
                 c->have = 0;
             }

@@ -371,7 +371,7 @@ RING = 8
 class FakeGuest:
     """One queue of RING entries in a 64 KiB memfd shared with thinblkd."""
 
-    def __init__(self, path):
+    def __init__(self, path, event_idx=False):
         import mmap
         self.fd = os.memfd_create("vub-test")
         os.ftruncate(self.fd, 65536)
@@ -380,7 +380,7 @@ class FakeGuest:
         self.call, self.err, self.kick = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
         f = self.f
         f.send(SET_OWNER)
-        f.send(SET_FEATURES, struct.pack("<Q", 1 << 32 | 1 << 28))
+        f.send(SET_FEATURES, struct.pack("<Q", 1 << 32 | 1 << 28 | (1 << 29 if event_idx else 0)))
         f.s.sendmsg([struct.pack("<III", SET_MEM_TABLE, 1, 40) +
                      struct.pack("<IIQQQQ", 1, 0, 0, 65536, QVA, 0)],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("<i", self.fd))])
@@ -405,6 +405,10 @@ class FakeGuest:
 
     def used_idx(self):
         return struct.unpack_from("<H", self.mem, USED + 2)[0]
+
+    def avail_event(self):
+        """With EVENT_IDX: the avail index the device wants a kick for (past what it took)."""
+        return struct.unpack_from("<H", self.mem, USED + 4 + 8 * RING)[0]
 
     def signalled(self, efd):
         try:
@@ -450,3 +454,36 @@ def test_request_status(daemons, tmp_path, sector, header_len, status):
     assert g.mem[DATA + 0x200] == status
     assert g.signalled(g.call)
     assert not g.signalled(g.err)
+
+
+def test_get_vring_base_waits_for_requests_in_flight(daemons, tmp_path):
+    """The frontend restarts the ring at the base answered: a request taken before must be on
+    the used ring first, or the guest would never see it complete."""
+    img = image(tmp_path / "d.raw", MIB)
+    vsock = daemons.rundir() / "vub.sock"
+    d = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=proto0,filename={img}",
+        "--blockdev", "driver=fault,node-name=flt,file=proto0",
+        "--blockdev", "driver=raw,node-name=fmt0,file=flt",
+        "--export", f"type=vhost-user-blk,id=disk0,node-name=fmt0,addr.type=unix,"
+                    f"addr.path={vsock},writable=on"])
+    wait_for_file_socket(vsock, d)
+    ok(d.negotiated().cmd("__org.thinblk_fault-set", {
+        "node-name": "flt", "rules": [{"op": "write", "delay-ms": 500}]}))
+    g = FakeGuest(vsock, event_idx=True)
+    struct.pack_into("<IIQ", g.mem, DATA, 1, 0, 0)   # VIRTIO_BLK_T_OUT at sector 0
+    g.mem[DATA + 0x1000:DATA + 0x1200] = b"\x5a" * 512
+    g.mem[DATA + 0x200] = 0xff
+    g.desc(0, DATA, 16, 1, 1)
+    g.desc(1, DATA + 0x1000, 512, 1, 2)
+    g.desc(2, DATA + 0x200, 1, 2)
+    g.submit(0)
+    kit.wait_until(lambda: g.avail_event() == 1, 10, "thinblkd taking the request")
+    assert g.used_idx() == 0                          # held 500 ms by the fault rule
+
+    assert g.f.call(GET_VRING_BASE, struct.pack("<II", 0, 0)) == struct.pack("<II", 0, 1)
+    assert g.used_idx() == 1                          # completed before the answer
+    assert g.mem[DATA + 0x200] == 0                   # VIRTIO_BLK_S_OK
+    with open(img, "rb") as f:
+        assert f.read(512) == b"\x5a" * 512
+    assert d.running()
