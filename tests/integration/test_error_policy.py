@@ -240,6 +240,19 @@ def test_bad_fault_rules_are_refused(daemons, tmp_path):
     assert disk.qmp.cmd("__org.thinblk_fault-set", {"node-name": "f0", "rules": []}) == {
         "error": {"class": "GenericError",
                   "desc": "Node 'f0' is not a fault injection node"}}
+    # errno may be left out only by a delay rule.
+    assert disk.qmp.cmd("__org.thinblk_fault-set", {"node-name": "flt", "rules": [
+        {"op": "write", "delay-ms": 10}, {"op": "read"}]}) == {"error": {
+            "class": "GenericError", "desc": "Parameter 'rules[1].errno' is missing"}}
+
+
+def test_delay_rule_passes_the_request_on(daemons, tmp_path):
+    disk = Disk(daemons, tmp_path)
+    assert disk.qmp.cmd("__org.thinblk_fault-set", {"node-name": "flt", "rules": [
+        {"op": "write", "delay-ms": 50}]}) == {"return": {}}
+    h = disk.nbd()
+    h.pwrite(b"\x07" * 4096, 4096)
+    assert h.pread(4096, 4096) == b"\x07" * 4096
 
 
 # ---- BLOCK_IO_ERROR throttling ------------------------------------------------------------
