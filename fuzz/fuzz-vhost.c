@@ -10,8 +10,10 @@
  * into it directly, and hands dups of its fd to the export with SET_MEM_TABLE.
  *
  * Input: one byte of set-up, then operations until the input ends.
- *   set-up byte: bit 0 connects to "vro" instead of "vdisk"; bits 1..7: how many bytes of a
- *     message go out per send() (0: all at once), so messages split across reads.
+ *   set-up byte: bit 0 connects to "vro" instead of "vdisk"; bit 7 sends each message in two
+ *     pieces, the first of bits 1..6 + 1 bytes (1..64), with the loop run in between, so that
+ *     headers, payloads and fds split across reads (two pieces, not many: a loop run costs
+ *     a handful of syscalls, and libFuzzer would favour the slowest inputs).
  *   0x00 MSG   fdsel:u8 request:u32 flags:u32 size:u32 payload[min(size, left)]
  *              a raw vhost-user message (little-endian); fdsel (mod 8) picks the ancillary
  *              fds: 0 none, 1 the guest memfd, 2 kick eventfd of queue 0, 3 of queue 1,
@@ -31,11 +33,13 @@
  *   other opcodes are taken mod 7.
  * Queue q's rings (SETUP's layout, up to 64 entries): descriptors at gpa q*0x800, avail ring
  * at q*0x800 + 0x400, used ring at q*0x800 + 0x600; pages 1.. are for buffers.
- * Between operations the loop runs once without waiting and replies are read and dropped.
+ * After MSG, KICK and SETUP (and, in pieces, after each piece) the loop runs once without
+ * waiting and replies are read and dropped.
  * At the end the frontend's socket is closed and the loop runs until the connection is gone
  * and every request is back. Errors are fine; crashes, leaks, hangs and sanitizer reports are
  * not. Seeds: fuzz/make-vhost-seeds.py. FUZZ_VHOST_LOG=1 in the environment logs what the
- * export does (debug level), to check what an input reaches.
+ * export does (debug level) and, at the end, each queue's used index and the status byte at
+ * 0x3f00, to check what an input reaches.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -190,7 +194,7 @@ static void send_all(struct run *r, const void *buf, size_t len, const int *fds,
             char buf[CMSG_SPACE(sizeof(int) * 16)];
             struct cmsghdr align;
         } control;
-        struct iovec iov = { (void *)p, MIN(r->chunk, len) };
+        struct iovec iov = { (void *)p, rounds ? len : MIN(r->chunk, len) };
         struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
         if (nfds) {
             m.msg_control = control.buf;
@@ -209,7 +213,10 @@ static void send_all(struct run *r, const void *buf, size_t len, const int *fds,
             len -= (size_t)n;
             nfds = 0;  /* sent with the first bytes (and the receiver holds them) */
         }
-        run_once(r);
+        /* Whole messages pile up in the socket until the operation is done (the export reads
+         * until EAGAIN): a loop run per message would cost more than the rest together. */
+        if (len > 0 || r->chunk != SIZE_MAX)
+            run_once(r);
     }
 }
 
@@ -404,7 +411,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!take(&r, &setup, 1))
         return 0;
     memset(g.guest, 0, GUEST_SIZE);
-    r.chunk = setup >> 1 ? setup >> 1 : SIZE_MAX;
+    r.chunk = setup & 0x80 ? ((setup >> 1) & 0x3f) + 1u : SIZE_MAX;
     strcpy(sa.sun_path, g.path[setup & 1]);
     r.fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (r.fd < 0 || connect(r.fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
@@ -431,7 +438,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 5: op_desc(&r); break;
         case 6: op_avail(&r); break;
         }
-        run_once(&r);
+        if (op % 7 == 0 || op % 7 == 2 || op % 7 == 4)
+            run_once(&r);
     }
 
     close(r.fd);
@@ -446,7 +454,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     while (!idle())
         loop_run_once(g.fb.loop, 10);
     loop_run_once(g.fb.loop, 0);  /* deferred calls */
-    for (int i = 0; i < NQ; i++)
+    for (int i = 0; i < NQ; i++) {
+        if (log_max_level == LOG_LEVEL_DEBUG)
+            fprintf(stderr, "fuzz-vhost: queue %d: used idx %u, status byte %u\n", i,
+                    *(uint16_t *)(g.guest + ring_gpa(i) + 0x602), g.guest[0x3f00]);
         close(r.kick[i]);
+    }
     return 0;
 }

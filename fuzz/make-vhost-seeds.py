@@ -126,7 +126,7 @@ def seeds():
     s['read-only'] = (b'\x01' + setup() + request(T_OUT, 512) +
                       mem(0x1000, outhdr(T_DISCARD)) + mem(0x2000, struct.pack('<QII', 0, 8, 0)) +
                       avail(0) + kick() + RUN)
-    s['chunked'] = b'\x06' + setup() + request(T_IN, 512)
+    s['chunked'] = b'\x84' + setup() + request(T_IN, 512)
     m = struct.pack('<II', 1, 0) + struct.pack('<QQQQ', 0, 16384, QVA, 0)
     s['stop-in-flight'] = (b'\x00' + setup() + desc(0, 0x1000, 16, NEXT, 1) +
                            desc(1, 0x2000, 4096, NEXT, 2) + desc(2, 0x3f00, 1, WRITE) +
