@@ -3,6 +3,7 @@
  * A guest address that is not wholly inside one region is refused (NULL), never followed. */
 #include <inttypes.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -36,6 +37,14 @@ struct vub_mem *vub_mem_new(const struct vhost_user_memory *msg, int *fds, unsig
             r->guest_phys_addr + r->memory_size < r->guest_phys_addr ||
             r->userspace_addr + r->memory_size < r->userspace_addr) {
             log_warn("vhost-user-blk: invalid memory region %u", i);
+            goto fail;
+        }
+        /* A mapping past the end of its file maps, but touching that part raises SIGBUS:
+         * a frontend's region larger than its fd would kill the daemon. */
+        struct stat st;
+        if (fstat(fds[i], &st) < 0 || (S_ISREG(st.st_mode) && (uint64_t)st.st_size < len)) {
+            log_warn("vhost-user-blk: memory region %u (%" PRIu64 " bytes) past the end of "
+                     "its file", i, len);
             goto fail;
         }
         void *p = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
