@@ -73,3 +73,20 @@ void unix_listener_remove(struct unix_listener *l)
     free(l->path);
     l->path = NULL;
 }
+
+int socket_accept(int fd)
+{
+    for (;;) {
+        int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (cfd >= 0 || (errno != EINTR && errno != ECONNABORTED)) {
+            if (cfd < 0 && errno == EWOULDBLOCK)
+                errno = EAGAIN;
+            return cfd;
+        }
+    }
+}
+
+bool socket_accept_starved(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}

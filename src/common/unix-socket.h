@@ -9,6 +9,7 @@
 #ifndef THINBLK_UNIX_SOCKET_H
 #define THINBLK_UNIX_SOCKET_H
 
+#include <stdbool.h>
 #include <sys/types.h>
 
 #include "common/error.h"
@@ -25,5 +26,12 @@ int unix_listen(const char *path, struct unix_listener *l, struct error **errp);
 
 /* Remove l's socket file if it is still ours, and free l's path. Does not close the fd. */
 void unix_listener_remove(struct unix_listener *l);
+
+/* Accept one connection on a listening socket fd (Unix or TCP), non-blocking and
+ * close-on-exec, past EINTR and ECONNABORTED. Returns its fd, or -1 with errno EAGAIN (none
+ * waiting), a starved errno (socket_accept_starved(): stop accepting for a while rather than
+ * spin on a listener that stays readable), or another error. */
+int socket_accept(int fd);
+bool socket_accept_starved(int err);
 
 #endif

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/unix-socket.h"
 #include "loop/loop.h"
 #include "nbd/internal.h"
 
@@ -60,16 +61,14 @@ static void on_listen(struct loop *loop, int fd, unsigned events, void *opaque)
             set_accepting(s, false);
             return;
         }
-        int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int cfd = socket_accept(fd);
         if (cfd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            if (socket_accept_starved(errno)) {
                 log_warn("nbd: cannot accept a connection: %s", strerror(errno));
                 set_accepting(s, false);
                 if (!s->accept_timer)
                     s->accept_timer = loop_add_timer(loop, ACCEPT_RETRY_NS, on_accept_retry, s);
-            } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            } else if (errno != EAGAIN) {
                 log_warn("nbd: accept: %s", strerror(errno));
             }
             return;

@@ -230,11 +230,9 @@ static void accept_clients(struct loop *loop, int fd, unsigned events, void *opa
     struct qmp_server *srv = mon->srv;
 
     for (;;) {
-        int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int cfd = socket_accept(fd);
         if (cfd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            if (socket_accept_starved(errno)) {
                 /* Out of descriptors: stop accepting for a moment instead of spinning. */
                 log_warn("monitor %s: cannot accept: %s", mon->path, strerror(errno));
                 loop_del_fd(loop, fd);

@@ -27,18 +27,16 @@ static void on_listen(struct loop *loop, int fd, unsigned events, void *opaque)
     struct vub_export *exp = opaque;
 
     for (;;) {
-        int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int cfd = socket_accept(fd);
         if (cfd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            if (socket_accept_starved(errno)) {
                 log_warn("vhost-user-blk: %s: cannot accept a connection: %s", exp->id,
                          strerror(errno));
                 loop_mod_fd(loop, fd, 0);
                 if (!exp->accept_timer)
                     exp->accept_timer = loop_add_timer(loop, ACCEPT_RETRY_NS, on_accept_retry,
                                                        exp);
-            } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            } else if (errno != EAGAIN) {
                 log_warn("vhost-user-blk: %s: accept: %s", exp->id, strerror(errno));
             }
             return;
