@@ -179,7 +179,6 @@ static void on_device_done(struct dev_req *dreq, int ret)
     struct vub_conn *c = r->conn;
     struct vub_queue *q = r->q;  /* lives as long as c */
 
-    c->in_device--;
     q->in_device--;
     if (ret == 0 && r->type == VIRTIO_BLK_T_IN && r->bounce && req_current(r))
         scatter(r->data, r->ndata, r->bounce, r->data_len);
@@ -199,7 +198,6 @@ static void submit(struct vub_req *r, enum block_op op, unsigned flags, uint64_t
     };
     r->dreq.done = on_device_done;
     r->dreq.opaque = r;
-    c->in_device++;
     r->q->in_device++;
     vub_conn_ref(c);
     device_submit(c->exp->dev, &r->dreq);

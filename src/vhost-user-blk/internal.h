@@ -131,7 +131,6 @@ struct vub_conn {
     struct vub_seg *scratch;   /* VUB_MAX_SEGS, for vub_vq_pop() */
     struct dev_waiter waiter;  /* while the device does not take requests */
     bool waiting;
-    unsigned in_device;        /* requests submitted, not done */
 };
 
 /* A new connection on fd (owned). */
