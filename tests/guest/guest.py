@@ -21,6 +21,7 @@ The kernel and initramfs are cached in $THINBLK_GUEST_CACHE (default ~/.cache/th
 the first build downloads Debian's cloud kernel package and takes a few seconds.
 """
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -463,3 +464,22 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+@contextlib.contextmanager
+def small_tmpfs(size, name="thinblk-test"):
+    """A tmpfs of size (mount's syntax, "8M") on a new directory under /tmp, for running out
+    of space for real; unmounted (lazily if still busy) and removed afterwards. Needs root."""
+    mnt = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", name, str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])
+        mnt.rmdir()
+
+
+def grow_tmpfs(mnt, size):
+    """Give the tmpfs at mnt more room (the volume is extended)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)

@@ -14,9 +14,7 @@ Needs root (mounts a tmpfs), qemu-system-x86_64 and the guest kit's cache
 
 import os
 import stat
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,20 +51,13 @@ def image():
 
 @pytest.fixture
 def store():
-    """A 16 MiB tmpfs, unmounted (lazily if still busy) after the test."""
-    mnt = Path(tempfile.mkdtemp(prefix="tbg-store-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "thinblk-guest", str(mnt)],
-                   check=True)
-    try:
+    """A 16 MiB tmpfs, unmounted after the test."""
+    with kit.small_tmpfs("16M", "thinblk-guest") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)])
-        mnt.rmdir()
 
 
 def grow(mnt, size):
-    subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+    kit.grow_tmpfs(mnt, size)
 
 
 def wait_for_unix_socket(path, daemon):

@@ -11,9 +11,7 @@ import os
 import socket
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -286,16 +284,9 @@ def test_guest_writes_and_reads_back(guest_image, daemons, tmp_path):
 
 @pytest.fixture
 def store():
-    """An 8 MiB tmpfs, unmounted (lazily if still busy) after the test."""
-    mnt = Path(tempfile.mkdtemp(prefix="tbv-store-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "thinblk-vub", str(mnt)],
-                   check=True)
-    try:
+    """An 8 MiB tmpfs, unmounted after the test."""
+    with kit.small_tmpfs("8M", "thinblk-vub") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)])
-        mnt.rmdir()
 
 
 EXPECTED_IO_ERROR = {"device": "disk0", "node-name": "fmt0", "operation": "write",
@@ -340,7 +331,7 @@ def test_guest_write_survives_enospc(guest_image, store, daemons, tmp_path):
         assert block[0]["io-status"] == "nospace", block
         assert g.running() and not g.markers("RESULT"), g.console
 
-        subprocess.run(["mount", "-o", "remount,size=64M", str(store)], check=True)
+        kit.grow_tmpfs(store, "64M")
         ok(qmp.cmd("cont"))
         while True:
             ev = next_event(qmp, g, d)
