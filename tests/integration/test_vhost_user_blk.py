@@ -460,7 +460,7 @@ def test_get_vring_base_waits_for_requests_in_flight(daemons, tmp_path):
                     f"addr.path={vsock},writable=on"])
     wait_for_file_socket(vsock, d)
     ok(d.negotiated().cmd("__org.thinblk_fault-set", {
-        "node-name": "flt", "rules": [{"op": "write", "delay-ms": 500}]}))
+        "node-name": "flt", "rules": [{"op": "write", "delay-ms": 2000}]}))
     g = FakeGuest(vsock, event_idx=True)
     struct.pack_into("<IIQ", g.mem, DATA, 1, 0, 0)   # VIRTIO_BLK_T_OUT at sector 0
     g.mem[DATA + 0x1000:DATA + 0x1200] = b"\x5a" * 512
@@ -470,7 +470,7 @@ def test_get_vring_base_waits_for_requests_in_flight(daemons, tmp_path):
     g.desc(2, DATA + 0x200, 1, 2)
     g.submit(0)
     kit.wait_until(lambda: g.avail_event() == 1, 10, "thinblkd taking the request")
-    assert g.used_idx() == 0                          # held 500 ms by the fault rule
+    assert g.used_idx() == 0                          # held 2 s by the fault rule
 
     assert g.f.call(GET_VRING_BASE, struct.pack("<II", 0, 0)) == struct.pack("<II", 0, 1)
     assert g.used_idx() == 1                          # completed before the answer
