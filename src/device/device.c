@@ -242,9 +242,14 @@ static void complete(struct device *d, struct dev_req *r, int ret)
 static void write_finished(struct device *d, struct dev_req *r)
 {
     write_seq_del(d, r->seq);
-    /* Flushes that were waiting for this write may go now, in order. */
+    /* Flushes that were waiting for this write may go now, in order; while the device does
+     * not run, they join the held requests. */
     while (d->flushes.head && !earlier_write_pending(d, d->flushes.head->seq)) {
         struct dev_req *f = req_queue_pop(&d->flushes);
+        if (!device_running(d)) {
+            queue_insert_sorted(&d->held, f);
+            continue;
+        }
         d->in_flight++;
         node_submit(d->root, &f->breq);
     }
@@ -289,8 +294,10 @@ static void on_block_done(struct block_req *breq, int ret)
     }
 
     /* Park it, whole, for cont. io-status first, so a query after the event agrees with it;
-     * then the event; the stop itself is deferred to the end of this batch of completions. */
-    queue_insert_sorted(&d->parked, r);
+     * then the event; the stop itself is deferred to the end of this batch of completions.
+     * A withdrawn request is not parked: its export submits it again itself. */
+    if (!r->withdrawn)
+        queue_insert_sorted(&d->parked, r);
     if (d->iostatus == DEV_IOSTATUS_OK)
         d->iostatus = err == ENOSPC ? DEV_IOSTATUS_NOSPACE : DEV_IOSTATUS_FAILED;
     struct dev_stop_cause *c = &d->stopper->last_stop;
@@ -305,6 +312,11 @@ static void on_block_done(struct block_req *breq, int ret)
              d->name, c->operation, r->breq.offset, r->breq.len, strerror(err));
     io_error_event(d, r, DEV_ACTION_STOP, err);
     d->stopper->ops->request_stop(d->stopper);
+    if (r->withdrawn) {
+        if (r->is_write)
+            write_finished(d, r);
+        r->done(r, -ECANCELED);
+    }
 }
 
 static void dispatch(struct device *d, struct dev_req *r)
@@ -483,6 +495,19 @@ void device_abort(struct device *d)
         r->done(r, -ESHUTDOWN);
     d->write_seqs.len = 0;
     d->iostatus = DEV_IOSTATUS_OK;
+}
+
+bool device_withdraw(struct device *d, struct dev_req *r)
+{
+    ASSERT(r->dev == d);
+    if (!req_queue_remove(&d->held, r) && !req_queue_remove(&d->parked, r) &&
+        !req_queue_remove(&d->flushes, r)) {
+        r->withdrawn = true;
+        return false;
+    }
+    if (r->is_write)
+        write_finished(d, r);  /* flushes after it no longer wait for it */
+    return true;
 }
 
 static void really_free(struct device *d)

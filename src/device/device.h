@@ -60,6 +60,7 @@ struct dev_req {
     void *opaque;  /* the export's */
 
     /* The device's: */
+    bool withdrawn;        /* device_withdraw() found it at storage */
     struct device *dev;
     struct dev_req *next;  /* in one of the device's queues */
     uint64_t seq;          /* submission order */
@@ -158,6 +159,13 @@ struct device *device_new(struct dev_context *ctx, const char *name, struct bloc
 /* Fail every request not yet at storage (held, parked, waiting flushes) with -ESHUTDOWN:
  * their export is going away. */
 void device_abort(struct device *d);
+/* Take req back from d, undone: the export will submit it again later (a vhost-user ring
+ * whose requests the front-end tracks across a restart). A request not yet at storage (held,
+ * parked, a flush waiting) leaves the device at once: returns true, and done() is never
+ * called. One at storage cannot be called back: returns false, and it completes through done()
+ * as usual, except that a failure whose action is stop is not parked (the error is reported
+ * and the stop happens as for any other) but ends with -ECANCELED. */
+bool device_withdraw(struct device *d, struct dev_req *req);
 /* Remove the device. Requests in flight at storage still complete through their done();
  * the memory goes after the last one. */
 void device_free(struct device *d);

@@ -50,7 +50,10 @@ struct vub_req {
     unsigned ndata;
     uint64_t data_len;
     uint8_t *bounce;           /* several segments: their copy */
+    struct vub_req *prev, *next;  /* in q->in_device while submitted */
 };
+
+DEFINE_LIST_FUNCTIONS(vub_req_list, struct vub_req, prev, next)
 
 uint64_t vub_blk_features(const struct vub_export *exp)
 {
@@ -179,11 +182,11 @@ static void on_device_done(struct dev_req *dreq, int ret)
     struct vub_conn *c = r->conn;
     struct vub_queue *q = r->q;  /* lives as long as c */
 
-    q->in_device--;
+    vub_req_list_remove(&q->in_device, r);
     if (ret == 0 && r->type == VIRTIO_BLK_T_IN && r->bounce && req_current(r))
         scatter(r->data, r->ndata, r->bounce, r->data_len);
     complete(r, status_of(-ret), r->type == VIRTIO_BLK_T_IN && ret == 0 ? r->data_len : 0);
-    if (q->draining && q->in_device == 0)
+    if (q->draining && vub_req_list_empty(&q->in_device))
         vub_conn_ring_drained(q);
     vub_conn_unref(c);
 }
@@ -198,7 +201,7 @@ static void submit(struct vub_req *r, enum block_op op, unsigned flags, uint64_t
     };
     r->dreq.done = on_device_done;
     r->dreq.opaque = r;
-    r->q->in_device++;
+    vub_req_list_push(&r->q->in_device, r);
     vub_conn_ref(c);
     device_submit(c->exp->dev, &r->dreq);
 }
@@ -417,8 +420,13 @@ void vub_blk_process(struct vub_queue *q)
                 }
                 return;
             }
-            if (vub_vq_pop(q, &e) <= 0)
+            /* Heads the inflight region gave back come first: they were taken first. */
+            if (q->resubmit_next < q->nresubmit) {
+                if (vub_vq_chain(q, q->resubmit[q->resubmit_next++], &e) < 0)
+                    break;
+            } else if (vub_vq_pop(q, &e) <= 0) {
                 break;
+            }
             handle(q, &e);
         }
     } while (runnable(q) && vub_vq_arm_kick(q));
@@ -428,4 +436,20 @@ void vub_blk_process_all(struct vub_conn *c)
 {
     for (unsigned i = 0; c->state != VUB_CONN_CLOSED && i < c->exp->num_queues; i++)
         vub_blk_process(&c->queues[i]);
+}
+
+void vub_blk_withdraw(struct vub_queue *q)
+{
+    struct vub_conn *c = q->conn;
+    struct vub_req *r = q->in_device.head;
+
+    while (r) {
+        struct vub_req *next = r->next;
+        if (device_withdraw(c->exp->dev, &r->dreq)) {
+            vub_req_list_remove(&q->in_device, r);
+            req_free(r);
+            vub_conn_unref(c);
+        }
+        r = next;
+    }
 }

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "common/assert.h"
+#include "common/list.h"
 #include "common/unix-socket.h"
 #include "device/device.h"
 #include "vhost-user-blk/protocol.h"
@@ -49,6 +50,8 @@ void *vub_mem_qva(const struct vub_mem *m, uint64_t qva, uint64_t len);
 /* ---- virtqueues (virtqueue.c) ---- */
 
 struct vub_conn;
+struct vub_req;
+DECLARE_LIST_HEAD(vub_req_list, struct vub_req)
 
 struct vub_queue {
     struct vub_conn *conn;
@@ -67,8 +70,15 @@ struct vub_queue {
     bool enabled;              /* SET_VRING_ENABLE (always, without protocol features) */
     bool broken;               /* the guest broke the ring: not processed until restarted */
     uint64_t generation;       /* bumped when the ring stops: older requests are dropped */
-    unsigned in_device;        /* requests of this ring submitted, not done */
-    bool draining;             /* GET_VRING_BASE waits for in_device to reach 0 */
+    vub_req_list in_device;    /* requests of this ring submitted, not done */
+    bool draining;             /* GET_VRING_BASE waits for in_device to empty */
+    /* This ring's part of the inflight region (inflight.c), or NULL: not tracked. */
+    struct vhost_inflight_queue *inflight;
+    uint64_t inflight_counter; /* the next head's counter */
+    /* Heads taken before the ring's restart and never answered, handled again before the
+     * avail ring is read further: resubmit[resubmit_next..nresubmit). */
+    uint16_t *resubmit;
+    unsigned nresubmit, resubmit_next;
 };
 
 /* A data segment of a request, in our mapping of guest memory. */
@@ -93,6 +103,9 @@ int vub_vq_map(struct vub_queue *q);
 /* Take the next available chain. Returns 1 with *e filled, 0 if the ring is empty, -1 if the
  * guest broke the ring (q->broken set, logged, the error eventfd signalled). */
 int vub_vq_pop(struct vub_queue *q, struct vub_elem *e);
+/* The chain at head (taken before, found again in the inflight region). Returns 1 with *e
+ * filled, or -1 if the guest broke the ring (as vub_vq_pop()). */
+int vub_vq_chain(struct vub_queue *q, uint16_t head, struct vub_elem *e);
 /* Put head on the used ring with len bytes written and notify the guest (EVENT_IDX honoured). */
 void vub_vq_push(struct vub_queue *q, uint16_t head, uint32_t len);
 /* With EVENT_IDX: ask for a kick when entries past last_avail_idx come. Returns whether some
@@ -100,6 +113,33 @@ void vub_vq_push(struct vub_queue *q, uint16_t head, uint32_t len);
 bool vub_vq_arm_kick(struct vub_queue *q);
 /* Mark q broken (logged once, error eventfd signalled). */
 void vub_vq_break(struct vub_queue *q, const char *why);
+
+/* ---- inflight tracking (inflight.c) ----
+ *
+ * With INFLIGHT_SHMFD the front-end keeps a region we share with it, marking which heads a
+ * ring has taken and not yet put on the used ring, across our crash or a reconnect. */
+
+struct vub_inflight {
+    void *map;
+    size_t size;
+    uint16_t num_queues, queue_size;
+};
+
+/* GET_INFLIGHT_FD: a new region for *req's queues, sealed against shrinking. Returns its fd
+ * (req->mmap_size and mmap_offset filled; the mapping in *inf), or -1 (logged). */
+int vub_inflight_new(struct vhost_user_inflight *req, struct vub_inflight *inf);
+/* SET_INFLIGHT_FD: map the region fd (taken) as *req describes. Returns 0, or -1 (logged) if
+ * it is not one we could have made: wrong size, not sealed against shrinking, too small. */
+int vub_inflight_map(const struct vhost_user_inflight *req, int fd, struct vub_inflight *inf);
+void vub_inflight_unmap(struct vub_inflight *inf);
+/* The ring q starts: attach its part of c's region (if any and it fits the ring), repair what
+ * a crash between the used ring and the region left, and queue the heads still in flight, in
+ * the order they were taken, for resubmission (q->resubmit; q->last_avail_idx set past them). */
+void vub_inflight_start(struct vub_queue *q);
+/* Head taken from the avail ring / about to go on the used ring / went on it. */
+void vub_inflight_take(struct vub_queue *q, uint16_t head);
+void vub_inflight_put_begin(struct vub_queue *q, uint16_t head);
+void vub_inflight_put_end(struct vub_queue *q, uint16_t head);
 
 /* ---- the connection (message.c) ---- */
 
@@ -127,6 +167,7 @@ struct vub_conn {
     uint64_t protocol_features;
     bool owner;
     struct vub_mem *mem;       /* a reference; NULL before SET_MEM_TABLE */
+    struct vub_inflight inflight;  /* map NULL: none */
     struct vub_queue *queues;  /* exp->num_queues of them */
     struct vub_seg *scratch;   /* VUB_MAX_SEGS, for vub_vq_pop() */
     struct dev_waiter waiter;  /* while the device does not take requests */
@@ -154,6 +195,10 @@ void vub_blk_config(const struct vub_export *exp, struct virtio_blk_config *cfg)
 void vub_blk_process(struct vub_queue *q);
 /* Process every started queue of c (the device accepts requests again). */
 void vub_blk_process_all(struct vub_conn *c);
+/* Take q's requests that have not reached storage back from the device, unanswered (the
+ * ring stops; the inflight region, if any, still has them for its restart). Those at storage
+ * complete as usual, to a stopped ring. */
+void vub_blk_withdraw(struct vub_queue *q);
 
 /* ---- the export (server.c) ---- */
 

@@ -38,7 +38,7 @@ enum {
 
 #define PROTOCOL_FEATURES                                                                  \
     (1ull << VHOST_USER_PROTOCOL_F_MQ | 1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK |          \
-     1ull << VHOST_USER_PROTOCOL_F_CONFIG)
+     1ull << VHOST_USER_PROTOCOL_F_CONFIG | 1ull << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
 
 /* Payload sizes; VAR: checked by the handler. */
 #define VAR UINT32_MAX
@@ -69,7 +69,8 @@ static void protocol_error(struct vub_conn *c, const char *fmt, ...)
     vub_conn_close(c, why);
 }
 
-static int send_reply(struct vub_conn *c, const void *payload, uint32_t size)
+/* Send a reply, with fd (if not -1) as SCM_RIGHTS. */
+static int send_reply_fd(struct vub_conn *c, const void *payload, uint32_t size, int fd)
 {
     struct vhost_user_header h = {
         .request = c->hdr.request,
@@ -78,6 +79,20 @@ static int send_reply(struct vub_conn *c, const void *payload, uint32_t size)
     };
     struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)payload, size } };
     struct msghdr m = { .msg_iov = iov, .msg_iovlen = 2 };
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+
+    if (fd >= 0) {
+        m.msg_control = control.buf;
+        m.msg_controllen = sizeof(control.buf);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    }
     ssize_t n = sendmsg(c->fd, &m, MSG_NOSIGNAL);
 
     if (n != (ssize_t)(sizeof(h) + size)) {
@@ -85,6 +100,11 @@ static int send_reply(struct vub_conn *c, const void *payload, uint32_t size)
         return MSG_CLOSE;
     }
     return MSG_OK;
+}
+
+static int send_reply(struct vub_conn *c, const void *payload, uint32_t size)
+{
+    return send_reply_fd(c, payload, size, -1);
 }
 
 static int reply_u64(struct vub_conn *c, uint64_t v)
@@ -121,13 +141,17 @@ static void close_fd(struct vub_conn *c, int *fd, bool watched)
     *fd = -1;
 }
 
-/* Stop q: no more processing; requests still in the device are dropped when they finish. */
+/* Stop q: no more processing; requests still in the device are dropped when they finish
+ * (heads not handled again yet stay marked in the inflight region, for the next start). */
 static void stop_ring(struct vub_queue *q)
 {
     close_fd(q->conn, &q->kick_fd, true);
     q->started = false;
     q->broken = false;
     q->generation++;
+    free(q->resubmit);
+    q->resubmit = NULL;
+    q->nresubmit = q->resubmit_next = 0;
 }
 
 static void on_kick(struct loop *loop, int fd, unsigned events, void *opaque)
@@ -255,20 +279,22 @@ static int answer_vring_base(struct vub_conn *c, struct vub_queue *q)
     return send_reply(c, &st, sizeof(st));
 }
 
-/* The frontend restarts the ring at the base we answer, so every request taken before it must
- * be on the used ring first: one taken but not done would never complete to the guest (there
- * is no inflight region yet to hand it back). So while the device takes requests, the answer
- * waits for the ring's requests in the device (reading stops meanwhile: the frontend waits for
- * the answer anyway). While the device is stopped they may wait for a cont the frontend
- * cannot wait for: the answer goes at once, and those requests are lost to the guest (a gap
- * INFLIGHT_SHMFD will close). */
+/* The frontend restarts the ring at the base we answer. While the device takes requests, the
+ * answer waits for the ring's requests in the device, so that all are on the used ring
+ * (reading stops meanwhile: the frontend waits for the answer anyway). While the device is
+ * stopped they may wait for a cont the frontend cannot wait for: they are taken back from the
+ * device and the answer goes at once. With an inflight region they stay marked there and are
+ * handled again when the ring restarts; without one they are lost to the guest, as they would
+ * be with any back-end. */
 static int get_vring_base(struct vub_conn *c)
 {
     struct vub_queue *q = queue(c, c->payload.state.index);
 
     if (!q)
         return MSG_CLOSE;
-    if (q->in_device == 0 || !device_accepting(c->exp->dev))
+    if (!device_accepting(c->exp->dev))
+        vub_blk_withdraw(q);
+    if (!q->in_device.head || !device_accepting(c->exp->dev))
         return answer_vring_base(c, q);
     q->draining = true;
     c->state = VUB_CONN_DRAINING;
@@ -330,6 +356,7 @@ static int set_vring_kick(struct vub_conn *c)
     /* Without a kick fd (polling), the ring is processed on the other events only. */
     q->started = true;
     map_ring(q);
+    vub_inflight_start(q);
     vub_blk_process(q);
     return MSG_OK;
 }
@@ -405,6 +432,71 @@ static int get_config(struct vub_conn *c)
     return send_reply(c, cfg, VHOST_USER_CONFIG_HDR_SIZE + cfg->size);
 }
 
+/* GET_INFLIGHT_FD and SET_INFLIGHT_FD: QEMU sends the padded struct, others may send the
+ * fields alone. */
+static bool inflight_size_ok(struct vub_conn *c)
+{
+    if (c->hdr.size != VHOST_USER_INFLIGHT_FIELDS_SIZE &&
+        c->hdr.size != sizeof(struct vhost_user_inflight)) {
+        protocol_error(c, "%s", "inflight message of a wrong size");
+        return false;
+    }
+    return true;
+}
+
+static bool any_ring_started(const struct vub_conn *c)
+{
+    for (unsigned i = 0; i < c->exp->num_queues; i++) {
+        if (c->queues[i].started)
+            return true;
+    }
+    return false;
+}
+
+static int get_inflight_fd(struct vub_conn *c)
+{
+    struct vhost_user_inflight req = c->payload.inflight;
+    int fd = -1;
+
+    if (!inflight_size_ok(c))
+        return MSG_CLOSE;
+    if (req.num_queues > c->exp->num_queues || any_ring_started(c))
+        log_warn("vhost-user-blk: %s: GET_INFLIGHT_FD for %u queues (of %u)%s", c->exp->id,
+                 req.num_queues, c->exp->num_queues,
+                 any_ring_started(c) ? " while a ring runs" : "");
+    else
+        fd = vub_inflight_new(&req, &c->inflight);
+    if (fd < 0)
+        req.mmap_size = req.mmap_offset = 0;  /* "no region": the frontend goes on without */
+    int r = send_reply_fd(c, &req, sizeof(req), fd);
+    if (fd >= 0)
+        close(fd);
+    return r;
+}
+
+static int set_inflight_fd(struct vub_conn *c)
+{
+    int fd = take_fd(c);
+
+    if (!inflight_size_ok(c)) {
+        if (fd >= 0)
+            close(fd);
+        return MSG_CLOSE;
+    }
+    if (fd < 0) {
+        protocol_error(c, "%s", "SET_INFLIGHT_FD without its fd");
+        return MSG_CLOSE;
+    }
+    if (c->payload.inflight.num_queues > c->exp->num_queues || any_ring_started(c)) {
+        log_warn("vhost-user-blk: %s: SET_INFLIGHT_FD for %u queues (of %u)%s", c->exp->id,
+                 c->payload.inflight.num_queues, c->exp->num_queues,
+                 any_ring_started(c) ? " while a ring runs" : "");
+        close(fd);
+        return MSG_FAILED;
+    }
+    return vub_inflight_map(&c->payload.inflight, fd, &c->inflight) < 0 ? MSG_FAILED : MSG_OK;
+}
+
 /* No field of the configuration is writable (CONFIG_WCE is not offered). */
 static int set_config(struct vub_conn *c)
 {
@@ -432,6 +524,8 @@ static const struct msg_handler handlers[VHOST_USER_REQUEST_MAX] = {
     [VHOST_USER_SET_VRING_ENABLE] = { "SET_VRING_ENABLE", set_vring_enable, 8, false },
     [VHOST_USER_GET_CONFIG] = { "GET_CONFIG", get_config, VAR, true },
     [VHOST_USER_SET_CONFIG] = { "SET_CONFIG", set_config, VAR, false },
+    [VHOST_USER_GET_INFLIGHT_FD] = { "GET_INFLIGHT_FD", get_inflight_fd, VAR, true },
+    [VHOST_USER_SET_INFLIGHT_FD] = { "SET_INFLIGHT_FD", set_inflight_fd, VAR, false },
 };
 
 /* ---- reading ---- */
@@ -607,10 +701,15 @@ void vub_conn_close(struct vub_conn *c, const char *why)
     close_fds(c);
     for (unsigned i = 0; i < c->exp->num_queues; i++) {
         struct vub_queue *q = &c->queues[i];
+        /* Not yet at storage: not done at all. The frontend hands them to the next
+         * connection through the inflight region, or starts again from the used index. */
+        vub_blk_withdraw(q);
         stop_ring(q);
+        q->inflight = NULL;
         close_fd(c, &q->call_fd, false);
         close_fd(c, &q->err_fd, false);
     }
+    vub_inflight_unmap(&c->inflight);
     if (c->waiting) {
         device_cancel_wait(c->exp->dev, &c->waiter);
         c->waiting = false;

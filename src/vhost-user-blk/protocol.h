@@ -33,7 +33,9 @@ enum vub_request {
     VHOST_USER_SET_VRING_ENABLE = 18,
     VHOST_USER_GET_CONFIG = 24,
     VHOST_USER_SET_CONFIG = 25,
-    VHOST_USER_REQUEST_MAX = 26,   /* the table in message.c covers 0..this-1 */
+    VHOST_USER_GET_INFLIGHT_FD = 31,
+    VHOST_USER_SET_INFLIGHT_FD = 32,
+    VHOST_USER_REQUEST_MAX = 33,   /* the table in message.c covers 0..this-1 */
 };
 
 #define VHOST_USER_VERSION 0x1u
@@ -46,6 +48,7 @@ enum vub_request {
 #define VHOST_USER_PROTOCOL_F_MQ 0
 #define VHOST_USER_PROTOCOL_F_REPLY_ACK 3
 #define VHOST_USER_PROTOCOL_F_CONFIG 9
+#define VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD 12
 
 /* u64 payload of SET_VRING_KICK/CALL/ERR. */
 #define VHOST_USER_VRING_IDX_MASK 0xffu
@@ -99,8 +102,38 @@ struct vhost_user_config {
     uint8_t region[VHOST_USER_MAX_CONFIG_SIZE];
 };
 
+/* GET_INFLIGHT_FD and SET_INFLIGHT_FD. The spec lists 20 bytes of fields; QEMU sends and
+ * expects the C struct's 24 (padded), and so do we. */
+struct vhost_user_inflight {
+    uint64_t mmap_size;
+    uint64_t mmap_offset;
+    uint16_t num_queues;
+    uint16_t queue_size;
+};
+#define VHOST_USER_INFLIGHT_FIELDS_SIZE 20u
+
+/* The shared inflight region for split virtqueues ("Inflight I/O tracking"): one of these per
+ * queue, each followed by queue_size descriptor states. Its layout is the back-end's to
+ * define (the front-end only keeps the fd); this one is the spec's. */
+struct vhost_inflight_desc {
+    uint8_t inflight;     /* 1: taken from the avail ring, not yet on the used ring */
+    uint8_t padding[5];
+    uint16_t next;        /* the last batch of used heads, as a list */
+    uint64_t counter;     /* the order heads were taken in */
+};
+
+struct vhost_inflight_queue {
+    uint64_t features;
+    uint16_t version;     /* 1 */
+    uint16_t desc_num;    /* the queue's size */
+    uint16_t last_batch_head;
+    uint16_t used_idx;    /* the used index once the last batch was completely pushed */
+    struct vhost_inflight_desc desc[];
+};
+
 union vhost_user_payload {
     uint64_t u64;
+    struct vhost_user_inflight inflight;
     struct vhost_vring_state state;
     struct vhost_vring_addr addr;
     struct vhost_user_memory memory;
@@ -214,5 +247,8 @@ struct virtio_blk_config {
 _Static_assert(sizeof(struct virtio_blk_config) == 60, "virtio_blk_config layout");
 _Static_assert(sizeof(struct vring_desc) == 16, "vring_desc layout");
 _Static_assert(sizeof(struct virtio_blk_outhdr) == 16, "virtio_blk_outhdr layout");
+_Static_assert(sizeof(struct vhost_user_inflight) == 24, "vhost_user_inflight layout");
+_Static_assert(sizeof(struct vhost_inflight_desc) == 16, "vhost_inflight_desc layout");
+_Static_assert(sizeof(struct vhost_inflight_queue) == 16, "vhost_inflight_queue layout");
 
 #endif

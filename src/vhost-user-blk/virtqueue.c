@@ -148,12 +148,60 @@ static int walk_indirect(struct vub_queue *q, struct vub_elem *e, const struct v
     }
 }
 
-int vub_vq_pop(struct vub_queue *q, struct vub_elem *e)
+/* Walk the chain at head into *e. Returns 0, or -1 with *why. */
+static int walk_chain(struct vub_queue *q, uint16_t head, struct vub_elem *e, const char **why)
 {
-    const char *why = NULL;
     struct vring_desc d;
     unsigned count = 0;
 
+    e->head = head;
+    e->nseg = 0;
+    e->segs = q->conn->scratch;
+    for (unsigned i = head;;) {
+        if (++count > q->num) {
+            *why = "descriptor chain longer than the ring (a loop)";
+            return -1;
+        }
+        read_desc(q->desc, i, &d);
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            /* An indirect descriptor is the chain's only one (2.7.5.3.1). */
+            if (count != 1) {
+                *why = "indirect descriptor inside a chain";
+                return -1;
+            }
+            return walk_indirect(q, e, &d, why);
+        }
+        if (add_seg(q, e, &d, why) < 0)
+            return -1;
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            return 0;
+        if (d.next >= q->num) {
+            *why = "next index past the ring";
+            return -1;
+        }
+        i = d.next;
+    }
+}
+
+int vub_vq_chain(struct vub_queue *q, uint16_t head, struct vub_elem *e)
+{
+    const char *why = NULL;
+
+    if (q->broken || !q->desc)
+        return -1;
+    if (head >= q->num) {
+        vub_vq_break(q, "head index past the ring");
+        return -1;
+    }
+    if (walk_chain(q, head, e, &why) < 0) {
+        vub_vq_break(q, why);
+        return -1;
+    }
+    return 1;
+}
+
+int vub_vq_pop(struct vub_queue *q, struct vub_elem *e)
+{
     if (q->broken || !q->desc)
         return 0;
     uint16_t avail_idx = load16(&q->avail->idx);
@@ -167,43 +215,11 @@ int vub_vq_pop(struct vub_queue *q, struct vub_elem *e)
     /* The entries were written before the index: read them after it. */
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     uint16_t head = load16(&q->avail->ring[q->last_avail_idx % q->num]);
-    if (head >= q->num) {
-        vub_vq_break(q, "head index past the ring");
+    if (vub_vq_chain(q, head, e) < 0)
         return -1;
-    }
-    e->head = head;
-    e->nseg = 0;
-    e->segs = q->conn->scratch;
-    for (unsigned i = head;;) {
-        if (++count > q->num) {
-            why = "descriptor chain longer than the ring (a loop)";
-            break;
-        }
-        read_desc(q->desc, i, &d);
-        if (d.flags & VRING_DESC_F_INDIRECT) {
-            /* An indirect descriptor is the chain's only one (2.7.5.3.1). */
-            if (count != 1 || walk_indirect(q, e, &d, &why) < 0) {
-                if (!why)
-                    why = "indirect descriptor inside a chain";
-                break;
-            }
-            q->last_avail_idx++;
-            return 1;
-        }
-        if (add_seg(q, e, &d, &why) < 0)
-            break;
-        if (!(d.flags & VRING_DESC_F_NEXT)) {
-            q->last_avail_idx++;
-            return 1;
-        }
-        if (d.next >= q->num) {
-            why = "next index past the ring";
-            break;
-        }
-        i = d.next;
-    }
-    vub_vq_break(q, why);
-    return -1;
+    q->last_avail_idx++;
+    vub_inflight_take(q, head);
+    return 1;
 }
 
 /* virtio 1.2, 2.7.10's vring_need_event(). */
@@ -218,12 +234,14 @@ void vub_vq_push(struct vub_queue *q, uint16_t head, uint32_t len)
     struct vring_used_elem *u = &q->used->ring[old % q->num];
     bool notify;
 
+    vub_inflight_put_begin(q, head);
     __atomic_store_n(&u->id, head, __ATOMIC_RELAXED);
     __atomic_store_n(&u->len, len, __ATOMIC_RELAXED);
     /* The entry (and the data and status before it) before the index. */
     __atomic_thread_fence(__ATOMIC_RELEASE);
     q->used_idx = (uint16_t)(old + 1);
     store16(&q->used->idx, q->used_idx);
+    vub_inflight_put_end(q, head);
     /* The index before reading what the driver wants notified. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (event_idx(q))

@@ -133,6 +133,7 @@ class VhostUserBlkDisk:
     """A vhost-user-blk disk: QEMU connects to the server's socket; guest RAM must be shared."""
     socket: str
     num_queues: int = 0     # 0: QEMU's default
+    reconnect: int = 0      # seconds between QEMU's attempts to reconnect; 0: it does not
 
     shared_memory = True
 
@@ -140,7 +141,10 @@ class VhostUserBlkDisk:
         dev = f"vhost-user-blk-pci,id=vublk{i},chardev=vub{i}"
         if self.num_queues:
             dev += f",num-queues={self.num_queues}"
-        return ["-chardev", f"socket,id=vub{i},path={self.socket}", "-device", dev]
+        chardev = f"socket,id=vub{i},path={self.socket}"
+        if self.reconnect:
+            chardev += f",reconnect={self.reconnect}"
+        return ["-chardev", chardev, "-device", dev]
 
 
 # ---- helpers for tests -------------------------------------------------------------------------

@@ -375,6 +375,14 @@ class Daemon:
     def leftover_sockets(self):
         return [p for p in self.sockets if os.path.lexists(p)]
 
+    def kill(self, also=()):
+        """kill -9, then remove the sockets it (necessarily) left behind, and `also`'s."""
+        self.signal(signal.SIGKILL)
+        self.proc.wait()
+        for path in [*self.leftover_sockets(), *also]:
+            if os.path.lexists(path):
+                os.unlink(path)
+
     def vm_rss_kib(self):
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:

@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import random
-import signal
 import struct
 import subprocess
 import threading
@@ -872,13 +871,9 @@ def test_kill9_during_allocations(daemons, tmp_path, cluster_size, vsize, rounds
         else:
             kill_at = krnd.randrange(4 * KiB, 768 * KiB)
             assert w.wait_bytes(kill_at), f"writer failed before the kill: {w.errors}"
-            os.kill(d.pid, signal.SIGKILL)
-            d.proc.wait()
+            d.kill(also=[str(sock)])
             w.join(TIMEOUT)
             assert not w.is_alive()
-            for path in d.leftover_sockets() + [str(sock)]:
-                if os.path.lexists(path):
-                    os.unlink(path)
             durable = set(w.durable)
             print(f"round {rnd_i}: seed {seed}, kill at {kill_at} bytes acknowledged "
                   f"(then {w.done_bytes}), {len(w.submitted)} writes sent, "

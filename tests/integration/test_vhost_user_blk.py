@@ -360,16 +360,23 @@ RING = 8
 
 
 class FakeGuest:
-    """One queue of RING entries in a 64 KiB memfd shared with thinblkd."""
+    """One queue of RING entries in a 64 KiB memfd shared with thinblkd. `memory` is another
+    FakeGuest whose memory (and so rings) this one takes over, as a frontend reconnecting;
+    `before_start(frontend)` runs before the ring starts (SET_INFLIGHT_FD goes there)."""
 
-    def __init__(self, path, event_idx=False):
+    def __init__(self, path, event_idx=False, memory=None, before_start=None, base=0):
         import mmap
-        self.fd = os.memfd_create("vub-test")
-        os.ftruncate(self.fd, 65536)
-        self.mem = mmap.mmap(self.fd, 65536)
+        if memory:
+            self.fd, self.mem = memory.fd, memory.mem
+        else:
+            self.fd = os.memfd_create("vub-test")
+            os.ftruncate(self.fd, 65536)
+            self.mem = mmap.mmap(self.fd, 65536)
         self.f = Frontend(path)
         self.call, self.err, self.kick = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
         f = self.f
+        if before_start:
+            before_start(f)
         f.send(SET_OWNER)
         f.send(SET_FEATURES, struct.pack("<Q", 1 << 32 | 1 << 28 | (1 << 29 if event_idx else 0)))
         f.s.sendmsg([struct.pack("<III", SET_MEM_TABLE, 1, 40) +
@@ -378,12 +385,12 @@ class FakeGuest:
         f.send(SET_VRING_NUM, struct.pack("<II", 0, RING))
         f.send(SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, QVA + DESC, QVA + USED,
                                            QVA + AVAIL, 0))
-        f.send(SET_VRING_BASE, struct.pack("<II", 0, 0))
+        f.send(SET_VRING_BASE, struct.pack("<II", 0, base))
         for req, efd in ((SET_VRING_CALL, self.call), (SET_VRING_ERR, self.err),
                          (SET_VRING_KICK, self.kick)):
             f.s.sendmsg([struct.pack("<III", req, 1, 8) + struct.pack("<Q", 0)],
                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("<i", efd))])
-        self.avail_idx = 0
+        self.avail_idx = memory.avail_idx if memory else 0
 
     def desc(self, i, addr, length, flags, nxt=0):
         struct.pack_into("<QIHH", self.mem, DESC + 16 * i, addr, length, flags, nxt)
