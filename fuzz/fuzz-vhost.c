@@ -25,12 +25,18 @@
  *   0x04 SETUP sel:u8 lognum:u8            a whole well-formed set-up of queue sel&1:
  *              GET_FEATURES, SET_FEATURES (the offer, without INDIRECT if sel&2, without
  *              EVENT_IDX if sel&4, without PROTOCOL_FEATURES if sel&8), protocol features
- *              and SET_VRING_ENABLE if negotiated, SET_MEM_TABLE (gpa 0, qva QVA_BASE),
+ *              and SET_VRING_ENABLE if negotiated, GET_INFLIGHT_FD and SET_INFLIGHT_FD with
+ *              the harness's inflight region if sel&16, SET_MEM_TABLE (gpa 0, qva QVA_BASE),
  *              SET_VRING_NUM 1 << (lognum mod 7), SET_VRING_BASE 0, SET_VRING_ADDR (the
  *              layout below), SET_VRING_CALL, SET_VRING_ERR and SET_VRING_KICK
  *   0x05 DESC  i:u8 desc[16]               write descriptor i mod 64 of queue 0's table
  *   0x06 AVAIL q:u8 head:u16               append head to queue q&1's avail ring, bump idx
- *   other opcodes are taken mod 7.
+ *   0x07 INFL  off:u16 len:u8 bytes[len]   write the inflight region at off mod its size
+ *   other opcodes are taken mod 8.
+ * The inflight region is a sealed memfd (as thinblkd's own), for NQ queues of 64 entries;
+ * at the start of each input every queue's part is a fresh one (version 1, 64 entries, no
+ * head in flight), which SETUP's SET_INFLIGHT_FD describes for its ring size: a ring of 64
+ * takes it as is, a smaller one finds it "not ours" and resets it.
  * Queue q's rings (SETUP's layout, up to 64 entries): descriptors at gpa q*0x800, avail ring
  * at q*0x800 + 0x400, used ring at q*0x800 + 0x600; pages 1.. are for buffers.
  * After MSG, KICK and SETUP (and, in pieces, after each piece) the loop runs once without
@@ -69,6 +75,10 @@
 #define QVA_BASE 0x7f0000000000ull
 #define NQ 2
 #define MAX_ROUNDS 10000
+#define INFLIGHT_ENTRIES 64u
+/* One queue's part: the 16-byte header and its entries, padded to 64 bytes (inflight.c). */
+#define INFLIGHT_QUEUE_SIZE(n) ((16u + 16u * (n) + 63u) / 64u * 64u)
+#define INFLIGHT_SIZE (NQ * INFLIGHT_QUEUE_SIZE(INFLIGHT_ENTRIES))
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
@@ -83,6 +93,8 @@ static struct {
     char path[2][96];
     int memfd;
     uint8_t *guest;
+    int inflight_fd;
+    uint8_t *inflight;
 } g;
 
 /* The state of one input. */
@@ -149,7 +161,26 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     g.guest = mmap(NULL, GUEST_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, g.memfd, 0);
     if (g.guest == MAP_FAILED)
         fuzz_die("mmap", NULL);
+    g.inflight_fd = memfd_create("fuzz-vhost-inflight", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (g.inflight_fd < 0 || ftruncate(g.inflight_fd, INFLIGHT_SIZE) < 0 ||
+        fcntl(g.inflight_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0)
+        fuzz_die("inflight memfd", NULL);
+    g.inflight = mmap(NULL, INFLIGHT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, g.inflight_fd, 0);
+    if (g.inflight == MAP_FAILED)
+        fuzz_die("mmap", NULL);
     return 0;
+}
+
+/* Every queue's part of the inflight region fresh, as GET_INFLIGHT_FD makes it. */
+static void reset_inflight(void)
+{
+    memset(g.inflight, 0, INFLIGHT_SIZE);
+    for (unsigned q = 0; q < NQ; q++) {
+        struct vhost_inflight_queue *f =
+            (void *)(g.inflight + q * INFLIGHT_QUEUE_SIZE(INFLIGHT_ENTRIES));
+        f->version = 1;
+        f->desc_num = INFLIGHT_ENTRIES;
+    }
 }
 
 /* Read and drop the export's replies. */
@@ -226,7 +257,7 @@ static void send_raw(struct run *r, const uint8_t *buf, size_t len, unsigned fds
     int fds[16], pipefd[2] = {-1, -1}, fresh = -1;
     unsigned nfds = 0;
 
-    switch (fdsel % 8) {
+    switch (fdsel) {
     case 1: fds[nfds++] = g.memfd; break;
     case 2: fds[nfds++] = r->kick[0]; break;
     case 3: fds[nfds++] = r->kick[1]; break;
@@ -244,6 +275,7 @@ static void send_raw(struct run *r, const uint8_t *buf, size_t len, unsigned fds
         if (pipe2(pipefd, O_CLOEXEC) == 0)
             fds[nfds++] = pipefd[0];
         break;
+    case 8: fds[nfds++] = g.inflight_fd; break;  /* SETUP's SET_INFLIGHT_FD only */
     }
     send_all(r, buf, len, fds, nfds);
     if (fresh >= 0)
@@ -299,6 +331,7 @@ static void op_msg(struct run *r)
 
     if (!take(r, &fdsel, 1) || !take(r, hdr, sizeof(hdr)))
         return;
+    fdsel %= 8;
     /* The header's size is sent as is; the payload is what the input has left of it. */
     size_t n = MIN(MIN((size_t)hdr[2], r->left), (size_t)512);
     uint8_t buf[12 + 512];
@@ -334,7 +367,15 @@ static void op_setup(struct run *r)
         send_msg(r, VHOST_USER_GET_PROTOCOL_FEATURES, VHOST_USER_VERSION, NULL, 0, 0);
         send_u64(r, VHOST_USER_SET_PROTOCOL_FEATURES,
                  1ull << VHOST_USER_PROTOCOL_F_MQ | 1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK |
-                 1ull << VHOST_USER_PROTOCOL_F_CONFIG, 0);
+                 1ull << VHOST_USER_PROTOCOL_F_CONFIG |
+                 1ull << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, 0);
+    }
+    if (sel & 16) {
+        uint16_t n = (uint16_t)(1u << (lognum % 7));
+        struct vhost_user_inflight in = { .num_queues = NQ, .queue_size = n };
+        send_msg(r, VHOST_USER_GET_INFLIGHT_FD, VHOST_USER_VERSION, &in, sizeof(in), 0);
+        in.mmap_size = NQ * INFLIGHT_QUEUE_SIZE(n);
+        send_msg(r, VHOST_USER_SET_INFLIGHT_FD, VHOST_USER_VERSION, &in, sizeof(in), 8);
     }
     send_msg(r, VHOST_USER_SET_OWNER, VHOST_USER_VERSION, NULL, 0, 0);
     struct vhost_user_memory mem = { .nregions = 1 };
@@ -392,6 +433,19 @@ static void op_avail(struct run *r)
     __atomic_store_n(&avail[1], (uint16_t)(idx + 1), __ATOMIC_RELEASE);
 }
 
+static void op_inflight(struct run *r)
+{
+    uint16_t off;
+    uint8_t len;
+
+    if (!take(r, &off, 2) || !take(r, &len, 1))
+        return;
+    size_t o = off % INFLIGHT_SIZE, n = MIN(MIN((size_t)len, r->left), INFLIGHT_SIZE - o);
+    memcpy(g.inflight + o, r->p, n);
+    r->p += n;
+    r->left -= n;
+}
+
 static void op_kick(struct run *r)
 {
     uint8_t q;
@@ -411,6 +465,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!take(&r, &setup, 1))
         return 0;
     memset(g.guest, 0, GUEST_SIZE);
+    reset_inflight();
     r.chunk = setup & 0x80 ? ((setup >> 1) & 0x3f) + 1u : SIZE_MAX;
     strcpy(sa.sun_path, g.path[setup & 1]);
     r.fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -429,7 +484,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     while (r.left > 0) {
         uint8_t op;
         take(&r, &op, 1);
-        switch (op % 7) {
+        switch (op % 8) {
         case 0: op_msg(&r); break;
         case 1: op_mem(&r); break;
         case 2: op_kick(&r); break;
@@ -437,8 +492,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 4: op_setup(&r); break;
         case 5: op_desc(&r); break;
         case 6: op_avail(&r); break;
+        case 7: op_inflight(&r); break;
         }
-        if (op % 7 == 0 || op % 7 == 2 || op % 7 == 4)
+        if (op % 8 == 0 || op % 8 == 2 || op % 8 == 4)
             run_once(&r);
     }
 

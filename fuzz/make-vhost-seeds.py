@@ -33,7 +33,7 @@ T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WZ = 0, 1, 4, 8, 11, 13
 GET_CONFIG, SET_CONFIG = 24, 25
 V, NEED_REPLY = 1, 8
 # sel bits of SETUP
-NO_INDIRECT, NO_EVENT_IDX, NO_PROTOCOL = 2, 4, 8
+NO_INDIRECT, NO_EVENT_IDX, NO_PROTOCOL, INFLIGHT = 2, 4, 8, 16
 
 
 def setup(sel=0, lognum=4):
@@ -67,6 +67,10 @@ def kick(q=0):
 
 
 RUN = b'\x03'
+
+
+def infl(off, data):
+    return b'\x07' + struct.pack('<HB', off, len(data)) + data
 
 
 def msg(request, payload=b'', flags=V, fdsel=0, size=None):
@@ -181,6 +185,15 @@ def seeds():
     s['bad-ring-outside'] = (b'\x00' + setup() +
                              msg(SET_VRING_ADDR, struct.pack('<IIQQQQ', 0, 0, QVA + 16376,
                                                              QVA, QVA, 0)) + kick() + RUN)
+    # A write taken before a restart (head 0 marked in queue 0's inflight entries): handled
+    # again when the ring of 64 starts; then one whose region's used index is ahead of the
+    # ring's (a crash between the two), so the last batch's head is cleared instead.
+    taken = (mem(0x1000, outhdr(T_OUT, 4)) + mem(0x2000, b'\x77' * 512) +
+             desc(0, 0x1000, 16, NEXT, 1) + desc(1, 0x2000, 512, NEXT, 2) +
+             desc(2, 0x3f00, 1, WRITE) + avail(0) + infl(16, b'\x01'))
+    s['inflight-resubmit'] = b'\x00' + taken + setup(INFLIGHT, 6) + RUN
+    s['inflight-torn'] = (b'\x00' + taken + infl(0, struct.pack('<QHHHH', 0, 1, 64, 0, 1)) +
+                          setup(INFLIGHT, 6) + RUN)
     return s
 
 
