@@ -60,7 +60,8 @@ uint64_t vub_blk_features(const struct vub_export *exp)
     uint64_t f = 1ull << VIRTIO_F_VERSION_1 | 1ull << VIRTIO_RING_F_INDIRECT_DESC |
                  1ull << VIRTIO_RING_F_EVENT_IDX | 1ull << VHOST_USER_F_PROTOCOL_FEATURES |
                  1ull << VIRTIO_BLK_F_SEG_MAX | 1ull << VIRTIO_BLK_F_BLK_SIZE |
-                 1ull << VIRTIO_BLK_F_FLUSH | 1ull << VIRTIO_BLK_F_MQ;
+                 1ull << VIRTIO_BLK_F_FLUSH | 1ull << VIRTIO_BLK_F_MQ |
+                 1ull << VIRTIO_BLK_F_TOPOLOGY;
 
     if (exp->writable)
         f |= 1ull << VIRTIO_BLK_F_DISCARD | 1ull << VIRTIO_BLK_F_WRITE_ZEROES;
@@ -71,12 +72,19 @@ uint64_t vub_blk_features(const struct vub_export *exp)
 
 void vub_blk_config(const struct vub_export *exp, struct virtio_blk_config *cfg)
 {
+    const struct block_node *root = device_root(exp->dev);
     uint32_t lbs_sectors = exp->blk_size / VIRTIO_BLK_SECTOR_SIZE;
+    /* The node's alignment is its physical block (the export refuses a logical block below
+     * it, server.c): a guest that aligns to it never splits one. */
+    uint32_t phys_blocks = MAX(root->alignment, exp->blk_size) / exp->blk_size;
 
     memset(cfg, 0, sizeof(*cfg));
-    cfg->capacity = device_root(exp->dev)->size / VIRTIO_BLK_SECTOR_SIZE;
+    cfg->capacity = root->size / VIRTIO_BLK_SECTOR_SIZE;
     cfg->seg_max = VUB_SEG_MAX;
     cfg->blk_size = exp->blk_size;
+    cfg->physical_block_exp = (uint8_t)__builtin_ctz(phys_blocks);
+    cfg->min_io_size = (uint16_t)MIN(phys_blocks, (uint32_t)UINT16_MAX);
+    cfg->opt_io_size = phys_blocks;
     cfg->num_queues = exp->num_queues;
     cfg->max_discard_sectors = VUB_MAX_ZERO_SECTORS;
     cfg->max_discard_seg = 1;

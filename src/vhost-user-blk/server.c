@@ -1,5 +1,6 @@
 /* The vhost-user-blk export's socket: one frontend at a time. See server.h. */
 #include <errno.h>
+#include <inttypes.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -57,9 +58,19 @@ static void on_listen(struct loop *loop, int fd, unsigned events, void *opaque)
 struct vub_export *vub_export_new(struct loop *loop, struct device *dev,
                                   const struct vub_export_config *cfg, struct error **errp)
 {
-    struct vub_export *exp = xzalloc(sizeof(*exp));
+    const struct block_node *root = device_root(dev);
 
     ASSERT(cfg->num_queues >= 1);
+    /* A guest may send any request aligned to its logical block; one the node cannot take
+     * (an O_DIRECT file on a 4096-byte device) would fail. QEMU's block layer would read,
+     * modify and write around it; we do not, so it is refused here, with the way out. */
+    if (cfg->logical_block_size < root->alignment) {
+        error_setg(errp, "logical-block-size %" PRIu32 " is smaller than the request "
+                   "alignment %" PRIu32 " of node '%s'; use logical-block-size=%" PRIu32,
+                   cfg->logical_block_size, root->alignment, root->node_name, root->alignment);
+        return NULL;
+    }
+    struct vub_export *exp = xzalloc(sizeof(*exp));
     exp->loop = loop;
     exp->dev = dev;
     exp->id = xstrdup(cfg->id);

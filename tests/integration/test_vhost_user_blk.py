@@ -8,9 +8,11 @@ one needs root (it mounts a tmpfs).
 """
 
 import os
+import shutil
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -485,3 +487,42 @@ def test_get_vring_base_waits_for_requests_in_flight(daemons, tmp_path):
     with open(img, "rb") as f:
         assert f.read(512) == b"\x5a" * 512
     assert d.running()
+
+
+# ---- the node's alignment ------------------------------------------------------------------------
+
+@pytest.fixture
+def loop_4k(tmp_path):
+    """A loop device with 4096-byte sectors: an O_DIRECT node on it aligns to 4096."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup")
+    backing = image(tmp_path / "backing.raw", 8 * MIB)
+    dev = subprocess.run(["losetup", "--find", "--show", "--sector-size", "4096", str(backing)],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_logical_block_below_the_node_alignment_is_refused(daemons, loop_4k):
+    """A guest with 512-byte blocks on a 4096-byte O_DIRECT node would see errors: refused,
+    with the way out; with logical-block-size=4096 the config tells the guest the truth."""
+    d = daemons.start(args=["--blockdev", f"driver=host_device,node-name=dev0,filename={loop_4k},"
+                                          "cache.direct=on"])
+    qmp = d.negotiated()
+    vsock = daemons.rundir() / "vub.sock"
+    args = {"type": "vhost-user-blk", "id": "disk0", "node-name": "dev0", "writable": True,
+            "addr": {"type": "unix", "path": str(vsock)}}
+    assert qmp.cmd("block-export-add", args) == error(
+        "logical-block-size 512 is smaller than the request alignment 4096 of node 'dev0'; "
+        "use logical-block-size=4096")
+    ok(qmp.cmd("block-export-add", {**args, "logical-block-size": 4096}))
+    f = Frontend(vsock)
+    cfg = f.call(GET_CONFIG, struct.pack("<III", 0, 60, 0) + bytes(60))[12:]
+    features, = struct.unpack("<Q", f.call(GET_FEATURES))
+    assert features & (1 << 10)                                 # VIRTIO_BLK_F_TOPOLOGY
+    blk_size, phys_exp, align_off, min_io, opt_io = struct.unpack_from("<IBBHI", cfg, 20)
+    assert (blk_size, phys_exp, align_off, min_io, opt_io) == (4096, 0, 0, 1, 1)
+    assert struct.unpack_from("<Q", cfg, 0) == (8 * MIB // 512,)
+    f.close()
