@@ -449,8 +449,9 @@ class Guest:
         """Every THINBLK-NAME marker of key=value fields, as a dict (ints where numeric)."""
         return [_fields(text) for text in self.markers(name)]
 
-    def queue_completions(self):
-        """{virtqueue's interrupt name: completions the guest took on it} (THINBLK-IRQ)."""
+    def queue_interrupts(self):
+        """{virtqueue's interrupt name: interrupts the guest took on it} (THINBLK-IRQ); more
+        than 0 if that queue completed requests (several may share one: EVENT_IDX)."""
         return {f["name"]: f["count"] for f in self.fields("IRQ")}
 
     @property
