@@ -84,6 +84,7 @@ ensure_pkg() {
 ensure_pkg busybox-static
 ensure_pkg cpio
 ensure_pkg gzip
+ensure_pkg util-linux
 busybox=$(dpkg -L busybox-static | grep -E '/bin/busybox$' | head -n1)
 [ -x "$busybox" ] || die "busybox-static installed but no busybox binary found"
 
@@ -184,6 +185,15 @@ log "modules: ${order[*]}"
 cp "$busybox" "$root/bin/busybox"
 for applet in $("$busybox" --list); do
     [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
+done
+# util-linux's fallocate, with the libraries ldd names (libc and the loader): on a block device
+# -z and -p send WRITE_ZEROES, which nothing in busybox can (its fallocate has no mode flags,
+# its blkdiscard no -z). At its own path, so that the applet keeps its name.
+fallocate=/usr/bin/fallocate
+[ -x "$fallocate" ] || die "no $fallocate (util-linux)"
+install -D -m 0755 "$fallocate" "$root$fallocate"
+for lib in $(ldd "$fallocate" | grep -oE '/[^ ]+'); do
+    install -D -m 0755 "$lib" "$root$lib"
 done
 install -m 0755 "$here/init" "$root/init"
 echo "$kver" >"$root/etc/thinblk/kernel"

@@ -214,6 +214,29 @@ def file_sha256(path, offset=0, length=None):
     return h.hexdigest()
 
 
+def file_reader(path):
+    """(read(offset, length) -> bytes, close()) over a file, as nbd_reader() over NBD."""
+    f = open(path, "rb")
+    return (lambda offset, length: os.pread(f.fileno(), length, offset)), f.close
+
+
+def raw_copy(image, fmt, out):
+    """The guest-visible contents of IMAGE (format FMT: "raw", "qcow2") as the raw file OUT
+    (returned), by qemu-img convert with shared access (-U): it may run beside the server
+    that has the image open, and reads the image through QEMU's driver, not ours."""
+    subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(image), str(out)],
+                   check=True)
+    return out
+
+
+def image_sha256(image, fmt, offset, length, workdir):
+    """file_sha256() of the guest-visible bytes of IMAGE: the file itself if raw, else a
+    raw_copy() made in WORKDIR."""
+    if fmt != "raw":
+        image = raw_copy(image, fmt, Path(workdir) / f"{Path(image).name}.raw")
+    return file_sha256(image, offset, length)
+
+
 def wait_until(predicate, timeout, what, interval=0.02):
     """Polls PREDICATE until it returns a true value (returned) or TIMEOUT seconds pass."""
     deadline = time.monotonic() + timeout
@@ -256,7 +279,8 @@ def _die_with_parent():
 # ---- the guest ---------------------------------------------------------------------------------
 
 _RESULT_RE = re.compile(r"THINBLK-RESULT ([^\n]*)")
-_INT_KEYS = {"mb", "off", "seg", "i", "dd-status", "read-status"}
+_INT_KEYS = {"mb", "off", "seg", "i", "count", "discard-max", "write-zeroes-max", "dd-status",
+             "read-status", "discard-status", "zero-status", "punch-status"}
 
 
 def _fields(text):
@@ -275,11 +299,13 @@ class Guest:
     folder removed on close."""
 
     def __init__(self, image, disks, job="write", mb=8, off=0, bs=None, seed=None, seg=None,
-                 mem=512, append="", extra_args=(), workdir=None, qmp=False):
+                 par=None, cpus=1, mem=512, append="", extra_args=(), workdir=None, qmp=False):
         self.image = image
         self.disks = list(disks) if isinstance(disks, (list, tuple)) else [disks]
         self.mem = mem
-        params = {"job": job, "mb": mb, "off": off, "bs": bs, "seed": seed, "seg": seg}
+        self.cpus = cpus    # -smp: the guest's virtio-blk uses min(queues, CPUs) queues
+        params = {"job": job, "mb": mb, "off": off, "bs": bs, "seed": seed, "seg": seg,
+                  "par": par}
         self.append = " ".join(["console=ttyS0 quiet panic=-1"] +
                                [f"thinblk.{k}={v}" for k, v in params.items() if v is not None] +
                                ([append] if append else []))
@@ -301,6 +327,8 @@ class Guest:
             # vhost-user back-ends map guest RAM: it must be a shareable memfd.
             args += ["-object", f"memory-backend-memfd,id=mem,size={self.mem}M,share=on"]
             machine += ",memory-backend=mem"
+        if self.cpus > 1:
+            args += ["-smp", str(self.cpus)]
         args = [qemu_path() or QEMU, "-accel", "tcg", "-machine", machine, "-m", str(self.mem),
                 "-nographic", "-no-reboot", "-nic", "none",
                 "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
@@ -404,7 +432,8 @@ class Guest:
 
     def result(self):
         """The THINBLK-RESULT line as a dict ('job', 'mb', 'off', 'seg', 'write-sha256',
-        'readback-sha256', 'read-sha256', 'dd-status', 'read-status'; ints where numeric)."""
+        'readback-sha256', 'read-sha256', 'dd-status', 'read-status', the discard job's
+        'discard-status', 'zero-status', 'punch-status'; ints where numeric)."""
         m = _RESULT_RE.search(self.console)
         if not m:
             self._fail("no THINBLK-RESULT line on the console")
@@ -419,6 +448,15 @@ class Guest:
         """Waits until the stream job has written N segments; returns them."""
         self.wait_for_line(rf"THINBLK-SEG i={n - 1} ", timeout)
         return self.segments()
+
+    def fields(self, name):
+        """Every THINBLK-NAME marker of key=value fields, as a dict (ints where numeric)."""
+        return [_fields(text) for text in self.markers(name)]
+
+    def queue_interrupts(self):
+        """{virtqueue's interrupt name: interrupts the guest took on it} (THINBLK-IRQ); more
+        than 0 if that queue completed requests (several may share one: EVENT_IDX)."""
+        return {f["name"]: f["count"] for f in self.fields("IRQ")}
 
     @property
     def io_error(self):

@@ -1,5 +1,6 @@
 """Thin provisioning end to end, with a real guest: a QEMU TCG guest (tests/guest) writes far more
-than the initial allocation to a qcow2 image that thinblkd serves over NBD from a loop device.
+than the initial allocation to a qcow2 image that thinblkd serves over NBD (one test also over
+vhost-user-blk) from a loop device.
 
 The storage: a sparse backing file of INITIAL bytes, attached as a loop device; a 4 GiB qcow2
 image made on the loop device with qemu-img. The qcow2 driver allocates clusters past the
@@ -9,14 +10,17 @@ device's end as the guest writes; the kernel fails those writes with ENOSPC and 
 
 The guest's stream job writes MB MiB of random data one segment at a time, reads it back and
 prints the digests; the test compares them with what the export holds, read through thinblkd
-over NBD (libnbd). QEMU's own stop-on-error is off (werror=report): an error that got through
-thinblkd would reach the guest, and the tests check that none did.
+over NBD (libnbd), or for vhost-user-blk from the image itself (qemu-img convert -U). QEMU's own
+stop-on-error is off (werror=report; a vhost-user-blk disk has no werror in QEMU, the guest
+sees the device's status as is): an error that got through thinblkd would reach the guest, and
+the tests check that none did.
 
 - test_guest_test_extends: no agent; the test itself extends on every STOP (the qcow2-on-a-loop-
   device flow of issue 4 under a real guest).
 - test_guest_agent_keeps_up: the agent runs from the start; no stop at all.
 - test_guest_agent_started_late: the disk stops with nobody watching; the agent, started
-  afterwards, finds it stopped, extends and resumes it.
+  afterwards, finds it stopped, extends and resumes it, and keeps ahead from then on. Over NBD
+  and over vhost-user-blk.
 - test_guest_agent_restarted: the agent is stopped mid-run, the disk stops, a new agent resumes it.
 - test_guest_daemon_restarted: thinblkd is restarted mid-run; QEMU's NBD client reconnects
   (reconnect-delay) and resends what was in flight, the agent reconnects and carries on.
@@ -92,31 +96,54 @@ def store(tmp_path):
 
 
 class Disk:
-    """thinblkd serving STORE's qcow2 image as the NBD export "disk0" (device "disk0"), with a
-    QMP monitor; restartable on the same sockets."""
+    """thinblkd serving STORE's qcow2 image as the export "disk0" (device "disk0"), NBD or, with
+    EXPORT "vhost-user-blk", vhost-user-blk; with a QMP monitor; restartable on the same
+    sockets."""
 
-    def __init__(self, daemons, store):
-        self.daemons, self.store = daemons, store
+    def __init__(self, daemons, store, export="nbd"):
+        self.daemons, self.store, self.export = daemons, store, export
         self.rundir = daemons.rundir()
         self.qmp_sock = self.rundir / "qmp.sock"
         self.nbd_sock = self.rundir / "nbd.sock"
+        self.vhost_sock = self.rundir / "vub.sock" if export == "vhost-user-blk" else None
         self.uri = f"nbd+unix:///disk0?socket={self.nbd_sock}"
         self.daemon = None
 
     def start(self):
-        argv = thin.thinblkd_argv("thinblkd", self.store.dev, self.qmp_sock, self.nbd_sock)
+        argv = thin.thinblkd_argv("thinblkd", self.store.dev, self.qmp_sock, self.nbd_sock,
+                                  vhost_sock=self.vhost_sock)
         d = self.daemons.start_raw(argv[1:], sockets=[self.qmp_sock], rundir=self.rundir)
-        kit.wait_until(lambda: self._nbd_ready(d), 30, f"socket {self.nbd_sock}")
+        # The socket file, not a connection: the vhost-user-blk export takes one frontend.
+        sock = self.vhost_sock or self.nbd_sock
+        kit.wait_until(lambda: self._export_ready(d, sock), 30, f"socket {sock}")
         self.daemon = d
         return d
 
-    def _nbd_ready(self, d):
+    def _export_ready(self, d, sock):
         if not d.running():
             pytest.fail(f"thinblkd exited with {d.proc.returncode}:\n{d.stderr()}")
         try:
-            return stat.S_ISSOCK(os.stat(self.nbd_sock).st_mode)
+            return stat.S_ISSOCK(os.stat(sock).st_mode)
         except FileNotFoundError:
             return False
+
+    def guest_disk(self):
+        if self.vhost_sock:
+            return kit.VhostUserBlkDisk(str(self.vhost_sock))
+        # reconnect-delay: QEMU's NBD client waits for a restarted server instead of failing.
+        return kit.NbdDisk(str(self.nbd_sock), "disk0", reconnect_delay=60)
+
+    def stream_digest(self, mb, workdir):
+        """The stream job's digest of what the export holds: read through thinblkd over NBD, or
+        with no NBD export, from the image on the device by qemu-img beside the daemon."""
+        if not self.vhost_sock:
+            return kit.nbd_stream_digest(self.uri, mb, SEG_MB)
+        read, close = kit.file_reader(kit.raw_copy(self.store.dev, "qcow2",
+                                                   Path(workdir) / "export.raw"))
+        try:
+            return kit.digest_list(kit.stream_segment_digests(read, mb, SEG_MB))
+        finally:
+            close()
 
     def qmp(self):
         c = QMPClient(self.qmp_sock, timeout=60).negotiate()
@@ -144,8 +171,9 @@ def qemu_img_check(dev, live):
 
 
 @pytest.fixture
-def disk(daemons, store):
-    d = Disk(daemons, store)
+def disk(daemons, store, request):
+    """The Disk; NBD unless the test is parametrized (indirectly) with the export type."""
+    d = Disk(daemons, store, getattr(request, "param", "nbd"))
     yield d
     # After a clean shutdown the image is exactly consistent: no error, no leak (clusters
     # the daemon reserved ahead or kept for a retry are given back at close).
@@ -154,11 +182,6 @@ def disk(daemons, store):
     if d.daemon:
         rc, out = qemu_img_check(store.dev, live=False)
         assert rc == 0 and "leaked" not in out, out
-
-
-def nbd_disk(disk):
-    # reconnect-delay: QEMU's NBD client waits for a restarted server instead of failing.
-    return kit.NbdDisk(str(disk.nbd_sock), "disk0", reconnect_delay=60)
 
 
 def check_guest(g, disk, rc, mb=WRITE_MB):
@@ -173,7 +196,7 @@ def check_guest(g, disk, rc, mb=WRITE_MB):
     assert r["write-sha256"] == r["readback-sha256"], r
     written = [s["write-sha256"] for s in g.segments("SEG")]
     assert len(written) == mb // SEG_MB and kit.digest_list(written) == r["write-sha256"]
-    assert kit.nbd_stream_digest(disk.uri, mb, SEG_MB) == r["write-sha256"]
+    assert disk.stream_digest(mb, g.workdir) == r["write-sha256"]
     assert g.status == 0
     # The image's metadata is sound (refcounts, L1/L2 tables), read beside the idle daemon.
     # A running daemon holds clusters reserved ahead (counted, not linked yet): they show as
@@ -195,7 +218,7 @@ def test_guest_test_extends(image, store, disk, tmp_path, record_property):
     qmp = disk.qmp()
     assert qmp.cmd("query-status") == {"return": RUNNING}
     stops = 0
-    with kit.Guest(image, nbd_disk(disk), job="stream", mb=WRITE_MB, seg=SEG_MB,
+    with kit.Guest(image, disk.guest_disk(), job="stream", mb=WRITE_MB, seg=SEG_MB,
                    workdir=tmp_path / "guest") as g:
         while g.running():
             try:
@@ -338,7 +361,7 @@ class EventWatch:
 
 
 def guest_stream(image, disk, tmp_path):
-    return kit.Guest(image, nbd_disk(disk), job="stream", mb=WRITE_MB, seg=SEG_MB,
+    return kit.Guest(image, disk.guest_disk(), job="stream", mb=WRITE_MB, seg=SEG_MB,
                      workdir=tmp_path / "guest")
 
 
@@ -365,9 +388,11 @@ def test_guest_agent_keeps_up(image, store, disk, agents, tmp_path, record_prope
     agent.stop()
 
 
+@pytest.mark.parametrize("disk", ["nbd", "vhost-user-blk"], indirect=True)
 def test_guest_agent_started_late(image, store, disk, agents, tmp_path, record_property):
     """Nobody watches: the disk runs out and stops, the guest is held. An agent started then
-    finds the daemon stopped on ENOSPC, extends and resumes it; the guest never notices."""
+    finds the daemon stopped on ENOSPC, extends and resumes it, and keeps ahead from then on
+    (one stop in all); the guest never notices."""
     disk.start()
     with guest_stream(image, disk, tmp_path) as g:
         w = EventWatch(disk, g)

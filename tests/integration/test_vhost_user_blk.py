@@ -3,10 +3,13 @@
 vhost-user socket spoken to directly for what a guest cannot show (a second frontend, a bad
 message, GET_VRING_BASE while stopped).
 
-The guest tests need qemu-system-x86_64 and the guest kit's cache (tests/guest); the ENOSPC
-one needs root (it mounts a tmpfs).
+The guest tests need qemu-system-x86_64 and the guest kit's cache (tests/guest), the qcow2
+ones qemu-img; the ENOSPC one needs root (it mounts a tmpfs).
 """
 
+import errno
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -44,16 +47,18 @@ def wait_for_file_socket(path, daemon):
     kit.wait_until(ready, 30, f"socket {path}")
 
 
-def start_export(daemons, img, extra="", num_queues=None):
-    """thinblkd with file+raw nodes on img and a writable vhost-user-blk export disk0."""
+def start_export(daemons, img, extra="", num_queues=None, fmt="raw", discard=False):
+    """thinblkd with a file node proto0 on img, a format node fmt0 (FMT) over it and a writable
+    vhost-user-blk export disk0. DISCARD: discard=unmap on both nodes (deallocate)."""
     sockdir = daemons.rundir()
     vsock = sockdir / "vub.sock"
     export = (f"type=vhost-user-blk,id=disk0,node-name=fmt0,addr.type=unix,"
               f"addr.path={vsock},writable=on{extra}")
     if num_queues:
         export += f",num-queues={num_queues}"
-    d = daemons.start(args=["--blockdev", f"driver=file,node-name=proto0,filename={img}",
-                            "--blockdev", "driver=raw,node-name=fmt0,file=proto0",
+    unmap = ",discard=unmap" if discard else ""
+    d = daemons.start(args=["--blockdev", f"driver=file,node-name=proto0,filename={img}{unmap}",
+                            "--blockdev", f"driver={fmt},node-name=fmt0,file=proto0{unmap}",
                             "--export", export])
     wait_for_file_socket(vsock, d)
     return d, vsock
@@ -263,6 +268,32 @@ def guest_image():
     return kit.build_guest()
 
 
+needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
+                                    reason="qemu-img is not installed")
+
+
+def make_image(path, fmt, size):
+    """An empty image of SIZE virtual bytes: a sparse raw file, or a thin qcow2 (qemu-img)."""
+    if fmt == "raw":
+        return image(path, size)
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)], check=True)
+    return path
+
+
+def disk0_stats(qmp):
+    stats = [s["stats"] for s in qmp.cmd("query-blockstats")["return"]
+             if s.get("device") == "disk0"]
+    assert len(stats) == 1, stats
+    return stats[0]
+
+
+def check_queues(g, queues):
+    """The guest took interrupts on each of the QUEUES virtqueues: all of them carried I/O."""
+    counts = g.queue_interrupts()
+    assert sorted(counts) == [f"virtio0-req.{q}" for q in range(queues)], counts
+    assert all(n > 0 for n in counts.values()), counts
+
+
 @needs_qemu
 def test_guest_writes_and_reads_back(guest_image, daemons, tmp_path):
     img = image(tmp_path / "disk.raw", 64 * MIB)
@@ -313,11 +344,17 @@ def next_event(qmp, g, d, timeout=GUEST_TIMEOUT):
 
 @needs_qemu
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
-def test_guest_write_survives_enospc(guest_image, store, daemons, tmp_path):
-    img = image(store / "disk.raw", 32 * MIB)
-    d, vsock = start_export(daemons, img)
+@pytest.mark.parametrize("fmt, queues", [
+    ("raw", 1),
+    # Two CPUs and two writers, one on each: requests of both queues are parked and retried.
+    pytest.param("qcow2", 2, marks=needs_qemu_img),
+], ids=["raw-1q", "qcow2-2q"])
+def test_guest_write_survives_enospc(guest_image, store, daemons, tmp_path, fmt, queues):
+    img = make_image(store / f"disk.{fmt}", fmt, 32 * MIB)
+    d, vsock = start_export(daemons, img, fmt=fmt, num_queues=queues)
     qmp = d.negotiated()
-    with kit.Guest(guest_image, kit.VhostUserBlkDisk(str(vsock)), job="write", mb=16, seed=3,
+    with kit.Guest(guest_image, kit.VhostUserBlkDisk(str(vsock), num_queues=queues),
+                   job="write", mb=16, seed=3, par=queues, cpus=queues,
                    workdir=tmp_path / "guest") as g:
         # BLOCK_IO_ERROR (one or more), then one STOP; the guest is held, not failed.
         errors = 0
@@ -346,10 +383,86 @@ def test_guest_write_survives_enospc(guest_image, store, daemons, tmp_path):
     r = g.result()
     assert (r["dd-status"], r["read-status"]) == (0, 0), r
     assert r["write-sha256"] == r["readback-sha256"], r
-    assert kit.file_sha256(img, 0, 16 * MIB) == r["write-sha256"]
+    assert kit.image_sha256(img, fmt, 0, 16 * MIB, tmp_path) == r["write-sha256"]
+    check_queues(g, queues)
     assert qmp.cmd("query-status")["return"]["status"] == "running"
     late = [without_timestamp(e) for e in qmp.take_events()]
     assert not [e for e in late if e["event"] in ("BLOCK_IO_ERROR", "STOP")], late
+
+
+def has_data(fd, start, end):
+    """True if [start, end) of the file holds data (SEEK_DATA), False if it is all hole."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) < end
+    except OSError as e:
+        if e.errno == errno.ENXIO:      # no data from start to the end of the file
+            return False
+        raise
+
+
+def qemu_img_map(img, fmt):
+    out = subprocess.run(["qemu-img", "map", "-U", "-f", fmt, "--output=json", str(img)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+@needs_qemu
+@pytest.mark.parametrize("fmt", ["raw", pytest.param("qcow2", marks=needs_qemu_img)])
+def test_guest_discard_and_write_zeroes_reach_the_image(guest_image, daemons, tmp_path, fmt):
+    """The discard job (tests/guest/init): 8 MiB of pattern at 4 MiB, then of its four 2 MiB
+    parts: 0 kept, 1 discarded (DISCARD), 2 zeroed (WRITE_ZEROES), 3 zeroed with unmap allowed
+    (WRITE_ZEROES, UNMAP flag). With discard=unmap the image deallocates parts 1 and 3 and
+    reads zeroes in 1 to 3; part 0 and the rest of the disk are untouched."""
+    off, mb = 4 * MIB, 8
+    part = mb * MIB // 4
+    img = make_image(tmp_path / f"disk.{fmt}", fmt, 64 * MIB)
+    d, vsock = start_export(daemons, img, fmt=fmt, discard=True)
+    with kit.Guest(guest_image, kit.VhostUserBlkDisk(str(vsock)), job="discard", mb=mb,
+                   off=off // MIB, seed=5, workdir=tmp_path / "guest") as g:
+        console, rc = g.wait(timeout=GUEST_TIMEOUT)
+    assert rc == 0, f"QEMU exited with {rc}:\n{g.stderr()}\n{console}"
+    assert not g.io_error, g.dmesg
+    r = g.result()
+    assert (r["job"], r["dd-status"], r["discard-status"], r["zero-status"], r["punch-status"],
+            r["read-status"]) == ("discard", 0, 0, 0, 0, 0), r
+    # The guest's kernel sent DISCARD and WRITE_ZEROES (not zeroes it wrote itself).
+    limits, = g.fields("LIMITS")
+    assert limits["discard-max"] > 0 and limits["write-zeroes-max"] > 0, limits
+    written = kit.pattern(mb, 5, off=off // MIB)
+    expected = written[:part] + bytes(3 * part)
+    assert r["write-sha256"] == hashlib.sha256(written).hexdigest(), r
+    assert r["readback-sha256"] == hashlib.sha256(expected).hexdigest(), r
+
+    raw = img if fmt == "raw" else kit.raw_copy(img, fmt, tmp_path / "copy.raw")
+    with open(raw, "rb") as f:
+        f.seek(off)
+        assert f.read(4 * part) == expected
+    assert kit.file_sha256(raw, 0, off) == hashlib.sha256(bytes(off)).hexdigest()
+    assert kit.file_sha256(raw, off + 4 * part) == \
+        hashlib.sha256(bytes(64 * MIB - off - 4 * part)).hexdigest()
+
+    if fmt == "raw":
+        # Deallocated: holes in the file where the guest discarded or allowed unmapping.
+        with open(img, "rb") as f:
+            fd = f.fileno()
+            assert has_data(fd, off, off + part)
+            for i in (1, 3):
+                assert not has_data(fd, off + i * part, off + (i + 1) * part), i
+        # Parts 0 and 2 at most (2 may be allocated, unwritten): the 8 MiB written were 4.
+        assert os.stat(img).st_blocks * 512 < 3 * part, os.stat(img)
+    else:
+        m = qemu_img_map(img, fmt)
+        start, end = off + part, off + 4 * part
+        overlap = [e for e in m if e["start"] < end and e["start"] + e["length"] > start]
+        assert overlap and all(e["zero"] and not e["data"] for e in overlap), m
+        kept = [e for e in m if e["start"] < off + part and e["start"] + e["length"] > off]
+        assert kept and all(e["data"] for e in kept), m
+
+    stats = disk0_stats(d.negotiated())
+    # Discards count as unmap; write-zeroes as writes (docs/qmp.md).
+    assert stats["unmap_operations"] >= 1 and stats["unmap_bytes"] == part, stats
+    assert stats["failed_unmap_operations"] == stats["failed_wr_operations"] == 0, stats
+    assert stats["wr_bytes"] == mb * MIB + 2 * part, stats
 
 
 # ---- a guest that breaks the ring, played by the test ------------------------------------------
