@@ -6,12 +6,14 @@
  *
  * cache.direct=on opens with O_DIRECT where the file system supports it (a block device, ext4,
  * xfs, tmpfs since Linux 6.6) and falls back to buffered I/O, with a note in the log, where it
- * does not; requests are then aligned to the device's logical block size. A transfer that the
- * kernel completes short is continued until it is whole or fails: a write either fully
- * happened or reports the errno that stopped it.
+ * does not; requests are then aligned to the device's logical block size. A read or a write
+ * is one vector (a request's buf is its one segment): a transfer that the kernel completes
+ * short is continued from where it stopped, in whichever segment, until it is whole or fails:
+ * a write either fully happened or reports the errno that stopped it.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <string.h>
@@ -20,6 +22,7 @@
 #include <unistd.h>
 
 #include "block/graph.h"
+#include "common/iov.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "io/uring.h"
@@ -40,6 +43,10 @@ struct file_op {
     struct block_req *req;
     uint64_t done_bytes;  /* READ/WRITE: transferred so far */
     int stage;            /* WRITE_ZEROES fallbacks, FUA's flush */
+    /* READ/WRITE: the request's vector, a copy whose transferred bytes are cut off the
+     * front: iov[seg..niov) is what is left. */
+    unsigned seg, niov;
+    struct iovec iov[];
 };
 
 static struct file_state *st(struct block_node *n)
@@ -158,6 +165,22 @@ static void op_finish(struct file_op *op, int ret)
 
 static void op_step(struct file_op *op);
 
+/* n more bytes of op's read or write were transferred: cut them off the front of its
+ * vector. */
+static void advance(struct file_op *op, uint64_t n)
+{
+    op->done_bytes += n;
+    while (n > 0) {
+        struct iovec *v = &op->iov[op->seg];
+        uint64_t k = MIN(n, v->iov_len);
+        v->iov_base = (char *)v->iov_base + k;
+        v->iov_len -= k;
+        n -= k;
+        if (v->iov_len == 0)
+            op->seg++;
+    }
+}
+
 static void op_done(struct uring_op *uop, int res)
 {
     struct file_op *op = container_of(uop, struct file_op, uop);
@@ -187,10 +210,10 @@ static void op_done(struct uring_op *uop, int res)
     case BLOCK_OP_READ:
         if (res == 0) {
             /* Past the end of a file that shrank under us: reads as zeroes, as QEMU's. */
-            memset((char *)req->buf + op->done_bytes, 0, req->len - op->done_bytes);
+            iov_memset(op->iov + op->seg, op->niov - op->seg, 0, 0, req->len - op->done_bytes);
             op->done_bytes = req->len;
         }
-        op->done_bytes += (uint64_t)res;
+        advance(op, (uint64_t)res);
         if (op->done_bytes < req->len) {
             op_step(op);
             return;
@@ -198,7 +221,7 @@ static void op_done(struct uring_op *uop, int res)
         break;
     case BLOCK_OP_WRITE:
         if (op->stage == 0) {
-            op->done_bytes += (uint64_t)res;
+            advance(op, (uint64_t)res);
             if (res == 0) {
                 op_finish(op, -EIO);  /* the kernel made no progress and gave no reason */
                 return;
@@ -251,14 +274,35 @@ static const void *zeroes(void)
     return z;
 }
 
+/* Read or write what is left of op's vector: one segment with a plain read or write, several
+ * (up to IOV_MAX at once) with readv or writev. */
+static void transfer(struct file_op *op, int fd)
+{
+    struct uring *u = op->node->graph->uring;
+    const struct iovec *v = &op->iov[op->seg];
+    unsigned n = MIN(op->niov - op->seg, (unsigned)IOV_MAX);
+    uint64_t offset = op->req->offset + op->done_bytes;
+    bool write = op->req->op == BLOCK_OP_WRITE;
+
+    if (n == 1) {
+        uint32_t chunk = (uint32_t)MIN(v->iov_len, 1u << 30);
+        if (write)
+            uring_write(u, &op->uop, fd, v->iov_base, chunk, offset);
+        else
+            uring_read(u, &op->uop, fd, v->iov_base, chunk, offset);
+    } else if (write) {
+        uring_writev(u, &op->uop, fd, v, n, offset);
+    } else {
+        uring_readv(u, &op->uop, fd, v, n, offset);
+    }
+}
+
 static void op_step(struct file_op *op)
 {
     struct block_node *n = op->node;
     struct file_state *s = st(n);
     struct uring *u = n->graph->uring;
     struct block_req *req = op->req;
-    uint64_t left = req->len - op->done_bytes;
-    uint32_t chunk = (uint32_t)MIN(left, 1u << 30);
 
     if (op->stage == 3) {  /* FUA */
         uring_fdatasync(u, &op->uop, s->fd);
@@ -266,12 +310,8 @@ static void op_step(struct file_op *op)
     }
     switch (req->op) {
     case BLOCK_OP_READ:
-        uring_read(u, &op->uop, s->fd, (char *)req->buf + op->done_bytes, chunk,
-                   req->offset + op->done_bytes);
-        break;
     case BLOCK_OP_WRITE:
-        uring_write(u, &op->uop, s->fd, (char *)req->buf + op->done_bytes, chunk,
-                    req->offset + op->done_bytes);
+        transfer(op, s->fd);
         break;
     case BLOCK_OP_FLUSH:
         uring_fdatasync(u, &op->uop, s->fd);
@@ -291,7 +331,7 @@ static void op_step(struct file_op *op)
             uring_fallocate(u, &op->uop, s->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                             req->offset, req->len);
         } else {
-            chunk = (uint32_t)MIN(left, ZERO_CHUNK);
+            uint32_t chunk = (uint32_t)MIN(req->len - op->done_bytes, ZERO_CHUNK);
             if (!zeroes()) {
                 op_finish(op, -ENOMEM);
                 return;
@@ -312,7 +352,15 @@ static void nop_done(struct loop *loop, void *opaque)
 
 static void file_submit(struct block_node *n, struct block_req *req)
 {
-    struct file_op *op = xzalloc(sizeof(*op));
+    bool rw = req->op == BLOCK_OP_READ || req->op == BLOCK_OP_WRITE;
+    struct iovec one;
+    unsigned niov = 0;
+    const struct iovec *iov = rw ? block_req_iov(req, &one, &niov) : NULL;
+    struct file_op *op = xzalloc(sizeof(*op) + niov * sizeof(op->iov[0]));
+
+    if (niov)
+        memcpy(op->iov, iov, niov * sizeof(op->iov[0]));
+    op->niov = niov;
 
     op->uop.done = op_done;
     op->node = n;

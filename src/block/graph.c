@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "common/assert.h"
+#include "common/iov.h"
 #include "common/log.h"
 #include "common/qjson.h"
 #include "common/util.h"
@@ -298,10 +299,30 @@ void node_assert_req(const struct block_node *n, const struct block_req *req)
         return;  /* its offset and len mean nothing (raw shifts them by its window's offset) */
     ASSERT(req->len > 0 && req->len <= UINT64_MAX - req->offset);
     ASSERT(req->offset % align == 0 && req->len % align == 0);
-    if (req->op == BLOCK_OP_READ || req->op == BLOCK_OP_WRITE)
-        ASSERT(req->buf);
+    if (req->op == BLOCK_OP_READ || req->op == BLOCK_OP_WRITE) {
+        if (req->niov == 0) {
+            ASSERT(req->buf);
+        } else {
+            ASSERT(req->iov && !req->buf);
+            ASSERT(iov_size(req->iov, req->niov) == req->len);
+            ASSERT(iov_aligned(req->iov, req->niov, align));
+        }
+    } else {
+        ASSERT(req->niov == 0);
+    }
     if (req->op != BLOCK_OP_READ)
         ASSERT(!n->read_only);
+}
+
+const struct iovec *block_req_iov(const struct block_req *req, struct iovec *one, unsigned *n)
+{
+    if (req->niov > 0) {
+        *n = req->niov;
+        return req->iov;
+    }
+    *one = (struct iovec){req->buf, req->len};
+    *n = 1;
+    return one;
 }
 
 void node_submit(struct block_node *n, struct block_req *req)

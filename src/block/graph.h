@@ -18,6 +18,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include <jansson.h>
 
@@ -40,12 +41,20 @@ enum block_op {
 #define BLOCK_REQ_FUA 1u       /* WRITE, WRITE_ZEROES: durable when done */
 #define BLOCK_REQ_MAY_UNMAP 2u /* WRITE_ZEROES: may deallocate */
 
+/* A READ or WRITE carries its len bytes in one of two ways: niov == 0, one buffer buf; or
+ * niov > 0, the vector iov[0..niov) (buf NULL), whose lengths add up to len and whose
+ * segments have their address and length multiples of the node's alignment (O_DIRECT reads
+ * and writes them as they are). Either is owned by the submitter and must stay valid, and
+ * the vector unchanged, until done() (a parked request still points to it: its submitter
+ * keeps it). Other operations carry no vector (niov 0); their buf means nothing. */
 struct block_req {
     enum block_op op;
     unsigned flags;
     uint64_t offset;
     uint64_t len;
-    void *buf;  /* READ, WRITE: len bytes, owned by the submitter */
+    void *buf;
+    const struct iovec *iov;
+    unsigned niov;
     void (*done)(struct block_req *req, int ret);
     void *opaque;  /* the submitter's */
 };
@@ -165,11 +174,15 @@ void node_submit(struct block_node *n, struct block_req *req);
 /* Assert (in every build, common/assert.h) that req may go to n: done is set; op and flags
  * are known ones; a request other than a flush has len > 0, offset + len without overflow,
  * both multiples of n's alignment; a read or a write has a buf (of len bytes: the submitter's
- * word); no write, write-zeroes or discard goes to a read-only node. A flush's offset and len
- * mean nothing. Not the range: below a format, a node's end is not fixed (qcow2 allocates past
+ * word) or a vector as struct block_req says (its lengths and alignment checked), other
+ * operations no vector; no write, write-zeroes or discard goes to a read-only node. A flush's
+ * offset and len mean nothing. Not the range: below a format, a node's end is not fixed (qcow2 allocates past
  * the end of its file, through a filter too); a driver with a fixed end asserts it (qcow2: its
  * virtual size). */
 void node_assert_req(const struct block_node *n, const struct block_req *req);
+/* The data of req (a READ or a WRITE) as a vector: req->iov, or req->buf as the one segment
+ * *one (the caller's storage). Sets *n to the number of segments. */
+const struct iovec *block_req_iov(const struct block_req *req, struct iovec *one, unsigned *n);
 
 /* The node's entry of query-named-block-nodes (QEMU's BlockDeviceInfo), with the backing
  * chain's images nested (flat=false, as query-block) or not. The size of a node that can

@@ -840,6 +840,8 @@ static int st_end(struct qcow2_batch *b)
         int ret = b->fail ? b->fail : p->ret;
         free(p->cow_buf);
         p->cow_buf = NULL;
+        free(p->run_iov);
+        p->run_iov = NULL;
         free(p->zr);
         p->zr = NULL;
         qcow2_part_done(p, ret);

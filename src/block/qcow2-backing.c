@@ -31,6 +31,7 @@
 
 #include "block/qcow2.h"
 #include "block/qcow2-cache.h"
+#include "common/iov.h"
 #include "common/log.h"
 #include "common/qjson.h"
 #include "common/util.h"
@@ -269,14 +270,18 @@ void qcow2_query_image(struct block_node *n, json_t *image)
 
 /* ---- reads through the backing --------------------------------------------------------- */
 
-/* One read of guest bytes from the backing node: the part inside the backing's size, through
- * a bounce buffer where offset, length or memory are not aligned for the backing. */
+/* One read of guest bytes from the backing node: the part inside the backing's size, into
+ * the destination's vector cut to it, or through a bounce buffer where offset, length or
+ * memory are not aligned for the backing. */
 struct backing_read {
     struct block_req req;
     struct qcow2_waiter lw;    /* fills: the L2 table lookup */
     struct qcow2_state *s;
     uint64_t voff;
-    char *dst;
+    const struct iovec *dst;   /* where the bytes go: a read part's vector, or &one */
+    unsigned ndst;
+    struct iovec one;          /* a fill's cluster buffer */
+    struct iovec *iov;         /* dst cut to the backing's end */
     uint32_t len;              /* bytes wanted at dst */
     uint32_t skip;             /* where they start in the bounce buffer */
     void *bounce;
@@ -291,6 +296,7 @@ static void backing_read_finish(struct backing_read *br, int ret)
     else
         br->w->cb(br->w, ret);
     free(br->bounce);
+    free(br->iov);
     free(br);
 }
 
@@ -299,7 +305,7 @@ static void backing_read_done(struct block_req *req, int ret)
     struct backing_read *br = container_of(req, struct backing_read, req);
 
     if (ret == 0 && br->bounce)
-        memcpy(br->dst, (char *)br->bounce + br->skip, br->len);
+        iov_from_buf(br->dst, br->ndst, 0, (char *)br->bounce + br->skip, br->len);
     backing_read_finish(br, ret);
 }
 
@@ -310,24 +316,29 @@ static int backing_read_start(struct backing_read *br)
     struct block_node *b = br->s->node->backing;
     uint64_t a = MAX(b->alignment, 1u);
     uint64_t n, start, end;
+    unsigned niov;
 
     if (br->voff >= b->size) {
-        memset(br->dst, 0, br->len);
+        iov_memset(br->dst, br->ndst, 0, 0, br->len);
         return 0;
     }
     n = MIN((uint64_t)br->len, b->size - br->voff);
-    memset(br->dst + n, 0, br->len - n);
+    iov_memset(br->dst, br->ndst, n, 0, br->len - n);
     start = br->voff & ~(a - 1);
     end = (br->voff + n + a - 1) & ~(a - 1);
     br->req = (struct block_req){.op = BLOCK_OP_READ, .offset = start, .len = end - start,
                                  .done = backing_read_done};
-    if (start != br->voff || end != br->voff + n || ((uintptr_t)br->dst & (a - 1))) {
+    niov = iov_slice(br->dst, br->ndst, 0, n, NULL);
+    br->iov = xmalloc(niov * sizeof(br->iov[0]));
+    iov_slice(br->dst, br->ndst, 0, n, br->iov);
+    if (start != br->voff || end != br->voff + n || !iov_aligned(br->iov, niov, a)) {
         br->bounce = qcow2_alloc_buf(end - start);
         br->skip = (uint32_t)(br->voff - start);
         br->len = (uint32_t)n;
         br->req.buf = br->bounce;
     } else {
-        br->req.buf = br->dst;
+        br->req.iov = br->iov;
+        br->req.niov = niov;
     }
     node_submit(b, &br->req);
     return 1;
@@ -340,7 +351,8 @@ void qcow2_backing_read(struct qcow2_state *s, struct qcow2_part *p)
     br->s = s;
     br->p = p;
     br->voff = p->voff;
-    br->dst = p->buf;
+    br->dst = p->iov;
+    br->ndst = p->niov;
     br->len = p->len;
     if (backing_read_start(br) == 0)
         backing_read_finish(br, 0);
@@ -389,7 +401,9 @@ int qcow2_backing_fill(struct qcow2_state *s, uint64_t voff, void *buf, struct q
     br->s = s;
     br->w = w;
     br->voff = voff & ~(uint64_t)(s->cluster_size - 1);
-    br->dst = buf;
+    br->one = (struct iovec){buf, s->cluster_size};
+    br->dst = &br->one;
+    br->ndst = 1;
     br->len = s->cluster_size;
     br->lw.cb = fill_lookup_done;
     ret = qcow2_lookup(s, br->voff, true, &br->lw, &l2e);
@@ -399,6 +413,7 @@ int qcow2_backing_fill(struct qcow2_state *s, uint64_t voff, void *buf, struct q
         ret = fill_classified(br, l2e);
     if (ret != 1) {
         free(br->bounce);
+        free(br->iov);
         free(br);
     }
     return ret;

@@ -7,6 +7,7 @@
 #include "block/qcow2-cow.h"
 
 #include "block/qcow2.h"
+#include "common/iov.h"
 #include "common/log.h"
 #include "common/util.h"
 
@@ -27,13 +28,20 @@ static bool cow_from_backing(const struct qcow2_state *s, const struct qcow2_par
 
 /* ---- the fill -------------------------------------------------------------------------------- */
 
+/* The bytes p writes, in their place in its cluster's copy. */
+static void put_guest_bytes(const struct qcow2_state *s, struct qcow2_part *p)
+{
+    iov_to_buf(p->iov, p->niov, 0, (char *)p->cow_buf + (p->voff & (s->cluster_size - 1)),
+               p->len);
+}
+
 static void cow_zread_done(struct qcow2_zread *z, int ret)
 {
     struct qcow2_part *p = z->opaque;
     struct qcow2_state *s = z->s;
 
     if (ret == 0)
-        memcpy((char *)p->cow_buf + (p->voff & (s->cluster_size - 1)), p->buf, p->len);
+        put_guest_bytes(s, p);
     p->fill_done(p, ret);
 }
 
@@ -43,7 +51,7 @@ static void cow_backing_done(struct qcow2_waiter *w, int ret)
     struct qcow2_state *s = p->r->s;
 
     if (ret == 0)
-        memcpy((char *)p->cow_buf + (p->voff & (s->cluster_size - 1)), p->buf, p->len);
+        put_guest_bytes(s, p);
     p->fill_done(p, ret);
 }
 
@@ -75,7 +83,7 @@ void qcow2_cow_fill(struct qcow2_state *s, struct qcow2_part *p,
         qcow2_zread_start(s, p->zr, p->old_l2e);
         return;
     }
-    memcpy((char *)p->cow_buf + (p->voff & (cs - 1)), p->buf, p->len);
+    put_guest_bytes(s, p);
     done(p, 0);
 }
 
@@ -104,9 +112,11 @@ size_t qcow2_data_run(struct qcow2_state *s, struct qcow2_part **parts, size_t n
         struct qcow2_part *q = parts[j];
         if (q->act != QCOW2_ACT_ALLOC || q->host != last->host + cs)
             break;
-        bool inplace = !copy && q->r == p->r && !from_compressed(s, q) &&
-                       (last->voff + last->len) % cs == 0 && q->voff == last->voff + last->len &&
-                       q->buf == last->buf + last->len && !cow_from_backing(s, q) &&
+        /* In place: q's bytes follow last's in the guest and in the request's data (a write's
+         * own, not the zeroes of a write-zeroes part, which has a buffer of its own). */
+        bool inplace = !copy && q->r == p->r && p->r->parent->op == BLOCK_OP_WRITE &&
+                       !from_compressed(s, q) && (last->voff + last->len) % cs == 0 &&
+                       q->voff == last->voff + last->len && !cow_from_backing(s, q) &&
                        (q->len == cs || q->fill_skip);
         if (!inplace) {
             /* Whole clusters from other buffers: copied together. */
@@ -145,36 +155,55 @@ static void data_done(struct block_req *req, int ret)
     p->written(p, ret);
 }
 
+/* The vectors of the run headed by p, one after another, into p->run_iov. Returns how many
+ * segments. */
+static unsigned run_vector(struct qcow2_part *p)
+{
+    unsigned n = 0;
+
+    for (struct qcow2_part *q = p; q; q = q->run_next)
+        n += q->niov;
+    p->run_iov = xmalloc(n * sizeof(p->run_iov[0]));
+    n = 0;
+    for (struct qcow2_part *q = p; q; q = q->run_next) {
+        memcpy(p->run_iov + n, q->iov, q->niov * sizeof(q->iov[0]));
+        n += q->niov;
+    }
+    return n;
+}
+
 static void data_submit(struct qcow2_state *s, struct qcow2_part *p)
 {
     uint32_t cs = s->cluster_size;
-    uint64_t off, len = 0;
-    void *buf;
+    struct block_req w = {.op = BLOCK_OP_WRITE, .offset = p->host, .done = data_done};
 
     if (p->cow_buf) {
-        off = p->host;
-        len = cs;
-        buf = p->cow_buf;
+        w.len = cs;
+        w.buf = p->cow_buf;
     } else if (p->run_buf) {
-        off = p->host;
-        buf = p->run_buf;
+        w.buf = p->run_buf;
         for (struct qcow2_part *q = p; q; q = q->run_next) {
-            memcpy(p->run_buf + len, q->buf, q->len);
-            len += q->len;
+            iov_to_buf(q->iov, q->niov, 0, p->run_buf + w.len, q->len);
+            w.len += q->len;
         }
     } else {
-        off = p->host + (p->voff & (cs - 1));
-        buf = p->buf;
+        w.offset = p->host + (p->voff & (cs - 1));
         for (struct qcow2_part *q = p; q; q = q->run_next)
-            len += q->len;
+            w.len += q->len;
+        if (p->run_next) {
+            w.niov = run_vector(p);
+            w.iov = p->run_iov;
+        } else {
+            w.niov = p->niov;
+            w.iov = p->iov;
+        }
     }
-    int ret = qcow2_pre_write(s, off, len, false);
+    int ret = qcow2_pre_write(s, w.offset, w.len, false);
     if (ret < 0) {
         data_done(&p->child, ret);
         return;
     }
-    p->child = (struct block_req){.op = BLOCK_OP_WRITE, .offset = off, .len = len, .buf = buf,
-                                  .done = data_done};
+    p->child = w;
     node_submit(s->file, &p->child);
 }
 

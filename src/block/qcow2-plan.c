@@ -39,7 +39,8 @@ static int plan_zero(struct qcow2_state *s, struct qcow2_part *p, enum qcow2_cty
          * compressed cluster, or the backing's bytes, which must not show through). */
         if (!p->zbuf)
             p->zbuf = qcow2_alloc_buf(p->len);
-        p->buf = p->zbuf;
+        p->iov[0] = (struct iovec){p->zbuf, p->len};
+        p->niov = 1;
         p->act = QCOW2_ACT_ALLOC;
         return QCOW2_PLAN_META;
     }

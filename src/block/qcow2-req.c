@@ -9,6 +9,7 @@
 #include "block/qcow2-req.h"
 
 #include "block/qcow2.h"
+#include "common/iov.h"
 #include "common/log.h"
 #include "common/util.h"
 
@@ -97,6 +98,23 @@ void qcow2_part_done(struct qcow2_part *p, int ret)
         req_finish(r);
 }
 
+/* A new part of req for [off, off + len), with its slice of req's data (if req has data). */
+static struct qcow2_part *part_new(struct block_req *req, uint64_t off, uint64_t len)
+{
+    bool rw = req->op == BLOCK_OP_READ || req->op == BLOCK_OP_WRITE;
+    struct iovec one;
+    unsigned n = 0;
+    const struct iovec *iov = rw ? block_req_iov(req, &one, &n) : NULL;
+    unsigned count = rw ? iov_slice(iov, n, off - req->offset, len, NULL) : 0;
+    struct qcow2_part *p = xzalloc(sizeof(*p) + MAX(count, 1u) * sizeof(p->iov[0]));
+
+    p->voff = off;
+    p->len = (uint32_t)len;
+    if (rw)
+        p->niov = iov_slice(iov, n, off - req->offset, len, p->iov);
+    return p;
+}
+
 void qcow2_req_submit(struct qcow2_state *s, struct block_req *req)
 {
     struct qcow2_req *r = xzalloc(sizeof(*r));
@@ -116,11 +134,8 @@ void qcow2_req_submit(struct qcow2_state *s, struct block_req *req)
         r->fua = (req->flags & BLOCK_REQ_FUA) != 0;
         for (uint64_t off = req->offset; off < end;) {
             uint64_t len = MIN(end - off, cs - (off & (cs - 1)));
-            struct qcow2_part *p = xzalloc(sizeof(*p));
+            struct qcow2_part *p = part_new(req, off, len);
             p->r = r;
-            p->voff = off;
-            p->len = (uint32_t)len;
-            p->buf = req->buf ? (char *)req->buf + (off - req->offset) : NULL;
             r->pending++;
             qcow2_part_queue_push(&s->reqs.waiting, p);
             off += len;
@@ -148,7 +163,8 @@ static void part_submit_child(struct qcow2_part *p, enum block_op op, uint64_t h
     struct qcow2_state *s = p->r->s;
 
     p->child = (struct block_req){.op = op, .offset = host + (p->voff & (s->cluster_size - 1)),
-                                  .len = p->len, .buf = p->buf, .done = part_child_done};
+                                  .len = p->len, .iov = p->iov, .niov = p->niov,
+                                  .done = part_child_done};
     node_submit(s->file, &p->child);
 }
 
@@ -238,7 +254,8 @@ static void part_zread_done(struct qcow2_zread *z, int ret)
     struct qcow2_state *s = p->r->s;
 
     if (ret == 0)
-        memcpy(p->buf, (char *)z->out + (p->voff & (s->cluster_size - 1)), p->len);
+        iov_from_buf(p->iov, p->niov, 0, (char *)z->out + (p->voff & (s->cluster_size - 1)),
+                     p->len);
     else
         log_error("qcow2 %s: cannot decompress the cluster for offset %" PRIu64,
                   s->node->node_name, p->voff);

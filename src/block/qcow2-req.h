@@ -11,6 +11,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "block/graph.h"
 #include "block/qcow2-cache.h"
@@ -62,7 +63,6 @@ struct qcow2_part {
     struct block_req child;
     uint64_t voff;             /* guest offset */
     uint32_t len;
-    char *buf;                 /* READ, WRITE: into the parent's buffer */
     void *zbuf;                /* compressed reads: the sectors read; zero writes: zeroes */
     bool inplace;              /* a write in place is in flight (counted by qcow2-reserve.c) */
     /* The allocator's, while the part is in a batch (qcow2-alloc.c, qcow2-cow.c): */
@@ -79,7 +79,12 @@ struct qcow2_part {
     struct qcow2_batch *batch; /* the batch it is in */
     void (*fill_done)(struct qcow2_part *p, int ret);  /* the copy-on-write fill's caller */
     void (*written)(struct qcow2_part *p, int ret);    /* the data write's caller */
+    struct iovec *run_iov;     /* a run written in place: its parts' vectors one after another */
     int ret;
+    /* The part's len bytes: READ, WRITE: the slice of the parent's data (buf or vector); zero
+     * writes that allocate: zbuf as one segment; else none. Room for at least one. */
+    unsigned niov;
+    struct iovec iov[];
 };
 
 /* Parts in order, linked through next. */

@@ -42,6 +42,7 @@
 #include "block/qcow2-header.h"
 #include "block/sync-io.h"
 #include "common/assert.h"
+#include "common/iov.h"
 #include "common/log.h"
 #include "common/util.h"
 
@@ -78,7 +79,7 @@ static void part_read(struct qcow2_state *s, struct qcow2_part *p, uint64_t l2e)
         }
         /* fall through */
     default:  /* reads as zeroes (QCOW2_BAD never comes out of a lookup) */
-        memset(p->buf, 0, p->len);
+        iov_memset(p->iov, p->niov, 0, 0, p->len);
         qcow2_part_done(p, 0);
         return;
     }

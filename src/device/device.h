@@ -52,8 +52,9 @@ enum dev_iostatus {
 
 struct device;
 
-/* A request from an export. The export fills breq.op, flags, offset, len, buf, and done; the
- * rest belongs to the device until done(req, ret) is called (ret 0 or -errno). */
+/* A request from an export. The export fills breq.op, flags, offset, len, its data (buf, or
+ * iov and niov: block/graph.h), and done; the rest belongs to the device until done(req, ret)
+ * is called (ret 0 or -errno). A parked request keeps pointing to the export's data. */
 struct dev_req {
     struct block_req breq;
     void (*done)(struct dev_req *req, int ret);

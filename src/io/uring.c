@@ -2,6 +2,7 @@
 #include "io/uring.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <liburing.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -224,6 +225,29 @@ void uring_write(struct uring *u, struct uring_op *op, int fd, const void *buf, 
 {
     check_transfer(fd, buf, len, offset);
     io_uring_prep_write(get_sqe(u, op), fd, buf, len, offset);
+}
+
+/* The kernel reads or writes the segments of iov[0..n) at offset. Their total is not bounded
+ * here: the kernel transfers at most MAX_RW_COUNT, a short transfer the caller continues. */
+static void check_vector(int fd, const struct iovec *iov, unsigned n, uint64_t offset)
+{
+    ASSERT(fd >= 0);
+    ASSERT(iov != NULL && n >= 1 && n <= IOV_MAX);
+    ASSERT(offset <= (uint64_t)INT64_MAX);
+}
+
+void uring_readv(struct uring *u, struct uring_op *op, int fd, const struct iovec *iov,
+                 unsigned n, uint64_t offset)
+{
+    check_vector(fd, iov, n, offset);
+    io_uring_prep_readv(get_sqe(u, op), fd, iov, n, offset);
+}
+
+void uring_writev(struct uring *u, struct uring_op *op, int fd, const struct iovec *iov,
+                  unsigned n, uint64_t offset)
+{
+    check_vector(fd, iov, n, offset);
+    io_uring_prep_writev(get_sqe(u, op), fd, iov, n, offset);
 }
 
 void uring_fdatasync(struct uring *u, struct uring_op *op, int fd)

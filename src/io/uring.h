@@ -10,6 +10,7 @@
 
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include "common/error.h"
 
@@ -34,6 +35,12 @@ void uring_read(struct uring *u, struct uring_op *op, int fd, void *buf, uint32_
                 uint64_t offset);
 void uring_write(struct uring *u, struct uring_op *op, int fd, const void *buf, uint32_t len,
                  uint64_t offset);
+/* preadv/pwritev: iov[0..n) (1 <= n <= IOV_MAX), which must stay valid until done(), as the
+ * bytes. */
+void uring_readv(struct uring *u, struct uring_op *op, int fd, const struct iovec *iov,
+                 unsigned n, uint64_t offset);
+void uring_writev(struct uring *u, struct uring_op *op, int fd, const struct iovec *iov,
+                  unsigned n, uint64_t offset);
 /* fdatasync(fd) */
 void uring_fdatasync(struct uring *u, struct uring_op *op, int fd);
 /* fallocate(fd, mode, offset, len) */

@@ -8,21 +8,24 @@
 #include "common/assert.h"
 #include "common/util.h"
 
-uint64_t vio_blk_queue_mem(unsigned queue_size, unsigned depth, size_t data_cap)
+uint64_t vio_blk_queue_mem(unsigned queue_size, unsigned depth, size_t data_cap,
+                           unsigned segs)
 {
     uint64_t rings = 16ull * queue_size + 6 + 2ull * queue_size + 6 + 8ull * queue_size + 64;
-    uint64_t slot = 64 + 64 + 16ull * VIO_BLK_MAX_SEGS + data_cap + 4096;
+    uint64_t slot = 64 + 64 + 16ull * (segs + 2) + data_cap + 4096;
     return rings + depth * slot;
 }
 
 int vio_blk_queue_init(struct vio_blk_queue *q, struct vio_dev *d, unsigned index,
-                       unsigned depth, size_t data_cap, bool indirect, struct error **errp)
+                       unsigned depth, size_t data_cap, unsigned segs, bool indirect,
+                       struct error **errp)
 {
     ASSERT(d->started && index < d->nvqs);
+    ASSERT(segs >= 1 && segs <= VIO_BLK_MAX_DATA_SEGS);
     *q = (struct vio_blk_queue){.dev = d, .vq = &d->vqs[index], .indirect = indirect,
-                                .depth = depth, .data_cap = data_cap};
-    /* Without indirect tables a request takes up to VIO_BLK_MAX_SEGS descriptors. */
-    unsigned per_req = indirect ? 1 : VIO_BLK_MAX_SEGS;
+                                .depth = depth, .data_cap = data_cap, .segs = segs};
+    /* Without indirect tables a request takes up to segs + 2 descriptors. */
+    unsigned per_req = indirect ? 1 : segs + 2;
     if (depth == 0 || depth * per_req > q->vq->size) {
         error_setg(errp, "queue depth %u does not fit a queue of %u entries", depth,
                    q->vq->size);
@@ -40,7 +43,7 @@ int vio_blk_queue_init(struct vio_blk_queue *q, struct vio_dev *d, unsigned inde
         r->head = -1;
         r->hdr = vio_mem_alloc(&d->mem, sizeof(*r->hdr), 16, &r->hdr_gpa);
         r->status = vio_mem_alloc(&d->mem, 1, 1, &r->status_gpa);
-        r->indirect = vio_mem_alloc(&d->mem, sizeof(struct vio_desc) * VIO_BLK_MAX_SEGS, 16,
+        r->indirect = vio_mem_alloc(&d->mem, sizeof(struct vio_desc) * (segs + 2), 16,
                                     &r->indirect_gpa);
         /* Page-aligned data, as a guest's O_DIRECT buffers are: a backend may need it. */
         r->data = vio_mem_alloc(&d->mem, MAX(data_cap, 64), 4096, &r->data_gpa);
@@ -80,13 +83,37 @@ void vio_blk_req_put(struct vio_blk_req *r)
     r->q->free = r;
 }
 
+uint32_t vio_blk_seg(uint32_t len, unsigned segs, unsigned i, uint32_t *at, uint32_t *mem)
+{
+    uint32_t each = MAX(len / segs / VIO_BLK_SECTOR, 1u) * VIO_BLK_SECTOR;
+    uint32_t k;
+
+    if ((uint64_t)i * each >= len)
+        return 0;
+    *at = i * each;
+    k = i == segs - 1 || len - *at <= each ? len - *at : each;
+    *mem = len - (*at + k);
+    return k;
+}
+
+/* The data descriptors of a read (device-writable) or a write of r. Returns how many. */
+static unsigned data_sg(const struct vio_blk_req *r, bool write, struct vio_sg *sg)
+{
+    uint32_t at, mem, k;
+    unsigned n = 0;
+
+    while ((k = vio_blk_seg(r->len, r->q->segs, n, &at, &mem)) > 0)
+        sg[n++] = (struct vio_sg){r->data_gpa + mem, k, write};
+    return n;
+}
+
 int vio_blk_submit(struct vio_blk_req *r, uint32_t type, uint64_t offset, uint32_t len,
                    uint32_t flags)
 {
     struct vio_blk_queue *q = r->q;
     ASSERT(r->head < 0);
     ASSERT(len <= q->data_cap || (type != VIO_BLK_T_IN && type != VIO_BLK_T_OUT));
-    struct vio_sg sg[VIO_BLK_MAX_SEGS];
+    struct vio_sg sg[VIO_BLK_MAX_DATA_SEGS + 2];
     unsigned n = 0;
 
     r->type = type;
@@ -101,10 +128,10 @@ int vio_blk_submit(struct vio_blk_req *r, uint32_t type, uint64_t offset, uint32
 
     switch (type) {
     case VIO_BLK_T_IN:
-        sg[n++] = (struct vio_sg){r->data_gpa, len, true};
+        n += data_sg(r, true, sg + n);
         break;
     case VIO_BLK_T_OUT:
-        sg[n++] = (struct vio_sg){r->data_gpa, len, false};
+        n += data_sg(r, false, sg + n);
         break;
     case VIO_BLK_T_GET_ID:
         sg[n++] = (struct vio_sg){r->data_gpa, VIO_BLK_ID_BYTES, true};

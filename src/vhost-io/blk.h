@@ -54,7 +54,7 @@ struct vio_blk_req {
     struct vio_blk_outhdr *hdr;  /* in guest memory, like status, data, indirect */
     uint8_t *status;
     uint8_t *data;               /* data_cap bytes */
-    struct vio_desc *indirect;   /* VIO_BLK_MAX_SEGS entries */
+    struct vio_desc *indirect;   /* segs + 2 entries */
     uint64_t hdr_gpa, status_gpa, data_gpa, indirect_gpa;
     int head;                    /* the chain's head while in flight, else -1 */
     uint32_t type;
@@ -65,7 +65,8 @@ struct vio_blk_req {
     struct vio_blk_req *next_free;
 };
 
-#define VIO_BLK_MAX_SEGS 3
+/* Most data segments of one request: the seg_max thinblkd and QEMU offer. */
+#define VIO_BLK_MAX_DATA_SEGS 126
 
 struct vio_blk_queue {
     struct vio_dev *dev;
@@ -73,20 +74,24 @@ struct vio_blk_queue {
     bool indirect;               /* put chains in indirect tables */
     unsigned depth;
     size_t data_cap;
+    unsigned segs;               /* data descriptors of a read or a write (at most) */
     struct vio_blk_req *reqs;    /* depth slots */
     struct vio_blk_req **by_head;/* vq->size entries: the request a head belongs to */
     struct vio_blk_req *free;
     unsigned inflight;
 };
 
-/* Bytes of guest memory a queue of depth slots of data_cap bytes needs (for the options'
- * mem_size, with the rings' own). */
-uint64_t vio_blk_queue_mem(unsigned queue_size, unsigned depth, size_t data_cap);
+/* Bytes of guest memory a queue of depth slots of data_cap bytes in up to segs segments
+ * needs (for the options' mem_size, with the rings' own). */
+uint64_t vio_blk_queue_mem(unsigned queue_size, unsigned depth, size_t data_cap,
+                           unsigned segs);
 
-/* Set up q on queue index of the started device d. indirect: use indirect tables (needs the
+/* Set up q on queue index of the started device d. segs: data descriptors per read or write
+ * (1 to VIO_BLK_MAX_DATA_SEGS, see vio_blk_seg()). indirect: use indirect tables (needs the
  * feature). Returns 0, or -1 with *errp (memory full, depth above the queue size). */
 int vio_blk_queue_init(struct vio_blk_queue *q, struct vio_dev *d, unsigned index,
-                       unsigned depth, size_t data_cap, bool indirect, struct error **errp);
+                       unsigned depth, size_t data_cap, unsigned segs, bool indirect,
+                       struct error **errp);
 void vio_blk_queue_destroy(struct vio_blk_queue *q);
 
 /* A free request slot, or NULL when depth requests are in flight. */
@@ -95,7 +100,14 @@ struct vio_blk_req *vio_blk_req_get(struct vio_blk_queue *q);
 /* Put r (not in flight) back. */
 void vio_blk_req_put(struct vio_blk_req *r);
 
-/* Queue request r: IN/OUT with len bytes at offset (data in r->data, len <= data_cap);
+/* Data segment i of a read or write of len bytes split in up to segs: sets *at (where it is
+ * in the request's data) and *mem (where it is in r->data), returns its length, or 0 past
+ * the last. The segments are whole sectors (the last takes the rest) and lie in r->data in
+ * reverse order, last first: a device that took them for one buffer would misplace bytes. */
+uint32_t vio_blk_seg(uint32_t len, unsigned segs, unsigned i, uint32_t *at, uint32_t *mem);
+
+/* Queue request r: IN/OUT with len bytes at offset (data in r->data, len <= data_cap, in the
+ * queue's segments: vio_blk_seg());
  * FLUSH; GET_ID (20 bytes into r->data); DISCARD/WRITE_ZEROES of len bytes at offset, flags
  * VIO_BLK_WZ_F_UNMAP or 0. Does not kick. Returns 0, or -1 if the ring is full. */
 int vio_blk_submit(struct vio_blk_req *r, uint32_t type, uint64_t offset, uint32_t len,

@@ -21,6 +21,7 @@ struct vio_cli {
     bool have_length;
     uint32_t block_size;        /* bytes per request */
     unsigned depth, queues;
+    unsigned segments;          /* data descriptors per read or write */
     int pattern;                /* -P, or -1 */
     bool unmap, random, write, use_indirect;
     double seconds;             /* bench */

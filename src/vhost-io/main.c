@@ -31,6 +31,8 @@ static const char usage_text[] =
     "  -b, --block-size BYTES   bytes per request (default 65536; bench 4096)\n"
     "  -d, --depth N            requests in flight per queue (default 1; bench 32)\n"
     "  -q, --queues N           queues to use (default 1)\n"
+    "      --segments N         split each read's or write's data in N descriptors (default 1,\n"
+    "                           at most 126), laid out in reverse order in memory\n"
     "      --output FILE        read: write the data read to FILE\n"
     "      --unmap              write-zeroes: allow the device to unmap\n"
     "      --random             bench: random offsets (default sequential)\n"
@@ -97,6 +99,7 @@ enum {
     OPT_NO_EVENT_IDX,
     OPT_NO_INDIRECT,
     OPT_INDIRECT,
+    OPT_SEGMENTS,
 };
 
 static const struct option long_options[] = {
@@ -107,6 +110,7 @@ static const struct option long_options[] = {
     {"block-size", required_argument, NULL, 'b'},
     {"depth", required_argument, NULL, 'd'},
     {"queues", required_argument, NULL, 'q'},
+    {"segments", required_argument, NULL, OPT_SEGMENTS},
     {"output", required_argument, NULL, OPT_OUTPUT},
     {"unmap", no_argument, NULL, OPT_UNMAP},
     {"random", no_argument, NULL, OPT_RANDOM},
@@ -241,12 +245,13 @@ static int run_mode(struct vio_cli *c, struct vio_options *o, int type, bool che
     bool bench = type == -2;
 
     o->num_queues = c->queues;
-    unsigned per_req = c->use_indirect ? 1 : VIO_BLK_MAX_SEGS;
+    unsigned per_req = c->use_indirect ? 1 : c->segments + 2;
     o->queue_size = 128;
     while (o->queue_size < c->depth * per_req)
         o->queue_size *= 2;
     o->mem_size = (1u << 20) + (uint64_t)c->queues *
-                                   vio_blk_queue_mem(o->queue_size, c->depth, c->block_size);
+                                   vio_blk_queue_mem(o->queue_size, c->depth, c->block_size,
+                                                     c->segments);
     if (type == -3) /* the probe's own buffers and indirect table */
         o->mem_size += 16ull * (o->queue_size + 2) + 3 * 4096;
 
@@ -276,8 +281,8 @@ static int run_mode(struct vio_cli *c, struct vio_options *o, int type, bool che
     c->qps = xzalloc(sizeof(*c->qps) * c->queues);
     for (unsigned i = 0; i < c->queues; i++) {
         c->qps[i] = &c->qs[i];
-        if (vio_blk_queue_init(&c->qs[i], c->dev, i, c->depth, c->block_size, c->use_indirect,
-                               &err) < 0)
+        if (vio_blk_queue_init(&c->qs[i], c->dev, i, c->depth, c->block_size, c->segments,
+                               c->use_indirect, &err) < 0)
             goto fail;
     }
     if (type == -3)
@@ -353,6 +358,11 @@ int main(int argc, char **argv)
         case 'q':
             if (parse_uint(optarg, 64, &c.queues) < 0)
                 return usage_error("Invalid number of queues '%s' (1 to 64)", optarg);
+            break;
+        case OPT_SEGMENTS:
+            if (parse_uint(optarg, VIO_BLK_MAX_DATA_SEGS, &c.segments) < 0)
+                return usage_error("Invalid number of segments '%s' (1 to %d)", optarg,
+                                   VIO_BLK_MAX_DATA_SEGS);
             break;
         case OPT_OUTPUT:
             c.output = optarg;
@@ -438,6 +448,8 @@ int main(int argc, char **argv)
             c.depth = bench && bench_defaults[1] ? 32 : 1;
         if (!c.queues)
             c.queues = 1;
+        if (!c.segments)
+            c.segments = 1;
         if (c.seconds == 0)
             c.seconds = 5;
         bool check = modes[i].check || (modes[i].type == VIO_BLK_T_IN && c.pattern >= 0);

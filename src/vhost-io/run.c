@@ -44,15 +44,35 @@ static uint64_t chunk_size(const struct vio_cli *c, uint32_t type)
     return MIN(max, 1ull << 30);
 }
 
-/* Check a completed read against the pattern; report the first byte that differs. */
+/* Write the data of completed read r to fd at its place in the range, segment by segment
+ * (they lie in r->data in reverse order). Returns false on an error. */
+static bool output(const struct vio_cli *c, const struct vio_blk_req *r, int fd)
+{
+    uint32_t at, mem, k;
+
+    for (unsigned i = 0; (k = vio_blk_seg(r->len, r->q->segs, i, &at, &mem)) > 0; i++) {
+        if (pwrite(fd, r->data + mem, k, (off_t)(r->offset - c->offset + at)) != (ssize_t)k) {
+            fprintf(stderr, "thinblk-vhost-io: %s: %s\n", c->output, strerror(errno));
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Check a completed read against the pattern; report the first byte that differs (in the
+ * first segment that has one). */
 static bool check_pattern(const struct vio_blk_req *r, int pattern)
 {
-    for (uint32_t i = 0; i < r->len; i++) {
-        if (r->data[i] != (uint8_t)pattern) {
-            fprintf(stderr,
-                    "thinblk-vhost-io: mismatch at offset %" PRIu64 ": 0x%02x, expected 0x%02x\n",
-                    r->offset + i, r->data[i], (uint8_t)pattern);
-            return false;
+    uint32_t at, mem, k;
+
+    for (unsigned s = 0; (k = vio_blk_seg(r->len, r->q->segs, s, &at, &mem)) > 0; s++) {
+        for (uint32_t i = 0; i < k; i++) {
+            if (r->data[mem + i] != (uint8_t)pattern) {
+                fprintf(stderr, "thinblk-vhost-io: mismatch at offset %" PRIu64
+                                ": 0x%02x, expected 0x%02x\n",
+                        r->offset + at + i, r->data[mem + i], (uint8_t)pattern);
+                return false;
+            }
         }
     }
     return true;
@@ -108,10 +128,7 @@ int vio_cli_transfer(struct vio_cli *c, uint32_t type, bool check)
                     ret = VIO_EXIT_IO;
                 } else if (type == VIO_BLK_T_IN && check && !check_pattern(r, pattern)) {
                     ret = VIO_EXIT_IO;
-                } else if (out_fd >= 0 &&
-                           pwrite(out_fd, r->data, r->len, (off_t)(r->offset - c->offset)) !=
-                               (ssize_t)r->len) {
-                    fprintf(stderr, "thinblk-vhost-io: %s: %s\n", c->output, strerror(errno));
+                } else if (out_fd >= 0 && !output(c, r, out_fd)) {
                     ret = VIO_EXIT_IO;
                 }
                 vio_blk_req_put(r);

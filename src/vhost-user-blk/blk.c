@@ -9,11 +9,11 @@
  * VIRTIO_BLK_S_UNSUPP; a chain without a writable status byte is returned with nothing
  * written. errno -> virtio-blk status has one mapping: status_of().
  *
- * Data: a block request takes one contiguous buffer. A request whose data is one guest
- * segment (suitably aligned) is served from guest memory directly; one of several segments
- * goes through a bounce buffer in this first slice (a write is gathered before it is
- * submitted, a read scattered once it succeeded). Vectored block requests would remove the
- * copy.
+ * Data: a read or a write goes to the device as the vector of its guest memory segments, read
+ * and written in place, when every segment's address and length suit the node's alignment
+ * (always, but on an O_DIRECT node). Only a guest with odd segments on an O_DIRECT node gets
+ * a bounce buffer: a write is gathered into it before it is submitted, a read scattered from
+ * it once it succeeded.
  *
  * While the device does not accept requests (the daemon is stopped, or a stop is pending), the
  * queues are not read any further: kicks are drained (message.c) but what the guest makes
@@ -24,6 +24,7 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "common/iov.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "vhost-user-blk/internal.h"
@@ -46,10 +47,10 @@ struct vub_req {
     uint16_t head;
     uint32_t type;
     uint8_t *status;
-    struct vub_seg *data;      /* the request's data, in guest memory */
+    struct iovec *data;        /* the request's data, in guest memory */
     unsigned ndata;
     uint64_t data_len;
-    uint8_t *bounce;           /* several segments: their copy */
+    uint8_t *bounce;           /* segments the node cannot take as they are: their copy */
     struct vub_req *prev, *next;  /* in q->in_device while submitted */
 };
 
@@ -137,48 +138,26 @@ static void complete(struct vub_req *r, uint8_t status, uint64_t in_len)
     req_free(r);
 }
 
-/* Copy between the segments and a flat buffer. */
-static void gather(const struct vub_seg *segs, unsigned n, uint8_t *dst)
-{
-    for (unsigned i = 0; i < n; i++) {
-        memcpy(dst, segs[i].p, segs[i].len);
-        dst += segs[i].len;
-    }
-}
-
-static void scatter(const struct vub_seg *segs, unsigned n, const uint8_t *src, uint64_t len)
-{
-    for (unsigned i = 0; i < n && len; i++) {
-        uint32_t k = (uint32_t)MIN((uint64_t)segs[i].len, len);
-        memcpy(segs[i].p, src, k);
-        src += k;
-        len -= k;
-    }
-}
-
 /* The segments of [skip, skip + len) of the driver's (write=false) or the device's
  * (write=true) stream of e, into a new array at *out. Returns how many. */
 static unsigned slice(const struct vub_elem *e, bool write, uint64_t skip, uint64_t len,
-                      struct vub_seg **out)
+                      struct iovec **out)
 {
-    struct vub_seg *s = xmalloc(sizeof(*s) * (e->nseg ? e->nseg : 1));
+    struct iovec *s = xmalloc(sizeof(*s) * (e->nseg ? e->nseg : 1));
     unsigned n = 0;
 
     for (unsigned i = 0; i < e->nseg && len; i++) {
-        struct vub_seg g = e->segs[i];
-        if (g.write != write)
+        const struct vub_seg *g = &e->segs[i];
+        if (g->write != write)
             continue;
-        if (skip >= g.len) {
-            skip -= g.len;
+        if (skip >= g->len) {
+            skip -= g->len;
             continue;
         }
-        g.p += skip;
-        g.len -= (uint32_t)skip;
+        uint64_t k = MIN(g->len - skip, len);
+        s[n++] = (struct iovec){g->p + skip, k};
         skip = 0;
-        if (g.len > len)
-            g.len = (uint32_t)len;
-        len -= g.len;
-        s[n++] = g;
+        len -= k;
     }
     *out = s;
     return n;
@@ -192,21 +171,19 @@ static void on_device_done(struct dev_req *dreq, int ret)
 
     vub_req_list_remove(&q->in_device, r);
     if (ret == 0 && r->type == VIRTIO_BLK_T_IN && r->bounce && req_current(r))
-        scatter(r->data, r->ndata, r->bounce, r->data_len);
+        iov_from_buf(r->data, r->ndata, 0, r->bounce, r->data_len);
     complete(r, status_of(-ret), r->type == VIRTIO_BLK_T_IN && ret == 0 ? r->data_len : 0);
     if (q->draining && vub_req_list_empty(&q->in_device))
         vub_conn_ring_drained(q);
     vub_conn_unref(c);
 }
 
-static void submit(struct vub_req *r, enum block_op op, unsigned flags, uint64_t offset,
-                   uint64_t len, void *buf)
+/* Submit r as breq (all but done). */
+static void submit(struct vub_req *r, struct block_req breq)
 {
     struct vub_conn *c = r->conn;
 
-    r->dreq.breq = (struct block_req){
-        .op = op, .flags = flags, .offset = offset, .len = len, .buf = buf,
-    };
+    r->dreq.breq = breq;
     r->dreq.done = on_device_done;
     r->dreq.opaque = r;
     vub_req_list_push(&r->q->in_device, r);
@@ -214,19 +191,23 @@ static void submit(struct vub_req *r, enum block_op op, unsigned flags, uint64_t
     device_submit(c->exp->dev, &r->dreq);
 }
 
-/* The buffer of r's data for the device: the guest's own memory if it is one segment aligned
- * for the node, else a bounce buffer (gathered for a write). NULL if out of memory. */
-static void *data_buffer(struct vub_req *r, uint32_t align)
+/* r's data for the device in breq: the guest's own memory if every segment is aligned for
+ * the node, else a bounce buffer (gathered for a write). Returns -1 if out of memory. */
+static int set_data(struct vub_req *r, uint32_t align, struct block_req *breq)
 {
-    if (r->ndata == 1 && (uintptr_t)r->data[0].p % align == 0)
-        return r->data[0].p;
+    if (iov_aligned(r->data, r->ndata, align)) {
+        breq->iov = r->data;
+        breq->niov = r->ndata;
+        return 0;
+    }
     if (posix_memalign((void **)&r->bounce, MAX(align, 4096u), r->data_len) != 0) {
         r->bounce = NULL;
-        return NULL;
+        return -1;
     }
     if (r->type == VIRTIO_BLK_T_OUT)
-        gather(r->data, r->ndata, r->bounce);
-    return r->bounce;
+        iov_to_buf(r->data, r->ndata, 0, r->bounce, r->data_len);
+    breq->buf = r->bounce;
+    return 0;
 }
 
 /* A read or a write of the data at sector. Returns a status to answer with, or -1 if
@@ -246,10 +227,11 @@ static int rw(struct vub_req *r, uint64_t sector)
         return VIRTIO_BLK_S_IOERR;
     if (r->data_len == 0)
         return VIRTIO_BLK_S_IOERR;  /* a read or write of nothing: a broken driver */
-    void *buf = data_buffer(r, align);
-    if (!buf)
+    struct block_req breq = {.op = write ? BLOCK_OP_WRITE : BLOCK_OP_READ, .offset = offset,
+                             .len = r->data_len};
+    if (set_data(r, align, &breq) < 0)
         return VIRTIO_BLK_S_IOERR;
-    submit(r, write ? BLOCK_OP_WRITE : BLOCK_OP_READ, 0, offset, r->data_len, buf);
+    submit(r, breq);
     return -1;
 }
 
@@ -263,7 +245,7 @@ static int zero(struct vub_req *r)
 
     if (!r->conn->exp->writable || r->data_len != sizeof(seg))
         return VIRTIO_BLK_S_IOERR;
-    gather(r->data, r->ndata, (uint8_t *)&seg);
+    iov_to_buf(r->data, r->ndata, 0, &seg, sizeof(seg));
     if (seg.flags & ~(discard ? 0u : VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
         return VIRTIO_BLK_S_UNSUPP;
     uint64_t offset = seg.sector * VIRTIO_BLK_SECTOR_SIZE;
@@ -277,16 +259,17 @@ static int zero(struct vub_req *r)
         uint64_t end = (offset + len) / align * align;
         if (end <= start)
             return VIRTIO_BLK_S_OK;
-        submit(r, BLOCK_OP_DISCARD, 0, start, end - start, NULL);
+        submit(r, (struct block_req){.op = BLOCK_OP_DISCARD, .offset = start,
+                                     .len = end - start});
         return -1;
     }
     if (offset % align || len % align)
         return VIRTIO_BLK_S_IOERR;
     if (len == 0)
         return VIRTIO_BLK_S_OK;
-    submit(r, BLOCK_OP_WRITE_ZEROES,
-           seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP ? BLOCK_REQ_MAY_UNMAP : 0, offset, len,
-           NULL);
+    submit(r, (struct block_req){
+        .op = BLOCK_OP_WRITE_ZEROES, .offset = offset, .len = len,
+        .flags = seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP ? BLOCK_REQ_MAY_UNMAP : 0});
     return -1;
 }
 
@@ -298,7 +281,7 @@ static void get_id(struct vub_req *r)
     uint64_t n = MIN(r->data_len, (uint64_t)VIRTIO_BLK_ID_BYTES);
 
     memcpy(id, name, MIN(strlen(name), sizeof(id)));
-    scatter(r->data, r->ndata, (const uint8_t *)id, n);
+    iov_from_buf(r->data, r->ndata, 0, id, n);
     complete(r, VIRTIO_BLK_S_OK, n);
 }
 
@@ -339,9 +322,9 @@ static void handle(struct vub_queue *q, const struct vub_elem *e)
         complete(r, VIRTIO_BLK_S_IOERR, 0);
         return;
     }
-    struct vub_seg *hs;
+    struct iovec *hs;
     unsigned nh = slice(e, false, 0, sizeof(hdr), &hs);
-    gather(hs, nh, (uint8_t *)&hdr);
+    iov_to_buf(hs, nh, 0, &hdr, sizeof(hdr));
     free(hs);
     r->type = hdr.type;
 
@@ -375,7 +358,7 @@ static void handle(struct vub_queue *q, const struct vub_elem *e)
         st = rw(r, hdr.sector);
         break;
     case VIRTIO_BLK_T_FLUSH:
-        submit(r, BLOCK_OP_FLUSH, 0, 0, 0, NULL);
+        submit(r, (struct block_req){.op = BLOCK_OP_FLUSH});
         st = -1;
         break;
     case VIRTIO_BLK_T_GET_ID:
