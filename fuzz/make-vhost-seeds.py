@@ -16,6 +16,7 @@ header comment of fuzz/fuzz-vhost.c) that set a ring up and submit requests, goo
                        status byte, past the end of the disk, an unknown type, an avail index
                        running ahead, nine fds, a pipe as memory, a wrong version, an
                        unknown request, a ring outside memory
+  backend-req-fd       SET_BACKEND_REQ_FD with an eventfd (acked, then replaced), then without
 
 Usage: fuzz/make-vhost-seeds.py [DIR] (default: fuzz/corpus/vhost next to this script).
 """
@@ -30,6 +31,7 @@ T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WZ = 0, 1, 4, 8, 11, 13
  SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE, SET_VRING_KICK,
  SET_VRING_CALL, SET_VRING_ERR, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
  SET_VRING_ENABLE) = range(1, 19)
+SET_BACKEND_REQ_FD = 21
 GET_CONFIG, SET_CONFIG = 24, 25
 V, NEED_REPLY = 1, 8
 # sel bits of SETUP
@@ -194,6 +196,11 @@ def seeds():
     s['inflight-resubmit'] = b'\x00' + taken + setup(INFLIGHT, 6) + RUN
     s['inflight-torn'] = (b'\x00' + taken + infl(0, struct.pack('<QHHHH', 0, 1, 64, 0, 1)) +
                           setup(INFLIGHT, 6) + RUN)
+    # The back-end channel: an eventfd (not a socket: sends to it fail), then none (refused).
+    s['backend-req-fd'] = (b'\x00' + msg(SET_PROTOCOL_FEATURES, struct.pack('<Q', 0x28)) +
+                           msg(SET_BACKEND_REQ_FD, flags=V | NEED_REPLY, fdsel=4) +
+                           msg(SET_BACKEND_REQ_FD, fdsel=4) + msg(SET_BACKEND_REQ_FD) +
+                           msg(GET_FEATURES))
     return s
 
 

@@ -396,20 +396,43 @@ void file_node_refresh_size(struct block_node *n)
     /* Metadata the kernel has at hand: no I/O to wait for, as file_allocated(). */
     if (s->is_bdev) {
         if (ioctl(s->fd, BLKGETSIZE64, &size) == 0)
-            n->size = size;
+            block_node_set_size(n, size);
     } else if (fstat(s->fd, &sb) == 0) {
-        n->size = (uint64_t)sb.st_size;
+        block_node_set_size(n, (uint64_t)sb.st_size);
     }
 }
 
 /* A host block device can be extended while open (lvextend, a loop device's new capacity):
  * queries report its size now, so management sees the extension without a restart. Writes
  * past the old end need nothing: the kernel checks them against the device's current size.
- * A regular file keeps the size it had when opened (or created: file_node_refresh_size()). */
+ * A regular file keeps the size it had when opened (or created: file_node_refresh_size()), or
+ * was resized to. */
 static void file_refresh_size(struct block_node *n)
 {
     if (st(n)->is_bdev)
         file_node_refresh_size(n);
+}
+
+/* QEMU's raw_co_truncate() without preallocation: a regular file is cut or extended (sparse);
+ * a device cannot grow, and a smaller size leaves it as it is (its size is the device's). */
+static int file_truncate(struct block_node *n, uint64_t size, struct error **errp)
+{
+    struct file_state *s = st(n);
+
+    if (s->is_bdev) {
+        file_node_refresh_size(n);
+        if (size > n->size) {
+            error_setg(errp, "Cannot grow device files");
+            return -1;
+        }
+        return 0;
+    }
+    if (ftruncate(s->fd, (off_t)size) < 0) {
+        error_setg_errno(errp, errno, "Could not resize file");
+        return -1;
+    }
+    block_node_set_size(n, size);
+    return 0;
 }
 
 static const char *file_filename(struct block_node *n)
@@ -425,6 +448,7 @@ const struct block_driver block_driver_host_device = {
     .allocated = file_allocated,
     .filename = file_filename,
     .refresh_size = file_refresh_size,
+    .truncate = file_truncate,
 };
 
 const struct block_driver block_driver_file = {
@@ -435,4 +459,5 @@ const struct block_driver block_driver_file = {
     .allocated = file_allocated,
     .filename = file_filename,
     .refresh_size = file_refresh_size,
+    .truncate = file_truncate,
 };

@@ -273,6 +273,94 @@ int block_node_delete(struct block_graph *g, const char *name, struct error **er
     return 0;
 }
 
+void block_node_add_size_listener(struct block_node *n, struct block_size_listener *l)
+{
+    block_size_listeners_push(&n->size_listeners, l);
+}
+
+void block_node_remove_size_listener(struct block_node *n, struct block_size_listener *l)
+{
+    block_size_listeners_remove(&n->size_listeners, l);
+}
+
+void block_node_set_size(struct block_node *n, uint64_t size)
+{
+    if (size == n->size)
+        return;
+    log_info("block node %s: size %" PRIu64 " -> %" PRIu64 " bytes", n->node_name, n->size, size);
+    n->size = size;
+    for (struct block_size_listener *l = n->size_listeners.head, *next; l; l = next) {
+        next = l->next;  /* a listener may remove itself */
+        l->changed(l, n);
+    }
+    for (struct block_node *p = n->graph->nodes.head; p; p = p->next) {
+        if (p->file == n && p->drv->child_resized)
+            p->drv->child_resized(p);
+    }
+}
+
+static bool keeps_child_size(struct block_node *p)
+{
+    return p->drv->keeps_child_size && p->drv->keeps_child_size(p);
+}
+
+/* QEMU's permission check of block_resize: resizing n needs its resize permission, and a node
+ * whose size follows its child's (raw) needs its child's too; a parent that keeps its
+ * child's size (qcow2's file) does not share it. QEMU names the newest such parent. */
+static int check_resize_permission(struct block_node *n, struct error **errp)
+{
+    struct block_node *user = NULL;  /* who needs x resized: NULL for the command itself */
+
+    for (struct block_node *x = n; x; user = x,
+         x = x->drv->child_resized && !keeps_child_size(x) ? x->file : NULL) {
+        struct block_node *holder = NULL;
+        for (struct block_node *p = n->graph->nodes.head; p; p = p->next) {
+            if (p->file == x && p != user && keeps_child_size(p))
+                holder = p;
+        }
+        if (!holder)
+            continue;
+        char *who = user ? xasprintf("node '%s' (uses node '%s' as 'file' child)",
+                                     user->node_name, x->node_name)
+                         : xasprintf("an unnamed block device (uses node '%s' as 'root' child)",
+                                     x->node_name);
+        error_setg(errp, "Permission conflict on node '%s': permissions 'resize' are both "
+                   "required by %s and unshared by node '%s' (uses node '%s' as 'file' "
+                   "child).", x->node_name, who, holder->node_name, x->node_name);
+        free(who);
+        return -1;
+    }
+    return 0;
+}
+
+int block_node_resize(struct block_node *n, uint64_t size, const char *device,
+                      struct error **errp)
+{
+    for (struct block_node *p = n->graph->nodes.head; p; p = p->next) {
+        if (p->backing == n) {
+            /* QEMU's op blocker on a backing node; its text names the device argument. */
+            error_setg(errp, "Device '%s' is in use", device ? device : "(null)");
+            return -1;
+        }
+    }
+    if (check_resize_permission(n, errp) < 0)
+        return -1;
+    if (size > BLOCK_MAX_LENGTH) {
+        error_setg(errp, "offset(%" PRIu64 ") exceeds maximum(%" PRIu64 ")", size,
+                   (uint64_t)BLOCK_MAX_LENGTH);
+        return -1;
+    }
+    if (n->read_only) {
+        error_setg(errp, "Image is read-only");
+        return -1;
+    }
+    if (!n->drv->truncate) {
+        error_setg(errp, "Image format driver does not support resize");
+        return -1;
+    }
+    return n->drv->truncate(n, size, errp);
+}
+
 static void check_write_threshold(struct block_node *n, const struct block_req *req)
 {
     uint64_t end = req->offset + req->len;
@@ -386,8 +474,9 @@ static json_t *image_info(struct block_node *n)
     json_t *image = json_pack("{s:s,s:s,s:b}", "filename", filename, "format", n->drv->name,
                               "dirty-flag", 0);
 
-    if (n->drv->refresh_size)
-        n->drv->refresh_size(n);
+    /* The storage's size, which nodes following it (raw) take on (block_node_set_size()). */
+    if (f->drv->refresh_size)
+        f->drv->refresh_size(f);
     free(filename);
     if (allocated >= 0)
         json_object_set_new(image, "actual-size", json_integer(allocated));

@@ -73,8 +73,19 @@ struct block_driver {
     /* The host file name for queries ("filename", "file"). NULL over a child, as above. */
     const char *(*filename)(struct block_node *n);
     /* Update n->size from the storage, whose size may change under the node (a host block
-     * device that was extended: QEMU's host_device has a variable length too). May be NULL. */
+     * device that was extended: QEMU's host_device has a variable length too), through
+     * block_node_set_size(). May be NULL. */
     void (*refresh_size)(struct block_node *n);
+    /* block_resize (QEMU's bdrv_co_truncate): make n size bytes (checked by
+     * block_node_resize()) and set it with block_node_set_size(). Returns 0 or -1 with *errp
+     * set (QEMU's texts). NULL: the driver cannot resize. */
+    int (*truncate)(struct block_node *n, uint64_t size, struct error **errp);
+    /* Whether n needs n->file's size to stay as it is (QEMU: n does not share the resize
+     * permission on it): a qcow2 node, a raw node with a fixed size. May be NULL: false. */
+    bool (*keeps_child_size)(struct block_node *n);
+    /* n->file's size changed: a node whose size follows its child's sets its own. May be
+     * NULL (the node's size does not depend on its child's). */
+    void (*child_resized)(struct block_node *n);
     /* Backing files (optional; qcow2). open_backing: attach n->backing once n is in the graph
      * (QEMU lists a node before its backing chain); runs with graph->opening == n. Returns 0
      * or -1 with *errp set, and the node is then removed. backing_overridden: whether the
@@ -86,6 +97,14 @@ struct block_driver {
 };
 
 DECLARE_LIST_HEAD(block_node_queue, struct block_node)
+
+/* Told when a node's size changes (block_resize, a host device found extended), after
+ * n->size has the new value. The listener is the caller's; it must stay valid while added. */
+struct block_size_listener {
+    struct block_size_listener *next;
+    void (*changed)(struct block_size_listener *l, struct block_node *n);
+};
+DEFINE_QUEUE_TYPE(block_size_listeners, struct block_size_listener, next)
 
 struct block_graph {
     block_node_queue nodes;    /* in creation order */
@@ -110,7 +129,8 @@ struct block_node {
     unsigned refs;             /* parents and devices using this node, +1 while in the graph */
     bool in_graph;             /* listed in graph->nodes (false once blockdev-del took it) */
     bool implicit;             /* created inline as a child: goes with its last parent */
-    uint64_t size;             /* bytes */
+    uint64_t size;             /* bytes; changed only by block_node_set_size() */
+    block_size_listeners size_listeners;
     uint32_t alignment;        /* bytes every request's offset and length must be multiple of */
     bool read_only;
     bool discard_unmap;        /* discard=unmap: discards reach the storage */
@@ -132,6 +152,9 @@ void block_graph_free(struct block_graph *g);
 
 /* The node named name, or NULL. */
 struct block_node *block_graph_find(struct block_graph *g, const char *name);
+
+/* QEMU's BDRV_MAX_LENGTH: no node may be larger. */
+#define BLOCK_MAX_LENGTH 9223372035781033984ULL
 
 /* QEMU's BlockdevOptions: the base ("driver", "node-name", "discard", "cache": {"direct",
  * "no-flush"}, "read-only", ...) and, by "driver", the driver's own members (each driver's
@@ -167,6 +190,19 @@ struct block_node *block_node_open_child(struct block_graph *g, json_t *ref,
 void block_node_ref(struct block_node *n);
 /* Drop a reference; the last one closes the node and drops its child's reference. */
 void block_node_unref(struct block_node *n);
+
+/* QEMU's block_resize on n: refused where QEMU refuses it (a backing node, a file that a
+ * qcow2 node or a fixed-size raw node sits on, a size past QEMU's maximum, a read-only node),
+ * else the driver's truncate. device names the device the node was found by, for QEMU's "in
+ * use" text (NULL: none). May block briefly (qcow2 metadata writes, as at open). Returns 0
+ * or -1 with *errp set. */
+int block_node_resize(struct block_node *n, uint64_t size, const char *device,
+                      struct error **errp);
+/* Set n's size; if it changed, tell its listeners and the parents whose size follows it. */
+void block_node_set_size(struct block_node *n, uint64_t size);
+/* Add or remove a listener of n's size changes. */
+void block_node_add_size_listener(struct block_node *n, struct block_size_listener *l);
+void block_node_remove_size_listener(struct block_node *n, struct block_size_listener *l);
 
 /* Submit req to n. Writes update the write threshold bookkeeping. req must keep the contract
  * of node_assert_req(); a request that does not is a bug in the caller, and aborts. */

@@ -945,6 +945,13 @@ struct qcow2_alloc *qcow2_alloc_new(struct qcow2_state *s)
     return a;
 }
 
+bool qcow2_alloc_idle(const struct qcow2_state *s)
+{
+    const struct qcow2_alloc *a = s->alloc;
+
+    return !a->batch && !a->batch2 && qcow2_part_queue_empty(&a->queue);
+}
+
 void qcow2_alloc_close(struct qcow2_state *s)
 {
     if (!s || !s->alloc || s->meta.corrupt || s->alloc->batch || s->alloc->batch2)

@@ -8,6 +8,7 @@
 #ifndef THINBLK_BLOCK_QCOW2_ALLOC_H
 #define THINBLK_BLOCK_QCOW2_ALLOC_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 struct qcow2_state;
@@ -31,6 +32,8 @@ void qcow2_alloc_enqueue(struct qcow2_state *s, struct qcow2_part *p);
 
 /* The allocator of a writable image (s->alloc). */
 struct qcow2_alloc *qcow2_alloc_new(struct qcow2_state *s);
+/* Whether no batch runs and no part waits for one: nothing changes metadata now. */
+bool qcow2_alloc_idle(const struct qcow2_state *s);
 /* Close, no request in flight: give back the clusters reserved ahead and the spares unless
  * a batch is stuck (the image is then left with leaks the next open reclaims). */
 void qcow2_alloc_close(struct qcow2_state *s);

@@ -124,8 +124,7 @@ static void refs_free(struct refs *r)
 
 /* ---- the check ------------------------------------------------------------------------------- */
 
-/* A synchronous write of the check; the file's extent follows (new blocks go past its end). */
-static int write_sync(struct qcow2_state *s, const void *buf, uint64_t len, uint64_t off,
+int qcow2_write_sync(struct qcow2_state *s, const void *buf, uint64_t len, uint64_t off,
                       struct error **errp)
 {
     uint64_t end = (off + len + s->cluster_size - 1) & ~(uint64_t)(s->cluster_size - 1);
@@ -270,7 +269,7 @@ static int scan_l2(struct check *k, uint64_t l2_off, uint64_t *table, struct err
         }
     }
     k->copied_fixed += fixed;
-    if (fixed && !k->refusal && write_sync(s, table, s->cluster_size, l2_off,
+    if (fixed && !k->refusal && qcow2_write_sync(s, table, s->cluster_size, l2_off,
                                                  errp) < 0)
         return -1;
     return 0;
@@ -319,7 +318,7 @@ static int count_refs(struct check *k, struct error **errp)
     }
     /* s->l1 is read rounded up to meta_align, the tail as it was on disk. */
     if (l1_fixed && !k->refusal &&
-        write_sync(s, s->l1, qcow2_l1_bytes(s), s->l1_offset, errp) < 0)
+        qcow2_write_sync(s, s->l1, qcow2_l1_bytes(s), s->l1_offset, errp) < 0)
         return -1;
     return 0;
 }
@@ -475,13 +474,12 @@ static int fix_block(struct check *k, uint64_t b, uint64_t off, bool fresh, uint
     return 0;
 }
 
-/* Write the header's first meta_align bytes from s->header. */
-static int write_header(struct qcow2_state *s, struct error **errp)
+int qcow2_write_header(struct qcow2_state *s, struct error **errp)
 {
     _cleanup_free_ void *h = qcow2_alloc_buf(s->meta_align);
 
     memcpy(h, s->header, s->meta_align);
-    return write_sync(s, h, s->meta_align, 0, errp);
+    return qcow2_write_sync(s, h, s->meta_align, 0, errp);
 }
 
 /* Every refcount block against the references (new blocks of a dirty image included), then,
@@ -536,7 +534,7 @@ static int compare_and_fix(struct check *k, struct growth *g, uint64_t *last,
         return 0;
     }
     for (size_t i = 0; i < k->fixed.len; i++) {
-        if (write_sync(s, k->fixed.ptr[i].buf, cs, k->fixed.ptr[i].off, errp) < 0)
+        if (qcow2_write_sync(s, k->fixed.ptr[i].buf, cs, k->fixed.ptr[i].off, errp) < 0)
             return -1;
     }
     if (!g->rt_k && !k->new_blocks)
@@ -549,7 +547,7 @@ static int compare_and_fix(struct check *k, struct growth *g, uint64_t *last,
             rt[b] = htobe64(g->newb.ptr[b] * cs);
     }
     uint64_t off = g->rt_k ? g->rt_first * cs : s->rt_offset;
-    if (write_sync(s, rt, n * cs, off, errp) < 0) {
+    if (qcow2_write_sync(s, rt, n * cs, off, errp) < 0) {
         free(rt);
         return -1;
     }
@@ -566,7 +564,7 @@ static int compare_and_fix(struct check *k, struct growth *g, uint64_t *last,
         s->rt_offset = off;
         s->rt_clusters = (uint32_t)n;
         s->rt_entries = n * cs / 8;
-        if (write_header(s, errp) < 0)
+        if (qcow2_write_header(s, errp) < 0)
             return -1;
     }
     return 0;
@@ -607,7 +605,7 @@ int qcow2_check_open(struct qcow2_state *s, struct error **errp)
     }
     if (k.dirty) {
         ((uint8_t *)s->header)[QCOW2_HDR_INCOMPAT + 7] &= (uint8_t)~QCOW2_INCOMPAT_DIRTY;
-        if (write_header(s, errp) < 0)
+        if (qcow2_write_header(s, errp) < 0)
             goto out;
         s->incompat &= ~QCOW2_INCOMPAT_DIRTY;
         log_warn("qcow2 %s: the image was dirty (lazy refcounts); repaired: %" PRIu64 " missing "

@@ -27,6 +27,8 @@
 #ifndef THINBLK_BLOCK_QCOW2_CHECK_H
 #define THINBLK_BLOCK_QCOW2_CHECK_H
 
+#include <stdint.h>
+
 #include "common/error.h"
 
 struct qcow2_state;
@@ -36,5 +38,13 @@ struct qcow2_state;
  * Returns 0, or -1 with *errp set if the image is dirty and cannot be repaired safely or an
  * I/O error happened. Blocks. */
 int qcow2_check_open(struct qcow2_state *s, struct error **errp);
+
+/* Write len bytes of metadata at off and fdatasync(); the file's extent (s->meta.hwm)
+ * follows, as new structures go past its end. Blocks: open time and resize only. Returns 0
+ * or -1 with *errp set. */
+int qcow2_write_sync(struct qcow2_state *s, const void *buf, uint64_t len, uint64_t off,
+                     struct error **errp);
+/* Write the header's first meta_align bytes from s->header, as qcow2_write_sync(). */
+int qcow2_write_header(struct qcow2_state *s, struct error **errp);
 
 #endif

@@ -40,6 +40,7 @@
 #include "block/qcow2-cache.h"
 #include "block/qcow2-check.h"
 #include "block/qcow2-header.h"
+#include "block/qcow2-resize.h"
 #include "block/sync-io.h"
 #include "common/assert.h"
 #include "common/iov.h"
@@ -312,6 +313,12 @@ static void qcow2_submit(struct block_node *n, struct block_req *req)
     qcow2_req_submit(n->opaque, req);
 }
 
+/* The virtual size is the image's own; its file grows as clusters are allocated. */
+static bool qcow2_keeps_child_size(struct block_node *n)
+{
+    return true;
+}
+
 const struct block_driver block_driver_qcow2 = {
     .name = "qcow2",
     .open = qcow2_open,
@@ -320,4 +327,6 @@ const struct block_driver block_driver_qcow2 = {
     .open_backing = qcow2_backing_open,
     .backing_overridden = qcow2_backing_overridden,
     .query_image = qcow2_query_image,
+    .truncate = qcow2_truncate,
+    .keeps_child_size = qcow2_keeps_child_size,
 };

@@ -10,6 +10,7 @@
 
 struct raw_state {
     uint64_t offset;
+    bool has_size;  /* a "size" option: the window does not follow the child's size */
 };
 
 struct raw_op {
@@ -51,6 +52,7 @@ static int raw_open(struct block_node *n, json_t *opts, struct error **errp)
     }
     struct raw_state *s = xzalloc(sizeof(*s));
     s->offset = offset;
+    s->has_size = size_opt != NULL;
     n->opaque = s;
     n->file = child;
     n->size = size;
@@ -85,9 +87,41 @@ static void raw_submit(struct block_node *n, struct block_req *req)
     node_submit(n->file, &op->child);
 }
 
+/* QEMU's raw_co_truncate(): the child is resized to hold the window, which follows it. */
+static int raw_truncate(struct block_node *n, uint64_t size, struct error **errp)
+{
+    struct raw_state *s = n->opaque;
+
+    if (s->has_size) {
+        error_setg(errp, "Cannot resize fixed-size raw disks");
+        return -1;
+    }
+    if (INT64_MAX - size < s->offset) {
+        error_setg(errp, "Disk size too large for the chosen offset");
+        return -1;
+    }
+    return block_node_resize(n->file, size + s->offset, NULL, errp);
+}
+
+static void raw_child_resized(struct block_node *n)
+{
+    struct raw_state *s = n->opaque;
+
+    if (!s->has_size)
+        block_node_set_size(n, n->file->size > s->offset ? n->file->size - s->offset : 0);
+}
+
+static bool raw_keeps_child_size(struct block_node *n)
+{
+    return ((struct raw_state *)n->opaque)->has_size;
+}
+
 const struct block_driver block_driver_raw = {
     .name = "raw",
     .open = raw_open,
     .close = raw_close,
     .submit = raw_submit,
+    .truncate = raw_truncate,
+    .child_resized = raw_child_resized,
+    .keeps_child_size = raw_keeps_child_size,
 };

@@ -24,6 +24,9 @@ struct export {
     char *name;   /* NBD: the NBD export name */
     struct vub_export *vub;  /* vhost-user-blk: its socket and frontend */
     struct device *dev;
+    /* vhost-user-blk: the root's size changes, told to the frontend. NBD needs none: a
+     * client reads the size when it connects. */
+    struct block_size_listener resized;
 };
 
 DEFINE_QUEUE_TYPE(export_queue, struct export, next)
@@ -69,6 +72,8 @@ static void export_remove(struct exports *x, struct export *e)
 
     if (e->type == EXPORT_NBD && x->nbd)
         nbd_server_remove_export(x->nbd, e->name, true, NULL);
+    if (e->vub)
+        block_node_remove_size_listener(device_root(e->dev), &e->resized);
     vub_export_free(e->vub);
     /* Requests the clients left behind (held or parked) have nobody to answer to. */
     device_abort(e->dev);
@@ -286,6 +291,11 @@ static int vub_options(json_t *opts, const char *id, struct vub_export_config *c
     return 0;
 }
 
+static void on_root_resized(struct block_size_listener *l, struct block_node *n)
+{
+    vub_export_size_changed(container_of(l, struct export, resized)->vub);
+}
+
 int exports_add(struct exports *x, json_t *opts, struct error **errp)
 {
     const char *type = json_string_value(json_object_get(opts, "type"));
@@ -354,6 +364,10 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
     e->name = t == EXPORT_NBD ? xstrdup(name) : NULL;
     e->vub = vub;
     e->dev = dev;
+    if (vub) {
+        e->resized.changed = on_root_resized;
+        block_node_add_size_listener(root, &e->resized);
+    }
     export_queue_push(&x->list, e);
     if (t == EXPORT_NBD)
         log_info("export %s: node %s as NBD export '%s'%s", id, node_name, name,

@@ -100,6 +100,7 @@ static void attach(struct nbd_conn *c, struct nbd_export *e)
     c->exp = e;
     c->dev = e->dev;
     c->eflags = nbd_export_flags(c, e);
+    c->size = device_root(e->dev)->size;  /* as just sent: nothing ran in between */
     e->clients++;
     /* Contexts count only for the export they were selected on. */
     if (c->meta_base_allocation &&

@@ -131,6 +131,9 @@ struct nbd_conn {
     struct nbd_export *exp;        /* NULL until GO, and once closed */
     struct device *dev;
     uint16_t eflags;
+    /* The export's size the client was told. NBD has no resize notice: a node that grew
+     * since serves the new size to clients that connect again, not to this one. */
+    uint64_t size;
     struct dev_waiter waiter;
     bool waiting;                  /* waiter registered with dev */
     struct nbd_cmd *cur;           /* the request whose payload is being read */

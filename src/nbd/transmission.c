@@ -307,7 +307,7 @@ static void on_device_accepting(struct dev_waiter *w)
 static uint32_t validate(struct nbd_conn *c, const struct nbd_cmd *cmd, const char **msg)
 {
     const struct block_node *root = device_root(c->dev);
-    uint64_t size = root->size;
+    uint64_t size = MIN(c->size, root->size);  /* the node may have shrunk since */
     uint32_t align = MAX(root->alignment, 1u);
     uint16_t type = cmd->type, flags = cmd->flags;
     bool writes = type == NBD_CMD_WRITE || type == NBD_CMD_TRIM ||

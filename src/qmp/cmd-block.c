@@ -1,6 +1,6 @@
 /* QMP commands of the block graph and devices: blockdev-add, blockdev-del,
- * query-named-block-nodes, query-block, query-blockstats, block-set-write-threshold, and
- * thinblk's __org.thinblk_fault-set. */
+ * query-named-block-nodes, query-block, query-blockstats, block-set-write-threshold,
+ * block_resize, and thinblk's __org.thinblk_fault-set. */
 #include "qmp/commands.h"
 
 #include <string.h>
@@ -33,6 +33,41 @@ static json_t *block_set_write_threshold(struct qmp_call *call, json_t *args,
         return NULL;
     /* As QEMU: armed until a write goes past it, then BLOCK_WRITE_THRESHOLD once; 0 disarms. */
     node->write_threshold = qjson_uint64(json_object_get(args, "write-threshold"));
+    return json_object();
+}
+
+/* QEMU's bdrv_lookup_bs(): the root of the device named device, else the node named
+ * node_name (either may be NULL). */
+static struct block_node *lookup_node(struct qmp_services *svc, const char *device,
+                                      const char *node_name, struct error **errp)
+{
+    struct device *d = device ? device_find(svc->devs, device) : NULL;
+    struct block_node *n = node_name ? block_graph_find(svc->graph, node_name) : NULL;
+
+    if (d)
+        return device_root(d);
+    if (!n)
+        error_setg(errp, "Cannot find device='%s' nor node-name='%s'", device ? device : "",
+                   node_name ? node_name : "");
+    return n;
+}
+
+static json_t *block_resize(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    const char *device = json_string_value(json_object_get(args, "device"));
+    json_int_t size = json_integer_value(json_object_get(args, "size"));
+    struct block_node *n = lookup_node(call->opaque, device,
+                                       json_string_value(json_object_get(args, "node-name")),
+                                       errp);
+
+    if (!n)
+        return NULL;
+    if (size < 0) {
+        error_setg(errp, "Parameter 'size' expects a >0 size");
+        return NULL;
+    }
+    if (block_node_resize(n, (uint64_t)size, device, errp) < 0)
+        return NULL;
     return json_object();
 }
 
@@ -114,6 +149,13 @@ static const struct schema_member write_threshold_args[] = {
     { NULL },
 };
 
+static const struct schema_member block_resize_args[] = {
+    { "device", SCHEMA_STR, .optional = true },
+    { "node-name", SCHEMA_STR, .optional = true },
+    { "size", SCHEMA_INT },
+    { NULL },
+};
+
 static const struct schema_member node_name_args[] = {
     { "node-name", SCHEMA_STR },
     { NULL },
@@ -142,6 +184,7 @@ static const struct qmp_command block_commands[] = {
     { "query-block", query_block, NULL, 0 },
     { "query-blockstats", query_blockstats, blockstats_args, 0 },
     { "block-set-write-threshold", block_set_write_threshold, write_threshold_args, 0 },
+    { "block_resize", block_resize, block_resize_args, 0 },
     { "__org.thinblk_fault-set", fault_set, fault_set_args, 0 },
 };
 

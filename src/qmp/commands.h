@@ -26,7 +26,7 @@ void qmp_register_control(struct qmp_dispatcher *d, json_t *version);
 /* query-status, stop, cont, quit, __org.thinblk_query-stop-reason. */
 void qmp_register_run(struct qmp_dispatcher *d, struct qmp_services *svc);
 /* blockdev-add/-del, query-named-block-nodes, query-block, query-blockstats,
- * block-set-write-threshold, __org.thinblk_fault-set. */
+ * block-set-write-threshold, block_resize, __org.thinblk_fault-set. */
 void qmp_register_block(struct qmp_dispatcher *d, struct qmp_services *svc);
 /* nbd-server-start/-stop, block-export-add/-del, query-block-exports. */
 void qmp_register_export(struct qmp_dispatcher *d, struct qmp_services *svc);

@@ -168,6 +168,7 @@ struct vub_conn {
     bool owner;
     struct vub_mem *mem;       /* a reference; NULL before SET_MEM_TABLE */
     struct vub_inflight inflight;  /* map NULL: none */
+    int backend_fd;            /* SET_BACKEND_REQ_FD's socket (nonblocking), or -1 */
     struct vub_queue *queues;  /* exp->num_queues of them */
     struct vub_seg *scratch;   /* VUB_MAX_SEGS, for vub_vq_pop() */
     struct dev_waiter waiter;  /* while the device does not take requests */
@@ -181,6 +182,10 @@ void vub_conn_close(struct vub_conn *c, const char *why);
 void vub_conn_ref(struct vub_conn *c);
 void vub_conn_unref(struct vub_conn *c);
 bool vub_conn_has_feature(const struct vub_conn *c, unsigned bit);
+/* The configuration space changed (the capacity): send CONFIG_CHANGE_MSG on the back-end
+ * channel, if the frontend gave one. Never blocks; a failed send is logged, and the channel
+ * dropped. */
+void vub_conn_config_changed(struct vub_conn *c);
 /* q was draining and its last request in the device is done: answer the GET_VRING_BASE that
  * waited for it, and read messages again. */
 void vub_conn_ring_drained(struct vub_queue *q);

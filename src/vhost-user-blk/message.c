@@ -15,6 +15,7 @@
  * always fits in the socket's buffer and is written at once.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -38,7 +39,8 @@ enum {
 
 #define PROTOCOL_FEATURES                                                                  \
     (1ull << VHOST_USER_PROTOCOL_F_MQ | 1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK |          \
-     1ull << VHOST_USER_PROTOCOL_F_CONFIG | 1ull << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
+     1ull << VHOST_USER_PROTOCOL_F_BACKEND_REQ | 1ull << VHOST_USER_PROTOCOL_F_CONFIG |    \
+     1ull << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
 
 /* Payload sizes; VAR: checked by the handler. */
 #define VAR UINT32_MAX
@@ -497,6 +499,51 @@ static int set_inflight_fd(struct vub_conn *c)
     return vub_inflight_map(&c->payload.inflight, fd, &c->inflight) < 0 ? MSG_FAILED : MSG_OK;
 }
 
+static void close_backend(struct vub_conn *c)
+{
+    if (c->backend_fd >= 0)
+        close(c->backend_fd);
+    c->backend_fd = -1;
+}
+
+/* The channel for our requests. Nonblocking: the loop never waits for the frontend. */
+static int set_backend_req_fd(struct vub_conn *c)
+{
+    int fd = take_fd(c);
+
+    if (fd < 0) {
+        protocol_error(c, "%s", "SET_BACKEND_REQ_FD without its fd");
+        return MSG_CLOSE;
+    }
+    close_backend(c);
+    if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) {
+        log_warn("vhost-user-blk: %s: back-end channel: %s", c->exp->id, strerror(errno));
+        close(fd);
+        return MSG_FAILED;
+    }
+    c->backend_fd = fd;
+    return MSG_OK;
+}
+
+void vub_conn_config_changed(struct vub_conn *c)
+{
+    /* One-way: without NEED_REPLY the frontend answers nothing, so nothing is read here. */
+    struct vhost_user_header h = {
+        .request = VHOST_USER_BACKEND_CONFIG_CHANGE_MSG,
+        .flags = VHOST_USER_VERSION,
+    };
+
+    if (c->backend_fd < 0 ||
+        !(c->protocol_features & (1ull << VHOST_USER_PROTOCOL_F_BACKEND_REQ)))
+        return;
+    ssize_t n = send(c->backend_fd, &h, sizeof(h), MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n == (ssize_t)sizeof(h))
+        return;
+    log_warn("vhost-user-blk: %s: CONFIG_CHANGE_MSG not sent (%s); the back-end channel is "
+             "closed", c->exp->id, n < 0 ? strerror(errno) : "short write");
+    close_backend(c);
+}
+
 /* No field of the configuration is writable (CONFIG_WCE is not offered). */
 static int set_config(struct vub_conn *c)
 {
@@ -522,6 +569,7 @@ static const struct msg_handler handlers[VHOST_USER_REQUEST_MAX] = {
                                            false },
     [VHOST_USER_GET_QUEUE_NUM] = { "GET_QUEUE_NUM", get_queue_num, 0, true },
     [VHOST_USER_SET_VRING_ENABLE] = { "SET_VRING_ENABLE", set_vring_enable, 8, false },
+    [VHOST_USER_SET_BACKEND_REQ_FD] = { "SET_BACKEND_REQ_FD", set_backend_req_fd, 0, false },
     [VHOST_USER_GET_CONFIG] = { "GET_CONFIG", get_config, VAR, true },
     [VHOST_USER_SET_CONFIG] = { "SET_CONFIG", set_config, VAR, false },
     [VHOST_USER_GET_INFLIGHT_FD] = { "GET_INFLIGHT_FD", get_inflight_fd, VAR, true },
@@ -669,6 +717,7 @@ struct vub_conn *vub_conn_new(struct vub_export *exp, int fd)
     c->fd = fd;
     c->refs = 1;
     c->state = VUB_CONN_HEADER;
+    c->backend_fd = -1;
     c->queues = xzalloc(sizeof(*c->queues) * exp->num_queues);
     c->scratch = xmalloc(sizeof(*c->scratch) * VUB_MAX_SEGS);
     for (unsigned i = 0; i < exp->num_queues; i++) {
@@ -710,6 +759,7 @@ void vub_conn_close(struct vub_conn *c, const char *why)
         close_fd(c, &q->err_fd, false);
     }
     vub_inflight_unmap(&c->inflight);
+    close_backend(c);
     if (c->waiting) {
         device_cancel_wait(c->exp->dev, &c->waiter);
         c->waiting = false;

@@ -99,6 +99,12 @@ bool vub_export_connected(const struct vub_export *exp)
     return exp->conn != NULL;
 }
 
+void vub_export_size_changed(struct vub_export *exp)
+{
+    if (exp->conn)
+        vub_conn_config_changed(exp->conn);
+}
+
 void vub_export_conn_gone(struct vub_export *exp, struct vub_conn *c)
 {
     if (exp->conn == c)

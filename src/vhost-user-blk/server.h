@@ -29,6 +29,9 @@ struct vub_export *vub_export_new(struct loop *loop, struct device *dev,
                                   const struct vub_export_config *cfg, struct error **errp);
 /* Whether a frontend is connected. */
 bool vub_export_connected(const struct vub_export *exp);
+/* The device's root changed size: tell the frontend (CONFIG_CHANGE_MSG, if it negotiated
+ * BACKEND_REQ and gave a channel), which reads the capacity again with GET_CONFIG. */
+void vub_export_size_changed(struct vub_export *exp);
 /* Close the frontend's connection and the socket, and free the export. Requests still in the
  * device complete into nothing (their memory stays mapped until they do). NULL does nothing. */
 void vub_export_free(struct vub_export *exp);

@@ -995,7 +995,7 @@ static void test_real_query_commands_lists_all(void **state)
                     "{\"name\": \"blockdev-add\"}, {\"name\": \"blockdev-del\"}, "
                     "{\"name\": \"query-named-block-nodes\"}, {\"name\": \"query-block\"}, "
                     "{\"name\": \"query-blockstats\"}, {\"name\": \"block-set-write-threshold\"}, "
-                    "{\"name\": \"__org.thinblk_fault-set\"}]}");
+                    "{\"name\": \"block_resize\"}, {\"name\": \"__org.thinblk_fault-set\"}]}");
 }
 
 static void test_real_query_version(void **state)
