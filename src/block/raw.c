@@ -85,9 +85,19 @@ static void raw_submit(struct block_node *n, struct block_req *req)
     node_submit(n->file, &op->child);
 }
 
+/* The child's status at the window's offset. */
+static int raw_block_status(struct block_node *n, struct block_status_call *c)
+{
+    struct raw_state *s = n->opaque;
+
+    block_status_pass(c, n->file, c->offset + s->offset);
+    return 0;
+}
+
 const struct block_driver block_driver_raw = {
     .name = "raw",
     .open = raw_open,
     .close = raw_close,
     .submit = raw_submit,
+    .block_status = raw_block_status,
 };

@@ -329,6 +329,28 @@ static void dispatch(struct device *d, struct dev_req *r)
     node_submit(d->root, &r->breq);
 }
 
+static void on_status_done(struct block_status *st, int ret)
+{
+    struct dev_status *ds = container_of(st, struct dev_status, st);
+    struct device *d = ds->dev;
+
+    d->in_flight--;
+    if (d->in_flight == 0)
+        d->stopper->ops->idle(d->stopper);
+    ds->done(ds, ret);
+    if (d->dying && d->in_flight == 0)
+        really_free(d);
+}
+
+void device_block_status(struct device *d, struct dev_status *ds)
+{
+    ASSERT(ds->done);
+    ds->dev = d;
+    ds->st.done = on_status_done;
+    d->in_flight++;
+    node_block_status(d->root, &ds->st);
+}
+
 void device_submit(struct device *d, struct dev_req *r)
 {
     /* The export validated the request (nbd/transmission.c): the node's contract, and within
