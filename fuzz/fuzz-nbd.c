@@ -85,8 +85,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t chunk, pos = 0;
     int sv[2];
 
-    if (nbd_server_add_export(s, "disk", "fuzzed", g.dev, true, NULL) < 0 ||
-        nbd_server_add_export(s, "ro", NULL, g.dev, false, NULL) < 0)
+    if (nbd_server_add_export(s, "disk", "fuzzed", g.dev, true, true, NULL) < 0 ||
+        nbd_server_add_export(s, "ro", NULL, g.dev, false, false, NULL) < 0)
         abort();
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
         fuzz_die("socketpair", NULL);
