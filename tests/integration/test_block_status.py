@@ -287,3 +287,27 @@ def test_fault_in_block_status_is_the_clients_error(daemons, tmp_path):
         h.block_status(MiB, 0, lambda *a: 0)
     assert e.value.errno in ("EIO", 5)
     assert h.pread(4096, 0) == b"\x01" * 4096   # the connection goes on
+
+
+# ---- transmission flags ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("export_opts", [",writable=on", ",writable=off"])
+@pytest.mark.parametrize("discard", ["ignore", "unmap"])
+def test_transmission_flags_as_qemu_storage_daemon(daemons, tmp_path, export_opts, discard):
+    """What the export says it can do, for the same node options (NBD_CMD_CACHE aside: not
+    served)."""
+    img = qcow2(tmp_path / "a.qcow2", "16M")
+    nodes = [dict(file_node(img), discard=discard),
+             {"driver": "qcow2", "node-name": "n0", "file": "f0", "discard": discard}]
+    flags = {}
+    for program in ("thinblkd", "qemu-storage-daemon"):
+        s = Server(daemons, program, nodes, export_opts=export_opts)
+        try:
+            h = s.connect()
+            flags[program] = {name: getattr(h, name)() for name in (
+                "is_read_only", "can_zero", "can_fast_zero", "can_trim", "can_flush",
+                "can_fua", "can_df", "can_multi_conn")}
+            h.shutdown()
+        finally:
+            s.close()
+    assert flags["thinblkd"] == flags["qemu-storage-daemon"]
