@@ -13,8 +13,9 @@
  *                                its device meanwhile; then fail it with errno, or without
  *                                errno pass it on to the child)}
  * Rules are tried in order; the first that fails a request wins. A block status query
- * (graph.h) is "block-status": it fails with the rule's errno, and a delay does not hold it
- * (a query is answered at once or not at all: it may be asked again, see graph.h).  The rule list can be
+ * (graph.h) matches only "block-status" rules, not "any": it fails with the rule's errno,
+ * and a delay does not hold it (a driver answers a query at once or after I/O it waited for,
+ * and the query may be asked again, see graph.h). The rule list can be
  * replaced at run time with the QMP command __org.thinblk_fault-set (qmp/cmd-block.c).
  */
 #include <errno.h>
@@ -203,7 +204,8 @@ static const struct fault_rule *match(struct fault_state *s, int op, uint64_t of
 {
     for (size_t i = 0; i < s->nrules; i++) {
         struct fault_rule *r = &s->rules[i];
-        if (r->spent || (r->op >= 0 && r->op != op))
+        /* "any" is any request: block status only by its name. */
+        if (r->spent || (r->op >= 0 ? r->op != op : op == OP_BLOCK_STATUS))
             continue;
         if (op != BLOCK_OP_FLUSH &&
             (offset + len <= r->offset || offset >= r->offset + MIN(r->length,

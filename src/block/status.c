@@ -23,20 +23,23 @@ static int ask(struct block_status *st, struct block_node *n, bool want_zero, ui
                uint64_t len, struct answer *a);
 
 /* Past the end of what its format driver maps, the file reads as zeroes; a hole reads as
- * zeroes too. Errors only cost the extra information, as in QEMU. */
-static void ask_file_for_zeroes(struct block_status *st, const struct block_status_call *c,
-                                struct answer *a)
+ * zeroes too. Errors only cost the extra information, as in QEMU. Returns 0, or 1 (waiting:
+ * a format node as the file). */
+static int ask_file_for_zeroes(struct block_status *st, const struct block_status_call *c,
+                               struct answer *a)
 {
     struct answer f;
+    int ret = ask(st, c->file, true, c->map, a->pnum, &f);
 
-    if (ask(st, c->file, true, c->map, a->pnum, &f) != 0)
-        return;
+    if (ret != 0)
+        return ret == 1;
     if (f.pnum == 0) {
         a->flags |= BLOCK_STATUS_ZERO;
     } else {
         a->pnum = f.pnum;
         a->flags |= f.flags & BLOCK_STATUS_ZERO;
     }
+    return 0;
 }
 
 void block_status_pass(struct block_status_call *c, struct block_node *child, uint64_t map)
@@ -92,7 +95,7 @@ static int ask(struct block_status *st, struct block_node *n, bool want_zero, ui
     if (want_zero && (c.flags & BLOCK_STATUS_RECURSE) && c.file && c.file != n &&
         (c.flags & BLOCK_STATUS_OFFSET_VALID) && a->flags == (BLOCK_STATUS_DATA |
                                                               BLOCK_STATUS_ALLOCATED))
-        ask_file_for_zeroes(st, &c, a);
+        return ask_file_for_zeroes(st, &c, a);
     return 0;
 }
 
