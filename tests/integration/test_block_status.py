@@ -311,3 +311,29 @@ def test_transmission_flags_as_qemu_storage_daemon(daemons, tmp_path, export_opt
         finally:
             s.close()
     assert flags["thinblkd"] == flags["qemu-storage-daemon"]
+
+
+@pytest.mark.parametrize("export_opts", ["", ",allocation-depth=on"])
+def test_meta_context_answers_as_qemu_storage_daemon(daemons, tmp_path, export_opts):
+    """The context names LIST and SET answer for each query, as qemu-storage-daemon's."""
+    from test_nbd_protocol import (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT,
+                                   OPT_STRUCTURED_REPLY, REP_META_CONTEXT, RawNBD)
+    img = qcow2(tmp_path / "a.qcow2", "16M")
+    queries = ([], ["qemu:"], ["base:"], ["qemu:allocation-depth"], ["base:allocation"],
+               ["qemu:allocation-depth", "base:", "qemu:nosuch", "x:y"])
+    answers = {}
+    for program in ("thinblkd", "qemu-storage-daemon"):
+        s = Server(daemons, program, qcow2_nodes(img), export_opts=export_opts)
+        try:
+            c = RawNBD(s.sock).greeting()
+            c.option(OPT_STRUCTURED_REPLY)
+            answers[program] = [
+                sorted(data[4:] for rtype, data in c.option(opt, RawNBD.meta_data("disk", q))
+                       if rtype == REP_META_CONTEXT)
+                for opt in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT) for q in queries]
+            c.close()
+        finally:
+            s.close()
+    assert answers["thinblkd"] == answers["qemu-storage-daemon"]
+    assert answers["thinblkd"][0] == sorted([b"base:allocation"] + (
+        [b"qemu:allocation-depth"] if export_opts else []))
