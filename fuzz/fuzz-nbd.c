@@ -3,8 +3,9 @@
  * The input is what a client sends, from the client flags on: it goes through the real
  * handshake and transmission code (src/nbd) into a real device over a "file" node on a small
  * temporary file with io_uring, as in the daemon. The server has no listener: the client is
- * one end of a socketpair handed to nbd_server_add_client(). Two exports: "disk" (writable)
- * and "ro" (read-only), on the same device.
+ * one end of a socketpair handed to nbd_server_add_client(). Two exports: "disk" (writable,
+ * with qemu:allocation-depth) and "ro" (read-only), on the same device; the file is sparse
+ * with data in its second quarter, so block status finds holes and data.
  *
  * The first byte picks how the rest is cut into writes (1..255 bytes, or 0: all at once),
  * so message boundaries across reads are covered. Between writes the loop runs and the
@@ -56,6 +57,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     fd = mkstemp(path);
     if (fd < 0 || ftruncate(fd, IMAGE_SIZE) < 0)
         fuzz_die("temporary image", NULL);
+    /* Data between holes, for block status to find (SEEK_DATA/SEEK_HOLE). */
+    static const char data[65536] = { 1 };
+    if (pwrite(fd, data, sizeof(data), IMAGE_SIZE / 4) != (ssize_t)sizeof(data))
+        fuzz_die("temporary image", NULL);
     close(fd);
     json_t *opts = json_pack("{s:s,s:s,s:s,s:s}", "driver", "file", "node-name", "f0",
                              "filename", path, "discard", "unmap");
@@ -85,8 +90,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t chunk, pos = 0;
     int sv[2];
 
-    if (nbd_server_add_export(s, "disk", "fuzzed", g.dev, true, NULL) < 0 ||
-        nbd_server_add_export(s, "ro", NULL, g.dev, false, NULL) < 0)
+    if (nbd_server_add_export(s, "disk", "fuzzed", g.dev, true, true, NULL) < 0 ||
+        nbd_server_add_export(s, "ro", NULL, g.dev, false, false, NULL) < 0)
         abort();
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
         fuzz_die("socketpair", NULL);

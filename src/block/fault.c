@@ -2,7 +2,7 @@
  *
  * In the spirit of QEMU's blkdebug: over any child, a list of rules, each making matching
  * requests fail without reaching the child. Options: file (the child) and rules, a list of
- *   {"op": "read"|"write"|"flush"|"discard"|"write-zeroes"|"any",
+ *   {"op": "read"|"write"|"flush"|"discard"|"write-zeroes"|"block-status"|"any",
  *    "errno": "ENOSPC" (a name or a number),
  *    "offset": N, "length": N   (only requests overlapping [offset, offset+length);
  *                                length defaults to the rest of the node),
@@ -12,7 +12,10 @@
  *    "delay-ms": N              (hold a matching request N ms first: it is in flight at
  *                                its device meanwhile; then fail it with errno, or without
  *                                errno pass it on to the child)}
- * Rules are tried in order; the first that fails a request wins. The rule list can be
+ * Rules are tried in order; the first that fails a request wins. A block status query
+ * (graph.h) matches only "block-status" rules, not "any": it fails with the rule's errno,
+ * and a delay does not hold it (a driver answers a query at once or after I/O it waited for,
+ * and the query may be asked again, see graph.h). The rule list can be
  * replaced at run time with the QMP command __org.thinblk_fault-set (qmp/cmd-block.c).
  */
 #include <errno.h>
@@ -46,13 +49,17 @@ struct fault_op {
     int err;
 };
 
+/* Block status is not a request: its rules' op, after the requests' enum block_op. */
+#define OP_BLOCK_STATUS (BLOCK_OP_WRITE_ZEROES + 1)
+
 static const char *const op_names[] = {
     [BLOCK_OP_READ] = "read", [BLOCK_OP_WRITE] = "write", [BLOCK_OP_FLUSH] = "flush",
     [BLOCK_OP_DISCARD] = "discard", [BLOCK_OP_WRITE_ZEROES] = "write-zeroes",
+    [OP_BLOCK_STATUS] = "block-status",
 };
 
 static const char *const op_values[] = {
-    "read", "write", "flush", "discard", "write-zeroes", "any", NULL,
+    "read", "write", "flush", "discard", "write-zeroes", "block-status", "any", NULL,
 };
 
 #define RULE_UINT(name_) \
@@ -190,15 +197,18 @@ static void fault_close(struct block_node *n)
     free(s);
 }
 
-/* The rule req matches, or NULL to let it through. */
-static const struct fault_rule *match(struct fault_state *s, const struct block_req *req)
+/* The rule an operation op (enum block_op or OP_BLOCK_STATUS) on [offset, offset + len)
+ * matches, or NULL to let it through. */
+static const struct fault_rule *match(struct fault_state *s, int op, uint64_t offset,
+                                      uint64_t len)
 {
     for (size_t i = 0; i < s->nrules; i++) {
         struct fault_rule *r = &s->rules[i];
-        if (r->spent || (r->op >= 0 && r->op != (int)req->op))
+        /* "any" is any request: block status only by its name. */
+        if (r->spent || (r->op >= 0 ? r->op != op : op == OP_BLOCK_STATUS))
             continue;
-        if (req->op != BLOCK_OP_FLUSH &&
-            (req->offset + req->len <= r->offset || req->offset >= r->offset + MIN(r->length,
+        if (op != BLOCK_OP_FLUSH &&
+            (offset + len <= r->offset || offset >= r->offset + MIN(r->length,
                                                                     UINT64_MAX - r->offset)))
             continue;
         if (r->after > 0) {
@@ -240,7 +250,7 @@ static void fault_go(struct loop *loop, void *opaque)
 
 static void fault_submit(struct block_node *n, struct block_req *req)
 {
-    const struct fault_rule *r = match(n->opaque, req);
+    const struct fault_rule *r = match(n->opaque, (int)req->op, req->offset, req->len);
     struct fault_op *op = xzalloc(sizeof(*op));
 
     op->node = n;
@@ -258,9 +268,20 @@ static void fault_submit(struct block_node *n, struct block_req *req)
     loop_defer(n->graph->loop, &op->fail_call);
 }
 
+static int fault_block_status(struct block_node *n, struct block_status_call *c)
+{
+    const struct fault_rule *r = match(n->opaque, OP_BLOCK_STATUS, c->offset, c->len);
+
+    if (r && r->err)
+        return -r->err;
+    block_status_pass(c, n->file, c->offset);
+    return 0;
+}
+
 const struct block_driver block_driver_fault = {
     .name = "fault",
     .open = fault_open,
     .close = fault_close,
     .submit = fault_submit,
+    .block_status = fault_block_status,
 };

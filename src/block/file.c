@@ -435,6 +435,47 @@ static int file_truncate(struct block_node *n, uint64_t size, struct error **err
     return 0;
 }
 
+/* Where the data and the holes are: SEEK_DATA, then SEEK_HOLE, the extent at offset in two
+ * calls. Metadata the file system has at hand, as fstat(): the loop does not wait on I/O.
+ * As QEMU's file-posix: a hole, and what lies past the end (ENXIO), read as zeroes; where
+ * lseek cannot tell, everything is data. Not the cached size: the file grows under a format
+ * driver. */
+static void seek_extent(int fd, struct block_status_call *c)
+{
+    off_t start = (off_t)c->offset;
+    off_t data = lseek(fd, start, SEEK_DATA);
+    off_t hole = data == start ? lseek(fd, start, SEEK_HOLE) : -1;
+
+    c->flags = BLOCK_STATUS_DATA;
+    c->pnum = c->len;
+    if (data < 0 && errno == ENXIO) {
+        c->flags = BLOCK_STATUS_ZERO;  /* a trailing hole, or past the end */
+    } else if (data > start) {
+        c->flags = BLOCK_STATUS_ZERO;
+        c->pnum = MIN(c->len, (uint64_t)(data - start));
+    } else if (data == start && hole > start) {
+        c->pnum = MIN(c->len, (uint64_t)(hole - start));
+    }
+}
+
+/* A host device holds data everywhere, as far as lseek tells (Linux answers every offset of
+ * a block device as data); a regular file: seek_extent(). */
+static int file_block_status(struct block_node *n, struct block_status_call *c)
+{
+    struct file_state *s = st(n);
+
+    if (c->want_zero && !s->is_bdev) {
+        seek_extent(s->fd, c);
+    } else {
+        c->flags = BLOCK_STATUS_DATA;
+        c->pnum = c->len;
+    }
+    c->flags |= BLOCK_STATUS_OFFSET_VALID;
+    c->map = c->offset;
+    c->file = n;
+    return 0;
+}
+
 static const char *file_filename(struct block_node *n)
 {
     return st(n)->filename;
@@ -449,6 +490,7 @@ const struct block_driver block_driver_host_device = {
     .filename = file_filename,
     .refresh_size = file_refresh_size,
     .truncate = file_truncate,
+    .block_status = file_block_status,
 };
 
 const struct block_driver block_driver_file = {
@@ -460,4 +502,5 @@ const struct block_driver block_driver_file = {
     .filename = file_filename,
     .refresh_size = file_refresh_size,
     .truncate = file_truncate,
+    .block_status = file_block_status,
 };

@@ -25,6 +25,7 @@
 #include "common/error.h"
 #include "common/list.h"
 #include "common/schema.h"
+#include "loop/loop.h"
 
 struct loop;
 struct uring;
@@ -57,6 +58,49 @@ struct block_req {
     unsigned niov;
     void (*done)(struct block_req *req, int ret);
     void *opaque;  /* the submitter's */
+};
+
+/* Block status (QEMU's bdrv_block_status): what the bytes of a node are, extent by extent.
+ * Answers, in struct block_status and in a driver's struct block_status_call: */
+#define BLOCK_STATUS_DATA 1u        /* allocated data: read from storage */
+#define BLOCK_STATUS_ZERO 2u        /* reads as zeroes */
+#define BLOCK_STATUS_ALLOCATED 4u   /* this node says what it reads as, not a backing node */
+/* A driver's call only: */
+#define BLOCK_STATUS_OFFSET_VALID 8u  /* the bytes are at map of file */
+#define BLOCK_STATUS_RECURSE 16u    /* with DATA and OFFSET_VALID: ask file whether it is a hole */
+#define BLOCK_STATUS_RAW 32u        /* no answer here: it is file's at map (a filter) */
+
+struct block_status;
+
+/* One question to a driver: the first extent of [offset, offset + len) of its node. len > 0;
+ * over a child (where the size is fixed) the range is within the node; a protocol node
+ * answers past its end itself (a file grows under the format driver over it). */
+struct block_status_call {
+    uint64_t offset, len;
+    bool want_zero;            /* ZERO as far as cheaply known; false: allocation only */
+    struct block_status *st;   /* for block_status_resume() */
+    /* The answer: */
+    uint64_t pnum;             /* 1..len bytes with these flags */
+    unsigned flags;            /* DATA, ZERO, OFFSET_VALID, RECURSE, RAW */
+    uint64_t map;              /* OFFSET_VALID or RAW: the offset in file */
+    struct block_node *file;
+};
+
+/* A block status query (node_block_status()). The caller fills offset, len, want_zero, done
+ * and opaque, and keeps the struct until done(st, ret), ret 0 or -errno. */
+struct block_status {
+    uint64_t offset, len;
+    bool want_zero;            /* as in struct block_status_call */
+    void (*done)(struct block_status *st, int ret);
+    void *opaque;              /* the caller's */
+    /* The answer, QEMU's bdrv_block_status_above() with depth: */
+    uint64_t pnum;             /* 1..len bytes from offset with these flags */
+    unsigned flags;            /* DATA, ZERO, ALLOCATED */
+    unsigned depth;            /* 1: allocated in the node, 2: in its backing, ...; 0: nowhere */
+    /* The graph's: */
+    struct block_node *node;
+    int ret;
+    struct loop_deferred done_call;
 };
 
 struct block_driver {
@@ -94,6 +138,12 @@ struct block_driver {
     int (*open_backing)(struct block_node *n, struct error **errp);
     bool (*backing_overridden)(struct block_node *n);
     void (*query_image)(struct block_node *n, json_t *image);
+    /* Answer c (block_status_call above; may be NULL: a node over a child then passes the
+     * question to it, RAW, and one without says DATA). Returns 0 with the answer in c,
+     * -errno, or 1: the answer needs I/O, and block_status_resume(c->st, ret) follows (never
+     * inside this call), after which the query asks again from its top. So an answer must not
+     * change state, and a driver that waits must find what it waited for the next time. */
+    int (*block_status)(struct block_node *n, struct block_status_call *c);
 };
 
 DECLARE_LIST_HEAD(block_node_queue, struct block_node)
@@ -219,6 +269,17 @@ void node_assert_req(const struct block_node *n, const struct block_req *req);
 /* The data of req (a READ or a WRITE) as a vector: req->iov, or req->buf as the one segment
  * *one (the caller's storage). Sets *n to the number of segments. */
 const struct iovec *block_req_iov(const struct block_req *req, struct iovec *one, unsigned *n);
+
+/* Block status of n (status.c): the first extent of [st->offset, st->offset + st->len)
+ * (within n's size, len > 0), through n's backing chain as QEMU's bdrv_block_status_above():
+ * where n leaves a range unallocated, its backing (and its backing's...) answers, with depth.
+ * st->done(st, ret) runs later, never inside this call. */
+void node_block_status(struct block_node *n, struct block_status *st);
+/* A filter driver's answer: ask child at map instead (RAW), for all of c's range. */
+void block_status_pass(struct block_status_call *c, struct block_node *child, uint64_t map);
+/* A driver that returned 1 from block_status: the I/O it waited for is done (ret 0) or
+ * failed (-errno). */
+void block_status_resume(struct block_status *st, int ret);
 
 /* The node's entry of query-named-block-nodes (QEMU's BlockDeviceInfo), with the backing
  * chain's images nested (flat=false, as query-block) or not. The size of a node that can

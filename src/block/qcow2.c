@@ -24,6 +24,8 @@
  *  - writes: in place to allocated clusters, through qcow2-alloc.c to new ones;
  *  - write-zeroes and discard (with discard=unmap): zero flags and freed clusters
  *    (qcow2-alloc.c);
+ *  - block status (qcow2-status.c): unallocated clusters are the backing chain's, zero clusters
+ *    read as zeroes, others are data;
  *  - flush: the child's. Metadata is written through before a request completes, so a flush
  *    only has to reach the storage. FUA: one flush of the child after the request's writes.
  *
@@ -41,6 +43,7 @@
 #include "block/qcow2-check.h"
 #include "block/qcow2-header.h"
 #include "block/qcow2-resize.h"
+#include "block/qcow2-status.h"
 #include "block/sync-io.h"
 #include "common/assert.h"
 #include "common/iov.h"
@@ -279,7 +282,7 @@ static int qcow2_open(struct block_node *n, json_t *opts, struct error **errp)
     if (qcow2_tables_load(s, size, errp) < 0)
         goto fail;
     qcow2_meta_init(s);
-    if (s->writable && open_writable(s, errp) < 0)
+    if ((s->writable && open_writable(s, errp) < 0) || qcow2_detect_prealloc(s, errp) < 0)
         goto fail;
     s->l2_cache = qcow2_cache_new(child, s->cluster_size,
                                   (unsigned)MIN(MAX(o.l2_bytes / s->cluster_size, 4),
@@ -329,4 +332,5 @@ const struct block_driver block_driver_qcow2 = {
     .query_image = qcow2_query_image,
     .truncate = qcow2_truncate,
     .keeps_child_size = qcow2_keeps_child_size,
+    .block_status = qcow2_block_status,
 };

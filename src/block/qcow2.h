@@ -19,6 +19,7 @@
  *   qcow2-grow     refcount structure growth (a state machine)
  *   qcow2-plan     what a write, write-zeroes or discard needs, given its L2 entry
  *   qcow2-alloc    the allocation batch (a state machine): the one place metadata changes
+ *   qcow2-status   block status: runs of L2 entries; metadata preallocation detected
  *   qcow2          the driver: options, open, close, submit
  *
  * Tables are kept in memory exactly as on disk (big-endian), so that a metadata update is a
@@ -70,6 +71,7 @@ struct qcow2_state {
     struct qcow2_reserve rsv;   /* qcow2-reserve.c */
     struct qcow2_reqs reqs;     /* qcow2-req.c */
     struct qcow2_alloc *alloc;  /* qcow2-alloc.c, writable images only */
+    bool meta_prealloc;         /* qcow2-status.c: metadata preallocation, found at open */
 };
 
 #endif

@@ -116,6 +116,15 @@ static bool raw_keeps_child_size(struct block_node *n)
     return ((struct raw_state *)n->opaque)->has_size;
 }
 
+/* The child's status at the window's offset. */
+static int raw_block_status(struct block_node *n, struct block_status_call *c)
+{
+    struct raw_state *s = n->opaque;
+
+    block_status_pass(c, n->file, c->offset + s->offset);
+    return 0;
+}
+
 const struct block_driver block_driver_raw = {
     .name = "raw",
     .open = raw_open,
@@ -124,4 +133,5 @@ const struct block_driver block_driver_raw = {
     .truncate = raw_truncate,
     .child_resized = raw_child_resized,
     .keeps_child_size = raw_keeps_child_size,
+    .block_status = raw_block_status,
 };

@@ -257,6 +257,14 @@ static void write_finished(struct device *d, struct dev_req *r)
 
 static void really_free(struct device *d);
 
+/* A request or a query came back from the root node. */
+static void left_storage(struct device *d)
+{
+    d->in_flight--;
+    if (d->in_flight == 0)
+        d->stopper->ops->idle(d->stopper);  /* a pending stop may have waited for us */
+}
+
 static void on_block_done(struct block_req *breq, int ret)
 {
     struct dev_req *r = container_of(breq, struct dev_req, breq);
@@ -264,9 +272,7 @@ static void on_block_done(struct block_req *breq, int ret)
     enum dev_error_action act;
     int err = -ret;
 
-    d->in_flight--;
-    if (d->in_flight == 0)
-        d->stopper->ops->idle(d->stopper);  /* a pending stop may have waited for us */
+    left_storage(d);
     if (d->dying) {
         /* The export is gone: no policy, no parking; the request just ends. */
         r->done(r, ret < 0 ? ret : 0);
@@ -327,6 +333,26 @@ static void dispatch(struct device *d, struct dev_req *r)
     }
     d->in_flight++;
     node_submit(d->root, &r->breq);
+}
+
+static void on_status_done(struct block_status *st, int ret)
+{
+    struct dev_status *ds = container_of(st, struct dev_status, st);
+    struct device *d = ds->dev;
+
+    left_storage(d);
+    ds->done(ds, ret);
+    if (d->dying && d->in_flight == 0)
+        really_free(d);
+}
+
+void device_block_status(struct device *d, struct dev_status *ds)
+{
+    ASSERT(ds->done);
+    ds->dev = d;
+    ds->st.done = on_status_done;
+    d->in_flight++;
+    node_block_status(d->root, &ds->st);
 }
 
 void device_submit(struct device *d, struct dev_req *r)

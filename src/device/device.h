@@ -69,6 +69,16 @@ struct dev_req {
     bool is_write;         /* counts for flush ordering: write, write-zeroes, discard */
 };
 
+/* A block status query from an export: it fills st.offset, st.len, st.want_zero (see struct
+ * block_status in block/graph.h) and done; done(ds, ret) gives the answer in st (ret 0) or
+ * -errno. No error policy applies: a query changes nothing, and the client gets its error. */
+struct dev_status {
+    struct block_status st;
+    void (*done)(struct dev_status *ds, int ret);
+    void *opaque;  /* the export's */
+    struct device *dev;  /* the device's */
+};
+
 /* Someone (an export connection) waiting for the device to take requests again. */
 struct dev_waiter {
     struct dev_waiter *next;
@@ -189,6 +199,11 @@ bool device_busy(const struct device *d);
  * size is fixed: a root over a child) or be a flush with offset and len 0; the export validates what its client sent, and an
  * invalid req aborts. */
 void device_submit(struct device *d, struct dev_req *req);
+
+/* Ask the root node for the block status of a range within its size (asserted), also while
+ * stopped: a query does not touch the data. Counts as in flight until done (device_free()
+ * waits for it). */
+void device_block_status(struct device *d, struct dev_status *ds);
 
 /* Whether new requests would go to storage now (the daemon runs and nothing is held). An
  * export reading requests stops while this is false, and calls device_wait() to be told. */

@@ -310,9 +310,8 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
     enum dev_error_action rerror = action(opts, "rerror", DEV_ACTION_REPORT);
     struct vub_export_config vcfg = { .id = id, .writable = writable };
 
-    if (json_object_get(opts, "bitmaps") || json_object_get(opts, "iothread") ||
-        json_is_true(json_object_get(opts, "allocation-depth"))) {
-        error_setg(errp, "bitmaps, iothread and allocation-depth are not supported");
+    if (json_object_get(opts, "bitmaps") || json_object_get(opts, "iothread")) {
+        error_setg(errp, "bitmaps and iothread are not supported");
         return -1;
     }
     if (find(x, id)) {
@@ -347,7 +346,9 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
     device_set_writethrough(dev, writethrough);
     struct vub_export *vub = NULL;
     if (t == EXPORT_NBD) {
-        if (nbd_server_add_export(x->nbd, name, desc, dev, writable, errp) < 0) {
+        if (nbd_server_add_export(x->nbd, name, desc, dev, writable,
+                                  json_is_true(json_object_get(opts, "allocation-depth")),
+                                  errp) < 0) {
             device_free(dev);
             return -1;
         }

@@ -103,9 +103,9 @@ static void attach(struct nbd_conn *c, struct nbd_export *e)
     c->size = device_root(e->dev)->size;  /* as just sent: nothing ran in between */
     e->clients++;
     /* Contexts count only for the export they were selected on. */
-    if (c->meta_base_allocation &&
+    if (c->meta &&
         (c->meta_export_len != e->name_len || memcmp(c->meta_export, e->name, e->name_len)))
-        c->meta_base_allocation = false;
+        c->meta = 0;
     if (c->handshake_timer) {
         loop_del_timer(c->loop, c->handshake_timer);
         c->handshake_timer = 0;
@@ -247,15 +247,52 @@ static void opt_structured_reply(struct nbd_conn *c)
     reply_ack(c);
 }
 
-/* Which of our contexts query selects: for LIST, "base:" is a wildcard; SET takes only the
- * full name. Unknown namespaces and leaf names select nothing, without error. */
-static bool query_selects_base_allocation(const char *q, uint32_t len, bool list)
-{
-    static const char full[] = NBD_META_BASE_ALLOCATION;
+/* Our contexts by enum nbd_context, and the length of their namespace ("base:"). */
+static const struct {
+    const char *name;
+    size_t ns_len;
+} contexts[NBD_CTX_COUNT] = {
+    [NBD_CTX_BASE_ALLOCATION] = { NBD_META_BASE_ALLOCATION, 5 },
+    [NBD_CTX_ALLOCATION_DEPTH] = { NBD_META_ALLOCATION_DEPTH, 5 },
+};
 
-    if (len == sizeof(full) - 1 && memcmp(q, full, len) == 0)
-        return true;
-    return list && len == 5 && memcmp(q, "base:", 5) == 0;
+/* The contexts export e serves (bits of enum nbd_context). */
+static unsigned export_contexts(const struct nbd_export *e)
+{
+    return 1u << NBD_CTX_BASE_ALLOCATION |
+           (e->allocation_depth ? 1u << NBD_CTX_ALLOCATION_DEPTH : 0);
+}
+
+/* Which of e's contexts query selects, as QEMU 7.2: a full name; for LIST also a namespace
+ * alone ("base:", "qemu:"), a wildcard for its contexts. Unknown namespaces and leaf names
+ * select nothing, without error. */
+static unsigned query_selects(const char *q, uint32_t len, bool list, const struct nbd_export *e)
+{
+    unsigned bits = 0;
+
+    for (unsigned i = 0; i < NBD_CTX_COUNT; i++) {
+        size_t ns = contexts[i].ns_len, full = strlen(contexts[i].name);
+        if (len < ns || memcmp(q, contexts[i].name, ns) != 0)
+            continue;
+        if ((len == ns && list) || (len == full && memcmp(q, contexts[i].name, len) == 0))
+            bits |= 1u << i;
+    }
+    return bits & export_contexts(e);
+}
+
+/* The NBD_REP_META_CONTEXT replies for the contexts selected; LIST's ids are reserved and
+ * zero. */
+static void reply_contexts(struct nbd_conn *c, unsigned selected, bool list)
+{
+    for (unsigned i = 0; i < NBD_CTX_COUNT; i++) {
+        if (!(selected & 1u << i))
+            continue;
+        uint32_t id = htobe32(list ? 0 : i + 1);
+        size_t len = strlen(contexts[i].name);
+        reply_header(c, NBD_REP_META_CONTEXT, sizeof(id) + len);
+        buf_append(&c->out, &id, sizeof(id));
+        buf_append(&c->out, contexts[i].name, len);
+    }
 }
 
 /* NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT. */
@@ -265,11 +302,12 @@ static void opt_meta_context(struct nbd_conn *c)
     struct cursor cur = { (const unsigned char *)c->opt_data, c->optlen };
     uint32_t name_len, nqueries;
     const char *name;
-    bool selected = false;
+    struct nbd_export *e;
+    unsigned selected = 0;
 
     if (!list) {
         /* SET replaces the selection, even when it fails. */
-        c->meta_base_allocation = false;
+        c->meta = 0;
         free(c->meta_export);
         c->meta_export = NULL;
         c->meta_export_len = 0;
@@ -297,31 +335,24 @@ static void opt_meta_context(struct nbd_conn *c)
         reply_error(c, NBD_REP_ERR_INVALID, "trailing data after the queries");
         return;
     }
-    if (!nbd_server_find_export(c->server, name, name_len)) {
+    e = nbd_server_find_export(c->server, name, name_len);
+    if (!e) {
         reply_error(c, NBD_REP_ERR_UNKNOWN, "export not found");
         return;
     }
     if (list && nqueries == 0)
-        selected = true;
+        selected = export_contexts(e);
     for (uint32_t i = 0; i < nqueries; i++) {
         uint32_t qlen = 0;
         const char *q = NULL;
         take_u32(&queries, &qlen);
         take_string(&queries, qlen, &q);
-        if (query_selects_base_allocation(q, qlen, list))
-            selected = true;
+        selected |= query_selects(q, qlen, list, e);
     }
-    if (selected) {
-        static const char ctx[] = NBD_META_BASE_ALLOCATION;
-        /* LIST's ids are reserved and zero. */
-        uint32_t id = htobe32(list ? 0 : NBD_META_ID_BASE_ALLOCATION);
-        reply_header(c, NBD_REP_META_CONTEXT, sizeof(id) + sizeof(ctx) - 1);
-        buf_append(&c->out, &id, sizeof(id));
-        buf_append(&c->out, ctx, sizeof(ctx) - 1);
-    }
+    reply_contexts(c, selected, list);
     reply_ack(c);
     if (!list && selected) {
-        c->meta_base_allocation = true;
+        c->meta = selected;
         c->meta_export = xmalloc(name_len + 1);
         memcpy(c->meta_export, name, name_len);
         c->meta_export[name_len] = '\0';

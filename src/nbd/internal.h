@@ -40,7 +40,8 @@
 #define NBD_BUF_CLASSES 14u                     /* their sizes: 4 KiB << 0..13 (32 MiB) */
 #define NBD_BUF_CACHE_MAX (16u * 1024 * 1024)   /* freed ones kept for reuse, in bytes */
 #define NBD_BUF_CACHE_IDLE_NS (2ull * 1000 * 1000 * 1000)  /* idle this long: release */
-#define NBD_META_ID_BASE_ALLOCATION 1u          /* our id for base:allocation */
+#define NBD_STATUS_EXTENTS 1024u                /* block status descriptors per context */
+#define NBD_STATUS_STEPS 512u                   /* block status queries per context and request */
 #define NBD_IN_BUF_SIZE (16u * 1024)
 #define NBD_RECV_BUDGET 16u                     /* recv() calls per wakeup, for fairness */
 
@@ -58,6 +59,33 @@ enum nbd_state {
     NBD_STATE_CLOSED,        /* terminal */
 };
 
+/* Metadata contexts: context i is bit 1u << i of a selection, and has id i + 1 on the wire. */
+enum nbd_context {
+    NBD_CTX_BASE_ALLOCATION,
+    NBD_CTX_ALLOCATION_DEPTH,
+    NBD_CTX_COUNT,
+};
+
+/* Block status descriptors of one context (extents.c), in host byte order. */
+struct nbd_extent {
+    uint32_t length, flags;
+};
+
+struct nbd_extents {
+    struct nbd_extent *e;  /* room for max */
+    unsigned n, max;
+};
+
+/* A block status request's answer in the making (transmission.c). */
+struct nbd_status {
+    struct dev_status ds;
+    unsigned ctx;              /* enum nbd_context being answered */
+    uint64_t pos;              /* where its next query starts */
+    unsigned steps;            /* its queries so far */
+    struct nbd_extents ext[NBD_CTX_COUNT];
+    void *reply;               /* the chunks, once built */
+};
+
 struct nbd_export {
     struct nbd_export *next;  /* server->exports */
     char *name;
@@ -65,6 +93,7 @@ struct nbd_export {
     char *description;        /* NULL if none */
     struct device *dev;       /* not a reference: see nbd_server_add_export() */
     bool writable;
+    bool allocation_depth;    /* serves qemu:allocation-depth */
     unsigned clients;         /* connections in transmission on it */
 };
 
@@ -84,6 +113,7 @@ struct nbd_cmd {
     uint32_t error;          /* NBD_E* found while reading it (an invalid write) */
     const char *error_msg;
     bool flush_after;        /* TRIM with FUA: a flush follows the discard */
+    struct nbd_status *status;  /* BLOCK_STATUS */
     /* The reply: header bytes, then payload (a read's data). */
     unsigned char reply[128];
     size_t reply_len;
@@ -123,7 +153,7 @@ struct nbd_conn {
     uint32_t optlen;
     char *opt_data;
     bool structured;               /* structured replies negotiated */
-    bool meta_base_allocation;     /* base:allocation selected ... */
+    unsigned meta;                 /* contexts selected (bits of enum nbd_context) ... */
     char *meta_export;             /* ... for this export name */
     size_t meta_export_len;
 
@@ -209,6 +239,13 @@ uint16_t nbd_export_flags(const struct nbd_conn *c, const struct nbd_export *e);
 void nbd_cmd_free(struct nbd_conn *c, struct nbd_cmd *cmd);
 /* Release c's cache of data buffers (and its timer). */
 void nbd_transmission_release_buffers(struct nbd_conn *c);
+
+/* ---- extents.c ---- */
+
+/* Add len bytes of status flags after x's extents: merged into the last one when its flags
+ * are the same (up to 2^32 - 1 bytes), else as a new one. Returns the bytes taken: len, or
+ * less once x holds max extents. */
+uint64_t nbd_extents_add(struct nbd_extents *x, uint64_t len, uint32_t flags);
 
 /* ---- server.c ---- */
 

@@ -74,8 +74,11 @@
 /* Strings (export names, queries, messages) MUST be no longer than this. */
 #define NBD_MAX_STRING 4096
 
-/* The only metadata context we serve. */
+/* The metadata contexts we serve: the spec's, and QEMU's allocation depth (its
+ * docs/interop/nbd.txt: 0 unallocated in the whole chain, 1 the export's node, 2+ the
+ * backing node that depth down). */
 #define NBD_META_BASE_ALLOCATION "base:allocation"
+#define NBD_META_ALLOCATION_DEPTH "qemu:allocation-depth"
 #define NBD_STATE_HOLE (1u << 0)
 #define NBD_STATE_ZERO (1u << 1)
 
@@ -198,8 +201,7 @@ struct nbd_block_descriptor {
 } __attribute__((packed));
 
 struct nbd_structured_reply_block_status {
-    uint32_t context_id;
-    struct nbd_block_descriptor desc;  /* we always send exactly one */
+    uint32_t context_id;  /* followed by one or more struct nbd_block_descriptor */
 } __attribute__((packed));
 
 #endif

@@ -222,7 +222,8 @@ struct nbd_export *nbd_server_find_export(struct nbd_server *s, const char *name
 }
 
 int nbd_server_add_export(struct nbd_server *s, const char *name, const char *description,
-                          struct device *dev, bool writable, struct error **errp)
+                          struct device *dev, bool writable, bool allocation_depth,
+                          struct error **errp)
 {
     struct nbd_export *e;
 
@@ -244,6 +245,7 @@ int nbd_server_add_export(struct nbd_server *s, const char *name, const char *de
     e->description = description ? xstrdup(description) : NULL;
     e->dev = dev;
     e->writable = writable;
+    e->allocation_depth = allocation_depth;
     /* In creation order, so NBD_OPT_LIST lists them so. */
     nbd_export_queue_push(&s->exports, e);
     return 0;

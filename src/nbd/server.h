@@ -46,11 +46,13 @@ struct nbd_server *nbd_server_new(struct loop *loop, uint32_t max_connections);
  * at max_connections. */
 int nbd_server_add_client(struct nbd_server *s, int fd, struct error **errp);
 
-/* Make dev available as export name (with description, may be NULL), writable or read-only.
+/* Make dev available as export name (with description, may be NULL), writable or read-only,
+ * serving the metadata context qemu:allocation-depth too if allocation_depth.
  * The export keeps no reference: nbd_server_remove_export() must come before the device goes.
  * Returns 0 or -1 with *errp set (duplicate name). */
 int nbd_server_add_export(struct nbd_server *s, const char *name, const char *description,
-                          struct device *dev, bool writable, struct error **errp);
+                          struct device *dev, bool writable, bool allocation_depth,
+                          struct error **errp);
 
 /* Remove export name. hard: close its connections; otherwise fail with *errp set if it has any
  * ("export 'NAME' still in use"). Returns 0 or -1. Requests of closed connections may still

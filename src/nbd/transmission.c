@@ -165,6 +165,10 @@ void nbd_cmd_free(struct nbd_conn *c, struct nbd_cmd *cmd)
 {
     if (cmd->data)
         free_data(c, cmd);
+    if (cmd->status) {
+        free(cmd->status->reply);
+        free(cmd->status);
+    }
     c->in_flight--;
     free(cmd);
     if (c->in_flight == 0 && c->buf_cache_bytes > 0 && !c->buf_cache_timer &&
@@ -185,21 +189,30 @@ static void put_simple(struct nbd_cmd *cmd, uint32_t error)
     cmd->reply_len = sizeof(r);
 }
 
-/* A structured chunk header with the done flag, then extra (part of the payload). */
-static void put_chunk(struct nbd_cmd *cmd, uint16_t type, uint32_t length, const void *extra,
-                      size_t extra_len)
+/* A structured chunk header for cmd into p. */
+static void chunk_header(void *p, const struct nbd_cmd *cmd, uint16_t flags, uint16_t type,
+                         uint32_t length)
 {
     struct nbd_structured_reply r = {
         .magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC),
-        .flags = htobe16(NBD_REPLY_FLAG_DONE),
+        .flags = htobe16(flags),
         .type = htobe16(type),
         .handle = cmd->handle,
         .length = htobe32(length),
     };
-    memcpy(cmd->reply, &r, sizeof(r));
+    memcpy(p, &r, sizeof(r));
+}
+
+/* A structured chunk header with the done flag, then extra (part of the payload). */
+static void put_chunk(struct nbd_cmd *cmd, uint16_t type, uint32_t length, const void *extra,
+                      size_t extra_len)
+{
+    size_t hlen = sizeof(struct nbd_structured_reply);
+
+    chunk_header(cmd->reply, cmd, NBD_REPLY_FLAG_DONE, type, length);
     if (extra_len)
-        memcpy(cmd->reply + sizeof(r), extra, extra_len);
-    cmd->reply_len = sizeof(r) + extra_len;
+        memcpy(cmd->reply + hlen, extra, extra_len);
+    cmd->reply_len = hlen + extra_len;
 }
 
 static void reply_error(struct nbd_conn *c, struct nbd_cmd *cmd, uint32_t error,
@@ -238,14 +251,6 @@ static void reply_ok(struct nbd_conn *c, struct nbd_cmd *cmd)
             cmd->payload = cmd->data;
             cmd->payload_len = cmd->count;
         }
-    } else if (cmd->type == NBD_CMD_BLOCK_STATUS) {
-        /* No allocation information below us: one extent, allocated data, which the spec
-         * allows ("a server MAY always safely report a status of 0"). */
-        struct nbd_structured_reply_block_status bs = {
-            .context_id = htobe32(NBD_META_ID_BASE_ALLOCATION),
-            .desc = { htobe32(cmd->count), htobe32(0) },
-        };
-        put_chunk(cmd, NBD_REPLY_TYPE_BLOCK_STATUS, sizeof(bs), &bs, sizeof(bs));
     } else {
         put_simple(cmd, NBD_SUCCESS);
         if (cmd->type == NBD_CMD_READ) {
@@ -299,6 +304,129 @@ static void on_device_accepting(struct dev_waiter *w)
 
     c->waiting = false;
     nbd_conn_schedule(c);
+}
+
+/* ---- block status ----
+ *
+ * For each context selected, in the order of enum nbd_context, queries to the device from
+ * the request's offset, their answers merged into descriptors, until the request is covered,
+ * NBD_STATUS_EXTENTS descriptors are there (one with NBD_CMD_FLAG_REQ_ONE: as QEMU, equal
+ * extents after it still merge into it), or NBD_STATUS_STEPS queries were made: the spec
+ * lets a server answer less than the whole range where that would cost too much, and a
+ * query may read an L2 table. Then one chunk per context, the last one done. */
+
+static void status_ask(struct nbd_conn *c, struct nbd_cmd *cmd);
+
+/* NBD's flags for what the block layer said. */
+static uint32_t status_flags(unsigned ctx, const struct block_status *st)
+{
+    if (ctx == NBD_CTX_ALLOCATION_DEPTH)
+        return st->depth;
+    return (st->flags & BLOCK_STATUS_DATA ? 0 : NBD_STATE_HOLE) |
+           (st->flags & BLOCK_STATUS_ZERO ? NBD_STATE_ZERO : 0);
+}
+
+/* The next selected context from ctx on, or NBD_CTX_COUNT. */
+static unsigned next_context(const struct nbd_conn *c, unsigned ctx)
+{
+    while (ctx < NBD_CTX_COUNT && !(c->meta & 1u << ctx))
+        ctx++;
+    return ctx;
+}
+
+static void reply_status(struct nbd_conn *c, struct nbd_cmd *cmd)
+{
+    struct nbd_status *ns = cmd->status;
+    size_t len = 0, pos = 0;
+    unsigned last = 0;
+
+    for (unsigned i = 0; i < NBD_CTX_COUNT; i++) {
+        if (ns->ext[i].n) {
+            len += sizeof(struct nbd_structured_reply) + sizeof(uint32_t) +
+                   ns->ext[i].n * sizeof(struct nbd_block_descriptor);
+            last = i;
+        }
+    }
+    unsigned char *p = ns->reply = xmalloc(len);
+    for (unsigned i = 0; i < NBD_CTX_COUNT; i++) {
+        const struct nbd_extents *x = &ns->ext[i];
+        uint32_t id = htobe32(i + 1);
+        if (!x->n)
+            continue;
+        chunk_header(p + pos, cmd, i == last ? NBD_REPLY_FLAG_DONE : 0,
+                     NBD_REPLY_TYPE_BLOCK_STATUS,
+                     (uint32_t)(sizeof(id) + x->n * sizeof(struct nbd_block_descriptor)));
+        pos += sizeof(struct nbd_structured_reply);
+        memcpy(p + pos, &id, sizeof(id));
+        pos += sizeof(id);
+        for (unsigned k = 0; k < x->n; k++) {
+            struct nbd_block_descriptor d = { htobe32(x->e[k].length), htobe32(x->e[k].flags) };
+            memcpy(p + pos, &d, sizeof(d));
+            pos += sizeof(d);
+        }
+    }
+    cmd->reply_len = 0;
+    cmd->payload = ns->reply;
+    cmd->payload_len = len;
+    nbd_conn_queue_reply(c, cmd);
+}
+
+static void on_status_done(struct dev_status *ds, int ret)
+{
+    struct nbd_cmd *cmd = ds->opaque;
+    struct nbd_conn *c = cmd->conn;
+    struct nbd_status *ns = cmd->status;
+    uint64_t end = cmd->offset + cmd->count;
+
+    c->in_device--;
+    if (c->state == NBD_STATE_CLOSED) {
+        nbd_cmd_free(c, cmd);
+    } else if (ret < 0) {
+        reply_error(c, cmd, errno_to_nbd(-ret, cmd->flags), strerror(-ret));
+    } else {
+        uint64_t taken = nbd_extents_add(&ns->ext[ns->ctx], ds->st.pnum,
+                                         status_flags(ns->ctx, &ds->st));
+        ns->pos += taken;
+        if (taken < ds->st.pnum || ns->pos == end || ++ns->steps == NBD_STATUS_STEPS) {
+            ns->ctx = next_context(c, ns->ctx + 1);
+            ns->pos = cmd->offset;
+            ns->steps = 0;
+        }
+        if (ns->ctx < NBD_CTX_COUNT)
+            status_ask(c, cmd);
+        else
+            reply_status(c, cmd);
+    }
+    nbd_conn_unref(c);
+}
+
+static void status_ask(struct nbd_conn *c, struct nbd_cmd *cmd)
+{
+    struct nbd_status *ns = cmd->status;
+
+    ns->ds.st = (struct block_status){
+        .offset = ns->pos, .len = cmd->offset + cmd->count - ns->pos,
+        .want_zero = ns->ctx == NBD_CTX_BASE_ALLOCATION,
+    };
+    ns->ds.done = on_status_done;
+    ns->ds.opaque = cmd;
+    c->in_device++;
+    nbd_conn_ref(c);
+    device_block_status(c->dev, &ns->ds);
+}
+
+static void status_start(struct nbd_conn *c, struct nbd_cmd *cmd)
+{
+    unsigned max = cmd->flags & NBD_CMD_FLAG_REQ_ONE ? 1 : NBD_STATUS_EXTENTS;
+    struct nbd_status *ns = cmd->status = xzalloc(sizeof(*ns) + NBD_CTX_COUNT * max *
+                                                                sizeof(struct nbd_extent));
+    struct nbd_extent *e = (struct nbd_extent *)(ns + 1);
+
+    for (unsigned i = 0; i < NBD_CTX_COUNT; i++)
+        ns->ext[i] = (struct nbd_extents){ .e = e + i * max, .max = max };
+    ns->ctx = next_context(c, 0);
+    ns->pos = cmd->offset;
+    status_ask(c, cmd);
 }
 
 /* ---- requests ---- */
@@ -361,7 +489,11 @@ static uint32_t validate(struct nbd_conn *c, const struct nbd_cmd *cmd, const ch
         return NBD_EINVAL;
     }
     if (type == NBD_CMD_BLOCK_STATUS) {
-        if (!c->meta_base_allocation) {
+        if (!c->structured) {
+            *msg = "block status needs structured replies";
+            return NBD_EINVAL;
+        }
+        if (!c->meta) {
             *msg = "no metadata context was negotiated";
             return NBD_EINVAL;
         }
@@ -422,7 +554,7 @@ static void execute(struct nbd_conn *c, struct nbd_cmd *cmd)
                    cmd->offset, cmd->count);
         break;
     case NBD_CMD_BLOCK_STATUS:
-        reply_ok(c, cmd);
+        status_start(c, cmd);
         break;
     }
 }

@@ -61,6 +61,7 @@ REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA = 0, 1
 REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR = 5, (1 << 15) + 1
 
 EPERM, EIO, EINVAL, ENOSPC, ENOTSUP = 1, 5, 22, 28, 95
+STATE_HOLE, STATE_ZERO = 1, 2
 
 
 def libnbd_errno(e):
@@ -628,14 +629,30 @@ def test_structured_read_is_one_data_chunk(server):
     assert c.chunk() == (REPLY_FLAG_DONE, REPLY_TYPE_NONE, h, b"")
 
 
-def test_block_status_one_allocated_extent(server):
+def block_status(c, offset, count, flags=0):
+    """The (length, flags) descriptors of one block status reply with one chunk."""
+    h = c.request(CMD_BLOCK_STATUS, offset, count, flags=flags)
+    rflags, rtype, rh, payload = c.chunk()
+    assert (rflags, rtype, rh) == (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, h)
+    words = struct.unpack(f">{len(payload) // 4}I", payload)
+    assert words[0] == c.context_id
+    return list(zip(words[1::2], words[2::2]))
+
+
+def test_block_status_data_then_hole(server):
+    """The image is a sparse file: what was written is data, the rest a hole of zeroes."""
     c = server.raw().greeting()
     c.go(structured=True, meta=True)
-    for flags in (0, CMD_FLAG_REQ_ONE):
-        h = c.request(CMD_BLOCK_STATUS, 4096, 65536, flags=flags)
-        rflags, rtype, rh, payload = c.chunk()
-        assert (rflags, rtype, rh) == (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, h)
-        assert struct.unpack(">III", payload) == (c.context_id, 65536, 0)
+    c.write(0, b"\x11" * 65536)
+    assert block_status(c, 4096, 131072) == [(61440, 0), (69632, STATE_HOLE | STATE_ZERO)]
+
+
+def test_block_status_req_one_is_one_descriptor(server):
+    c = server.raw().greeting()
+    c.go(structured=True, meta=True)
+    c.write(0, b"\x11" * 65536)
+    assert block_status(c, 4096, 131072, CMD_FLAG_REQ_ONE) == [(61440, 0)]
+    assert block_status(c, 65536, 131072, CMD_FLAG_REQ_ONE) == [(131072, STATE_HOLE | STATE_ZERO)]
 
 
 def test_zero_length_requests_succeed(conn):
@@ -857,7 +874,7 @@ def test_libnbd_block_status(server):
     h = server.libnbd()
     extents = []
     h.block_status(MiB, 0, lambda ctx, off, ents, err: extents.append((ctx, off, ents)))
-    assert extents == [("base:allocation", 0, [MiB, 0])]
+    assert extents == [("base:allocation", 0, [MiB, nbd.STATE_HOLE | nbd.STATE_ZERO])]
 
 
 def test_libnbd_errors_and_connection_goes_on(server):
