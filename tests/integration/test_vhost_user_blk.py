@@ -64,6 +64,20 @@ def start_export(daemons, img, extra="", num_queues=None, fmt="raw", discard=Fal
     return d, vsock
 
 
+def start_fault_export(daemons, img, vsock, rules=None):
+    """thinblkd serving img through a fault filter "flt" (with rules, if any) on vsock."""
+    d = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=proto0,filename={img}",
+        "--blockdev", "driver=fault,node-name=flt,file=proto0",
+        "--blockdev", "driver=raw,node-name=fmt0,file=flt",
+        "--export", f"type=vhost-user-blk,id=disk0,node-name=fmt0,addr.type=unix,"
+                    f"addr.path={vsock},writable=on"])
+    wait_for_file_socket(vsock, d)
+    if rules:
+        ok(d.negotiated().cmd("__org.thinblk_fault-set", {"node-name": "flt", "rules": rules}))
+    return d
+
+
 # ---- a minimal vhost-user frontend, for the socket's own behaviour ----------------------------
 
 GET_FEATURES, GET_VRING_BASE, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_CONFIG = 1, 11, 15, 17, 24
@@ -574,15 +588,7 @@ def test_get_vring_base_waits_for_requests_in_flight(daemons, tmp_path):
     the used ring first, or the guest would never see it complete."""
     img = image(tmp_path / "d.raw", MIB)
     vsock = daemons.rundir() / "vub.sock"
-    d = daemons.start(args=[
-        "--blockdev", f"driver=file,node-name=proto0,filename={img}",
-        "--blockdev", "driver=fault,node-name=flt,file=proto0",
-        "--blockdev", "driver=raw,node-name=fmt0,file=flt",
-        "--export", f"type=vhost-user-blk,id=disk0,node-name=fmt0,addr.type=unix,"
-                    f"addr.path={vsock},writable=on"])
-    wait_for_file_socket(vsock, d)
-    ok(d.negotiated().cmd("__org.thinblk_fault-set", {
-        "node-name": "flt", "rules": [{"op": "write", "delay-ms": 2000}]}))
+    d = start_fault_export(daemons, img, vsock, rules=[{"op": "write", "delay-ms": 2000}])
     g = FakeGuest(vsock, event_idx=True)
     struct.pack_into("<IIQ", g.mem, DATA, 1, 0, 0)   # VIRTIO_BLK_T_OUT at sector 0
     g.mem[DATA + 0x1000:DATA + 0x1200] = b"\x5a" * 512

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import AGAINST_QEMU, image, ok, without_timestamp
 from test_vhost_user_blk import (DATA, GET_QUEUE_NUM, GET_VRING_BASE, GUEST_TIMEOUT, RING,
-                                 FakeGuest, Frontend, needs_qemu, wait_for_file_socket)
+                                 FakeGuest, Frontend, needs_qemu, start_fault_export)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest"))
 import guest as kit  # noqa: E402
@@ -31,6 +31,7 @@ MIB = kit.MIB
 SET_PROTOCOL_FEATURES, GET_INFLIGHT_FD, SET_INFLIGHT_FD = 16, 31, 32
 REPLY_ACK, INFLIGHT_SHMFD = 3, 12
 F_GET_SEALS, F_SEAL_SHRINK = 1034, 0x0002
+ENOSPC_ONCE = {"op": "write", "errno": "ENOSPC", "once": True}
 REGION = 192                      # one queue of RING (8) entries: 16 + 8 * 16, padded to 64
 
 
@@ -63,18 +64,14 @@ def queue_state(region):
     return version, desc_num, last, used, marked
 
 
-def start(daemons, img, vsock, rules=None):
-    """thinblkd serving img through a fault filter (rules, if any) on vsock."""
-    d = daemons.start(args=[
-        "--blockdev", f"driver=file,node-name=proto0,filename={img}",
-        "--blockdev", "driver=fault,node-name=flt,file=proto0",
-        "--blockdev", "driver=raw,node-name=fmt0,file=flt",
-        "--export", f"type=vhost-user-blk,id=disk0,node-name=fmt0,addr.type=unix,"
-                    f"addr.path={vsock},writable=on"])
-    wait_for_file_socket(vsock, d)
-    if rules:
-        ok(d.negotiated().cmd("__org.thinblk_fault-set", {"node-name": "flt", "rules": rules}))
-    return d
+def new_region(vsock):
+    """A region from GET_INFLIGHT_FD, as QEMU gets it on its first connection: (fd, size,
+    its mapping), once the export takes a frontend again."""
+    f = Frontend(vsock)
+    size, _, fd = get_inflight(f)
+    f.close()
+    kit.wait_until(lambda: Frontend(vsock).call(GET_QUEUE_NUM), 10, "the export free again")
+    return fd, size, mmap.mmap(fd, size)
 
 
 def write_request(g, head, sector, byte):
@@ -104,7 +101,7 @@ def stop_event(qmp, timeout=10):
 
 def test_inflight_region_is_ours_and_sealed(daemons, tmp_path):
     vsock = daemons.rundir() / "vub.sock"
-    start(daemons, image(tmp_path / "d.raw", MIB), vsock)
+    start_fault_export(daemons, image(tmp_path / "d.raw", MIB), vsock)
     f = Frontend(vsock)
     proto, = struct.unpack("<Q", f.call(15))
     assert proto & (1 << INFLIGHT_SHMFD), hex(proto)
@@ -144,13 +141,9 @@ def test_stopped_ring_gives_back_its_requests(daemons, tmp_path):
     once, after cont."""
     img = image(tmp_path / "d.raw", MIB)
     vsock = daemons.rundir() / "vub.sock"
-    d = start(daemons, img, vsock, rules=[{"op": "write", "errno": "ENOSPC", "once": True}])
+    d = start_fault_export(daemons, img, vsock, rules=[ENOSPC_ONCE])
     qmp = d.negotiated()
-    f = Frontend(vsock)
-    size, _, fd = get_inflight(f)
-    f.close()
-    region = mmap.mmap(fd, size)
-    kit.wait_until(lambda: Frontend(vsock).call(GET_QUEUE_NUM), 10, "the export free again")
+    fd, size, region = new_region(vsock)
 
     g = inflight_guest(vsock, fd, size)
     status = write_request(g, 0, 3, 0xa5)
@@ -186,16 +179,12 @@ def test_request_at_storage_when_the_ring_stops_is_not_parked(daemons, tmp_path)
     parked behind the ring's back). Both come back at the restart and are written once."""
     img = image(tmp_path / "d.raw", MIB)
     vsock = daemons.rundir() / "vub.sock"
-    d = start(daemons, img, vsock, rules=[
+    d = start_fault_export(daemons, img, vsock, rules=[
         {"op": "write", "offset": 512, "length": 512, "errno": "ENOSPC", "delay-ms": 1500,
          "once": True},
         {"op": "write", "offset": 0, "length": 512, "errno": "ENOSPC", "once": True}])
     qmp = d.negotiated()
-    f = Frontend(vsock)
-    size, _, fd = get_inflight(f)
-    f.close()
-    region = mmap.mmap(fd, size)
-    kit.wait_until(lambda: Frontend(vsock).call(GET_QUEUE_NUM), 10, "the export free again")
+    fd, size, region = new_region(vsock)
     g = inflight_guest(vsock, fd, size)
     write_request(g, 0, 1, 0x33)        # held 1.5 s at storage, then fails
     kit.wait_until(lambda: g.avail_event() == 1, 10, "thinblkd taking the first write")
@@ -224,13 +213,9 @@ def test_killed_daemon_requests_are_handled_by_the_next(daemons, tmp_path):
     given the region back, handles both, in the order they were taken."""
     img = image(tmp_path / "d.raw", MIB)
     vsock = daemons.rundir() / "vub.sock"
-    first = start(daemons, img, vsock, rules=[{"op": "write", "errno": "ENOSPC", "once": True}])
+    first = start_fault_export(daemons, img, vsock, rules=[ENOSPC_ONCE])
     qmp = first.negotiated()
-    f = Frontend(vsock)
-    size, _, fd = get_inflight(f)
-    f.close()
-    region = mmap.mmap(fd, size)
-    kit.wait_until(lambda: Frontend(vsock).call(GET_QUEUE_NUM), 10, "the export free again")
+    fd, size, region = new_region(vsock)
     g = inflight_guest(vsock, fd, size)
     write_request(g, 0, 5, 0x11)
     stop_event(qmp)
@@ -240,7 +225,7 @@ def test_killed_daemon_requests_are_handled_by_the_next(daemons, tmp_path):
     assert queue_state(region)[4] == {0: 0}
     first.kill()
 
-    second = start(daemons, img, vsock)
+    second = start_fault_export(daemons, img, vsock)
     # QEMU restarts a ring whose backend died at its used index (0 here).
     g2 = inflight_guest(vsock, fd, size, memory=g, base=0)
     kit.wait_until(lambda: g2.used_idx() == 2, 10, "both writes' completions")
@@ -268,7 +253,7 @@ def test_guest_writes_through_kill_9_and_restart(guest_image, daemons, tmp_path)
     img = image(tmp_path / "disk.raw", 64 * MIB)
     vsock = daemons.rundir() / "vub.sock"
     # The 9th write fails: the daemon stops with it parked, and more wait behind it.
-    first = start(daemons, img, vsock,
+    first = start_fault_export(daemons, img, vsock,
                   rules=[{"op": "write", "errno": "ENOSPC", "after": 8, "once": True}])
     qmp = first.negotiated()
     with kit.Guest(guest_image, kit.VhostUserBlkDisk(str(vsock), reconnect=1), job="write",
@@ -276,7 +261,7 @@ def test_guest_writes_through_kill_9_and_restart(guest_image, daemons, tmp_path)
         stop_event(qmp, GUEST_TIMEOUT)
         assert g.running() and not g.markers("RESULT"), g.console
         first.kill()
-        second = start(daemons, img, vsock)
+        second = start_fault_export(daemons, img, vsock)
         console, rc = g.wait(GUEST_TIMEOUT)
     assert rc == 0, f"QEMU exited with {rc}:\n{g.stderr()}\n{console}"
     assert "I/O error" not in console and not g.io_error, g.dmesg
