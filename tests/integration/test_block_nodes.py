@@ -1,5 +1,7 @@
 """Block nodes and exports over QMP: blockdev-add/-del, the raw window, discard and actual-size,
-host block devices, query-block-exports and block-export-del, an NBD server on TCP."""
+detect-zeroes, host block devices, query-block-exports and block-export-del, an NBD server on
+TCP."""
+import json
 import os
 import random
 import socket
@@ -73,6 +75,82 @@ def test_blockdev_add_errors(daemons, tmp_path):
         assert qmp.cmd("blockdev-add", {"driver": driver, "node-name": "a", "read-only": ro,
                                         "filename": str(fifo)}) == error(f"'{fifo}' is not a file")
     assert qmp.cmd("query-named-block-nodes") == {"return": []}
+
+
+def test_detect_zeroes_option(daemons, tmp_path):
+    """QEMU's values and texts; unmap needs discard=unmap on the same node; the value is
+    the node's own (an implicit child does not inherit it) and queries report it."""
+    img = image(tmp_path / "disk.raw", MiB)
+    qmp = daemons.start().negotiated()
+    base = {"driver": "file", "node-name": "f0", "filename": str(img)}
+    assert qmp.cmd("blockdev-add", {**base, "detect-zeroes": "bogus"}) == error(
+        "Parameter 'detect-zeroes' does not accept value 'bogus'")
+    assert qmp.cmd("blockdev-add", {**base, "detect-zeroes": 5}) == error(
+        "Invalid parameter type for 'detect-zeroes', expected: string")
+    for discard in ({}, {"discard": "ignore"}):
+        assert qmp.cmd("blockdev-add", {**base, "detect-zeroes": "unmap", **discard}) == error(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation "
+            "to unmap")
+    ok(qmp.cmd("blockdev-add", {**base, "detect-zeroes": "off"}))
+    ok(qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "r0", "detect-zeroes": "on",
+                                "file": "f0"}))
+    ok(qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "r1", "detect-zeroes": "unmap",
+                                "discard": "unmap", "file": {"driver": "file",
+                                                             "filename": str(img)}}))
+    nodes = qmp.cmd("query-named-block-nodes")["return"]
+    assert [(n["drv"], n["detect_zeroes"]) for n in nodes] == [
+        ("raw", "unmap"), ("file", "off"), ("raw", "on"), ("file", "off")]
+
+
+def qemu_io(uri, *cmds):
+    argv = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        argv += ["-c", c]
+    r = subprocess.run(argv + [uri], capture_output=True, text=True)
+    assert r.returncode == 0 and "error" not in r.stdout.lower() + r.stderr.lower(), \
+        r.stdout + r.stderr
+
+
+def data_extents(img):
+    """[start, end) of the extents the file system holds data for (qemu-img map on raw:
+    SEEK_DATA; zeroed-in-place ranges, unwritten extents, read as holes)."""
+    m = json.loads(subprocess.run(["qemu-img", "map", "-f", "raw", "--output=json", str(img)],
+                                  check=True, capture_output=True, text=True).stdout)
+    return [(e["start"], e["start"] + e["length"]) for e in m if e["data"]]
+
+
+@pytest.mark.parametrize("mode", ["off", "on", "unmap"])
+def test_detect_zeroes_on_a_file(daemons, tmp_path, mode):
+    """A guest's zero buffers (qemu-io write -P 0, NBD writes) over data written before and
+    over a hole: off writes them as data; on as write-zeroes (zeroed in place: no data extent,
+    the blocks stay); unmap deallocates them (discard=unmap). Other data is written as is."""
+    img = image(tmp_path / "disk.raw", 16 * MiB)
+    sock = tmp_path / "nbd.sock"
+    qmp = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=f0,filename={img},discard=unmap,"
+                      f"detect-zeroes={mode}",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on"]).negotiated()
+    [dev] = qmp.cmd("query-block")["return"]
+    assert dev["inserted"]["detect_zeroes"] == mode
+    uri = f"nbd+unix:///disk?socket={sock}"
+    qemu_io(uri, "write -P 0x5a 0 4M", "flush")
+    assert os.stat(img).st_blocks * 512 == 4 * MiB
+    qemu_io(uri, "write -P 0 0 4M", "write -P 0 8M 4M", "write -P 0x33 14M 64k", "flush")
+    blocks = os.stat(img).st_blocks * 512
+    if mode == "off":
+        assert data_extents(img) == [(0, 4 * MiB), (8 * MiB, 12 * MiB),
+                                     (14 * MiB, 14 * MiB + 65536)]
+        assert blocks == 8 * MiB + 65536
+    else:
+        assert data_extents(img) == [(14 * MiB, 14 * MiB + 65536)]
+    if mode == "on":
+        assert blocks >= 4 * MiB + 65536   # zeroed in place: the blocks written before stay
+    if mode == "unmap":
+        assert blocks == 65536
+    with open(img, "rb") as f:
+        assert f.read(14 * MiB) == bytes(14 * MiB)
+        assert f.read(65536) == b"\x33" * 65536
 
 
 def test_raw_window_writes_at_its_offset(daemons, tmp_path):
