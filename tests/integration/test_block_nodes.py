@@ -214,6 +214,34 @@ def test_discard_and_actual_size(daemons, tmp_path, tmpfs, discard):
 
 
 @root_only
+def test_write_zeroes_without_zero_range(daemons, tmp_path, tmpfs):
+    """tmpfs has no FALLOC_FL_ZERO_RANGE: a write-zeroes that may not unmap punches a hole
+    and allocates it again (QEMU's fallback), so the range reads zeroes and stays allocated;
+    one that may unmap (discard=unmap) deallocates it."""
+    img = image(tmpfs / "disk.raw", 16 * MiB)
+    sock = tmp_path / "nbd.sock"
+    d = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=f0,filename={img},discard=unmap",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on"])
+    qmp = d.negotiated()
+    h = nbd_unix(sock, "disk")
+    h.pwrite(random.randbytes(4 * MiB), 0)
+    h.zero(4 * MiB, 0, nbd.CMD_FLAG_NO_HOLE)
+    h.zero(MiB, 8 * MiB, nbd.CMD_FLAG_NO_HOLE)   # over a hole: allocated
+    h.flush()
+    assert h.pread(4 * MiB, 0) == bytes(4 * MiB)
+    [node] = qmp.cmd("query-named-block-nodes")["return"]
+    assert node["image"]["actual-size"] == 5 * MiB
+    h.zero(2 * MiB, 0)
+    h.flush()
+    [node] = qmp.cmd("query-named-block-nodes")["return"]
+    assert node["image"]["actual-size"] == 3 * MiB
+    assert h.pread(4 * MiB, 0) == bytes(4 * MiB)
+    h.shutdown()
+
+
+@root_only
 @pytest.mark.parametrize("driver,direct", [("host_device", False), ("file", True)])
 def test_host_block_device(daemons, tmp_path, driver, direct):
     backing = image(tmp_path / "backing.img", 16 * MiB)
@@ -242,6 +270,42 @@ def test_host_block_device(daemons, tmp_path, driver, direct):
             assert f.read(MiB) == data
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@root_only
+@pytest.mark.parametrize("discard", ["unmap", "ignore"])
+def test_host_device_write_zeroes_and_discard(daemons, tmp_path, discard):
+    """On a loop device over a file: write-zeroes reads back zeroes; with discard=unmap, one
+    that may unmap and a discard deallocate the backing file's range, one with NBD's
+    NO_HOLE keeps it; with discard=ignore nothing is deallocated."""
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(random.randbytes(16 * MiB))
+    os.sync()
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        sock = tmp_path / "nbd.sock"
+        d = daemons.start(args=[
+            "--blockdev", f"driver=host_device,node-name=d0,filename={dev},discard={discard}",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=e0,node-name=d0,name=disk,writable=on"])
+        h = nbd_unix(sock, "disk")
+        h.zero(4 * MiB, 0)
+        h.zero(2 * MiB, 8 * MiB, nbd.CMD_FLAG_NO_HOLE)
+        h.trim(2 * MiB, 12 * MiB)
+        h.flush()
+        assert h.pread(4 * MiB, 0) == bytes(4 * MiB)
+        assert h.pread(2 * MiB, 8 * MiB) == bytes(2 * MiB)
+        h.shutdown()
+        d.shutdown()
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    freed = 6 * MiB if discard == "unmap" else 0
+    assert os.stat(backing).st_blocks * 512 == 16 * MiB - freed
+    with open(backing, "rb") as f:
+        assert f.read(4 * MiB) == bytes(4 * MiB)
+        f.seek(8 * MiB)
+        assert f.read(2 * MiB) == bytes(2 * MiB)
 
 
 def test_query_block_exports_and_del(daemons, tmp_path):
