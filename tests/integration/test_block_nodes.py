@@ -22,6 +22,17 @@ def nbd_unix(sock, name):
     return h
 
 
+def serve(daemons, tmp_path, blockdev, node="f0"):
+    """thinblkd with the node of --blockdev `blockdev` exported writable as "disk" over NBD
+    on a Unix socket: the daemon and the socket."""
+    sock = tmp_path / "nbd.sock"
+    d = daemons.start(args=[
+        "--blockdev", blockdev,
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", f"type=nbd,id=e0,node-name={node},name=disk,writable=on"])
+    return d, sock
+
+
 def test_blockdev_add_query_and_del(daemons, tmp_path):
     img = image(tmp_path / "disk.raw", MiB)
     qmp = daemons.start().negotiated()
@@ -125,12 +136,9 @@ def test_detect_zeroes_on_a_file(daemons, tmp_path, mode):
     over a hole: off writes them as data; on as write-zeroes (zeroed in place: no data extent,
     the blocks stay); unmap deallocates them (discard=unmap). Other data is written as is."""
     img = image(tmp_path / "disk.raw", 16 * MiB)
-    sock = tmp_path / "nbd.sock"
-    qmp = daemons.start(args=[
-        "--blockdev", f"driver=file,node-name=f0,filename={img},discard=unmap,"
-                      f"detect-zeroes={mode}",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}",
-        "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on"]).negotiated()
+    d, sock = serve(daemons, tmp_path, f"driver=file,node-name=f0,filename={img},discard=unmap,"
+                                       f"detect-zeroes={mode}")
+    qmp = d.negotiated()
     [dev] = qmp.cmd("query-block")["return"]
     assert dev["inserted"]["detect_zeroes"] == mode
     uri = f"nbd+unix:///disk?socket={sock}"
@@ -186,11 +194,8 @@ def tmpfs(tmp_path):
 @pytest.mark.parametrize("discard", ["unmap", "ignore"])
 def test_discard_and_actual_size(daemons, tmp_path, tmpfs, discard):
     img = image(tmpfs / "disk.raw", 16 * MiB)
-    sock = tmp_path / "nbd.sock"
-    d = daemons.start(args=[
-        "--blockdev", f"driver=file,node-name=f0,filename={img},discard={discard}",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}",
-        "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on"])
+    d, sock = serve(daemons, tmp_path, f"driver=file,node-name=f0,filename={img},"
+                                       f"discard={discard}")
     qmp = d.negotiated()
 
     def actual_size():
@@ -219,11 +224,7 @@ def test_write_zeroes_without_zero_range(daemons, tmp_path, tmpfs):
     and allocates it again (QEMU's fallback), so the range reads zeroes and stays allocated;
     one that may unmap (discard=unmap) deallocates it."""
     img = image(tmpfs / "disk.raw", 16 * MiB)
-    sock = tmp_path / "nbd.sock"
-    d = daemons.start(args=[
-        "--blockdev", f"driver=file,node-name=f0,filename={img},discard=unmap",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}",
-        "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on"])
+    d, sock = serve(daemons, tmp_path, f"driver=file,node-name=f0,filename={img},discard=unmap")
     qmp = d.negotiated()
     h = nbd_unix(sock, "disk")
     h.pwrite(random.randbytes(4 * MiB), 0)
@@ -248,12 +249,9 @@ def test_host_block_device(daemons, tmp_path, driver, direct):
     dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
                          capture_output=True, text=True).stdout.strip()
     try:
-        sock = tmp_path / "nbd.sock"
-        d = daemons.start(args=[
-            "--blockdev", f"driver={driver},node-name=d0,filename={dev},"
-                          f"cache.direct={'on' if direct else 'off'}",
-            "--nbd-server", f"addr.type=unix,addr.path={sock}",
-            "--export", "type=nbd,id=e0,node-name=d0,name=disk,writable=on"])
+        d, sock = serve(daemons, tmp_path, f"driver={driver},node-name=d0,filename={dev},"
+                                           f"cache.direct={'on' if direct else 'off'}",
+                        node="d0")
         node = d.negotiated().cmd("query-named-block-nodes")["return"][0]
         assert node["image"]["virtual-size"] == 16 * MiB
         assert node["image"]["actual-size"] == 0  # as QEMU reports for a device
@@ -284,11 +282,8 @@ def test_host_device_write_zeroes_and_discard(daemons, tmp_path, discard):
     dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
                          capture_output=True, text=True).stdout.strip()
     try:
-        sock = tmp_path / "nbd.sock"
-        d = daemons.start(args=[
-            "--blockdev", f"driver=host_device,node-name=d0,filename={dev},discard={discard}",
-            "--nbd-server", f"addr.type=unix,addr.path={sock}",
-            "--export", "type=nbd,id=e0,node-name=d0,name=disk,writable=on"])
+        d, sock = serve(daemons, tmp_path, f"driver=host_device,node-name=d0,filename={dev},"
+                                           f"discard={discard}", node="d0")
         h = nbd_unix(sock, "disk")
         h.zero(4 * MiB, 0)
         h.zero(2 * MiB, 8 * MiB, nbd.CMD_FLAG_NO_HOLE)
