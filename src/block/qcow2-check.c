@@ -607,7 +607,8 @@ static void reclaim_free(struct check *k, uint64_t end)
     struct qcow2_state *s = k->s;
     uint64_t n = 0;
 
-    qsort(k->free.ptr, k->free.len, sizeof(*k->free.ptr), run_cmp);
+    if (k->free.len)
+        qsort(k->free.ptr, k->free.len, sizeof(*k->free.ptr), run_cmp);
     for (size_t i = k->free.len; i-- > 0;) {
         struct qcow2_run *r = &k->free.ptr[i];
         if (r->first < end) {

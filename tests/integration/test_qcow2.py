@@ -785,7 +785,7 @@ def test_detect_zeroes(daemons, tmp_path, mode):
     assert over_data["length"] == MiB, over_data
     if mode == "on":
         assert "offset" in over_data, over_data       # zero flag, cluster kept
-        assert blocks == written
+        assert blocks <= written + cs // 512          # (the file system's extent blocks vary)
     else:
         assert "offset" not in over_data, over_data   # freed, the file's range punched
         assert blocks <= written - MiB + cs  # (a metadata write may fill a sparse block)
@@ -819,7 +819,9 @@ def test_discarded_clusters_reused_after_restart(daemons, tmp_path):
     h.shutdown()
     srv.stop()
     again = os.stat(img)
-    assert (again.st_size, again.st_blocks) == (written.st_size, written.st_blocks)
+    assert again.st_size == written.st_size
+    # Within a cluster: the file system's own extent blocks (counted in st_blocks) vary.
+    assert again.st_blocks <= written.st_blocks + cs // 512
     assert_clean(img, ref)
 
 
