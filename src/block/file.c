@@ -10,6 +10,22 @@
  * is one vector (a request's buf is its one segment): a transfer that the kernel completes
  * short is continued from where it stopped, in whichever segment, until it is whole or fails:
  * a write either fully happened or reports the errno that stopped it.
+ *
+ * Write-zeroes and discard, in QEMU's file-posix order (handle_aiocb_write_zeroes[_unmap],
+ * handle_aiocb_discard), each a step through io_uring, the next tried where the kernel, the
+ * file system or the device refuses one (EOPNOTSUPP, EINVAL, ENODEV, EBUSY):
+ *  - write-zeroes that may unmap (BLOCK_REQ_MAY_UNMAP and discard=unmap): PUNCH_HOLE;
+ *  - then ZERO_RANGE (zeroed in place, allocated);
+ *  - a regular file then PUNCH_HOLE followed by a plain fallocate (a file system without
+ *    ZERO_RANGE, such as tmpfs: zeroes, still allocated);
+ *  - then zeroes written from memory.
+ *  - discard (discard=unmap): PUNCH_HOLE; a refusal means there is nothing to do.
+ * A host block device has no ioctl on io_uring (BLKZEROOUT, BLKDISCARD would block the loop),
+ * but the block layer maps fallocate on it (Linux 4.9) to the same operations: ZERO_RANGE is
+ * BLKZEROOUT (zeroes written by the device or, failing that, by the kernel; never unmapped),
+ * PUNCH_HOLE a write-zeroes the device may unmap (never written by the kernel). Its discard
+ * is BLKDISCARD's, as io_uring's block discard command (Linux 6.12), PUNCH_HOLE where the
+ * kernel or the device has no such command.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -42,11 +58,22 @@ struct file_op {
     struct block_node *node;
     struct block_req *req;
     uint64_t done_bytes;  /* READ/WRITE: transferred so far */
-    int stage;            /* WRITE_ZEROES fallbacks, FUA's flush */
+    int step;             /* enum file_step */
     /* READ/WRITE: the request's vector, a copy whose transferred bytes are cut off the
      * front: iov[seg..niov) is what is left. */
     unsigned seg, niov;
     struct iovec iov[];
+};
+
+/* What a request's operation is doing, beyond its first step: the fallbacks of write-zeroes
+ * and discard (see the top), FUA's flush. */
+enum file_step {
+    STEP_FIRST,        /* the operation; WRITE_ZEROES that may unmap: PUNCH_HOLE */
+    STEP_ZERO_RANGE,   /* WRITE_ZEROES */
+    STEP_PUNCH,        /* WRITE_ZEROES: then STEP_ALLOCATE; a block device's DISCARD */
+    STEP_ALLOCATE,     /* WRITE_ZEROES: fallocate the punched range again */
+    STEP_WRITE_ZEROES, /* WRITE_ZEROES: zeroes from memory */
+    STEP_FUA,          /* WRITE, WRITE_ZEROES with FUA: fdatasync */
 };
 
 static struct file_state *st(struct block_node *n)
@@ -181,21 +208,41 @@ static void advance(struct file_op *op, uint64_t n)
     }
 }
 
+/* op's step was refused with res: move op to the next way of doing it (see the top), or
+ * return false if there is none. */
+static bool fall_back(struct file_op *op, int res)
+{
+    if (res != -EOPNOTSUPP && res != -EINVAL && res != -ENODEV && res != -EBUSY)
+        return false;
+    switch (op->req->op) {
+    case BLOCK_OP_WRITE_ZEROES:
+        if (op->step == STEP_ZERO_RANGE && st(op->node)->is_bdev)
+            op->step = STEP_WRITE_ZEROES;  /* ZERO_RANGE was BLKZEROOUT: QEMU writes next */
+        else if (op->step == STEP_PUNCH || op->step == STEP_ALLOCATE)
+            op->step = STEP_WRITE_ZEROES;
+        else if (op->step < STEP_WRITE_ZEROES)
+            op->step++;
+        else
+            return false;
+        return true;
+    case BLOCK_OP_DISCARD:
+        if (op->step != STEP_FIRST || !st(op->node)->is_bdev)
+            return false;
+        op->step = STEP_PUNCH;
+        return true;
+    default:
+        return false;
+    }
+}
+
 static void op_done(struct uring_op *uop, int res)
 {
     struct file_op *op = container_of(uop, struct file_op, uop);
     struct block_req *req = op->req;
 
     if (res < 0) {
-        if (res == -EINTR || res == -EAGAIN) {
-            op_step(op);  /* transient: issue the same step again */
-            return;
-        }
-        /* WRITE_ZEROES: the file system cannot zero a range; fall back a stage. */
-        if (req->op == BLOCK_OP_WRITE_ZEROES && op->stage < 2 &&
-            (res == -EOPNOTSUPP || res == -EINVAL || res == -ENODEV)) {
-            op->stage++;
-            op_step(op);
+        if (res == -EINTR || res == -EAGAIN || fall_back(op, res)) {
+            op_step(op);  /* transient: the same step again; refused: the next one */
             return;
         }
         /* DISCARD is advisory: storage that cannot deallocate has nothing to do. */
@@ -220,7 +267,7 @@ static void op_done(struct uring_op *uop, int res)
         }
         break;
     case BLOCK_OP_WRITE:
-        if (op->stage == 0) {
+        if (op->step == STEP_FIRST) {
             advance(op, (uint64_t)res);
             if (res == 0) {
                 op_finish(op, -EIO);  /* the kernel made no progress and gave no reason */
@@ -231,14 +278,19 @@ static void op_done(struct uring_op *uop, int res)
                 return;
             }
             if (req->flags & BLOCK_REQ_FUA) {
-                op->stage = 3;
+                op->step = STEP_FUA;
                 op_step(op);
                 return;
             }
         }
         break;
     case BLOCK_OP_WRITE_ZEROES:
-        if (op->stage == 2) {  /* writing a zeroed buffer */
+        if (op->step == STEP_PUNCH) {
+            op->step = STEP_ALLOCATE;
+            op_step(op);
+            return;
+        }
+        if (op->step == STEP_WRITE_ZEROES) {
             op->done_bytes += (uint64_t)res;
             if (res == 0) {
                 op_finish(op, -EIO);
@@ -249,8 +301,8 @@ static void op_done(struct uring_op *uop, int res)
                 return;
             }
         }
-        if (op->stage != 3 && (req->flags & BLOCK_REQ_FUA)) {
-            op->stage = 3;
+        if (op->step != STEP_FUA && (req->flags & BLOCK_REQ_FUA)) {
+            op->step = STEP_FUA;
             op_step(op);
             return;
         }
@@ -297,6 +349,41 @@ static void transfer(struct file_op *op, int fd)
     }
 }
 
+/* Write-zeroes' step op->step (see the top). */
+static void zero_step(struct file_op *op)
+{
+    struct block_node *n = op->node;
+    struct file_state *s = st(n);
+    struct uring *u = n->graph->uring;
+    struct block_req *req = op->req;
+    const int punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+
+    if (op->step == STEP_FIRST && !((req->flags & BLOCK_REQ_MAY_UNMAP) && n->discard_unmap))
+        op->step = STEP_ZERO_RANGE;
+    switch (op->step) {
+    case STEP_FIRST:
+    case STEP_PUNCH:
+        uring_fallocate(u, &op->uop, s->fd, punch, req->offset, req->len);
+        break;
+    case STEP_ZERO_RANGE:
+        uring_fallocate(u, &op->uop, s->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                        req->offset, req->len);
+        break;
+    case STEP_ALLOCATE:
+        uring_fallocate(u, &op->uop, s->fd, FALLOC_FL_KEEP_SIZE, req->offset, req->len);
+        break;
+    default: {
+        uint32_t chunk = (uint32_t)MIN(req->len - op->done_bytes, ZERO_CHUNK);
+        if (!zeroes()) {
+            op_finish(op, -ENOMEM);
+            return;
+        }
+        uring_write(u, &op->uop, s->fd, zeroes(), chunk, req->offset + op->done_bytes);
+        break;
+    }
+    }
+}
+
 static void op_step(struct file_op *op)
 {
     struct block_node *n = op->node;
@@ -304,7 +391,7 @@ static void op_step(struct file_op *op)
     struct uring *u = n->graph->uring;
     struct block_req *req = op->req;
 
-    if (op->stage == 3) {  /* FUA */
+    if (op->step == STEP_FUA) {
         uring_fdatasync(u, &op->uop, s->fd);
         return;
     }
@@ -317,27 +404,14 @@ static void op_step(struct file_op *op)
         uring_fdatasync(u, &op->uop, s->fd);
         break;
     case BLOCK_OP_DISCARD:
-        uring_fallocate(u, &op->uop, s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                        req->offset, req->len);
-        break;
-    case BLOCK_OP_WRITE_ZEROES:
-        /* Stage 0: deallocate (if allowed), 1: zero the range in place, 2: write zeroes. */
-        if (op->stage == 0 && !((req->flags & BLOCK_REQ_MAY_UNMAP) && n->discard_unmap))
-            op->stage = 1;
-        if (op->stage == 0) {
+        if (s->is_bdev && op->step == STEP_FIRST)
+            uring_bdev_discard(u, &op->uop, s->fd, req->offset, req->len);
+        else
             uring_fallocate(u, &op->uop, s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                             req->offset, req->len);
-        } else if (op->stage == 1) {
-            uring_fallocate(u, &op->uop, s->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-                            req->offset, req->len);
-        } else {
-            uint32_t chunk = (uint32_t)MIN(req->len - op->done_bytes, ZERO_CHUNK);
-            if (!zeroes()) {
-                op_finish(op, -ENOMEM);
-                return;
-            }
-            uring_write(u, &op->uop, s->fd, zeroes(), chunk, req->offset + op->done_bytes);
-        }
+        break;
+    case BLOCK_OP_WRITE_ZEROES:
+        zero_step(op);
         break;
     }
 }

@@ -91,6 +91,8 @@ struct block_node *block_graph_find(struct block_graph *g, const char *name)
 }
 
 static const char *const discard_values[] = { "ignore", "off", "unmap", "on", NULL };
+/* Indexed by enum block_detect_zeroes. */
+static const char *const detect_zeroes_values[] = { "off", "on", "unmap", NULL };
 
 static const struct schema_member cache_options[] = {
     { "direct", SCHEMA_BOOL, .optional = true },
@@ -118,8 +120,7 @@ const struct schema_member block_options[] = {
     /* Accepted for compatibility with QEMU's command lines; thinblk always behaves so. */
     { "auto-read-only", SCHEMA_BOOL, .optional = true },
     { "force-share", SCHEMA_BOOL, .optional = true },
-    /* Any value: only "off" is supported, with its own text (read_generic()). */
-    { "detect-zeroes", SCHEMA_ANY, .optional = true },
+    { "detect-zeroes", SCHEMA_ENUM, .optional = true, .values = detect_zeroes_values },
     { NULL },
 };
 
@@ -128,14 +129,19 @@ static int read_generic(struct block_node *n, json_t *opts, struct error **errp)
 {
     const char *discard = json_string_value(json_object_get(opts, "discard"));
     json_t *cache = json_object_get(opts, "cache");
-    json_t *dz = json_object_get(opts, "detect-zeroes");
+    const char *dz = json_string_value(json_object_get(opts, "detect-zeroes"));
 
     n->read_only = json_is_true(json_object_get(opts, "read-only"));
     n->discard_unmap = discard && (strcmp(discard, "unmap") == 0 || strcmp(discard, "on") == 0);
     n->cache_direct = json_is_true(json_object_get(cache, "direct"));
     n->no_flush = json_is_true(json_object_get(cache, "no-flush"));
-    if (dz && (!json_is_string(dz) || strcmp(json_string_value(dz), "off") != 0)) {
-        error_setg(errp, "detect-zeroes is not supported (only 'off')");
+    for (size_t i = 0; dz && detect_zeroes_values[i]; i++) {
+        if (strcmp(dz, detect_zeroes_values[i]) == 0)
+            n->detect_zeroes = (enum block_detect_zeroes)i;
+    }
+    if (n->detect_zeroes == BLOCK_DETECT_ZEROES_UNMAP && !n->discard_unmap) {
+        error_setg(errp, "setting detect-zeroes to unmap is not allowed without setting "
+                   "discard operation to unmap");
         return -1;
     }
     return 0;
@@ -413,6 +419,47 @@ const struct iovec *block_req_iov(const struct block_req *req, struct iovec *one
     return one;
 }
 
+/* detect-zeroes, as QEMU's bdrv_aligned_pwritev(): at the node that has the option, a write
+ * whose data is all zero. Checked on the data itself, word by word, stopping at the first
+ * non-zero one: far cheaper than the write it may save. */
+static bool write_is_zero(const struct block_node *n, const struct block_req *req)
+{
+    struct iovec one;
+    unsigned niov;
+    const struct iovec *iov;
+
+    if (n->detect_zeroes == BLOCK_DETECT_ZEROES_OFF || req->op != BLOCK_OP_WRITE)
+        return false;
+    iov = block_req_iov(req, &one, &niov);
+    return iov_is_zero(iov, niov);
+}
+
+static void zero_write_done(struct block_req *zreq, int ret)
+{
+    struct block_req *req = zreq->opaque;
+
+    free(zreq);
+    req->done(req, ret);
+}
+
+/* Submit write req to n as a write-zeroes of its own: req stays a write for its submitter
+ * (which counts it, parks it, resubmits it as one), done when the write-zeroes is. */
+static void submit_as_zeroes(struct block_node *n, struct block_req *req)
+{
+    struct block_req *zreq = xmalloc(sizeof(*zreq));
+
+    *zreq = (struct block_req){
+        .op = BLOCK_OP_WRITE_ZEROES,
+        .flags = (req->flags & BLOCK_REQ_FUA) |
+                 (n->detect_zeroes == BLOCK_DETECT_ZEROES_UNMAP ? BLOCK_REQ_MAY_UNMAP : 0),
+        .offset = req->offset,
+        .len = req->len,
+        .done = zero_write_done,
+        .opaque = req,
+    };
+    n->drv->submit(n, zreq);
+}
+
 void node_submit(struct block_node *n, struct block_req *req)
 {
     node_assert_req(n, req);
@@ -421,7 +468,10 @@ void node_submit(struct block_node *n, struct block_req *req)
         if (req->offset + req->len > n->wr_highest_offset)
             n->wr_highest_offset = req->offset + req->len;
     }
-    n->drv->submit(n, req);
+    if (write_is_zero(n, req))
+        submit_as_zeroes(n, req);
+    else
+        n->drv->submit(n, req);
 }
 
 /* The file under n, whose name and allocation the queries report for every node above it. */
@@ -512,8 +562,8 @@ json_t *block_node_info_flat(struct block_node *n, bool flat)
     info = json_pack("{s:s,s:s,s:b,s:s,s:i,s:b,s:s,s:i,s:i,s:i,s:i,s:i,s:i}",
                      "file", filename, "node-name", n->node_name, "ro", n->read_only,
                      "drv", n->drv->name, "backing_file_depth", depth, "encrypted", 0,
-                     "detect_zeroes", "off", "bps", 0, "bps_rd", 0, "bps_wr", 0, "iops", 0,
-                     "iops_rd", 0, "iops_wr", 0);
+                     "detect_zeroes", detect_zeroes_values[n->detect_zeroes], "bps", 0,
+                     "bps_rd", 0, "bps_wr", 0, "iops", 0, "iops_rd", 0, "iops_wr", 0);
     free(filename);
     if (n->backing) {
         filename = block_node_filename(n->backing);

@@ -146,6 +146,13 @@ struct block_driver {
     int (*block_status)(struct block_node *n, struct block_status_call *c);
 };
 
+/* detect-zeroes (QEMU's BlockdevDetectZeroesOptions), in the order of its names. */
+enum block_detect_zeroes {
+    BLOCK_DETECT_ZEROES_OFF,
+    BLOCK_DETECT_ZEROES_ON,     /* a write of zeroes becomes a write-zeroes */
+    BLOCK_DETECT_ZEROES_UNMAP,  /* ... that may deallocate (requires discard=unmap) */
+};
+
 DECLARE_LIST_HEAD(block_node_queue, struct block_node)
 
 /* Told when a node's size changes (block_resize, a host device found extended), after
@@ -184,6 +191,7 @@ struct block_node {
     uint32_t alignment;        /* bytes every request's offset and length must be multiple of */
     bool read_only;
     bool discard_unmap;        /* discard=unmap: discards reach the storage */
+    enum block_detect_zeroes detect_zeroes;
     bool cache_direct;         /* cache.direct as asked for (QEMU reports the option) */
     bool no_flush;             /* cache.no-flush */
     /* Write threshold (QEMU's block-set-write-threshold): armed while not 0; one-shot. */
@@ -254,8 +262,10 @@ void block_node_set_size(struct block_node *n, uint64_t size);
 void block_node_add_size_listener(struct block_node *n, struct block_size_listener *l);
 void block_node_remove_size_listener(struct block_node *n, struct block_size_listener *l);
 
-/* Submit req to n. Writes update the write threshold bookkeeping. req must keep the contract
- * of node_assert_req(); a request that does not is a bug in the caller, and aborts. */
+/* Submit req to n. Writes update the write threshold bookkeeping; with detect-zeroes, a write
+ * whose data is all zero goes to the driver as a write-zeroes (req itself is not changed).
+ * req must keep the contract of node_assert_req(); a request that does not is a bug in the
+ * caller, and aborts. */
 void node_submit(struct block_node *n, struct block_req *req);
 /* Assert (in every build, common/assert.h) that req may go to n: done is set; op and flags
  * are known ones; a request other than a flush has len > 0, offset + len without overflow,

@@ -810,7 +810,7 @@ static int st_end(struct qcow2_batch *b)
         if (!v->inc || (v->rb && v->rb->ret == 0))
             qcow2_reserve_put_spare(s, v->cluster);  /* refcount 1, nothing links it */
         else
-            qcow2_reserve_put_free(s, v->cluster);   /* refcount 0 */
+            qcow2_reserve_put_free(s, v->cluster, 1);   /* refcount 0 */
     }
     for (size_t i = 0; i < b->freed.len; i++)
         qcow2_reserve_put_freed(s, b->freed.ptr[i]);

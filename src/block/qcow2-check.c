@@ -122,6 +122,10 @@ static void refs_free(struct refs *r)
     *r = (struct refs){0};
 }
 
+/* The most runs of free clusters the check lists (16 bytes each): a huge image whose free
+ * space is scattered keeps the rest unused until a later open finds it again. */
+#define FREE_RUNS_MAX (1u << 20)
+
 /* ---- the check ------------------------------------------------------------------------------- */
 
 int qcow2_write_sync(struct qcow2_state *s, const void *buf, uint64_t len, uint64_t off,
@@ -149,7 +153,8 @@ struct check {
     bool incomplete;         /* some reference could not be counted: reclaim nothing */
     struct error *refusal;   /* a dirty image that cannot be repaired: why */
     uint64_t conflicts, leaked, missing, copied_fixed, new_blocks;
-    u64_vector freed;        /* clusters whose refcount this check lowered to 0 */
+    qcow2_run_vector free;   /* clusters with refcount 0 and no reference, in runs */
+    uint64_t unlisted;       /* free clusters past FREE_RUNS_MAX runs */
     fixed_vector fixed;      /* blocks changed, written once all have been compared */
     uint64_t last_ref;       /* the last cluster referenced, + 1 */
 };
@@ -420,6 +425,20 @@ static int plan_growth(struct check *k, struct growth *g, struct error **errp)
 
 /* ---- comparing, reclaiming, repairing ---------------------------------------------------------- */
 
+/* Cluster c has refcount 0 and nothing references it: free, unless the check ends up
+ * changing nothing. Blocks are compared in order, so the runs grow at their end. */
+static void add_free(struct check *k, uint64_t c)
+{
+    struct qcow2_run *last = k->free.len ? &k->free.ptr[k->free.len - 1] : NULL;
+
+    if (last && last->first + last->n == c)
+        last->n++;
+    else if (k->free.len < FREE_RUNS_MAX)
+        qcow2_run_vector_append(&k->free, (struct qcow2_run){c, 1});
+    else
+        k->unlisted++;
+}
+
 /* Make refcount block b at off agree with the references where it may (a new one: from
  * zeroes); a changed block goes to k->fixed. *last: the last cluster with a refcount after
  * that, + 1. */
@@ -458,14 +477,14 @@ static int fix_block(struct check *k, uint64_t b, uint64_t off, bool fresh, uint
             if (!fresh) {
                 k->missing += want > have;
                 k->leaked += want < have;
-                if (want == 0)
-                    u64_vector_append(&k->freed, c);
             }
             qcow2_refcount_set(s->refcount_order, block, j, want);
             changed = true;
         }
         if (want || (have && k->incomplete))
             *last = c + 1;
+        else
+            add_free(k, c);
     }
     if (changed)
         fixed_vector_append(&k->fixed, (struct fixed){.off = off, .buf = block});
@@ -526,7 +545,8 @@ static int compare_and_fix(struct check *k, struct growth *g, uint64_t *last,
                      "clusters in conflict or entries that cannot be counted",
                      s->node->node_name, k->leaked);
         k->leaked = 0;
-        k->freed.len = 0;
+        k->free.len = 0;
+        k->unlisted = 0;
         *last = MAX(*last, k->last_ref);
         for (size_t i = 0; i < k->fixed.len; i++)
             free(k->fixed.ptr[i].buf);
@@ -570,14 +590,33 @@ static int compare_and_fix(struct check *k, struct growth *g, uint64_t *last,
     return 0;
 }
 
-/* The clusters reclaimed below the new end go to the free list, the lowest handed out first
- * (the list is taken from its end); those above are free space after next_free. */
+static int run_cmp(const void *a, const void *b)
+{
+    uint64_t x = ((const struct qcow2_run *)a)->first, y = ((const struct qcow2_run *)b)->first;
+
+    return x < y ? -1 : x > y;
+}
+
+/* The free clusters below the new end (leaks reclaimed, and those freed before: discarded
+ * clusters are reused after a reopen) go to the free list, the lowest handed out first (the
+ * list is taken from its end); those above are free space after next_free. */
 static void reclaim_free(struct check *k, uint64_t end)
 {
-    for (size_t i = k->freed.len; i-- > 0;) {
-        if (k->freed.ptr[i] < end)
-            qcow2_reserve_put_free(k->s, k->freed.ptr[i]);
+    struct qcow2_state *s = k->s;
+    uint64_t n = 0;
+
+    if (k->free.len)
+        qsort(k->free.ptr, k->free.len, sizeof(*k->free.ptr), run_cmp);
+    for (size_t i = k->free.len; i-- > 0;) {
+        struct qcow2_run *r = &k->free.ptr[i];
+        if (r->first < end) {
+            qcow2_reserve_put_free(s, r->first, MIN(r->n, end - r->first));
+            n += MIN(r->n, end - r->first);
+        }
     }
+    if (n)
+        log_info("qcow2 %s: %" PRIu64 " free clusters below the end of the image%s",
+                 s->node->node_name, n, k->unlisted ? " (more, not listed: too scattered)" : "");
 }
 
 int qcow2_check_open(struct qcow2_state *s, struct error **errp)
@@ -629,7 +668,7 @@ int qcow2_check_open(struct qcow2_state *s, struct error **errp)
     ret = 0;
 out:
     error_free(k.refusal);
-    u64_vector_reset(&k.freed);
+    qcow2_run_vector_reset(&k.free);
     for (size_t i = 0; i < k.fixed.len; i++)
         free(k.fixed.ptr[i].buf);
     fixed_vector_reset(&k.fixed);

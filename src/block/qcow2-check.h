@@ -16,13 +16,16 @@
  *  - A dirty image whose references are not all countable, or that has conflicts, cannot be
  *    repaired safely: the writable open is refused (read-only, it opens).
  * It also finds the end of the image (next_free: after the last cluster referenced or
- * counted) and fixes OFLAG_COPIED flags of a dirty image, as `qemu-img check -r all` does.
+ * counted), hands every free cluster below it (refcount 0, no reference: reclaimed leaks, and
+ * what discards freed before the image was closed) to the allocator, as runs (at most
+ * FREE_RUNS_MAX), and fixes OFLAG_COPIED flags of a dirty image, as `qemu-img check -r all`
+ * does. An image with conflicts or uncountable entries hands over nothing.
  *
- * Cost: 2 bits per cluster of the file, and a map entry per cluster referenced more than
- * once; reads every table once, synchronously (sync-io.h) inside open(), before the node
- * has a parent (QEMU's check of a dirty image also runs inside bdrv_open()). Writes only what
- * it changes, each followed by fdatasync(): a crash in the middle leaves the image as
- * consistent as before, and the next open goes on.
+ * Cost: 2 bits per cluster of the file, a map entry per cluster referenced more than once,
+ * 16 bytes per run of free clusters; reads every table once, synchronously (sync-io.h)
+ * inside open(), before the node has a parent (QEMU's check of a dirty image also runs
+ * inside bdrv_open()). Writes only what it changes, each followed by fdatasync(): a crash in
+ * the middle leaves the image as consistent as before, and the next open goes on.
  */
 #ifndef THINBLK_BLOCK_QCOW2_CHECK_H
 #define THINBLK_BLOCK_QCOW2_CHECK_H

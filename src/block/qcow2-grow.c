@@ -408,7 +408,7 @@ static int st_fail(struct qcow2_grow *g)
                 if (i < g->iop)
                     qcow2_reserve_put_spare(s, g->ops.ptr[i]);
                 else
-                    qcow2_reserve_put_free(s, g->ops.ptr[i]);
+                    qcow2_reserve_put_free(s, g->ops.ptr[i], 1);
             }
         } else {
             log_warn("qcow2 %s: up to %" PRIu64 " clusters leaked until the next writable open",

@@ -12,12 +12,24 @@
 #include "common/log.h"
 #include "common/util.h"
 
+/* The lowest cluster of the last free run. */
+static uint64_t take_free(struct qcow2_reserve *r)
+{
+    struct qcow2_run *last = &r->free.ptr[r->free.len - 1];
+    uint64_t cl = last->first++;
+
+    if (--last->n == 0)
+        r->free.len--;
+    r->nfree--;
+    return cl;
+}
+
 int qcow2_reserve_take(struct qcow2_state *s, size_t n, struct qcow2_taken *out,
                        uint64_t *from_end)
 {
     struct qcow2_reserve *r = &s->rsv;
     uint64_t ahead = r->ahead_end - r->ahead_next;
-    uint64_t nf = n - MIN(n, r->spare.len + r->free.len + ahead);
+    uint64_t nf = n - MIN(n, r->spare.len + r->nfree + ahead);
     size_t got = 0;
 
     *from_end = nf;
@@ -33,8 +45,8 @@ int qcow2_reserve_take(struct qcow2_state *s, size_t n, struct qcow2_taken *out,
     while (got < n && r->spare.len)
         out[got++] = (struct qcow2_taken){.cluster = r->spare.ptr[--r->spare.len],
                                           .counted = true};
-    while (got < n && r->free.len)
-        out[got++] = (struct qcow2_taken){.cluster = r->free.ptr[--r->free.len]};
+    while (got < n && r->nfree)
+        out[got++] = (struct qcow2_taken){.cluster = take_free(r)};
     while (got < n && r->ahead_next < r->ahead_end)
         out[got++] = (struct qcow2_taken){.cluster = r->ahead_next++, .counted = true,
                                           .fresh = true};
@@ -70,14 +82,29 @@ void qcow2_reserve_put_spare(struct qcow2_state *s, uint64_t cl)
     u64_vector_append(&s->rsv.spare, cl);
 }
 
-void qcow2_reserve_put_free(struct qcow2_state *s, uint64_t cl)
+void qcow2_reserve_put_free(struct qcow2_state *s, uint64_t first, uint64_t n)
 {
-    u64_vector_append(&s->rsv.free, cl);
+    struct qcow2_reserve *r = &s->rsv;
+    struct qcow2_run *last = r->free.len ? &r->free.ptr[r->free.len - 1] : NULL;
+
+    r->nfree += n;
+    /* Discards free clusters in a row: they grow the last run, either way. */
+    if (last && last->first == first + n) {
+        last->first = first;
+        last->n += n;
+    } else if (last && last->first + last->n == first) {
+        last->n += n;
+    } else {
+        qcow2_run_vector_append(&r->free, (struct qcow2_run){first, n});
+    }
 }
 
 void qcow2_reserve_put_freed(struct qcow2_state *s, uint64_t cl)
 {
-    u64_vector_append(s->rsv.inplace ? &s->rsv.freeing : &s->rsv.free, cl);
+    if (s->rsv.inplace)
+        u64_vector_append(&s->rsv.freeing, cl);
+    else
+        qcow2_reserve_put_free(s, cl, 1);
 }
 
 void qcow2_reserve_inplace_start(struct qcow2_state *s)
@@ -91,7 +118,7 @@ void qcow2_reserve_inplace_done(struct qcow2_state *s)
 
     if (--r->inplace == 0 && r->freeing.len) {
         for (size_t i = 0; i < r->freeing.len; i++)
-            u64_vector_append(&r->free, r->freeing.ptr[i]);
+            qcow2_reserve_put_free(s, r->freeing.ptr[i], 1);
         r->freeing.len = 0;
     }
 }
@@ -170,6 +197,6 @@ leak:
 void qcow2_reserve_cleanup(struct qcow2_state *s)
 {
     u64_vector_reset(&s->rsv.spare);
-    u64_vector_reset(&s->rsv.free);
+    qcow2_run_vector_reset(&s->rsv.free);
     u64_vector_reset(&s->rsv.freeing);
 }

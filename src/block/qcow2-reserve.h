@@ -3,7 +3,9 @@
  * next_free is the first cluster of the free space at the end of the image (every cluster
  * from there has refcount 0 and nothing references it: the open-time check made sure). Spare
  * clusters have refcount 1 and nothing pointing at them (left by failed allocations); free
- * ones have refcount 0 below next_free (freed by discards and by the open-time reclaim);
+ * ones have refcount 0 below next_free (freed by discards, and every such cluster the
+ * open-time check found: a discarded cluster is reused after a restart too), kept as runs
+ * so that the free space of a large image costs a few runs, not a word per cluster;
  * freeing ones are free but wait until no write in place is in flight (one may have looked
  * them up before they were unlinked). Clusters reserved ahead, [ahead_next, ahead_end), have
  * refcount 1 on disk (written and flushed), nothing links them, nothing was written to them
@@ -25,11 +27,19 @@
 
 struct qcow2_state;
 
+/* Clusters [first, first + n). */
+struct qcow2_run {
+    uint64_t first, n;
+};
+DEFINE_VECTOR_TYPE(qcow2_run_vector, struct qcow2_run)
+
 /* Owned by qcow2-reserve.c; others read next_free. */
 struct qcow2_reserve {
     uint64_t next_free;
     uint64_t ahead_next, ahead_end;
-    u64_vector spare, free, freeing;
+    u64_vector spare, freeing;
+    qcow2_run_vector free;      /* handed out from the last run, its lowest cluster first */
+    uint64_t nfree;             /* clusters in free */
     unsigned inplace;           /* writes in place in flight */
 };
 
@@ -54,8 +64,9 @@ int qcow2_reserve_take_ahead(struct qcow2_state *s, uint64_t *cl);
 bool qcow2_reserve_ahead_add(struct qcow2_state *s, uint64_t cl);
 /* A cluster with refcount 1 that nothing links (a failed allocation's). */
 void qcow2_reserve_put_spare(struct qcow2_state *s, uint64_t cl);
-/* A cluster with refcount 0 below next_free (its refcount write failed, or it was freed). */
-void qcow2_reserve_put_free(struct qcow2_state *s, uint64_t cl);
+/* Clusters [first, first + n) with refcount 0 below next_free (a refcount write failed, or
+ * they were freed), handed out before those put earlier. */
+void qcow2_reserve_put_free(struct qcow2_state *s, uint64_t first, uint64_t n);
 /* A cluster whose refcount just reached 0 on disk: free once no write in place is in flight. */
 void qcow2_reserve_put_freed(struct qcow2_state *s, uint64_t cl);
 /* A write in place starts / finished. */

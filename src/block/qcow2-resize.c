@@ -79,12 +79,9 @@ static int take_run(struct qcow2_state *s, uint64_t n, uint64_t *c, struct error
     qcow2_reserve_skip_to(s, first + n);
     for (uint64_t i = 0; i < n; i++) {
         if (set_refcount(s, first + i, 0, 1, errp) < 0) {
-            for (uint64_t j = 0; j < n; j++) {
-                if (j < i)
-                    qcow2_reserve_put_spare(s, first + j);
-                else
-                    qcow2_reserve_put_free(s, first + j);
-            }
+            for (uint64_t j = 0; j < i; j++)
+                qcow2_reserve_put_spare(s, first + j);
+            qcow2_reserve_put_free(s, first + i, n - i);
             return -1;
         }
     }
@@ -103,7 +100,7 @@ static void free_run(struct qcow2_state *s, uint64_t c, uint64_t n)
                      s->node->node_name, (c + i) << s->cluster_bits, err->desc);
             continue;
         }
-        qcow2_reserve_put_free(s, c + i);
+        qcow2_reserve_put_free(s, c + i, 1);
     }
 }
 

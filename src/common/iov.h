@@ -1,6 +1,6 @@
 /* Byte ranges of an I/O vector (struct iovec, as readv(2)): slicing one into a sub-vector,
- * copying between one and a flat buffer, zeroing part of one. Offsets count bytes from the
- * vector's start, across segments. Nothing here allocates or blocks.
+ * copying between one and a flat buffer, zeroing part of one, testing for zeroes. Offsets
+ * count bytes from the vector's start, across segments. Nothing here allocates or blocks.
  */
 #ifndef THINBLK_COMMON_IOV_H
 #define THINBLK_COMMON_IOV_H
@@ -25,5 +25,9 @@ void iov_from_buf(const struct iovec *iov, unsigned n, uint64_t off, const void 
 void iov_to_buf(const struct iovec *iov, unsigned n, uint64_t off, void *buf, uint64_t len);
 /* Set len bytes of the vector at off (within the vector) to c. */
 void iov_memset(const struct iovec *iov, unsigned n, uint64_t off, int c, uint64_t len);
+/* Whether the len bytes at buf, or every byte of iov[0..n), are all zero. Stops at the first
+ * non-zero word, so data that is not zero costs a few loads (detect-zeroes on every write). */
+bool buf_is_zero(const void *buf, uint64_t len);
+bool iov_is_zero(const struct iovec *iov, unsigned n);
 
 #endif

@@ -6,6 +6,7 @@
 #include <liburing.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "common/assert.h"
@@ -262,4 +263,23 @@ void uring_fallocate(struct uring *u, struct uring_op *op, int fd, int mode, uin
     ASSERT(fd >= 0);
     ASSERT(offset <= (uint64_t)INT64_MAX && len <= (uint64_t)INT64_MAX - offset);
     io_uring_prep_fallocate(get_sqe(u, op), fd, mode, (off_t)offset, (off_t)len);
+}
+
+#ifndef BLOCK_URING_CMD_DISCARD
+#define BLOCK_URING_CMD_DISCARD _IO(0x12, 0)  /* linux/fs.h since 6.12 */
+#endif
+
+void uring_bdev_discard(struct uring *u, struct uring_op *op, int fd, uint64_t offset,
+                        uint64_t len)
+{
+    struct io_uring_sqe *sqe;
+
+    ASSERT(fd >= 0);
+    ASSERT(offset <= (uint64_t)INT64_MAX && len <= (uint64_t)INT64_MAX - offset);
+    sqe = get_sqe(u, op);
+    io_uring_prep_rw(IORING_OP_URING_CMD, sqe, fd, NULL, 0, 0);
+    /* The kernel's blkdev_uring_cmd(): the range in addr and addr3. */
+    sqe->cmd_op = BLOCK_URING_CMD_DISCARD;
+    sqe->addr = offset;
+    sqe->addr3 = len;
 }

@@ -46,6 +46,11 @@ void uring_fdatasync(struct uring *u, struct uring_op *op, int fd);
 /* fallocate(fd, mode, offset, len) */
 void uring_fallocate(struct uring *u, struct uring_op *op, int fd, int mode, uint64_t offset,
                      uint64_t len);
+/* Discard [offset, offset + len) of block device fd: BLKDISCARD's operation, as io_uring's
+ * BLOCK_URING_CMD_DISCARD (Linux 6.12), not the ioctl, which would block the loop. res 0 or
+ * -errno; -EOPNOTSUPP where the kernel lacks the command or the device cannot discard. */
+void uring_bdev_discard(struct uring *u, struct uring_op *op, int fd, uint64_t offset,
+                        uint64_t len);
 
 /* Operations queued or in flight. */
 unsigned uring_in_flight(const struct uring *u);

@@ -1,5 +1,7 @@
 """Block nodes and exports over QMP: blockdev-add/-del, the raw window, discard and actual-size,
-host block devices, query-block-exports and block-export-del, an NBD server on TCP."""
+detect-zeroes, host block devices, query-block-exports and block-export-del, an NBD server on
+TCP."""
+import json
 import os
 import random
 import socket
@@ -18,6 +20,17 @@ def nbd_unix(sock, name):
     h = nbd.NBD()
     h.connect_uri(f"nbd+unix:///{name}?socket={sock}")
     return h
+
+
+def serve(daemons, tmp_path, blockdev, node="f0"):
+    """thinblkd with the node of --blockdev `blockdev` exported writable as "disk" over NBD
+    on a Unix socket: the daemon and the socket."""
+    sock = tmp_path / "nbd.sock"
+    d = daemons.start(args=[
+        "--blockdev", blockdev,
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", f"type=nbd,id=e0,node-name={node},name=disk,writable=on"])
+    return d, sock
 
 
 def test_blockdev_add_query_and_del(daemons, tmp_path):
@@ -75,6 +88,79 @@ def test_blockdev_add_errors(daemons, tmp_path):
     assert qmp.cmd("query-named-block-nodes") == {"return": []}
 
 
+def test_detect_zeroes_option(daemons, tmp_path):
+    """QEMU's values and texts; unmap needs discard=unmap on the same node; the value is
+    the node's own (an implicit child does not inherit it) and queries report it."""
+    img = image(tmp_path / "disk.raw", MiB)
+    qmp = daemons.start().negotiated()
+    base = {"driver": "file", "node-name": "f0", "filename": str(img)}
+    assert qmp.cmd("blockdev-add", {**base, "detect-zeroes": "bogus"}) == error(
+        "Parameter 'detect-zeroes' does not accept value 'bogus'")
+    assert qmp.cmd("blockdev-add", {**base, "detect-zeroes": 5}) == error(
+        "Invalid parameter type for 'detect-zeroes', expected: string")
+    for discard in ({}, {"discard": "ignore"}):
+        assert qmp.cmd("blockdev-add", {**base, "detect-zeroes": "unmap", **discard}) == error(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation "
+            "to unmap")
+    ok(qmp.cmd("blockdev-add", {**base, "detect-zeroes": "off"}))
+    ok(qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "r0", "detect-zeroes": "on",
+                                "file": "f0"}))
+    ok(qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "r1", "detect-zeroes": "unmap",
+                                "discard": "unmap", "file": {"driver": "file",
+                                                             "filename": str(img)}}))
+    nodes = qmp.cmd("query-named-block-nodes")["return"]
+    assert [(n["drv"], n["detect_zeroes"]) for n in nodes] == [
+        ("raw", "unmap"), ("file", "off"), ("raw", "on"), ("file", "off")]
+
+
+def qemu_io(uri, *cmds):
+    argv = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        argv += ["-c", c]
+    r = subprocess.run(argv + [uri], capture_output=True, text=True)
+    assert r.returncode == 0 and "error" not in r.stdout.lower() + r.stderr.lower(), \
+        r.stdout + r.stderr
+
+
+def data_extents(img):
+    """[start, end) of the extents the file system holds data for (qemu-img map on raw:
+    SEEK_DATA; zeroed-in-place ranges, unwritten extents, read as holes)."""
+    m = json.loads(subprocess.run(["qemu-img", "map", "-f", "raw", "--output=json", str(img)],
+                                  check=True, capture_output=True, text=True).stdout)
+    return [(e["start"], e["start"] + e["length"]) for e in m if e["data"]]
+
+
+@pytest.mark.parametrize("mode", ["off", "on", "unmap"])
+def test_detect_zeroes_on_a_file(daemons, tmp_path, mode):
+    """A guest's zero buffers (qemu-io write -P 0, NBD writes) over data written before and
+    over a hole: off writes them as data; on as write-zeroes (zeroed in place: no data extent,
+    the blocks stay); unmap deallocates them (discard=unmap). Other data is written as is."""
+    img = image(tmp_path / "disk.raw", 16 * MiB)
+    d, sock = serve(daemons, tmp_path, f"driver=file,node-name=f0,filename={img},discard=unmap,"
+                                       f"detect-zeroes={mode}")
+    qmp = d.negotiated()
+    [dev] = qmp.cmd("query-block")["return"]
+    assert dev["inserted"]["detect_zeroes"] == mode
+    uri = f"nbd+unix:///disk?socket={sock}"
+    qemu_io(uri, "write -P 0x5a 0 4M", "flush")
+    assert os.stat(img).st_blocks * 512 == 4 * MiB
+    qemu_io(uri, "write -P 0 0 4M", "write -P 0 8M 4M", "write -P 0x33 14M 64k", "flush")
+    blocks = os.stat(img).st_blocks * 512
+    if mode == "off":
+        assert data_extents(img) == [(0, 4 * MiB), (8 * MiB, 12 * MiB),
+                                     (14 * MiB, 14 * MiB + 65536)]
+        assert blocks == 8 * MiB + 65536
+    else:
+        assert data_extents(img) == [(14 * MiB, 14 * MiB + 65536)]
+    if mode == "on":
+        assert blocks >= 4 * MiB + 65536   # zeroed in place: the blocks written before stay
+    if mode == "unmap":
+        assert blocks == 65536
+    with open(img, "rb") as f:
+        assert f.read(14 * MiB) == bytes(14 * MiB)
+        assert f.read(65536) == b"\x33" * 65536
+
+
 def test_raw_window_writes_at_its_offset(daemons, tmp_path):
     img = image(tmp_path / "disk.raw", MiB)
     sock = tmp_path / "nbd.sock"
@@ -108,11 +194,8 @@ def tmpfs(tmp_path):
 @pytest.mark.parametrize("discard", ["unmap", "ignore"])
 def test_discard_and_actual_size(daemons, tmp_path, tmpfs, discard):
     img = image(tmpfs / "disk.raw", 16 * MiB)
-    sock = tmp_path / "nbd.sock"
-    d = daemons.start(args=[
-        "--blockdev", f"driver=file,node-name=f0,filename={img},discard={discard}",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}",
-        "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on"])
+    d, sock = serve(daemons, tmp_path, f"driver=file,node-name=f0,filename={img},"
+                                       f"discard={discard}")
     qmp = d.negotiated()
 
     def actual_size():
@@ -136,18 +219,39 @@ def test_discard_and_actual_size(daemons, tmp_path, tmpfs, discard):
 
 
 @root_only
+def test_write_zeroes_without_zero_range(daemons, tmp_path, tmpfs):
+    """tmpfs has no FALLOC_FL_ZERO_RANGE: a write-zeroes that may not unmap punches a hole
+    and allocates it again (QEMU's fallback), so the range reads zeroes and stays allocated;
+    one that may unmap (discard=unmap) deallocates it."""
+    img = image(tmpfs / "disk.raw", 16 * MiB)
+    d, sock = serve(daemons, tmp_path, f"driver=file,node-name=f0,filename={img},discard=unmap")
+    qmp = d.negotiated()
+    h = nbd_unix(sock, "disk")
+    h.pwrite(random.randbytes(4 * MiB), 0)
+    h.zero(4 * MiB, 0, nbd.CMD_FLAG_NO_HOLE)
+    h.zero(MiB, 8 * MiB, nbd.CMD_FLAG_NO_HOLE)   # over a hole: allocated
+    h.flush()
+    assert h.pread(4 * MiB, 0) == bytes(4 * MiB)
+    [node] = qmp.cmd("query-named-block-nodes")["return"]
+    assert node["image"]["actual-size"] == 5 * MiB
+    h.zero(2 * MiB, 0)
+    h.flush()
+    [node] = qmp.cmd("query-named-block-nodes")["return"]
+    assert node["image"]["actual-size"] == 3 * MiB
+    assert h.pread(4 * MiB, 0) == bytes(4 * MiB)
+    h.shutdown()
+
+
+@root_only
 @pytest.mark.parametrize("driver,direct", [("host_device", False), ("file", True)])
 def test_host_block_device(daemons, tmp_path, driver, direct):
     backing = image(tmp_path / "backing.img", 16 * MiB)
     dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
                          capture_output=True, text=True).stdout.strip()
     try:
-        sock = tmp_path / "nbd.sock"
-        d = daemons.start(args=[
-            "--blockdev", f"driver={driver},node-name=d0,filename={dev},"
-                          f"cache.direct={'on' if direct else 'off'}",
-            "--nbd-server", f"addr.type=unix,addr.path={sock}",
-            "--export", "type=nbd,id=e0,node-name=d0,name=disk,writable=on"])
+        d, sock = serve(daemons, tmp_path, f"driver={driver},node-name=d0,filename={dev},"
+                                           f"cache.direct={'on' if direct else 'off'}",
+                        node="d0")
         node = d.negotiated().cmd("query-named-block-nodes")["return"][0]
         assert node["image"]["virtual-size"] == 16 * MiB
         assert node["image"]["actual-size"] == 0  # as QEMU reports for a device
@@ -164,6 +268,39 @@ def test_host_block_device(daemons, tmp_path, driver, direct):
             assert f.read(MiB) == data
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@root_only
+@pytest.mark.parametrize("discard", ["unmap", "ignore"])
+def test_host_device_write_zeroes_and_discard(daemons, tmp_path, discard):
+    """On a loop device over a file: write-zeroes reads back zeroes; with discard=unmap, one
+    that may unmap and a discard deallocate the backing file's range, one with NBD's
+    NO_HOLE keeps it; with discard=ignore nothing is deallocated."""
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(random.randbytes(16 * MiB))
+    os.sync()
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        d, sock = serve(daemons, tmp_path, f"driver=host_device,node-name=d0,filename={dev},"
+                                           f"discard={discard}", node="d0")
+        h = nbd_unix(sock, "disk")
+        h.zero(4 * MiB, 0)
+        h.zero(2 * MiB, 8 * MiB, nbd.CMD_FLAG_NO_HOLE)
+        h.trim(2 * MiB, 12 * MiB)
+        h.flush()
+        assert h.pread(4 * MiB, 0) == bytes(4 * MiB)
+        assert h.pread(2 * MiB, 8 * MiB) == bytes(2 * MiB)
+        h.shutdown()
+        d.shutdown()
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    freed = 6 * MiB if discard == "unmap" else 0
+    assert os.stat(backing).st_blocks * 512 == 16 * MiB - freed
+    with open(backing, "rb") as f:
+        assert f.read(4 * MiB) == bytes(4 * MiB)
+        f.seek(8 * MiB)
+        assert f.read(2 * MiB) == bytes(2 * MiB)
 
 
 def test_query_block_exports_and_del(daemons, tmp_path):

@@ -51,12 +51,12 @@ def assert_clean(img, ref):
 class Served:
     """thinblkd serving one qcow2 image over NBD, with a monitor."""
 
-    def __init__(self, daemons, img, writable=True, qcow2_opts="", fault=False):
+    def __init__(self, daemons, img, writable=True, qcow2_opts="", fault=False, file_opts=""):
         self.daemons = daemons
         rundir = daemons.rundir()
         self.sock = rundir / "nbd.sock"
         child = "f0"
-        args = ["--blockdev", f"driver=file,node-name=f0,filename={img}"]
+        args = ["--blockdev", f"driver=file,node-name=f0,filename={img}{file_opts}"]
         if fault:
             args += ["--blockdev", "driver=fault,node-name=flt,file=f0"]
             child = "flt"
@@ -712,7 +712,9 @@ def test_discard_and_write_zeroes_free_clusters(daemons, tmp_path, compat):
     ref_write(ref, 12 * cs, bytes(cs))
     h.zero(1000, 14 * cs + 24)                # partial: zeroes in place
     ref_write(ref, 14 * cs + 24, bytes(1000))
-    freed = [2, 3, 8, 9] if compat == "1.1" else [2, 3]
+    h.zero(2 * cs + 1000, 16 * cs + 1000)     # the tail of 16, all of 17, the head of 18
+    ref_write(ref, 16 * cs + 1000, bytes(2 * cs + 1000))
+    freed = [2, 3, 8, 9, 17] if compat == "1.1" else [2, 3]
     # Freed clusters are used again.
     h.pwrite(b"\x55" * (len(freed) * cs), 4 * MiB)
     ref_write(ref, 4 * MiB, b"\x55" * (len(freed) * cs))
@@ -728,6 +730,9 @@ def test_discard_and_write_zeroes_free_clusters(daemons, tmp_path, compat):
     if compat == "0.10":
         e = extent_at(m, 8 * cs)
         assert e["data"] is True, e             # v2: zeroes written
+    else:
+        e = extent_at(m, 17 * cs)
+        assert e["zero"] is True and e["data"] is False and "offset" not in e, e
     e = extent_at(m, 12 * cs)
     if compat == "1.1":
         assert e["zero"] is True and e["data"] is False and "offset" in e, e  # flag, kept
@@ -742,6 +747,82 @@ def test_discard_and_write_zeroes_free_clusters(daemons, tmp_path, compat):
         assert e["offset"] + (4 * MiB + c * cs - e["start"]) < last, e
     allocated = json.loads(qemu_img("check", "--output=json", img).stdout)["allocated-clusters"]
     assert allocated == 32
+
+
+@pytest.mark.parametrize("mode", ["off", "on", "unmap"])
+def test_detect_zeroes(daemons, tmp_path, mode):
+    """A guest's zero buffers (qemu-io write -P 0 through NBD) on a qcow2 node with
+    detect-zeroes: over unallocated clusters nothing is allocated (on, unmap), over data whole
+    clusters become zero clusters, kept (on) or freed and deallocated in the file (unmap),
+    partial ones get zeroes in place. off writes them as data."""
+    cs = 64 * KiB
+    size = 16 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, cs)
+    make_ref(ref, size)
+    srv = Served(daemons, img, qcow2_opts=f",discard=unmap,detect-zeroes={mode}",
+                 file_opts=",discard=unmap")
+    srv.qemu_io("write -P 0x5a 0 2M", "flush")
+    ref_write(ref, 0, b"\x5a" * (2 * MiB))
+    written = os.stat(img).st_blocks * 512
+    srv.qemu_io("write -P 0 0 1M", "write -P 0 8M 4M", "write -P 0 1536k 4k", "flush")
+    ref_write(ref, 0, bytes(MiB))
+    ref_write(ref, 1536 * KiB, bytes(4 * KiB))
+    blocks = os.stat(img).st_blocks * 512
+    srv.stop()
+    assert_clean(img, ref)
+    m = qemu_map(img)
+    over_data, over_hole, partial = extent_at(m, 0), extent_at(m, 8 * MiB), \
+        extent_at(m, 1536 * KiB)
+    assert partial["data"] is True, partial
+    if mode == "off":
+        assert over_data["data"] is True and over_hole["data"] is True, m
+        assert blocks >= written + 4 * MiB
+        return
+    assert over_hole["zero"] is True and over_hole["data"] is False, over_hole
+    assert "offset" not in over_hole and over_hole["length"] >= 4 * MiB, over_hole
+    assert over_data["zero"] is True and over_data["data"] is False, over_data
+    assert over_data["length"] == MiB, over_data
+    if mode == "on":
+        assert "offset" in over_data, over_data       # zero flag, cluster kept
+        assert blocks <= written + cs                 # (the file system's extent blocks vary)
+    else:
+        assert "offset" not in over_data, over_data   # freed, the file's range punched
+        assert blocks <= written - MiB + cs           # (the file system's extent blocks vary)
+
+
+def test_discarded_clusters_reused_after_restart(daemons, tmp_path):
+    """Clusters discarded before a restart, below the image's last cluster in use, are found
+    again by the open-time check and used by the next writes: the file neither grows nor
+    takes more blocks than before the discard."""
+    cs = 64 * KiB
+    size = 64 * MiB
+    img, ref = tmp_path / "disk.qcow2", tmp_path / "ref.raw"
+    create(img, size, cs)
+    make_ref(ref, size)
+    opts = dict(qcow2_opts=",discard=unmap", file_opts=",discard=unmap")
+    srv = Served(daemons, img, **opts)
+    h = srv.nbd()
+    h.pwrite(b"\x11" * (8 * MiB), 0)
+    h.pwrite(b"\x33" * cs, 48 * MiB)        # after them in the file: the end stays
+    ref_write(ref, 48 * MiB, b"\x33" * cs)
+    h.flush()
+    written = os.stat(img)
+    h.trim(8 * MiB, 0)
+    h.shutdown()
+    srv.stop()
+    assert os.stat(img).st_blocks < written.st_blocks - 8 * MiB // 512 // 2
+    srv = Served(daemons, img, **opts)
+    h = srv.nbd()
+    h.pwrite(b"\x22" * (8 * MiB), 32 * MiB)
+    ref_write(ref, 32 * MiB, b"\x22" * (8 * MiB))
+    h.shutdown()
+    srv.stop()
+    again = os.stat(img)
+    assert again.st_size == written.st_size
+    # Within a cluster: the file system's own extent blocks (counted in st_blocks) vary.
+    assert again.st_blocks <= written.st_blocks + cs // 512
+    assert_clean(img, ref)
 
 
 @pytest.mark.parametrize("target", ["l1", "refcount-block", "l2"])

@@ -1,4 +1,5 @@
-/* common/iov.h: slicing a vector at any byte, copies to and from it, zeroing part of it. */
+/* common/iov.h: slicing a vector at any byte, copies to and from it, zeroing part of it,
+ * testing it for zeroes. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -68,12 +69,53 @@ static void test_copies_and_memset(void **state)
     assert_memory_equal(buf, "\0\0abzzzzzz\0\0", 12);
 }
 
+/* Every start within a word and every length up to past two four-word blocks, with a
+ * non-zero byte at each position in turn: found wherever it is (head, words, tail). */
+static void test_buf_is_zero(void **state)
+{
+    unsigned char mem[128] __attribute__((aligned(8)));
+
+    (void)state;
+    memset(mem, 0, sizeof(mem));
+    for (size_t start = 0; start < 8; start++) {
+        for (size_t len = 0; start + len <= 80; len++) {
+            assert_true(buf_is_zero(mem + start, len));
+            for (size_t i = 0; i < len; i++) {
+                mem[start + i] = 0x80;
+                assert_false(buf_is_zero(mem + start, len));
+                mem[start + i] = 0;
+            }
+        }
+    }
+    /* Bytes around the range do not count. */
+    mem[3] = mem[40] = 1;
+    assert_true(buf_is_zero(mem + 4, 36));
+}
+
+/* A vector is zero only if every segment is; empty segments and an empty vector are. */
+static void test_iov_is_zero(void **state)
+{
+    struct iovec v[] = { {buf, 3}, {buf + 3, 0}, {buf + 3, 9} };
+
+    (void)state;
+    memset(buf, 0, sizeof(buf));
+    assert_true(iov_is_zero(v, 3));
+    assert_true(iov_is_zero(v, 0));
+    for (size_t i = 0; i < sizeof(buf); i++) {
+        buf[i] = 1;
+        assert_false(iov_is_zero(v, 3));
+        buf[i] = 0;
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_size_and_alignment),
         cmocka_unit_test(test_slice),
         cmocka_unit_test(test_copies_and_memset),
+        cmocka_unit_test(test_buf_is_zero),
+        cmocka_unit_test(test_iov_is_zero),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
