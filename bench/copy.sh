@@ -80,7 +80,7 @@ awk -v n="$pieces" -v slots=$((vsize_b / chunk_b)) -v seed="$seed" -v c="$chunk_
     srand(seed)
     while (k < n) {
         s = int(rand() * slots)
-        if (!(s in used)) { used[s] = 1; k++; printf "write -P %d %d %d\n", k % 251 + 1, s * c, c }
+        if (!(s in used)) { used[s] = 1; k++; printf "write -P %d %.0f %d\n", k % 251 + 1, s * c, c }
     }
 }' >"$tmp/pieces.qemu-io"
 "$qemu_io" -f qcow2 "$img" <"$tmp/pieces.qemu-io" >/dev/null
@@ -131,7 +131,7 @@ run_one() {
         fi
         pid=$started_pid
         mapped=$("$nbdinfo" --map --totals "$uri" |
-                 awk '$3 == 0 { d += $1 } END { printf "%d", d }')  # type 0: data, not zero
+                 awk '$3 == 0 { d += $1 } END { printf "%.0f", d }')  # type 0: data, not zero
         truncate -s 0 "$dest"
         t0=$(now_us)
         "${client_pin[@]}" "$nbdcopy" "$uri" "$dest" >>"$log" 2>&1 || rc=$?
@@ -199,7 +199,7 @@ END {
         s = order[i]
         if (!(s in n)) { printf "%-9s | %s\n", s, bad[s]; continue }
         split(row[s, median(s)], f, "\t")
-        printf "%-9s | %8.3f | %5s | %13s | %6s | %14d | %5s\n", s, f[3],
+        printf "%-9s | %8.3f | %5s | %13s | %6s | %14.0f | %5s\n", s, f[3],
             q ? sprintf("%.2f", f[3] / q) : "-", f[4],
             f[4] == "-" ? "-" : sprintf("%.2f", f[4] / data), f[5], f[6]
     }
