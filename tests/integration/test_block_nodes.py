@@ -30,6 +30,9 @@ def serve(daemons, tmp_path, blockdev, node="f0"):
         "--blockdev", blockdev,
         "--nbd-server", f"addr.type=unix,addr.path={sock}",
         "--export", f"type=nbd,id=e0,node-name={node},name=disk,writable=on"])
+    # The monitor listens before the command line's nodes and exports exist; its greeting
+    # comes from the loop, once they all do.
+    d.negotiated()
     return d, sock
 
 
