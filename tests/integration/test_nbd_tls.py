@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -107,6 +108,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_for_port(daemon, port):
+    """The monitor socket comes before the command line's NBD server: wait for a connect."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        assert daemon.running(), daemon.stderr()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+            return
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline, f"port {port} not listening in {TIMEOUT}s"
+            time.sleep(0.01)  # polling interval while waiting for the listener
+
+
 def start(daemons, tmp_path, objects, nbd_opts, inet=False):
     rundir = daemons.rundir()
     image = tmp_path / "disk.img"
@@ -124,6 +138,8 @@ def start(daemons, tmp_path, objects, nbd_opts, inet=False):
              "--nbd-server", f"{addr},{nbd_opts}",
              "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on"]
     d = daemons.start_raw(args, sockets=[mon] if inet else [mon, sock], rundir=rundir)
+    if inet:
+        wait_for_port(d, port)
     return TLSServer(d, sock, rundir, port)
 
 
