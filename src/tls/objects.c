@@ -26,17 +26,20 @@ struct tls_objects {
 
 static const char *const endpoints[] = { "client", "server", NULL };
 
+/* QEMU's TlsCredsProperties, both credential types' base. dir is optional in the schema
+ * because QEMU checks it later, with its own text. */
+#define TLS_CREDS_MEMBERS                                                                     \
+    { "dir", SCHEMA_STR, .optional = true },                                                  \
+    { "endpoint", SCHEMA_ENUM, .optional = true, .values = endpoints },                       \
+    { "verify-peer", SCHEMA_BOOL, .optional = true }
+
 static const struct schema_member x509_members[] = {
-    { "dir", SCHEMA_STR, .optional = true },
-    { "endpoint", SCHEMA_ENUM, .optional = true, .values = endpoints },
-    { "verify-peer", SCHEMA_BOOL, .optional = true },
+    TLS_CREDS_MEMBERS,
     { NULL },
 };
 
 static const struct schema_member psk_members[] = {
-    { "dir", SCHEMA_STR, .optional = true },
-    { "endpoint", SCHEMA_ENUM, .optional = true, .values = endpoints },
-    { "verify-peer", SCHEMA_BOOL, .optional = true },
+    TLS_CREDS_MEMBERS,
     { "username", SCHEMA_STR, .optional = true },
     { NULL },
 };
