@@ -2,6 +2,7 @@
 #include "tls/objects.h"
 
 #include <errno.h>
+#include <fnmatch.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -15,7 +16,8 @@ struct object {
     char *id;
     enum object_kind kind;
     struct tls_creds *creds;  /* OBJ_CREDS: the table's reference */
-    char *identity;           /* OBJ_AUTHZ */
+    char *identity;           /* OBJ_AUTHZ of authz-simple */
+    json_t *list;             /* OBJ_AUTHZ of authz-list: its options (policy, rules) */
 };
 
 DEFINE_QUEUE_TYPE(object_queue, struct object, next)
@@ -49,10 +51,30 @@ static const struct schema_member authz_simple_members[] = {
     { NULL },
 };
 
+static const char *const authz_policies[] = { "deny", "allow", NULL };
+static const char *const authz_formats[] = { "exact", "glob", NULL };
+
+/* QAuthZListRule. */
+static const struct schema_member authz_rule_members[] = {
+    { "match", SCHEMA_STR },
+    { "policy", SCHEMA_ENUM, .values = authz_policies },
+    { "format", SCHEMA_ENUM, .optional = true, .values = authz_formats },
+    { NULL },
+};
+
+static const struct schema_member authz_list_members[] = {
+    { "policy", SCHEMA_ENUM, .optional = true, .values = authz_policies },
+    { "rules", SCHEMA_ARRAY, .optional = true,
+      .element = &(const struct schema_member){ NULL, SCHEMA_OBJECT,
+                                                .members = authz_rule_members } },
+    { NULL },
+};
+
 static const struct schema_variant object_variants[] = {
     { "tls-creds-x509", x509_members },
     { "tls-creds-psk", psk_members },
     { "authz-simple", authz_simple_members },
+    { "authz-list", authz_list_members },
     { NULL },
 };
 
@@ -82,6 +104,7 @@ static void object_free(struct object *o)
 {
     tls_creds_unref(o->creds);
     free(o->identity);
+    json_decref(o->list);
     free(o->id);
     free(o);
 }
@@ -200,6 +223,9 @@ int tls_objects_add(struct tls_objects *t, json_t *opts, struct error **errp)
     if (strcmp(type, "authz-simple") == 0) {
         o->kind = OBJ_AUTHZ;
         o->identity = xstrdup(json_string_value(json_object_get(opts, "identity")));
+    } else if (strcmp(type, "authz-list") == 0) {
+        o->kind = OBJ_AUTHZ;
+        o->list = json_incref(opts);
     } else {
         o->kind = OBJ_CREDS;
         o->creds = creds_new(opts, strcmp(type, "tls-creds-psk") == 0, errp);
@@ -246,6 +272,26 @@ struct tls_creds *tls_objects_server_creds(struct tls_objects *t, const char *id
     return o->creds;
 }
 
+/* authz-list's answer, as QEMU's: the policy of the first rule that matches (exactly, or as
+ * an fnmatch() pattern), else the list's policy (default deny). */
+static bool list_allows(json_t *list, const char *identity)
+{
+    const char *policy = json_string_value(json_object_get(list, "policy"));
+    json_t *rule;
+    size_t i;
+
+    json_array_foreach(json_object_get(list, "rules"), i, rule) {
+        const char *match = json_string_value(json_object_get(rule, "match"));
+        const char *format = json_string_value(json_object_get(rule, "format"));
+        bool glob = format && strcmp(format, "glob") == 0;
+        if (glob ? fnmatch(match, identity, 0) == 0 : strcmp(match, identity) == 0) {
+            policy = json_string_value(json_object_get(rule, "policy"));
+            break;
+        }
+    }
+    return policy && strcmp(policy, "allow") == 0;
+}
+
 int tls_objects_authorized(struct tls_objects *t, const char *id, const char *identity,
                            struct error **errp)
 {
@@ -255,7 +301,7 @@ int tls_objects_authorized(struct tls_objects *t, const char *id, const char *id
         error_setg(errp, "No authorization object with id '%s'", id);
         return 0;
     }
-    if (strcmp(o->identity, identity) != 0) {
+    if (o->list ? !list_allows(o->list, identity) : strcmp(o->identity, identity) != 0) {
         error_setg(errp, "Identity '%s' is not authorized", identity);
         return 0;
     }

@@ -1,11 +1,13 @@
 /* User-creatable objects for TLS, as QEMU's --object / object-add / object-del make them:
- * tls-creds-x509, tls-creds-psk (credentials loaded from a directory with QEMU's file names)
- * and authz-simple (one allowed identity).
+ * tls-creds-x509, tls-creds-psk (credentials loaded from a directory with QEMU's file names),
+ * authz-simple (one allowed identity) and authz-list (rules).
  *
  *   tls-creds-x509: DIR/ca-cert.pem, DIR/server-cert.pem, DIR/server-key.pem; verify-peer
  *                   (default on, as QEMU) asks the client for a certificate signed by the CA
  *   tls-creds-psk:  DIR/keys.psk, lines "username:hexkey" (GnuTLS's and QEMU's format)
  *   authz-simple:   identity: a client certificate's distinguished name or a PSK username
+ *   authz-list:     rules (match, policy allow|deny, format exact|glob) tried in order, the
+ *                   first match's policy wins, else policy (default deny)
  *
  * Credentials are reference-counted: object-del removes the id at once (QEMU 7.2 does not
  * refuse to delete credentials in use), and a server holding them keeps them until it stops.
@@ -55,8 +57,8 @@ struct tls_creds *tls_objects_server_creds(struct tls_objects *t, const char *id
                                            struct error **errp);
 void tls_creds_unref(struct tls_creds *c);
 
-/* Whether authz-simple object id lets identity in. Returns 1, or 0 with *errp saying why
- * (no such object, not an authz object, another identity). */
+/* Whether authz object id (authz-simple or authz-list) lets identity in. Returns 1, or 0
+ * with *errp saying why (no such object, not an authz object, identity not allowed). */
 int tls_objects_authorized(struct tls_objects *t, const char *id, const char *identity,
                            struct error **errp);
 

@@ -356,6 +356,19 @@ def test_authz_simple_of_psk_username(daemons, tmp_path, pki):
     assert f"refused: Identity '{PSK_USER}' is not authorized" in s.daemon.stderr()
 
 
+@pytest.mark.parametrize("rules, allowed", [
+    ("policy=deny,rules.0.match=*CN=client1,rules.0.policy=allow,rules.0.format=glob", True),
+    ("policy=allow,rules.0.match=O=Test,,CN=client1,rules.0.policy=deny", False),
+    ("rules.0.match=*CN=other,rules.0.policy=allow,rules.0.format=glob", False),
+])
+def test_authz_list_first_matching_rule_decides(daemons, tmp_path, pki, rules, allowed):
+    s = start(daemons, tmp_path, [x509(pki), f"authz-list,id=auth0,{rules}"],
+              "tls-creds=tls0,tls-authz=auth0")
+    r = nbdinfo(s.uri(f"tls-certificates={pki / 'client'}"))
+    assert (r.returncode == 0) == allowed, r.stderr
+    assert s.daemon.running()
+
+
 # ---- objects: QEMU 7.2's texts ---------------------------------------------------------------
 
 def test_object_add_and_del_texts(daemon, pki):
