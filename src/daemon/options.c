@@ -418,6 +418,7 @@ void daemon_options_usage(const char *prog)
            "  --object tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]\n"
            "  --object tls-creds-psk,id=ID,dir=DIR,endpoint=server\n"
            "  --object authz-simple,id=ID,identity=NAME\n"
+           "  --object authz-list,id=ID[,policy=deny|allow][,rules.N.match=M,rules.N.policy=P]\n"
            "                         TLS credentials, a client allowed by tls-authz\n"
            "  --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]\n"
            "           [,description=TEXT][,werror=ACTION][,rerror=ACTION]\n"

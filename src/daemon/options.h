@@ -6,7 +6,7 @@
  *   --blockdev OPTIONS                    (BlockdevOptions: key=value or a JSON object)
  *   --nbd-server addr.type=unix,addr.path=PATH | addr.type=inet,addr.host=H,addr.port=P
  *                [,max-connections=N][,tls-creds=ID][,tls-authz=ID]
- *   --object tls-creds-x509|tls-creds-psk|authz-simple,id=ID,...   (object-add's arguments)
+ *   --object tls-creds-x509|tls-creds-psk|authz-simple|authz-list,id=ID,...   (object-add's arguments)
  *   --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]
  *            [,description=TEXT][,werror=ACTION][,rerror=ACTION]
  *   -S, --pidfile PATH, -v/--verbose, -h/--help, -V/--version
