@@ -53,7 +53,7 @@ def main():
                 row["cpu_us"] = float(cpu) / float(wall) / iops * 1e6
         runs.setdefault(job, {}).setdefault(server, []).append(row)
 
-    head = (f"{'server':<9} | {'throughput':>13} | {'/best peer':>10} | {'CPU us/op':>9} | "
+    head = (f"{'server':<12} | {'throughput':>13} | {'/best peer':>10} | {'CPU us/op':>9} | "
             f"{'/nbdkit':>7} | {'peak RSS KiB':>12} | {'spread':>6}")
     for job, by_server in runs.items():
         jrows = [pick(r) for r in by_server.values()]
@@ -68,14 +68,14 @@ def main():
         print("-" * len(head))
         for r in jrows:
             if r["status"] != "ok":
-                print(f"{r['server']:<9} | {r['status']:>13} |")
+                print(f"{r['server']:<12} | {r['status']:>13} |")
                 continue
             tput = (f"{r['tput']:.0f} MB/s" if r["big"] else f"{r['tput'] / 1000:.1f}k IOPS")
             cpu = f"{r['cpu_us']:.2f}" if r["cpu_us"] is not None else "-"
             spread = f"{r['spread'] * 100:.0f}%" if r["rounds"] > 1 else "-"
             if r["rounds"] < r["tries"]:
                 spread += f" ({r['tries'] - r['rounds']} failed)"
-            print(f"{r['server']:<9} | {tput:>13} | {ratio(r['tput'], best):>10} | {cpu:>9} | "
+            print(f"{r['server']:<12} | {tput:>13} | {ratio(r['tput'], best):>10} | {cpu:>9} | "
                   f"{ratio(r['cpu_us'], base):>7} | {r['hwm']:>12} | {spread:>6}")
         print()
 

@@ -13,10 +13,15 @@
 #   RUNTIME  seconds measured per job [10]       RAMP  seconds of warm-up per job [1]
 #   REPEAT   rounds of every job and server; each row is the round with the median
 #            throughput, and a column gives the spread [1]
-#   SERVERS  which rows, in order [thinblkd nbdkit qsd qemu-nbd raw]
+#   SERVERS  which rows, in order [thinblkd nbdkit qsd qemu-nbd raw]; also thinblkd-tls and
+#            qsd-tls: the same servers with tls-creds-x509 (certificates made with certtool)
 #   JOBS     which jobs, in order [all of them, see the table below]
 #   PIN      1: servers on CPU 0, fio on CPU 1 [0: nothing pinned]
 #   KEEP     1: keep the temporary directory (logs, fio JSON) and say where [0]
+# TLS rows: fio's nbd engine cannot do TLS, so they run only the sequential jobs, as one
+# nbdcopy of the whole image (to null: for reads, from the image file for writes) with the
+# job's request size, requests in flight and connections; throughput is SIZE over nbdcopy's
+# wall time, RUNTIME and RAMP do not apply, and no CPU window is sampled ("-").
 # Exits non-zero if a binary is missing or nothing could run; a peer that cannot start, or a
 # job that fails against it, is reported in its row and the run goes on.
 set -euo pipefail
@@ -58,17 +63,23 @@ nbdinfo=$(need nbdinfo "libnbd-bin: waits for each server's socket")
 declare -A bin
 for s in "${servers[@]}"; do
     case $s in
-    thinblkd)
+    thinblkd | thinblkd-tls)
         [[ -d $build ]] || die "build directory not found: $build"
         bin[$s]=$(cd "$build" && pwd)/src/daemon/thinblkd
         [[ -x ${bin[$s]} ]] || die "missing ${bin[$s]} (build it: ninja -C $build)" ;;
     nbdkit) bin[$s]=$(need nbdkit "package nbdkit") ;;
-    qsd) bin[$s]=$(need qemu-storage-daemon "package qemu-system-x86 or qemu-utils") ;;
+    qsd | qsd-tls) bin[$s]=$(need qemu-storage-daemon "package qemu-system-x86 or qemu-utils") ;;
     qemu-nbd) bin[$s]=$(need qemu-nbd "package qemu-utils") ;;
     raw) ;;
     *) die "unknown server in SERVERS: $s" ;;
     esac
 done
+
+case " ${servers[*]} " in
+*-tls\ *)
+    certtool=$(need certtool "package gnutls-bin: the TLS rows' certificates")
+    nbdcopy=$(need nbdcopy "package libnbd-bin: the TLS rows' client") ;;
+esac
 
 select_jobs
 setup_pin "fio"
@@ -90,24 +101,46 @@ dd if=/dev/urandom of="$img" bs=1M count=$((size_bytes >> 20)) iflag=fullblock \
 
 hz=$(getconf CLK_TCK)
 
+# make_pki DIR: a CA, DIR/server (the servers' tls-creds-x509 dir) and DIR/client (libnbd's
+# tls-certificates dir), with QEMU's file names.
+make_pki() {
+    local dir=$1 role
+    mkdir -p "$dir/server" "$dir/client"
+    printf 'cn = bench CA\nca\ncert_signing_key\n' >"$dir/ca.info"
+    printf 'cn = localhost\ntls_www_server\nencryption_key\nsigning_key\n' >"$dir/server.info"
+    printf 'cn = client\ntls_www_client\nencryption_key\nsigning_key\n' >"$dir/client.info"
+    "$certtool" --generate-privkey --outfile "$dir/ca-key.pem" 2>/dev/null
+    "$certtool" --generate-self-signed --load-privkey "$dir/ca-key.pem" \
+        --template "$dir/ca.info" --outfile "$dir/ca-cert.pem" 2>/dev/null
+    for role in server client; do
+        cp "$dir/ca-cert.pem" "$dir/$role/"
+        "$certtool" --generate-privkey --outfile "$dir/$role/$role-key.pem" 2>/dev/null
+        "$certtool" --generate-certificate --load-ca-certificate "$dir/ca-cert.pem" \
+            --load-ca-privkey "$dir/ca-key.pem" --load-privkey "$dir/$role/$role-key.pem" \
+            --template "$dir/$role.info" --outfile "$dir/$role/$role-cert.pem" 2>/dev/null
+    done
+}
+[[ -z ${certtool:-} ]] || make_pki "$tmp/pki"
+tls_object="tls-creds-x509,id=tls0,dir=$tmp/pki/server,endpoint=server"
+tls_query="tls-certificates=$tmp/pki/client"
+
 # server_cmd NAME SOCK: the command line of server NAME on SOCK, in the array cmd.
 server_cmd() {
-    local sock=$2
+    local sock=$2 tls=() tls_opt=''
+    if [[ $1 == *-tls ]]; then
+        tls=(--object "$tls_object")
+        tls_opt=,tls-creds=tls0
+    fi
     case $1 in
-    thinblkd)
-        cmd=("${bin[thinblkd]}"
+    thinblkd | thinblkd-tls | qsd | qsd-tls)
+        cmd=("${bin[$1]}" "${tls[@]}"
              --blockdev "driver=file,node-name=f0,filename=$img,cache.direct=off"
-             --nbd-server "addr.type=unix,addr.path=$sock"
+             --nbd-server "addr.type=unix,addr.path=$sock$tls_opt"
              --export "type=nbd,id=e0,node-name=f0,name=disk,writable=on") ;;
     nbdkit)
         # Multi-threaded (the file plugin's parallel model, 16 threads by default).
         # -e only names the export for --run; the file plugin serves any name.
         cmd=("${bin[nbdkit]}" -U "$sock" -f -e disk file "file=$img") ;;
-    qsd)
-        cmd=("${bin[qsd]}"
-             --blockdev "driver=file,node-name=f0,filename=$img,cache.direct=off"
-             --nbd-server "addr.type=unix,addr.path=$sock"
-             --export "type=nbd,id=e0,node-name=f0,name=disk,writable=on") ;;
     qemu-nbd)
         # -t: survive the readiness probe's disconnect; -e 8: the two-connection job.
         cmd=("${bin[qemu-nbd]}" -k "$sock" -f raw -x disk --cache=writeback -t -e 8 "$img") ;;
@@ -117,11 +150,71 @@ server_cmd() {
 results=$tmp/results.tsv
 : >"$results"
 
+# nbd_tls_ready SOCK: nbd_ready over TLS.
+nbd_tls_ready() {
+    "$nbdinfo" --can connect "nbds+unix:///disk?socket=$1&$tls_query" 2>/dev/null
+}
+
+# run_copy JOB SERVER ROUND: a TLS row (see the top): one nbdcopy against a fresh SERVER;
+# appends its line to $results with a JSON file in fio's shape for the report.
+run_copy() {
+    local jname=$1 rw=$2 bs=$3 depth=$4 nj=$5 name=$6 round=$7
+    local sock=$tmp/$name.sock log=$tmp/$jname.$name.$round.log
+    local json=$tmp/$jname.$name.$round.json uri t0 t1 hwm dir
+    local bs_b
+    bs_b=$(numfmt --from=iec "${bs^^}")
+    case $rw in
+    read) dir=read ;;
+    write) dir=write ;;
+    *)
+        printf '%s\t%s\tskipped\t-\t-\t-\t-\n' "$jname" "$name" >>"$results"
+        return 0 ;;
+    esac
+    rm -f "$sock"
+    if ! start_server "$name" "$sock" "$log" nbd_tls_ready; then
+        note "$name did not start for $jname, skipped"
+        printf '%s\t%s\tskipped\t-\t-\t-\t-\n' "$jname" "$name" >>"$results"
+        return 0
+    fi
+    local pid=$started_pid
+    uri="nbds+unix:///disk?socket=$sock&$tls_query"
+    local copy=("$nbdcopy" --request-size="$bs_b" --requests="$depth"
+                --connections="$nj" --flush)
+    if [[ $dir == read ]]; then copy+=("$uri" null:); else copy+=("$img" "$uri"); fi
+    echo "+ ${copy[*]}" >>"$log"
+    t0=$(now_us)
+    if ! "${client_pin[@]}" "${copy[@]}" >>"$log" 2>&1; then
+        note "nbdcopy failed: $jname against $name"
+        printf '%s\t%s\tfailed\t-\t-\t-\t-\n' "$jname" "$name" >>"$results"
+        stop "$pid"
+        return 0
+    fi
+    t1=$(now_us)
+    hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status")
+    stop "$pid"
+    awk -v b="$size_bytes" -v us=$((t1 - t0)) -v bs="$bs" -v bsb="$bs_b" -v d="$depth" \
+        -v nj="$nj" -v dir="$dir" 'BEGIN {
+            bw = b / (us / 1e6); split("read write", k)
+            printf "{\"jobs\": [{\"job options\": {\"bs\": \"%s\", \"iodepth\": \"%s\", ", bs, d
+            printf "\"numjobs\": \"%s\"}", nj
+            for (i = 1; i <= 2; i++) {
+                f = k[i] == dir
+                printf ", \"%s\": {\"iops\": %f, \"bw_bytes\": %f}", k[i], f * bw / bsb, f * bw
+            }
+            print "}]}"
+        }' >"$json"
+    printf '%s\t%s\tok\t%s\t-\t-\t%s\n' "$jname" "$name" "$json" "$hwm" >>"$results"
+}
+
 # run_one JOB SERVER ROUND: one fio run of JOB against a fresh SERVER (or the raw file);
 # appends a line to $results: job server status json cpu_s wall_s hwm_kib.
 run_one() {
     local job=$1 name=$2 round=$3 jname rw bs depth nj raw_engine
     read -r jname rw bs depth nj raw_engine <<<"$job"
+    if [[ $name == *-tls ]]; then
+        run_copy "$jname" "$rw" "$bs" "$depth" "$nj" "$name" "$round"
+        return 0
+    fi
     local sock=$tmp/$name.sock log=$tmp/$jname.$name.$round.log
     local json=$tmp/$jname.$name.$round.json
     local pid='' target margin t0 c1 c2 w1 w2 hwm=- cpu=- wall=-
@@ -180,9 +273,9 @@ run_one() {
 
 version() {
     case $1 in
-    thinblkd) echo "${bin[thinblkd]}" ;;
+    thinblkd | thinblkd-tls) echo "${bin[$1]}" ;;
     nbdkit) "${bin[nbdkit]}" --version | head -n 1 ;;
-    qsd) "${bin[qsd]}" --version | head -n 1 ;;
+    qsd | qsd-tls) "${bin[$1]}" --version | head -n 1 ;;
     qemu-nbd) "${bin[qemu-nbd]}" --version | head -n 1 ;;
     raw) "$fio" --version ;;
     esac

@@ -6,11 +6,14 @@ set -euo pipefail
 THINBLK_PACKAGES=(
     # build
     gcc meson ninja-build pkg-config libjansson-dev liburing-dev zlib1g-dev scdoc
+    libgnutls28-dev
     # unit tests and the fuzz target
     libcmocka-dev clang libclang-rt-14-dev
     # integration tests and benchmarks: real peers
     python3 python3-pytest python3-libnbd qemu-system-x86 qemu-utils qemu-block-extra
     nbdkit libnbd-bin fio
+    # the TLS tests' certificates (certtool)
+    gnutls-bin
     # the test guest (its kernel is fetched by tests/guest/build-guest.sh)
     busybox-static cpio
     # the loop-device ENOSPC test

@@ -19,6 +19,7 @@
 #include "qmp/commands.h"
 #include "qmp/server.h"
 #include "runstate/runstate.h"
+#include "tls/objects.h"
 
 /* After a shutdown, the time clients get to take their last messages before we exit anyway. */
 #define EXIT_FLUSH_TIMEOUT_NS (2000 * 1000 * 1000ull)
@@ -33,6 +34,7 @@ struct daemon {
     struct dev_context *devs;
     struct exports *exports;
     struct job_list *jobs;
+    struct tls_objects *tls;
     struct qmp_services services;
     json_t *version;
     int sigfd;
@@ -131,13 +133,13 @@ static int write_pid(int fd, const char *path, struct error **errp)
     return 0;
 }
 
-/* Apply --blockdev, --nbd-server and --export in the order given. */
+/* Apply --object, --blockdev, --nbd-server and --export in the order given. */
 static int apply_cli_objects(struct daemon *d, const struct daemon_options *opts,
                              struct error **errp)
 {
     static const char *const opt_names[] = {
         [CLI_BLOCKDEV] = "--blockdev", [CLI_NBD_SERVER] = "--nbd-server",
-        [CLI_EXPORT] = "--export",
+        [CLI_EXPORT] = "--export", [CLI_OBJECT] = "--object",
     };
 
     for (size_t i = 0; i < opts->objects.len; i++) {
@@ -162,6 +164,9 @@ static int apply_cli_objects(struct daemon *d, const struct daemon_options *opts
             break;
         case CLI_EXPORT:
             r = exports_add(d->exports, o->opts, errp);
+            break;
+        case CLI_OBJECT:
+            r = tls_objects_add(d->tls, o->opts, errp);
             break;
         }
         if (r < 0) {
@@ -194,6 +199,7 @@ static void daemon_free(struct daemon *d)
         loop_run_deferred(d->loop);  /* frees of closed clients, and the like */
     drain_io(d);
     exports_free(d->exports);
+    tls_objects_free(d->tls);
     if (!job_list_busy(d->jobs))
         job_list_free(d->jobs);  /* else a job's work still refers to it: leave it */
     dev_context_free(d->devs);
@@ -254,17 +260,19 @@ int main(int argc, char **argv)
                               emit_event, &d);
     runstate_add_listener(d.runstate, on_state_change, &d);
     d.devs = dev_context_new(d.loop, d.runstate, emit_event, &d);
-    d.exports = exports_new(d.graph, d.devs);
+    d.tls = tls_objects_new();
+    d.exports = exports_new(d.graph, d.devs, d.tls);
     d.jobs = job_list_new(emit_event, &d);
     d.services = (struct qmp_services){ .runstate = d.runstate, .graph = d.graph,
                                         .devs = d.devs, .exports = d.exports,
-                                        .jobs = d.jobs };
+                                        .jobs = d.jobs, .tls = d.tls };
 
     qmp_register_control(d.dispatcher, d.version);
     qmp_register_run(d.dispatcher, &d.services);
     qmp_register_block(d.dispatcher, &d.services);
     qmp_register_export(d.dispatcher, &d.services);
     qmp_register_job(d.dispatcher, &d.services);
+    qmp_register_object(d.dispatcher, &d.services);
 
     if (setup_signals(&d) < 0) {
         log_error("cannot set up signal handling: %s", strerror(errno));

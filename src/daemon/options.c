@@ -13,6 +13,7 @@
 #include "common/schema.h"
 #include "common/util.h"
 #include "export/export.h"
+#include "tls/objects.h"
 
 /* QEMU's boolean spellings (qapi_bool_parse). */
 static int parse_bool(const char *opt, const char *key, const char *s, bool *out,
@@ -284,6 +285,7 @@ const struct schema_member *cli_object_schema(enum cli_object_kind kind)
     case CLI_BLOCKDEV: return block_options;
     case CLI_NBD_SERVER: return nbd_server_options;
     case CLI_EXPORT: return export_options;
+    case CLI_OBJECT: return tls_object_options;
     }
     abort();
 }
@@ -318,7 +320,7 @@ static int opt_object(struct daemon_options *o, enum cli_object_kind kind, const
 }
 
 enum { OPT_CHARDEV = 256, OPT_MONITOR, OPT_QMP, OPT_PIDFILE, OPT_BLOCKDEV, OPT_NBD_SERVER,
-       OPT_EXPORT };
+       OPT_EXPORT, OPT_OBJECT };
 
 int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct error **errp)
 {
@@ -330,6 +332,7 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
         { "blockdev", required_argument, NULL, OPT_BLOCKDEV },
         { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
         { "export", required_argument, NULL, OPT_EXPORT },
+        { "object", required_argument, NULL, OPT_OBJECT },
         { "verbose", no_argument, NULL, 'v' },
         { "help", no_argument, NULL, 'h' },
         { "version", no_argument, NULL, 'V' },
@@ -354,6 +357,9 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
             break;
         case OPT_EXPORT:
             r = opt_object(o, CLI_EXPORT, "--export", optarg, "type", errp);
+            break;
+        case OPT_OBJECT:
+            r = opt_object(o, CLI_OBJECT, "--object", optarg, "qom-type", errp);
             break;
         case OPT_PIDFILE:
             free(o->pidfile);
@@ -407,7 +413,13 @@ void daemon_options_usage(const char *prog)
            "  --blockdev OPTIONS     a block node (BlockdevOptions: key=value or JSON);\n"
            "                         drivers: file, host_device, raw, fault\n"
            "  --nbd-server addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=P\n"
-           "                         [,max-connections=N]   start the NBD server\n"
+           "                         [,max-connections=N][,tls-creds=ID][,tls-authz=ID]\n"
+           "                         start the NBD server (TLS: with these credentials)\n"
+           "  --object tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]\n"
+           "  --object tls-creds-psk,id=ID,dir=DIR,endpoint=server\n"
+           "  --object authz-simple,id=ID,identity=NAME\n"
+           "  --object authz-list,id=ID[,policy=deny|allow][,rules.N.match=M,rules.N.policy=P]\n"
+           "                         TLS credentials, a client allowed by tls-authz\n"
            "  --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]\n"
            "           [,description=TEXT][,werror=ACTION][,rerror=ACTION]\n"
            "                         export a node; ACTION: report, ignore, stop, enospc\n"

@@ -5,7 +5,8 @@
  *   --qmp [unix:]PATH[,server=on][,wait=off]      (shorthand for the two above)
  *   --blockdev OPTIONS                    (BlockdevOptions: key=value or a JSON object)
  *   --nbd-server addr.type=unix,addr.path=PATH | addr.type=inet,addr.host=H,addr.port=P
- *                [,max-connections=N]
+ *                [,max-connections=N][,tls-creds=ID][,tls-authz=ID]
+ *   --object tls-creds-x509|tls-creds-psk|authz-simple|authz-list,id=ID,...   (object-add's arguments)
  *   --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]
  *            [,description=TEXT][,werror=ACTION][,rerror=ACTION]
  *   -S, --pidfile PATH, -v/--verbose, -h/--help, -V/--version
@@ -31,9 +32,10 @@ struct chardev_opt {
     bool used;  /* by a monitor */
 };
 
-/* --blockdev, --nbd-server and --export, applied in the order given, as qemu-storage-daemon
- * does (an export needs its node and the NBD server before it). */
-enum cli_object_kind { CLI_BLOCKDEV, CLI_NBD_SERVER, CLI_EXPORT };
+/* --object, --blockdev, --nbd-server and --export, applied in the order given, as
+ * qemu-storage-daemon does (an export needs its node and the NBD server before it, the NBD
+ * server its TLS credentials). */
+enum cli_object_kind { CLI_BLOCKDEV, CLI_NBD_SERVER, CLI_EXPORT, CLI_OBJECT };
 
 struct cli_object {
     enum cli_object_kind kind;
@@ -41,7 +43,7 @@ struct cli_object {
 };
 
 /* The table an object's options are typed and checked with: the one of blockdev-add,
- * nbd-server-start (with the flat SocketAddress) or block-export-add. */
+ * nbd-server-start (with the flat SocketAddress), block-export-add or object-add. */
 const struct schema_member *cli_object_schema(enum cli_object_kind kind);
 
 DEFINE_VECTOR_TYPE(cli_object_vector, struct cli_object)

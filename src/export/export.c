@@ -10,6 +10,7 @@
 #include "common/util.h"
 #include "device/device.h"
 #include "nbd/server.h"
+#include "tls/objects.h"
 #include "vhost-user-blk/server.h"
 
 enum export_type {
@@ -34,14 +35,17 @@ DEFINE_QUEUE_TYPE(export_queue, struct export, next)
 struct exports {
     struct block_graph *graph;
     struct dev_context *devs;
+    struct tls_objects *tls;
     struct nbd_server *nbd;
     export_queue list;
 };
 
-struct exports *exports_new(struct block_graph *graph, struct dev_context *devs)
+struct exports *exports_new(struct block_graph *graph, struct dev_context *devs,
+                            struct tls_objects *tls)
 {
     struct exports *x = xzalloc(sizeof(*x));
 
+    x->tls = tls;
     x->graph = graph;
     x->devs = devs;
     return x;
@@ -171,18 +175,31 @@ int exports_nbd_server_start(struct exports *x, json_t *opts, struct error **err
 {
     json_t *addr = json_object_get(opts, "addr");
     json_t *maxc = json_object_get(opts, "max-connections");
+    const char *creds_id = json_string_value(json_object_get(opts, "tls-creds"));
+    const char *authz_id = json_string_value(json_object_get(opts, "tls-authz"));
+    struct tls_creds *creds = NULL;
 
-    if (json_object_get(opts, "tls-creds") || json_object_get(opts, "tls-authz")) {
-        error_setg(errp, "TLS is not supported");
-        return -1;
-    }
     if (x->nbd) {
         error_setg(errp, "NBD server already running");
         return -1;
     }
+    if (creds_id) {
+        creds = tls_objects_server_creds(x->tls, creds_id, errp);
+        if (!creds)
+            return -1;
+    } else if (authz_id) {
+        /* QEMU 7.2 takes tls-authz without tls-creds and never uses it. */
+        log_warn("NBD server: tls-authz without tls-creds is ignored: clients are not checked");
+    }
     x->nbd = nbd_server_start(dev_context_loop(x->devs), addr, (uint32_t)json_integer_value(maxc),
                               errp);
-    return x->nbd ? 0 : -1;
+    if (!x->nbd) {
+        tls_creds_unref(creds);
+        return -1;
+    }
+    if (creds)
+        nbd_server_set_tls(x->nbd, creds, x->tls, authz_id);
+    return 0;
 }
 
 int exports_nbd_server_stop(struct exports *x, struct error **errp)

@@ -17,7 +17,12 @@ struct block_graph;
 struct dev_context;
 struct exports;
 
-struct exports *exports_new(struct block_graph *graph, struct dev_context *devs);
+struct tls_objects;
+
+/* tls: the objects nbd-server-start's tls-creds and tls-authz name (borrowed: must outlive
+ * the exports). */
+struct exports *exports_new(struct block_graph *graph, struct dev_context *devs,
+                            struct tls_objects *tls);
 /* Remove every export, stop the NBD server. In-flight requests are left to finish. */
 void exports_shutdown(struct exports *x);
 void exports_free(struct exports *x);

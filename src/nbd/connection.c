@@ -9,6 +9,10 @@
  * Writing: option replies in c->out, then request replies in completion order, sent with
  * non-blocking sendmsg(MSG_NOSIGNAL); the socket is watched for writing while any is left.
  *
+ * TLS: once the session is up, conn_recv() and conn_send() go through it instead. GnuTLS may
+ * hold decrypted bytes the socket no longer signals, so a run that stops with some left
+ * schedules another (conn_run()).
+ *
  * Lifetime: a reference for being open, one per request at the device, one per pending
  * deferred call. Closing drops the first; whatever comes back later finds the connection
  * CLOSED, frees its request and drops its reference; the last one frees the connection.
@@ -41,7 +45,7 @@ static nbd_state_fn *const state_handlers[] = {
 
 static bool is_reading_state(enum nbd_state s)
 {
-    return s < NBD_STATE_DISCONNECTING;
+    return s <= NBD_STATE_REQ_DISCARD;
 }
 
 static void conn_run(struct nbd_conn *c);
@@ -129,6 +133,9 @@ void nbd_conn_close(struct nbd_conn *c, const char *fmt, ...)
         c->waiting = false;
     }
     loop_del_fd(c->loop, c->fd);
+    tls_session_free(c->tls);
+    c->tls = NULL;
+    c->tls_up = false;
     close(c->fd);
     c->fd = -1;
     free_replies(c);
@@ -145,6 +152,52 @@ void nbd_conn_close(struct nbd_conn *c, const char *fmt, ...)
     nbd_conn_unref(c);  /* the open reference */
 }
 
+/* ---- transport: the socket, or the TLS session once up ---- */
+
+/* A failed TLS record is logged here, where its text is; the caller sees EPROTO. */
+static ssize_t tls_result(struct nbd_conn *c, ssize_t r, struct error *err)
+{
+    if (r >= 0)
+        return r;
+    if (r == TLS_AGAIN) {
+        errno = EAGAIN;
+    } else {
+        log_debug("nbd: client %" PRIu64 ": %s", c->id, err->desc);
+        error_free(err);
+        errno = EPROTO;
+    }
+    return -1;
+}
+
+/* As recv(MSG_DONTWAIT): bytes, 0 at the end of input, or -1 with errno. */
+static ssize_t conn_recv(struct nbd_conn *c, void *buf, size_t len)
+{
+    struct error *err = NULL;
+
+    ssize_t r;
+
+    if (!c->tls_up)
+        return recv(c->fd, buf, len, MSG_DONTWAIT);
+    r = tls_session_recv(c->tls, buf, len, &err);
+    return tls_result(c, r, err);
+}
+
+/* As sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT) of n > 0 pieces. TLS sends the first piece only:
+ * a record of bytes the next call starts with again if this one returns EAGAIN, as GnuTLS
+ * asks. */
+static ssize_t conn_send(struct nbd_conn *c, struct iovec *iov, size_t n)
+{
+    struct msghdr msg = { .msg_iov = iov, .msg_iovlen = n };
+    struct error *err = NULL;
+
+    ssize_t r;
+
+    if (!c->tls_up)
+        return sendmsg(c->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    r = tls_session_send(c->tls, iov[0].iov_base, iov[0].iov_len, &err);
+    return tls_result(c, r, err);
+}
+
 /* ---- output ---- */
 
 static bool output_pending(const struct nbd_conn *c)
@@ -158,7 +211,8 @@ static unsigned flush_output(struct nbd_conn *c)
     unsigned done = 0;
 
     while (c->out.len > 0) {
-        ssize_t r = send(c->fd, c->out.data, c->out.len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        struct iovec out = { c->out.data, c->out.len };
+        ssize_t r = conn_send(c, &out, 1);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -170,7 +224,6 @@ static unsigned flush_output(struct nbd_conn *c)
     }
     while (!nbd_cmd_queue_empty(&c->replies)) {
         struct iovec iov[64];
-        struct msghdr msg = { .msg_iov = iov };
         size_t n = 0;
 
         for (struct nbd_cmd *cmd = c->replies.head; cmd && n + 2 <= ARRAY_SIZE(iov);
@@ -185,8 +238,7 @@ static unsigned flush_output(struct nbd_conn *c)
                 iov[n++] = (struct iovec){ (char *)cmd->payload + off, cmd->payload_len - off };
             }
         }
-        msg.msg_iovlen = n;
-        ssize_t r = sendmsg(c->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t r = conn_send(c, iov, n);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -242,11 +294,11 @@ static bool fill(struct nbd_conn *c, unsigned *recvs)
         return false;
     ++*recvs;
     if (c->dst && want >= sizeof(c->in)) {
-        r = recv(c->fd, (char *)c->dst + c->got, want, MSG_DONTWAIT);
+        r = conn_recv(c, (char *)c->dst + c->got, want);
         if (r > 0)
             c->got += (size_t)r;
     } else {
-        r = recv(c->fd, c->in, sizeof(c->in), MSG_DONTWAIT);
+        r = conn_recv(c, c->in, sizeof(c->in));
         if (r > 0) {
             c->in_pos = 0;
             c->in_len = (size_t)r;
@@ -280,6 +332,9 @@ static bool may_start_message(struct nbd_conn *c)
 static void process_input(struct nbd_conn *c, unsigned *recvs)
 {
     c->paused = false;
+    /* The STARTTLS reply goes out in plaintext before the TLS handshake starts. */
+    if (c->state == NBD_STATE_TLS_HANDSHAKE && !output_pending(c))
+        nbd_handshake_tls(c);
     while (is_reading_state(c->state)) {
         if (c->got < c->need) {
             if (c->got == 0 && !may_start_message(c)) {
@@ -304,6 +359,8 @@ static void update_events(struct nbd_conn *c)
         return;
     if (is_reading_state(c->state) && !c->eof && !c->paused)
         want |= LOOP_READ;
+    if (c->state == NBD_STATE_TLS_HANDSHAKE && !output_pending(c))
+        want |= tls_session_wants_write(c->tls) ? LOOP_WRITE : LOOP_READ;
     if (output_pending(c))
         want |= LOOP_WRITE;
     if (want != c->watched && loop_mod_fd(c->loop, c->fd, want) == 0)
@@ -341,6 +398,9 @@ static void conn_run(struct nbd_conn *c)
     } while (c->rerun && c->state != NBD_STATE_CLOSED);
     update_events(c);
     c->running = false;
+    if (c->tls_up && is_reading_state(c->state) && !c->eof && !c->paused &&
+        tls_session_pending(c->tls))
+        nbd_conn_schedule(c);
     nbd_conn_unref(c);
 }
 

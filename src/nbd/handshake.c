@@ -5,12 +5,20 @@
  * DISCONNECTING after NBD_OPT_ABORT, or CLOSED on a breach the protocol cannot answer (bad
  * magic, unknown client flags, an option too long to skip, too many options, an unknown
  * export with NBD_OPT_EXPORT_NAME). Every other problem gets an NBD_REP_ERR_* reply and the
- * client may go on. No TLS: NBD_OPT_STARTTLS is refused with NBD_REP_ERR_POLICY ("NOTLS").
+ * client may go on.
+ *
+ * TLS: a server without credentials refuses NBD_OPT_STARTTLS with NBD_REP_ERR_POLICY. One with
+ * them serves nothing in plaintext: every option before STARTTLS but ABORT gets
+ * NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which has no error reply, closes). STARTTLS's ACK goes
+ * out, then TLS_HANDSHAKE runs the TLS handshake and checks the client (certificate,
+ * authorization); the options start again inside the session.
  */
 #include <endian.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <string.h>
 
+#include "common/error.h"
 #include "common/log.h"
 #include "loop/loop.h"
 #include "nbd/internal.h"
@@ -167,7 +175,72 @@ static void opt_list(struct nbd_conn *c)
 
 static void opt_starttls(struct nbd_conn *c)
 {
-    reply_error(c, NBD_REP_ERR_POLICY, "TLS is not supported by this server");
+    struct error *err = NULL;
+
+    if (!c->server->tls_creds) {
+        reply_error(c, NBD_REP_ERR_POLICY, "TLS is not supported by this server");
+        return;
+    }
+    if (c->tls) {
+        reply_error(c, NBD_REP_ERR_INVALID, "TLS already enabled");
+        return;
+    }
+    if (c->optlen != 0) {
+        reply_error(c, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        return;
+    }
+    /* Bytes already here came in plaintext before our reply: whatever they are, taking them
+     * as if from inside the session would let a man in the middle inject them. */
+    if (c->in_pos < c->in_len) {
+        nbd_conn_close(c, "data after NBD_OPT_STARTTLS before its reply");
+        return;
+    }
+    c->tls = tls_session_new(c->server->tls_creds, c->fd, &err);
+    if (!c->tls) {
+        nbd_conn_close(c, "%s", err->desc);
+        error_free(err);
+        return;
+    }
+    reply_ack(c);
+    nbd_conn_expect(c, NBD_STATE_TLS_HANDSHAKE, NULL, 0);
+}
+
+void nbd_handshake_tls(struct nbd_conn *c)
+{
+    struct nbd_server *s = c->server;
+    struct error *err = NULL;
+    int r = tls_session_handshake(c->tls, &err);
+
+    if (r == TLS_AGAIN)
+        return;
+    if (r == 0)
+        r = tls_session_check_peer(c->tls, s->tls_objects, s->tls_authz, &err);
+    if (r < 0) {
+        log_info("nbd: client %" PRIu64 " refused: %s", c->id, err->desc);
+        nbd_conn_close(c, "%s", err->desc);
+        error_free(err);
+        return;
+    }
+    c->tls_up = true;
+    log_debug("nbd: client %" PRIu64 ": TLS session up", c->id);
+    nbd_conn_expect(c, NBD_STATE_OPT_HEADER, c->hdr, sizeof(struct nbd_option_header));
+}
+
+/* Whether the option may run now: with TLS required, only ABORT and STARTTLS before the
+ * session is up. Otherwise refuses it (EXPORT_NAME: closes) and returns false. */
+static bool tls_allows(struct nbd_conn *c)
+{
+    if (!c->server->tls_creds || c->tls_up || c->opt == NBD_OPT_ABORT ||
+        c->opt == NBD_OPT_STARTTLS)
+        return true;
+    if (c->opt == NBD_OPT_EXPORT_NAME) {
+        nbd_conn_close(c, "NBD_OPT_EXPORT_NAME without TLS");
+        return false;
+    }
+    char msg[64];
+    snprintf(msg, sizeof(msg), "Option 0x%" PRIx32 " not permitted before TLS", c->opt);
+    reply_error(c, NBD_REP_ERR_TLS_REQD, msg);
+    return false;
 }
 
 /* NBD_OPT_INFO and NBD_OPT_GO: the same request and replies; GO then enters transmission. */
@@ -438,6 +511,8 @@ void nbd_handshake_opt_header(struct nbd_conn *c)
 void nbd_handshake_opt_data(struct nbd_conn *c)
 {
     c->opt_data[c->optlen] = '\0';
+    if (!tls_allows(c))
+        goto done;
     for (size_t i = 0; i < ARRAY_SIZE(options); i++) {
         if (options[i].option == c->opt) {
             options[i].fn(c);

@@ -5,7 +5,8 @@
  * A connection reads one message at a time: the state names the message expected next, and
  * nbd_conn_expect() says where its bytes go and how many there are. When they are all in, the
  * state's handler (one per state, see connection.c) runs and sets up the next message. The
- * states past the reading ones are DISCONNECTING (no more input; close once every reply is
+ * states past the reading ones are TLS_HANDSHAKE (GnuTLS reads and writes the socket itself
+ * until the session is up), DISCONNECTING (no more input; close once every reply is
  * out) and CLOSED (terminal: the socket is closed; the object lives on until the requests
  * still at the device have come back).
  *
@@ -26,6 +27,8 @@
 #include "loop/loop.h"
 #include "nbd/protocol.h"
 #include "nbd/server.h"
+#include "tls/objects.h"
+#include "tls/session.h"
 
 /* Limits on what a client may make us hold. */
 #define NBD_MAX_OPTION_LEN (64u * 1024)         /* option data; longer: hard disconnect */
@@ -54,6 +57,8 @@ enum nbd_state {
     NBD_STATE_REQ_HEADER,    /* a request header */
     NBD_STATE_REQ_PAYLOAD,   /* a valid write's data, into its buffer */
     NBD_STATE_REQ_DISCARD,   /* an invalid write's data, dropped */
+    /* handshake.c, after NBD_OPT_STARTTLS: no message; the TLS handshake, then OPT_HEADER */
+    NBD_STATE_TLS_HANDSHAKE,
     /* no more input */
     NBD_STATE_DISCONNECTING,
     NBD_STATE_CLOSED,        /* terminal */
@@ -138,6 +143,10 @@ struct nbd_conn {
     bool running, rerun;
     struct loop_deferred run_call; /* on_deferred_run(), while queued (holds a reference) */
     uint64_t handshake_timer;
+    /* TLS: the session from NBD_OPT_STARTTLS on; once tls_up (handshake done, client
+     * accepted), every byte in and out goes through it. */
+    struct tls_session *tls;
+    bool tls_up;
 
     /* Input: bytes read ahead, and the message being assembled. */
     char in[NBD_IN_BUF_SIZE];
@@ -193,6 +202,11 @@ struct nbd_server {
     nbd_conn_list conns;       /* open connections */
     unsigned nconns;
     uint64_t next_conn_id;
+    /* TLS required (nbd_server_set_tls()): creds a reference, authz_id checked against
+     * objects at each client's handshake, as QEMU looks its authz object up then. */
+    struct tls_creds *tls_creds;
+    struct tls_objects *tls_objects;
+    char *tls_authz;
 };
 
 /* ---- connection.c ---- */
@@ -220,6 +234,9 @@ void nbd_handshake_start(struct nbd_conn *c);
 void nbd_handshake_client_flags(struct nbd_conn *c);
 void nbd_handshake_opt_header(struct nbd_conn *c);
 void nbd_handshake_opt_data(struct nbd_conn *c);
+/* TLS_HANDSHAKE: go on with the TLS handshake (its first step once the STARTTLS reply is
+ * out); once done and the client accepted, expect the next option. */
+void nbd_handshake_tls(struct nbd_conn *c);
 /* Whether to read more options: not while many replies are unsent. */
 bool nbd_handshake_may_read(struct nbd_conn *c);
 

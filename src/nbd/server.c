@@ -206,7 +206,17 @@ void nbd_server_stop(struct nbd_server *s)
         free(e->description);
         free(e);
     }
+    tls_creds_unref(s->tls_creds);
+    free(s->tls_authz);
     free(s);
+}
+
+void nbd_server_set_tls(struct nbd_server *s, struct tls_creds *creds, struct tls_objects *objs,
+                        const char *authz_id)
+{
+    s->tls_creds = creds;
+    s->tls_objects = objs;
+    s->tls_authz = authz_id ? xstrdup(authz_id) : NULL;
 }
 
 /* ---- exports ---- */

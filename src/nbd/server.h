@@ -23,6 +23,8 @@
 struct loop;
 struct device;
 struct nbd_server;
+struct tls_creds;
+struct tls_objects;
 
 /* Start listening on addr, QEMU's SocketAddress as a JSON object (borrowed, checked: see
  * nbd_server_options in export/export.h):
@@ -31,6 +33,12 @@ struct nbd_server;
  * max_connections 0 means no limit. Returns the server or NULL with *errp set. */
 struct nbd_server *nbd_server_start(struct loop *loop, json_t *addr, uint32_t max_connections,
                                     struct error **errp);
+
+/* Require TLS of every client (NBD_OPT_STARTTLS before any other option but ABORT) with
+ * server credentials creds (the reference is taken over); if authz_id, clients must pass
+ * that authz object of objs (borrowed, must outlive s), looked up at each handshake. */
+void nbd_server_set_tls(struct nbd_server *s, struct tls_creds *creds, struct tls_objects *objs,
+                        const char *authz_id);
 
 /* Close the listening socket and every connection (requests in flight at a device finish
  * and are dropped), remove a Unix socket file, free the server and its export table (the

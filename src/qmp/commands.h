@@ -11,6 +11,7 @@ struct block_graph;
 struct dev_context;
 struct exports;
 struct job_list;
+struct tls_objects;
 
 /* What the command handlers act on; owned by the daemon, outliving the dispatcher. */
 struct qmp_services {
@@ -19,6 +20,7 @@ struct qmp_services {
     struct dev_context *devs;
     struct exports *exports;
     struct job_list *jobs;
+    struct tls_objects *tls;
 };
 
 /* qmp_capabilities, query-version (answers version, borrowed: must outlive d), query-commands. */
@@ -30,6 +32,9 @@ void qmp_register_run(struct qmp_dispatcher *d, struct qmp_services *svc);
 void qmp_register_block(struct qmp_dispatcher *d, struct qmp_services *svc);
 /* nbd-server-start/-stop, block-export-add/-del, query-block-exports. */
 void qmp_register_export(struct qmp_dispatcher *d, struct qmp_services *svc);
+
+/* object-add, object-del. */
+void qmp_register_object(struct qmp_dispatcher *d, struct qmp_services *svc);
 
 /* query-jobs, job-finalize, job-dismiss, job-complete, job-cancel, blockdev-create. */
 void qmp_register_job(struct qmp_dispatcher *d, struct qmp_services *svc);

@@ -1,0 +1,309 @@
+/* TLS credentials and authorization objects. See objects.h. */
+#include "tls/objects.h"
+
+#include <errno.h>
+#include <fnmatch.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/list.h"
+#include "common/util.h"
+
+enum object_kind { OBJ_CREDS, OBJ_AUTHZ };
+
+struct object {
+    struct object *next;
+    char *id;
+    enum object_kind kind;
+    struct tls_creds *creds;  /* OBJ_CREDS: the table's reference */
+    char *identity;           /* OBJ_AUTHZ of authz-simple */
+    json_t *list;             /* OBJ_AUTHZ of authz-list: its options (policy, rules) */
+};
+
+DEFINE_QUEUE_TYPE(object_queue, struct object, next)
+
+struct tls_objects {
+    object_queue list;
+};
+
+static const char *const endpoints[] = { "client", "server", NULL };
+
+/* QEMU's TlsCredsProperties, both credential types' base. dir is optional in the schema
+ * because QEMU checks it later, with its own text. */
+#define TLS_CREDS_MEMBERS                                                                     \
+    { "dir", SCHEMA_STR, .optional = true },                                                  \
+    { "endpoint", SCHEMA_ENUM, .optional = true, .values = endpoints },                       \
+    { "verify-peer", SCHEMA_BOOL, .optional = true }
+
+static const struct schema_member x509_members[] = {
+    TLS_CREDS_MEMBERS,
+    { NULL },
+};
+
+static const struct schema_member psk_members[] = {
+    TLS_CREDS_MEMBERS,
+    { "username", SCHEMA_STR, .optional = true },
+    { NULL },
+};
+
+static const struct schema_member authz_simple_members[] = {
+    { "identity", SCHEMA_STR },
+    { NULL },
+};
+
+static const char *const authz_policies[] = { "deny", "allow", NULL };
+static const char *const authz_formats[] = { "exact", "glob", NULL };
+
+/* QAuthZListRule. */
+static const struct schema_member authz_rule_members[] = {
+    { "match", SCHEMA_STR },
+    { "policy", SCHEMA_ENUM, .values = authz_policies },
+    { "format", SCHEMA_ENUM, .optional = true, .values = authz_formats },
+    { NULL },
+};
+
+static const struct schema_member authz_list_members[] = {
+    { "policy", SCHEMA_ENUM, .optional = true, .values = authz_policies },
+    { "rules", SCHEMA_ARRAY, .optional = true,
+      .element = &(const struct schema_member){ NULL, SCHEMA_OBJECT,
+                                                .members = authz_rule_members } },
+    { NULL },
+};
+
+static const struct schema_variant object_variants[] = {
+    { "tls-creds-x509", x509_members },
+    { "tls-creds-psk", psk_members },
+    { "authz-simple", authz_simple_members },
+    { "authz-list", authz_list_members },
+    { NULL },
+};
+
+const struct schema_member tls_object_options[] = {
+    { "qom-type", SCHEMA_ENUM, .full_name = true, .variants = object_variants },
+    { "id", SCHEMA_STR },
+    { NULL },
+};
+
+struct tls_objects *tls_objects_new(void)
+{
+    return xzalloc(sizeof(struct tls_objects));
+}
+
+void tls_creds_unref(struct tls_creds *c)
+{
+    if (!c || --c->refs > 0)
+        return;
+    if (c->x509)
+        gnutls_certificate_free_credentials(c->x509);
+    if (c->psk)
+        gnutls_psk_free_server_credentials(c->psk);
+    free(c);
+}
+
+static void object_free(struct object *o)
+{
+    tls_creds_unref(o->creds);
+    free(o->identity);
+    json_decref(o->list);
+    free(o->id);
+    free(o);
+}
+
+void tls_objects_free(struct tls_objects *t)
+{
+    struct object *o;
+
+    if (!t)
+        return;
+    while ((o = object_queue_pop(&t->list)))
+        object_free(o);
+    free(t);
+}
+
+static struct object *find(struct tls_objects *t, const char *id)
+{
+    for (struct object *o = t->list.head; o; o = o->next) {
+        if (strcmp(o->id, id) == 0)
+            return o;
+    }
+    return NULL;
+}
+
+/* DIR/name, which must be readable: QEMU's check and text. NULL with *errp set. */
+static char *creds_file(const char *dir, const char *name, struct error **errp)
+{
+    char *path = xasprintf("%s/%s", dir, name);
+
+    if (access(path, R_OK) < 0) {
+        error_setg_errno(errp, errno, "Unable to access credentials %s", path);
+        free(path);
+        return NULL;
+    }
+    return path;
+}
+
+static int load_x509(struct tls_creds *c, const char *dir, struct error **errp)
+{
+    _cleanup_free_ char *ca = creds_file(dir, "ca-cert.pem", errp);
+    _cleanup_free_ char *cert = ca ? creds_file(dir, "server-cert.pem", errp) : NULL;
+    _cleanup_free_ char *key = cert ? creds_file(dir, "server-key.pem", errp) : NULL;
+    int r;
+
+    if (!key)
+        return -1;
+    gnutls_certificate_allocate_credentials(&c->x509);
+    r = gnutls_certificate_set_x509_trust_file(c->x509, ca, GNUTLS_X509_FMT_PEM);
+    if (r < 0) {
+        error_setg(errp, "Cannot load CA certificate '%s': %s", ca, gnutls_strerror(r));
+        return -1;
+    }
+    r = gnutls_certificate_set_x509_key_file(c->x509, cert, key, GNUTLS_X509_FMT_PEM);
+    if (r < 0) {
+        error_setg(errp, "Cannot load certificate '%s' & key '%s': %s", cert, key,
+                   gnutls_strerror(r));
+        return -1;
+    }
+    return 0;
+}
+
+static int load_psk(struct tls_creds *c, const char *dir, struct error **errp)
+{
+    _cleanup_free_ char *keys = creds_file(dir, "keys.psk", errp);
+    int r;
+
+    if (!keys)
+        return -1;
+    gnutls_psk_allocate_server_credentials(&c->psk);
+    r = gnutls_psk_set_server_credentials_file(c->psk, keys);
+    if (r < 0) {
+        error_setg(errp, "Cannot set PSK server credentials: %s", gnutls_strerror(r));
+        return -1;
+    }
+    return 0;
+}
+
+/* Credentials from opts. Client endpoints load nothing: nothing here can use them, and
+ * QEMU's client files (client-cert.pem) are not the server's. */
+static struct tls_creds *creds_new(json_t *opts, bool psk, struct error **errp)
+{
+    const char *dir = json_string_value(json_object_get(opts, "dir"));
+    const char *endpoint = json_string_value(json_object_get(opts, "endpoint"));
+    json_t *verify = json_object_get(opts, "verify-peer");
+    struct tls_creds *c = xzalloc(sizeof(*c));
+
+    c->refs = 1;
+    c->kind = psk ? TLS_CREDS_PSK : TLS_CREDS_X509;
+    c->server = endpoint && strcmp(endpoint, "server") == 0;
+    c->verify_peer = !psk && (!verify || json_is_true(verify));
+    if (!dir) {
+        error_setg(errp, "Missing 'dir' property value");
+        goto fail;
+    }
+    if (c->server && (psk ? load_psk(c, dir, errp) : load_x509(c, dir, errp)) < 0)
+        goto fail;
+    return c;
+fail:
+    tls_creds_unref(c);
+    return NULL;
+}
+
+int tls_objects_add(struct tls_objects *t, json_t *opts, struct error **errp)
+{
+    const char *type = json_string_value(json_object_get(opts, "qom-type"));
+    const char *id = json_string_value(json_object_get(opts, "id"));
+    struct object *o;
+
+    if (find(t, id)) {
+        error_setg(errp, "attempt to add duplicate property '%s' to object (type 'container')",
+                   id);
+        return -1;
+    }
+    o = xzalloc(sizeof(*o));
+    o->id = xstrdup(id);
+    if (strcmp(type, "authz-simple") == 0) {
+        o->kind = OBJ_AUTHZ;
+        o->identity = xstrdup(json_string_value(json_object_get(opts, "identity")));
+    } else if (strcmp(type, "authz-list") == 0) {
+        o->kind = OBJ_AUTHZ;
+        o->list = json_incref(opts);
+    } else {
+        o->kind = OBJ_CREDS;
+        o->creds = creds_new(opts, strcmp(type, "tls-creds-psk") == 0, errp);
+        if (!o->creds) {
+            object_free(o);
+            return -1;
+        }
+    }
+    object_queue_push(&t->list, o);
+    return 0;
+}
+
+int tls_objects_del(struct tls_objects *t, const char *id, struct error **errp)
+{
+    struct object *o = find(t, id);
+
+    if (!o) {
+        error_setg(errp, "object '%s' not found", id);
+        return -1;
+    }
+    object_queue_remove(&t->list, o);
+    object_free(o);
+    return 0;
+}
+
+struct tls_creds *tls_objects_server_creds(struct tls_objects *t, const char *id,
+                                           struct error **errp)
+{
+    struct object *o = find(t, id);
+
+    if (!o) {
+        error_setg(errp, "No TLS credentials with id '%s'", id);
+        return NULL;
+    }
+    if (o->kind != OBJ_CREDS) {
+        error_setg(errp, "Object with id '%s' is not TLS credentials", id);
+        return NULL;
+    }
+    if (!o->creds->server) {
+        error_setg(errp, "Expected TLS credentials for a server endpoint");
+        return NULL;
+    }
+    o->creds->refs++;
+    return o->creds;
+}
+
+/* authz-list's answer, as QEMU's: the policy of the first rule that matches (exactly, or as
+ * an fnmatch() pattern), else the list's policy (default deny). */
+static bool list_allows(json_t *list, const char *identity)
+{
+    const char *policy = json_string_value(json_object_get(list, "policy"));
+    json_t *rule;
+    size_t i;
+
+    json_array_foreach(json_object_get(list, "rules"), i, rule) {
+        const char *match = json_string_value(json_object_get(rule, "match"));
+        const char *format = json_string_value(json_object_get(rule, "format"));
+        bool glob = format && strcmp(format, "glob") == 0;
+        if (glob ? fnmatch(match, identity, 0) == 0 : strcmp(match, identity) == 0) {
+            policy = json_string_value(json_object_get(rule, "policy"));
+            break;
+        }
+    }
+    return policy && strcmp(policy, "allow") == 0;
+}
+
+int tls_objects_authorized(struct tls_objects *t, const char *id, const char *identity,
+                           struct error **errp)
+{
+    struct object *o = find(t, id);
+
+    if (!o || o->kind != OBJ_AUTHZ) {
+        error_setg(errp, "No authorization object with id '%s'", id);
+        return 0;
+    }
+    if (o->list ? !list_allows(o->list, identity) : strcmp(o->identity, identity) != 0) {
+        error_setg(errp, "Identity '%s' is not authorized", identity);
+        return 0;
+    }
+    return 1;
+}
