@@ -1,19 +1,21 @@
-"""thinblkd under a service manager: sd_notify(3)'s protocol against a socket the test listens
+"""thinblkd and thinblk-agent under a service manager: sd_notify(3)'s protocol against a socket the test listens
 on, as systemd does for a Type=notify unit. READY=1 only once every socket listens, STATUS=
 with the run state, WATCHDOG=1 at half of WATCHDOG_USEC (when WATCHDOG_PID is unset or names
 thinblkd), STOPPING=1 on shutdown; without NOTIFY_SOCKET, or with one nobody listens on, the
-daemon runs as usual.
+daemon runs as usual. The agent: READY=1 once its configuration is loaded and every daemon's
+first connection is under way (connected or not), STOPPING=1 on SIGTERM.
 """
 
 import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
-from conftest import THINBLKD, TIMEOUT, Daemon, image, ok, thinblk_only
+from conftest import BUILD_DIR, THINBLKD, TIMEOUT, Daemon, image, ok, thinblk_only
 
 pytestmark = thinblk_only
 
@@ -215,3 +217,21 @@ def test_manager_gone(daemons, monkeypatch):
     ok(qmp.cmd("stop"))
     ok(qmp.cmd("cont"))
     assert d.stderr().count("cannot notify the service manager") == 1
+
+
+def test_agent_ready_before_its_daemon_listens_and_stopping(daemons, monkeypatch):
+    rundir = daemons.rundir()
+    manager = Manager(rundir)
+    monkeypatch.setenv("NOTIFY_SOCKET", manager.address)
+    agent = subprocess.Popen([BUILD_DIR / "src" / "agent" / "thinblk-agent",
+                              "-s", rundir / "nobody.sock"],
+                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert manager.receive() == ["READY=1"]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(TIMEOUT) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        stderr = agent.communicate()[1].decode(errors="replace")
+    assert manager.pending() == [["STOPPING=1"]], stderr
