@@ -17,6 +17,8 @@ THINBLK_PACKAGES=(
     e2fsprogs util-linux mount
     # systemd-analyze (the units' test) and systemd.pc (where the units go)
     systemd
+    # the Debian package's test
+    dpkg-dev debhelper lintian
 )
 
 missing=()
