@@ -18,6 +18,10 @@ THINBLK_PACKAGES=(
     busybox-static cpio
     # the loop-device ENOSPC test
     e2fsprogs util-linux mount
+    # systemd-analyze (the units' test) and systemd.pc (where the units go)
+    systemd
+    # the Debian package's test
+    dpkg-dev debhelper lintian
 )
 
 missing=()

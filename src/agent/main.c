@@ -24,6 +24,7 @@
 #include "agent/disk.h"
 #include "agent/extend.h"
 #include "common/log.h"
+#include "common/service.h"
 #include "common/util.h"
 #include "common/vector.h"
 #include "loop/loop.h"
@@ -192,10 +193,12 @@ static int extend_loop_main(int argc, char **argv)
 
 static void on_signal(struct loop *loop, int fd, unsigned events, void *opaque)
 {
+    struct service_notifier *notifier = opaque;
     struct signalfd_siginfo si;
 
     if (read(fd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
         log_info("terminating on signal %u", si.ssi_signo);
+        service_notify(notifier, "STOPPING=1");
         loop_stop(loop);
     }
 }
@@ -343,6 +346,8 @@ int main(int argc, char **argv)
         error_setg_errno(&err, errno, "epoll");
         goto fail;
     }
+    struct service_notifier notifier;
+    service_notifier_init(&notifier, loop);
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGINT);
@@ -350,8 +355,9 @@ int main(int argc, char **argv)
     sigprocmask(SIG_BLOCK, &mask, NULL);
     signal(SIGPIPE, SIG_IGN);
     int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (sfd < 0 || loop_add_fd(loop, sfd, LOOP_READ, on_signal, NULL) < 0) {
+    if (sfd < 0 || loop_add_fd(loop, sfd, LOOP_READ, on_signal, &notifier) < 0) {
         error_setg_errno(&err, errno, "signalfd");
+        service_notifier_close(&notifier);
         loop_free(loop);
         goto fail;
     }
@@ -363,12 +369,17 @@ int main(int argc, char **argv)
         daemons[i] = disk_daemon_new(loop, &cfg, &cfg.daemons.ptr[i], self_exe);
         disk_daemon_start(daemons[i]);
     }
+    /* Ready once every daemon's first connection attempt is under way, not once connected:
+     * a daemon that starts later (or never) must not hold up the boot; the agent keeps
+     * trying. */
+    service_notify(&notifier, "READY=1");
     ret = loop_run(loop) < 0 ? 1 : 0;
     for (size_t i = 0; i < ndaemons; i++)
         disk_daemon_free(daemons[i]);
     free(daemons);
     loop_del_fd(loop, sfd);
     close(sfd);
+    service_notifier_close(&notifier);
     loop_free(loop);
     goto out;
 

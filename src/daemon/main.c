@@ -11,6 +11,7 @@
 #include "io/uring.h"
 #include "job/job.h"
 #include "common/log.h"
+#include "common/service.h"
 #include "device/device.h"
 #include "export/export.h"
 #include "common/util.h"
@@ -38,6 +39,7 @@ struct daemon {
     struct qmp_services services;
     json_t *version;
     int sigfd;
+    struct service_notifier notifier;
 };
 
 static void emit_event(void *opaque, const char *name, json_t *data)
@@ -65,6 +67,10 @@ static void on_state_change(void *opaque, enum run_state old_state, enum run_sta
     struct daemon *d = opaque;
 
     log_debug("run state %s -> %s", runstate_name(old_state), runstate_name(new_state));
+    char status[64];
+    snprintf(status, sizeof(status), "%sSTATUS=%s",
+             new_state == RUN_STATE_SHUTDOWN ? "STOPPING=1\n" : "", runstate_name(new_state));
+    service_notify(&d->notifier, status);
     if (new_state != RUN_STATE_SHUTDOWN)
         return;
     /* No new connections or requests; exit once SHUTDOWN and the last responses are out. */
@@ -209,6 +215,7 @@ static void daemon_free(struct daemon *d)
     uring_free(d->uring);
     qmp_dispatcher_free(d->dispatcher);
     json_decref(d->version);
+    service_notifier_close(&d->notifier);
     if (d->sigfd >= 0)
         close(d->sigfd);
     loop_free(d->loop);
@@ -217,7 +224,7 @@ static void daemon_free(struct daemon *d)
 int main(int argc, char **argv)
 {
     struct daemon_options opts;
-    struct daemon d = { .sigfd = -1 };
+    struct daemon d = { .sigfd = -1, .notifier = { .fd = -1 } };
     struct error *err = NULL;
     int pidfile_fd = -1;
     int ret = 1;
@@ -247,6 +254,7 @@ int main(int argc, char **argv)
         log_error("cannot create the event loop: %s", strerror(errno));
         goto out;
     }
+    service_notifier_init(&d.notifier, d.loop);
     d.version = qmp_version_info(THINBLK_VERSION);
     d.dispatcher = qmp_dispatcher_new();
     d.server = qmp_server_new(d.loop, d.dispatcher, d.version);
@@ -300,6 +308,10 @@ int main(int argc, char **argv)
         log_error("%s", err->desc);
         goto out;
     }
+    /* The same promise to systemd (Type=notify): units ordered after us can connect. */
+    char ready[64];
+    snprintf(ready, sizeof(ready), "READY=1\nSTATUS=%s", runstate_name(runstate_get(d.runstate)));
+    service_notify(&d.notifier, ready);
 
     if (loop_run(d.loop) < 0) {
         log_error("event loop failed: %s", strerror(errno));
