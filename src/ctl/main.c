@@ -17,6 +17,7 @@
 #include "client/qmp-client.h"
 #include "common/util.h"
 #include "ctl/args.h"
+#include "ctl/metrics.h"
 #include "ctl/output.h"
 
 enum {
@@ -38,7 +39,9 @@ static const char usage_text[] =
     "Usage: thinblkctl [OPTIONS] COMMAND [KEY=VALUE | KEY:=JSON]...\n"
     "       thinblkctl [OPTIONS] COMMAND JSON-OBJECT\n"
     "       thinblkctl [OPTIONS] events [-c N] [EVENT-NAME]...\n"
-    "Run a QMP command on a thinblkd (or QEMU) monitor and print its result, or follow events.\n"
+    "       thinblkctl [OPTIONS] metrics\n"
+    "Run a QMP command on a thinblkd (or QEMU) monitor and print its result, follow events, or\n"
+    "print the daemon's metrics in Prometheus' text format.\n"
     "\n"
     "Options:\n"
     "  -s, --socket PATH      the monitor's Unix socket (default: $THINBLK_SOCKET)\n"
@@ -157,6 +160,40 @@ static int run_command(const struct ctl_options *o, const char *name, int argc, 
     if (!negotiating || reply->kind == QMPC_MSG_ERROR)
         ctl_print_reply(reply, o->format);
     return reply->kind == QMPC_MSG_ERROR ? CTL_EXIT_QMP_ERROR : CTL_EXIT_OK;
+}
+
+/* ---- metrics ------------------------------------------------------------------------- */
+
+/* Run the queries a metrics page is made of, on one connection, and print it. A refused
+ * query is reported as any refused command. */
+static int run_metrics(const struct ctl_options *o)
+{
+    static const char *const queries[] = {"query-status", "query-block", "query-blockstats",
+                                          "query-named-block-nodes"};
+    struct qmpc_message *replies[ARRAY_SIZE(queries)] = {NULL};
+    struct error *err = NULL;
+    int ret = CTL_EXIT_OK;
+
+    _cleanup_qmpc_ struct qmpc *c = ctl_open(o, &err);
+    if (!c || qmpc_negotiate(c, NULL, o->timeout_ms, &err) < 0)
+        return connection_error(err);
+    for (size_t i = 0; i < ARRAY_SIZE(queries) && ret == CTL_EXIT_OK; i++) {
+        replies[i] = qmpc_execute(c, queries[i], NULL, o->timeout_ms, &err);
+        if (!replies[i]) {
+            ret = connection_error(err);
+        } else if (replies[i]->kind == QMPC_MSG_ERROR) {
+            ctl_print_reply(replies[i], o->format);
+            ret = CTL_EXIT_QMP_ERROR;
+        }
+    }
+    if (ret == CTL_EXIT_OK) {
+        struct ctl_metrics_input in = {replies[0]->ret, replies[1]->ret, replies[2]->ret,
+                                       replies[3]->ret};
+        ctl_metrics_print(&in);
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(queries); i++)
+        qmpc_message_free(replies[i]);
+    return ret;
 }
 
 /* ---- events --------------------------------------------------------------------------- */
@@ -390,5 +427,10 @@ int main(int argc, char **argv)
         return run_events(&o, argc - optind, argv + optind);
     if (o.count)
         return usage_error("--count is only for events");
+    if (strcmp(command, "metrics") == 0) {
+        if (optind + 1 < argc)
+            return usage_error("metrics takes no arguments");
+        return run_metrics(&o);
+    }
     return run_command(&o, command, argc - optind - 1, argv + optind + 1);
 }

@@ -1,0 +1,149 @@
+"""thinblkctl metrics against a real daemon: the output parsed strictly as Prometheus' text
+exposition format (0.0.4), and its values checked after real NBD writes and an ENOSPC stop.
+
+promtool (Debian's prometheus package) would check the format, but it is a large package for
+one check; exposition() below is a strict parser of what the format allows instead.
+"""
+import math
+import os
+import re
+import subprocess
+
+import nbd
+
+from conftest import BUILD_DIR
+
+CTL = os.path.join(str(BUILD_DIR), "src", "ctl", "thinblkctl")
+MiB = 1 << 20
+
+NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL = r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"'
+SAMPLE = re.compile(rf"^({NAME})(?:\{{((?:{LABEL},?)*)\}})? (\S+)$")
+
+
+def unescape(v):
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), v)
+
+
+def exposition(text):
+    """{(name, frozenset(labels.items())): value}, or an AssertionError naming the line that
+    breaks the format: HELP and TYPE once per family and before its samples, a family's
+    samples together, counters named _total, label syntax and escaping, float values."""
+    assert text.endswith("\n")
+    samples, types, helps, done = {}, {}, set(), set()
+    current = None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert re.fullmatch(NAME, name) and name not in helps, line
+            assert name not in done and name not in types, line
+            helps.add(name)
+            if current:
+                done.add(current)
+            current = name
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == current and name not in types, line
+            assert kind in ("counter", "gauge"), line
+            assert kind != "counter" or name.endswith("_total"), line
+            types[name] = kind
+            continue
+        assert not line.startswith("#"), line
+        m = SAMPLE.match(line)
+        assert m, line
+        name, labels, value = m.group(1), m.group(2) or "", m.group(m.lastindex)
+        assert name == current and name in types, f"sample outside its family: {line}"
+        pairs = re.findall(LABEL, labels)
+        assert ",".join(f'{k}="{v}"' for k, v in pairs) == labels, line
+        assert len({k for k, _ in pairs}) == len(pairs), line
+        v = float(value)
+        assert not math.isnan(v), line
+        key = (name, frozenset((k, unescape(v)) for k, v in pairs))
+        assert key not in samples, f"duplicate sample: {line}"
+        samples[key] = v
+    return samples
+
+
+def metrics(sock):
+    r = subprocess.run([CTL, "-s", sock, "metrics"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r
+    return exposition(r.stdout)
+
+
+def value(samples, name, **labels):
+    return samples[(name, frozenset(labels.items()))]
+
+
+def test_parser_refuses_what_the_format_does_not_allow():
+    ok = "# HELP a_total x\n# TYPE a_total counter\na_total{d=\"q\\\"\"} 1\n"
+    assert exposition(ok) == {("a_total", frozenset({("d", 'q"')})): 1.0}
+    for bad in ["# HELP a x\n# TYPE a counter\na 1\n",            # counter without _total
+                "a 1\n",                                           # no TYPE
+                "# HELP a x\n# TYPE a gauge\na{d=\"x} 1\n",        # bad quoting
+                "# HELP a x\n# TYPE a gauge\na one\n",             # not a float
+                "# HELP a x\n# TYPE a gauge\na 1\n# HELP b x\n# TYPE b gauge\nb 1\na 2\n",
+                "# HELP a x\n# TYPE a gauge\n# TYPE a gauge\na 1\n"]:
+        try:
+            exposition(bad)
+        except (AssertionError, ValueError):
+            continue
+        raise AssertionError(f"accepted: {bad!r}")
+
+
+def start(daemons, tmp_path):
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    nbd_sock = str(tmp_path / "nbd.sock")
+    d = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=proto0,filename={image}",
+        "--blockdev", "driver=fault,node-name=flt,file=proto0",
+        "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
+        "--export", "type=nbd,id=disk0,node-name=flt,name=disk,writable=on,werror=enospc"])
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///disk?socket={nbd_sock}")
+    return d, h
+
+
+def test_metrics_after_writes_and_a_stop(daemons, tmp_path):
+    d, h = start(daemons, tmp_path)
+    sock = d.sockets[0]
+    h.pwrite(b"\xab" * MiB, 3 * MiB)
+    h.pwrite(b"\xcd" * (64 * 1024), 0)
+    h.flush()
+    m = metrics(sock)
+    dev = {"device": "disk0", "node": "flt"}
+    assert value(m, "thinblk_device_written_bytes_total", **dev) == MiB + 64 * 1024
+    assert value(m, "thinblk_device_operations_total", op="write", **dev) == 2
+    assert value(m, "thinblk_device_operations_total", op="flush", **dev) == 1
+    assert value(m, "thinblk_device_failed_operations_total", op="write", **dev) == 0
+    assert value(m, "thinblk_node_highest_written_offset_bytes", device="disk0",
+                 node="proto0") == 4 * MiB
+    assert value(m, "thinblk_node_size_bytes", device="disk0", node="proto0") == 64 * MiB
+    assert value(m, "thinblk_node_allocated_bytes", device="disk0", node="proto0") >= MiB
+    assert value(m, "thinblk_device_io_status", status="ok", **dev) == 1
+    assert value(m, "thinblk_running") == 1
+    assert value(m, "thinblk_device_stops_total", **dev) == 0
+
+    q = d.negotiated()
+    assert q.cmd("__org.thinblk_fault-set", {"node-name": "flt", "rules": [
+        {"op": "write", "errno": "ENOSPC", "once": True}]}) == {"return": {}}
+    cookie = h.aio_pwrite(b"\x01" * 4096, 8 * MiB)
+    q.wait_event("STOP")
+    m = metrics(sock)
+    assert value(m, "thinblk_device_io_status", status="nospace", **dev) == 1
+    assert value(m, "thinblk_device_io_status", status="ok", **dev) == 0
+    assert value(m, "thinblk_running") == 0
+    assert value(m, "thinblk_run_state", status="io-error") == 1
+    assert value(m, "thinblk_device_stops_total", **dev) == 1
+
+    assert q.cmd("cont") == {"return": {}}
+    while not h.aio_command_completed(cookie):
+        h.poll(-1)
+    m = metrics(sock)
+    assert value(m, "thinblk_device_written_bytes_total", **dev) == MiB + 64 * 1024 + 4096
+    assert value(m, "thinblk_device_stopped_seconds_total", **dev) > 0
+    assert value(m, "thinblk_run_state", status="running") == 1
+    h.shutdown()
