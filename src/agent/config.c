@@ -47,6 +47,7 @@ void agent_config_free(struct agent_config *cfg)
     }
     for (size_t i = 0; i < cfg->disks.len; i++)
         policy_free(&cfg->disks.ptr[i]);
+    free(cfg->metrics_file);
     agent_daemon_conf_vector_reset(&cfg->daemons);
     agent_disk_policy_vector_reset(&cfg->disks);
 }
@@ -202,6 +203,10 @@ static int set_agent_key(struct agent_config *cfg, const char *key, const char *
             error_setg(errp, "'%s' expects yes or no, not '%s'", key, value);
             return -1;
         }
+        return 0;
+    }
+    if (strcmp(key, "metrics-file") == 0) {
+        replace(&cfg->metrics_file, value);
         return 0;
     }
     error_setg(errp, "unknown key '%s' in [agent]", key);

@@ -64,6 +64,7 @@ struct agent_config {
     uint64_t reconnect_max_ns;/* longest wait between connection attempts (5 s) */
     uint64_t hook_timeout_ns; /* an extension still running after this is killed (120 s) */
     bool resume_on_other_errors; /* cont a daemon stopped by an error other than ENOSPC */
+    char *metrics_file;       /* where to write the agent's metrics, or NULL */
 };
 
 /* An empty configuration with the agent's default timings. */

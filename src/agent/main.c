@@ -49,6 +49,7 @@ static const char usage_text[] =
     "      --retry-max TIME       longest wait between retries (default 60s)\n"
     "      --hook-timeout TIME    kill an extension running longer (default 120s)\n"
     "      --resume-on-other-errors  also cont after I/O errors other than ENOSPC\n"
+    "      --metrics-file PATH    write the agent's metrics to PATH (Prometheus' format)\n"
     "      --check                check the configuration and exit\n"
     "  -v, --verbose              log more (debug)\n"
     "  -q, --quiet                log only warnings and errors\n"
@@ -68,6 +69,7 @@ enum {
     OPT_RESUME_OTHER,
     OPT_CHECK,
     OPT_EXTEND_LOOP,
+    OPT_METRICS_FILE,
 };
 
 static const struct option long_options[] = {
@@ -88,6 +90,7 @@ static const struct option long_options[] = {
     {"resume-on-other-errors", no_argument, NULL, OPT_RESUME_OTHER},
     {"check", no_argument, NULL, OPT_CHECK},
     {"extend-loop", no_argument, NULL, OPT_EXTEND_LOOP},
+    {"metrics-file", required_argument, NULL, OPT_METRICS_FILE},
     {"verbose", no_argument, NULL, 'v'},
     {"quiet", no_argument, NULL, 'q'},
     {"help", no_argument, NULL, 'h'},
@@ -278,6 +281,10 @@ int main(int argc, char **argv)
                 goto out;
             break;
         }
+        case OPT_METRICS_FILE:
+            if (set_global(&cfg, "metrics-file", optarg) < 0)
+                goto out;
+            break;
         case OPT_RESUME_OTHER:
             cfg.resume_on_other_errors = true;
             break;
@@ -357,16 +364,18 @@ int main(int argc, char **argv)
     }
 
     log_config(&cfg);
+    struct agent_metrics *metrics = agent_metrics_new(cfg.metrics_file);
     size_t ndaemons = cfg.daemons.len;
     struct disk_daemon **daemons = xzalloc(ndaemons * sizeof(*daemons));
     for (size_t i = 0; i < ndaemons; i++) {
-        daemons[i] = disk_daemon_new(loop, &cfg, &cfg.daemons.ptr[i], self_exe);
+        daemons[i] = disk_daemon_new(loop, &cfg, &cfg.daemons.ptr[i], self_exe, metrics);
         disk_daemon_start(daemons[i]);
     }
     ret = loop_run(loop) < 0 ? 1 : 0;
     for (size_t i = 0; i < ndaemons; i++)
         disk_daemon_free(daemons[i]);
     free(daemons);
+    agent_metrics_free(metrics);
     loop_del_fd(loop, sfd);
     close(sfd);
     loop_free(loop);

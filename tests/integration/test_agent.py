@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BUILD_DIR, TIMEOUT, _die_with_parent, _sanitizer_reports
+from prometheus import exposition, value
 
 AGENT = BUILD_DIR / "src" / "agent" / "thinblk-agent"
 MiB = 1024 * 1024
@@ -571,3 +572,31 @@ def test_check_option_and_bad_configuration(tmp_path):
     r = subprocess.run([AGENT, "--device", "vda"], capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr == "thinblk-agent: --device, --node and the policy options need --socket\n"
+
+
+def test_metrics_file(daemons, loopdisks, agents, tmp_path):
+    """--metrics-file: written at start, then after each change; extensions, their durations
+    and the cap, in Prometheus' format."""
+    path = tmp_path / "agent.prom"
+    disk = loopdisks(size=16 * MiB)
+    s = Served(daemons, disk)
+    a = agents("-s", s.mon, "--chunk", "4M", "--watermark", "2M", "--cap", "24M",
+               "--poll-interval", "200ms", "--metrics-file", path)
+    wait_for(path.exists, "the metrics file written at start")
+    w = s.write(0x77, 0, 32 * MiB, step=MiB, wait=False)
+    a.wait_log(r"disk0: stopped on ENOSPC at its cap")
+    wait_for(lambda: "thinblk_agent_disk_at_cap{daemon=\"default\",disk=\"disk0\"} 1"
+             in path.read_text(), "at its cap in the metrics file")
+    m = exposition(path.read_text())
+    labels = {"daemon": "default", "disk": "disk0"}
+    done = len(a.lines(r"disk0: extended "))
+    assert done >= 1
+    assert value(m, "thinblk_agent_extensions_total", **labels) == done
+    assert value(m, "thinblk_agent_extension_duration_seconds_count", **labels) == done
+    assert value(m, "thinblk_agent_extension_duration_seconds_sum", **labels) > 0
+    assert value(m, "thinblk_agent_extension_failures_total", **labels) == 0
+    assert not (tmp_path / "agent.prom.tmp").exists()
+    w.kill()
+    w.wait()
+    a.stop()
+    s.stop()

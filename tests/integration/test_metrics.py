@@ -1,68 +1,16 @@
 """thinblkctl metrics against a real daemon: the output parsed strictly as Prometheus' text
 exposition format (0.0.4), and its values checked after real NBD writes and an ENOSPC stop.
-
-promtool (Debian's prometheus package) would check the format, but it is a large package for
-one check; exposition() below is a strict parser of what the format allows instead.
 """
-import math
 import os
-import re
 import subprocess
 
 import nbd
 
 from conftest import BUILD_DIR
+from prometheus import exposition, value
 
 CTL = os.path.join(str(BUILD_DIR), "src", "ctl", "thinblkctl")
 MiB = 1 << 20
-
-NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-LABEL = r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"'
-SAMPLE = re.compile(rf"^({NAME})(?:\{{((?:{LABEL},?)*)\}})? (\S+)$")
-
-
-def unescape(v):
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), v)
-
-
-def exposition(text):
-    """{(name, frozenset(labels.items())): value}, or an AssertionError naming the line that
-    breaks the format: HELP and TYPE once per family and before its samples, a family's
-    samples together, counters named _total, label syntax and escaping, float values."""
-    assert text.endswith("\n")
-    samples, types, helps, done = {}, {}, set(), set()
-    current = None
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name = line.split(" ", 3)[2]
-            assert re.fullmatch(NAME, name) and name not in helps, line
-            assert name not in done and name not in types, line
-            helps.add(name)
-            if current:
-                done.add(current)
-            current = name
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert name == current and name not in types, line
-            assert kind in ("counter", "gauge"), line
-            assert kind != "counter" or name.endswith("_total"), line
-            types[name] = kind
-            continue
-        assert not line.startswith("#"), line
-        m = SAMPLE.match(line)
-        assert m, line
-        name, labels, value = m.group(1), m.group(2) or "", m.group(m.lastindex)
-        assert name == current and name in types, f"sample outside its family: {line}"
-        pairs = re.findall(LABEL, labels)
-        assert ",".join(f'{k}="{v}"' for k, v in pairs) == labels, line
-        assert len({k for k, _ in pairs}) == len(pairs), line
-        v = float(value)
-        assert not math.isnan(v), line
-        key = (name, frozenset((k, unescape(v)) for k, v in pairs))
-        assert key not in samples, f"duplicate sample: {line}"
-        samples[key] = v
-    return samples
 
 
 def metrics(sock):
@@ -70,10 +18,6 @@ def metrics(sock):
                        timeout=30)
     assert r.returncode == 0 and r.stderr == "", r
     return exposition(r.stdout)
-
-
-def value(samples, name, **labels):
-    return samples[(name, frozenset(labels.items()))]
 
 
 def test_parser_refuses_what_the_format_does_not_allow():
