@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <unistd.h>
 
 #include "client/qmp-client.h"
 #include "common/util.h"
@@ -27,10 +28,13 @@ enum {
     CTL_EXIT_CONNECTION = 3,
 };
 
+enum { CTL_DEFAULT_TIMEOUT_MS = 30000 };
+
 struct ctl_options {
     const char *socket;     /* the monitor's path */
     enum ctl_format format;
-    int timeout_ms;         /* for connecting and each reply or event; -1: no limit */
+    int timeout_ms;         /* for connecting, the greeting and each reply; -1: no limit */
+    int event_timeout_ms;   /* events: for each event; -1 (the default): no limit */
     bool verbose;           /* trace the traffic to stderr */
     long count;             /* events: exit after this many; 0: no limit */
 };
@@ -48,6 +52,7 @@ static const char usage_text[] =
     "  -r, --raw              print the server's messages exactly as received\n"
     "  -p, --pretty           print the server's whole messages as indented JSON\n"
     "  -t, --timeout SECONDS  give up waiting to connect, for a reply, or for an event\n"
+    "                         (default 30; 0: wait as long as it takes)\n"
     "  -c, --count N          events: exit after N events\n"
     "  -v, --verbose          trace the QMP traffic to stderr\n"
     "  -h, --help             show this help and exit\n"
@@ -85,6 +90,15 @@ static int option_error(int opt, char **argv)
     return usage_error("Invalid option '%s'", argv[optind - 1]);
 }
 
+/* Whether a -s argument is a command given by mistake (thinblkctl -s query-status): it
+ * does not exist and is a bare word of the letters QMP names are made of, which a socket's
+ * path ("qmp.sock", "/run/...") hardly is. */
+static bool looks_like_command(const char *s)
+{
+    return access(s, F_OK) < 0 && *s &&
+           strspn(s, "abcdefghijklmnopqrstuvwxyz0123456789_-") == strlen(s);
+}
+
 /* Report err (consumed) and return the exit status of a connection failure. */
 static int connection_error(struct error *err)
 {
@@ -99,14 +113,19 @@ static void trace_to_stderr(void *opaque, bool outgoing, const char *text, size_
     fprintf(stderr, "%s %.*s\n", outgoing ? "->" : "<-", (int)MIN(len, (size_t)INT_MAX), text);
 }
 
+/* Seconds into *ms; 0 is no limit (-1). */
 static int parse_timeout(const char *s, int *ms)
 {
     char *end;
     errno = 0;
     double secs = strtod(s, &end);
     /* Written so that NaN fails too. */
-    if (errno || end == s || *end || !(secs > 0 && secs <= INT_MAX / 1000))
+    if (errno || end == s || *end || !(secs >= 0 && secs <= INT_MAX / 1000))
         return -1;
+    if (secs == 0) {
+        *ms = -1;
+        return 0;
+    }
     double exact = secs * 1000;
     *ms = (int)exact;
     if (*ms < exact)
@@ -270,6 +289,7 @@ static int follow_events(const struct ctl_options *o, struct qmpc *c, int sfd, i
 {
     _cleanup_error_ struct error *read_err = NULL;
     int64_t deadline = deadline_after(o->timeout_ms);
+    bool negotiated = false;
     long printed = 0;
     for (;;) {
         struct qmpc_message *msg;
@@ -280,8 +300,13 @@ static int follow_events(const struct ctl_options *o, struct qmpc *c, int sfd, i
             qmpc_message_free(msg);
             if (r < 0)
                 return connection_error(err);
+            if (!negotiated && qmpc_state(c) == QMPC_STATE_COMMAND) {
+                /* From now on it waits for events, which may take as long as they take. */
+                negotiated = true;
+                deadline = deadline_after(o->event_timeout_ms);
+            }
             if (r > 0) {
-                deadline = deadline_after(o->timeout_ms);
+                deadline = deadline_after(o->event_timeout_ms);
                 if (++printed == o->count)
                     return CTL_EXIT_OK;
             }
@@ -371,7 +396,10 @@ int main(int argc, char **argv)
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
-    struct ctl_options o = {.socket = NULL, .format = CTL_FORMAT_READABLE, .timeout_ms = -1};
+    /* A default limit, so that a monitor another client holds (QEMU serves one client per
+     * monitor) or a hung daemon fails a script instead of hanging it. */
+    struct ctl_options o = {.socket = NULL, .format = CTL_FORMAT_READABLE,
+                            .timeout_ms = CTL_DEFAULT_TIMEOUT_MS, .event_timeout_ms = -1};
     bool raw = false, pretty = false;
     int opt;
 
@@ -380,6 +408,9 @@ int main(int argc, char **argv)
     while ((opt = getopt_long(argc, argv, "+:s:rpt:c:vhV", long_options, NULL)) != -1) {
         switch (opt) {
         case 's':
+            if (looks_like_command(optarg))
+                return usage_error("-s expects a socket path; '%s' looks like a command",
+                                   optarg);
             o.socket = optarg;
             break;
         case 'r':
@@ -390,8 +421,9 @@ int main(int argc, char **argv)
             break;
         case 't':
             if (parse_timeout(optarg, &o.timeout_ms) < 0)
-                return usage_error("Invalid timeout '%s': expected a positive number of "
-                                   "seconds", optarg);
+                return usage_error("Invalid timeout '%s': expected a number of seconds "
+                                   "(0: no limit)", optarg);
+            o.event_timeout_ms = o.timeout_ms;
             break;
         case 'c':
             if (parse_count(optarg, &o.count) < 0)
