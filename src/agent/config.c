@@ -14,7 +14,6 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -46,21 +45,13 @@ static void add_error(struct error **errp, struct error *err)
     error_free(err);
 }
 
-/* add_error() of a new error. */
-static void add_errorf(struct error **errp, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static void add_errorf(struct error **errp, const char *fmt, ...)
-{
-    struct error *err = NULL;
-    char msg[1024];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    error_setg(&err, "%s", msg);
-    add_error(errp, err);
-}
+/* add_error() of a new error, formatted as error_setg()'s. */
+#define add_errorf(errp, ...)                                                                  \
+    do {                                                                                       \
+        struct error *new_ = NULL;                                                             \
+        error_setg(&new_, __VA_ARGS__);                                                        \
+        add_error(errp, new_);                                                                 \
+    } while (0)
 
 static void policy_free(struct agent_disk_policy *p)
 {

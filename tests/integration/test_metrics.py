@@ -4,10 +4,9 @@ exposition format (0.0.4), and its values checked after real NBD writes and an E
 import os
 import subprocess
 
-import nbd
-
 from conftest import BUILD_DIR
 from prometheus import exposition, value
+from test_error_policy import Disk
 
 CTL = os.path.join(str(BUILD_DIR), "src", "ctl", "thinblkctl")
 MiB = 1 << 20
@@ -36,24 +35,10 @@ def test_parser_refuses_what_the_format_does_not_allow():
         raise AssertionError(f"accepted: {bad!r}")
 
 
-def start(daemons, tmp_path):
-    image = tmp_path / "disk.raw"
-    with open(image, "wb") as f:
-        f.truncate(64 * MiB)
-    nbd_sock = str(tmp_path / "nbd.sock")
-    d = daemons.start(args=[
-        "--blockdev", f"driver=file,node-name=proto0,filename={image}",
-        "--blockdev", "driver=fault,node-name=flt,file=proto0",
-        "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
-        "--export", "type=nbd,id=disk0,node-name=flt,name=disk,writable=on,werror=enospc"])
-    h = nbd.NBD()
-    h.connect_uri(f"nbd+unix:///disk?socket={nbd_sock}")
-    return d, h
-
-
 def test_metrics_after_writes_and_a_stop(daemons, tmp_path):
-    d, h = start(daemons, tmp_path)
-    sock = d.sockets[0]
+    disk = Disk(daemons, tmp_path, werror="enospc")
+    h = disk.nbd()
+    sock = disk.daemon.sockets[0]
     h.pwrite(b"\xab" * MiB, 3 * MiB)
     h.pwrite(b"\xcd" * (64 * 1024), 0)
     h.flush()
@@ -64,18 +49,16 @@ def test_metrics_after_writes_and_a_stop(daemons, tmp_path):
     assert value(m, "thinblk_device_operations_total", op="flush", **dev) == 1
     assert value(m, "thinblk_device_failed_operations_total", op="write", **dev) == 0
     assert value(m, "thinblk_node_highest_written_offset_bytes", device="disk0",
-                 node="proto0") == 4 * MiB
-    assert value(m, "thinblk_node_size_bytes", device="disk0", node="proto0") == 64 * MiB
-    assert value(m, "thinblk_node_allocated_bytes", device="disk0", node="proto0") >= MiB
+                 node="f0") == 4 * MiB
+    assert value(m, "thinblk_node_size_bytes", device="disk0", node="f0") == 16 * MiB
+    assert value(m, "thinblk_node_allocated_bytes", device="disk0", node="f0") >= MiB
     assert value(m, "thinblk_device_io_status", status="ok", **dev) == 1
     assert value(m, "thinblk_running") == 1
     assert value(m, "thinblk_device_stops_total", **dev) == 0
 
-    q = d.negotiated()
-    assert q.cmd("__org.thinblk_fault-set", {"node-name": "flt", "rules": [
-        {"op": "write", "errno": "ENOSPC", "once": True}]}) == {"return": {}}
+    disk.fail("write", "ENOSPC")
     cookie = h.aio_pwrite(b"\x01" * 4096, 8 * MiB)
-    q.wait_event("STOP")
+    disk.event("STOP")
     m = metrics(sock)
     assert value(m, "thinblk_device_io_status", status="nospace", **dev) == 1
     assert value(m, "thinblk_device_io_status", status="ok", **dev) == 0
@@ -83,7 +66,7 @@ def test_metrics_after_writes_and_a_stop(daemons, tmp_path):
     assert value(m, "thinblk_run_state", status="io-error") == 1
     assert value(m, "thinblk_device_stops_total", **dev) == 1
 
-    assert q.cmd("cont") == {"return": {}}
+    assert disk.qmp.cmd("cont") == {"return": {}}
     while not h.aio_command_completed(cookie):
         h.poll(-1)
     m = metrics(sock)
