@@ -14,7 +14,10 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "common/util.h"
 
@@ -28,6 +31,27 @@ void agent_config_init(struct agent_config *cfg)
         .hook_timeout_ns = 120000000000ull,
     };
 }
+
+/* Add err (consumed) to *errp, one line each, so that one run reports every mistake. */
+static void add_error(struct error **errp, struct error *err)
+{
+    if (!errp || !*errp) {
+        error_propagate(errp, err);
+        return;
+    }
+    char *joined = xasprintf("%s\n%s", (*errp)->desc, err->desc);
+    free((*errp)->desc);
+    (*errp)->desc = joined;
+    error_free(err);
+}
+
+/* add_error() of a new error, formatted as error_setg()'s. */
+#define add_errorf(errp, ...)                                                                  \
+    do {                                                                                       \
+        struct error *new_ = NULL;                                                             \
+        error_setg(&new_, __VA_ARGS__);                                                        \
+        add_error(errp, new_);                                                                 \
+    } while (0)
 
 static void policy_free(struct agent_disk_policy *p)
 {
@@ -47,6 +71,7 @@ void agent_config_free(struct agent_config *cfg)
     }
     for (size_t i = 0; i < cfg->disks.len; i++)
         policy_free(&cfg->disks.ptr[i]);
+    free(cfg->metrics_file);
     agent_daemon_conf_vector_reset(&cfg->daemons);
     agent_disk_policy_vector_reset(&cfg->disks);
 }
@@ -204,6 +229,10 @@ static int set_agent_key(struct agent_config *cfg, const char *key, const char *
         }
         return 0;
     }
+    if (strcmp(key, "metrics-file") == 0) {
+        replace(&cfg->metrics_file, value);
+        return 0;
+    }
     error_setg(errp, "unknown key '%s' in [agent]", key);
     return -1;
 }
@@ -303,7 +332,13 @@ static bool valid_name(const char *s)
     return true;
 }
 
-enum section { SECTION_NONE, SECTION_AGENT, SECTION_DAEMON, SECTION_DISK };
+enum section {
+    SECTION_NONE,
+    SECTION_AGENT,
+    SECTION_DAEMON,
+    SECTION_DISK,
+    SECTION_SKIP,   /* after a bad header: its keys are not checked */
+};
 
 /* A "[kind NAME]" header: sets *sec and the index of the daemon or disk. */
 static int parse_header(struct agent_config *cfg, char *line, enum section *sec, size_t *idx,
@@ -400,6 +435,8 @@ static int parse_line(struct agent_config *cfg, char *line, enum section *sec, s
         return 0;
     case SECTION_DISK:
         return set_disk_key(&cfg->disks.ptr[*idx], key, value, errp);
+    case SECTION_SKIP:
+        return 0;
     }
     return -1;
 }
@@ -411,6 +448,7 @@ int agent_config_parse(struct agent_config *cfg, const char *name, const char *t
     size_t idx = 0;
     unsigned lineno = 0;
     const char *p = text;
+    int ret = 0;
 
     while (*p) {
         size_t len = strcspn(p, "\n");
@@ -420,20 +458,20 @@ int agent_config_parse(struct agent_config *cfg, const char *name, const char *t
         lineno++;
         if (!line)
             abort();
-        if (strlen(line) != len) {
-            error_setg(errp, "%s:%u: a NUL byte in the line", name, lineno);
-            return -1;
-        }
-        if (parse_line(cfg, line, &sec, &idx, &err) < 0) {
+        if (strlen(line) != len)
+            error_setg(&err, "a NUL byte in the line");
+        else if (parse_line(cfg, line, &sec, &idx, &err) < 0 && *line == '[')
+            sec = SECTION_SKIP;  /* its keys would only add errors about the wrong section */
+        if (err) {
             error_prepend(&err, "%s:%u: ", name, lineno);
-            error_propagate(errp, err);
-            return -1;
+            add_error(errp, err);
+            ret = -1;
         }
         p += len;
         if (*p == '\n')
             p++;
     }
-    return 0;
+    return ret;
 }
 
 int agent_config_load(struct agent_config *cfg, const char *path, struct error **errp)
@@ -471,12 +509,13 @@ int agent_config_load(struct agent_config *cfg, const char *path, struct error *
 
 int agent_config_check(struct agent_config *cfg, struct error **errp)
 {
+    struct error *errors = NULL;
+
     if (cfg->retry_max_ns < cfg->retry_min_ns)
         cfg->retry_max_ns = cfg->retry_min_ns;
     for (size_t i = 0; i < cfg->daemons.len; i++) {
         if (!cfg->daemons.ptr[i].socket) {
-            error_setg(errp, "daemon '%s' has no socket", cfg->daemons.ptr[i].name);
-            return -1;
+            add_errorf(&errors, "daemon '%s' has no socket", cfg->daemons.ptr[i].name);
         }
     }
     for (size_t i = 0; i < cfg->disks.len; i++) {
@@ -488,34 +527,61 @@ int agent_config_check(struct agent_config *cfg, struct error **errp)
         for (size_t j = 0; p->daemon && j < cfg->daemons.len; j++)
             found |= strcmp(cfg->daemons.ptr[j].name, p->daemon) == 0;
         if (!found) {
-            error_setg(errp, "disk '%s': %s", p->name,
+            add_errorf(&errors, "disk '%s': %s", p->name,
                        p->daemon ? "no such daemon" : "which daemon? (daemon = NAME)");
-            return -1;
         }
         if (!p->device == !p->node) {
-            error_setg(errp, "disk '%s': give either device or node", p->name);
-            return -1;
+            add_errorf(&errors, "disk '%s': give either device or node", p->name);
         }
         if (p->method == AGENT_METHOD_NONE) {
             if (!p->hook) {
-                error_setg(errp, "disk '%s': no method (method = loop or hook)", p->name);
-                return -1;
+                add_errorf(&errors, "disk '%s': no method (method = loop or hook)", p->name);
+                continue;
             }
             p->method = AGENT_METHOD_HOOK;
         }
         if (p->method == AGENT_METHOD_HOOK && !p->hook) {
-            error_setg(errp, "disk '%s': method hook needs hook = PROGRAM", p->name);
-            return -1;
+            add_errorf(&errors, "disk '%s': method hook needs hook = PROGRAM", p->name);
         }
         if (p->method == AGENT_METHOD_LOOP && p->hook) {
-            error_setg(errp, "disk '%s': a hook is for method hook, not loop", p->name);
-            return -1;
+            add_errorf(&errors, "disk '%s': a hook is for method hook, not loop", p->name);
         }
         if (!p->chunk)
             p->chunk = p->method == AGENT_METHOD_LOOP ? AGENT_LOOP_CHUNK : AGENT_HOOK_CHUNK;
         if (!p->watermark)
             p->watermark = p->method == AGENT_METHOD_LOOP ? AGENT_LOOP_WATERMARK
                                                           : AGENT_HOOK_WATERMARK;
+    }
+    if (errors) {
+        error_propagate(errp, errors);
+        return -1;
+    }
+    return 0;
+}
+
+int agent_config_check_hooks(const struct agent_config *cfg, struct error **errp)
+{
+    struct error *errors = NULL;
+
+    for (size_t i = 0; i < cfg->disks.len; i++) {
+        const struct agent_disk_policy *p = &cfg->disks.ptr[i];
+        struct stat sb;
+
+        if (p->method != AGENT_METHOD_HOOK)
+            continue;
+        /* It is run by its path (posix_spawn, not a search of PATH). */
+        if (p->hook[0] != '/')
+            add_errorf(&errors, "disk '%s': hook '%s' is not an absolute path", p->name,
+                       p->hook);
+        else if (stat(p->hook, &sb) < 0)
+            add_errorf(&errors, "disk '%s': hook '%s': %s", p->name, p->hook, strerror(errno));
+        else if (!S_ISREG(sb.st_mode) || access(p->hook, X_OK) < 0)
+            add_errorf(&errors, "disk '%s': hook '%s' is not an executable file", p->name,
+                       p->hook);
+    }
+    if (errors) {
+        error_propagate(errp, errors);
+        return -1;
     }
     return 0;
 }

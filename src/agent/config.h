@@ -64,6 +64,7 @@ struct agent_config {
     uint64_t reconnect_max_ns;/* longest wait between connection attempts (5 s) */
     uint64_t hook_timeout_ns; /* an extension still running after this is killed (120 s) */
     bool resume_on_other_errors; /* cont a daemon stopped by an error other than ENOSPC */
+    char *metrics_file;       /* where to write the agent's metrics, or NULL */
 };
 
 /* An empty configuration with the agent's default timings. */
@@ -89,8 +90,13 @@ struct agent_daemon_conf *agent_config_add_daemon(struct agent_config *cfg, cons
 struct agent_disk_policy *agent_config_add_disk(struct agent_config *cfg, const char *name);
 
 /* Check that everything refers to what exists and each disk has what its method needs;
- * fills the method defaults. Returns 0 or -1 with *errp set. */
+ * fills the method defaults. Returns 0 or -1 with *errp set, one line per mistake. The
+ * parse, likewise, reports every bad line. */
 int agent_config_check(struct agent_config *cfg, struct error **errp);
+
+/* Check that every hook of a checked cfg is an executable file, by its absolute path.
+ * Returns 0 or -1 with *errp set, one line per hook. Blocks on a stat() each. */
+int agent_config_check_hooks(const struct agent_config *cfg, struct error **errp);
 
 /* "1G", "1GiB", "1.5g", "512M", "4k", "4096" (bytes). Returns 0 or -1. */
 int agent_parse_size(const char *s, uint64_t *out);

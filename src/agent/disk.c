@@ -72,7 +72,7 @@ struct disk {
     uint64_t backoff_ns;
     unsigned failures;
     uint64_t last_extended_wall_ns; /* when the latest extension succeeded (realtime) */
-    uint64_t extensions;    /* how many succeeded */
+    struct agent_disk_metrics *metrics; /* dm->metrics' record of it */
     const char *reported;   /* the last state logged, so each is logged once */
     /* Set by the reconcile, read by the cont decision: */
     bool ready;             /* nothing to wait for before cont */
@@ -87,6 +87,7 @@ struct disk_daemon {
     const struct agent_config *cfg;
     const struct agent_daemon_conf *conf;
     const char *self_exe;   /* for the built-in loop method's child */
+    struct agent_metrics *metrics; /* shared by every daemon, borrowed */
     struct mon *mon;        /* the connection, ours */
     uint64_t poll_timer;    /* while connected */
     /* Reconcile: */
@@ -102,7 +103,8 @@ struct disk_daemon {
 };
 
 static void reconcile(struct disk_daemon *dm);
-static void extension_done(void *opaque, bool ok, uint64_t new_size, const char *why);
+static void extension_done(void *opaque, bool ok, uint64_t new_size, uint64_t duration_ns,
+                           const char *why);
 
 static const char *str(json_t *obj, const char *key)
 {
@@ -206,6 +208,7 @@ static void learn(struct disk_daemon *dm, json_t *entry, json_t *block, json_t *
         d->device = xstrdup(device);
         d->name = xstrdup(strcmp(p->device ? p->device : "", "*") ? p->name : device);
         d->backoff_ns = dm->cfg->retry_min_ns;
+        d->metrics = agent_metrics_disk(dm->metrics, dm->conf->name, d->name);
         disk_queue_push_head(&dm->disks, d);
     }
     d->policy = p;
@@ -278,6 +281,14 @@ static void arm(struct disk_daemon *dm, struct disk *d, uint64_t threshold, uint
     d->armed = threshold;
 }
 
+static void set_at_cap(struct disk_daemon *dm, struct disk *d, bool at_cap)
+{
+    if (d->metrics->at_cap == at_cap)
+        return;
+    d->metrics->at_cap = at_cap;
+    agent_metrics_changed(dm->metrics);
+}
+
 static void check_disk(struct disk_daemon *dm, struct disk *d, bool io_error)
 {
     const struct agent_disk_policy *p = d->policy;
@@ -307,10 +318,12 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, bool io_error)
         return;
     }
     if (!near && !unhandled) {
+        set_at_cap(dm, d, false);
         arm(dm, d, MAX(size - p->watermark, 1), size);
         d->ready = true;
         return;
     }
+    set_at_cap(dm, d, size >= cap);
     if (size >= cap) {
         d->waiting = "at its cap";
         if (stopped)
@@ -362,7 +375,7 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, bool io_error)
     d->job = extend_start(dm->loop, &req, extension_done, d, &err);
     if (!d->job) {
         log_error("%s: cannot extend %s: %s", d->name, volume, err->desc);
-        extension_done(d, false, size, err->desc);
+        extension_done(d, false, size, 0, err->desc);
         return;
     }
     d->waiting = "an extension is running";
@@ -602,15 +615,22 @@ static void on_retry(struct loop *loop, void *opaque)
 }
 
 /* extend_done_fn, and a start that failed: count it, back off after a failure, look again. */
-static void extension_done(void *opaque, bool ok, uint64_t new_size, const char *why)
+static void extension_done(void *opaque, bool ok, uint64_t new_size, uint64_t duration_ns,
+                           const char *why)
 {
     struct disk *d = opaque;
     struct disk_daemon *dm = d->dm;
 
     d->job = NULL;
+    if (ok) {
+        d->metrics->extensions++;
+        d->metrics->duration_ns += duration_ns;
+    } else {
+        d->metrics->failures++;
+    }
+    agent_metrics_changed(dm->metrics);
 
     if (ok) {
-        d->extensions++;
         d->failures = 0;
         d->backoff_ns = dm->cfg->retry_min_ns;
         d->last_extended_wall_ns = now_realtime_ns();
@@ -633,10 +653,12 @@ static const struct mon_ops disk_mon_ops = {
 };
 
 struct disk_daemon *disk_daemon_new(struct loop *loop, const struct agent_config *cfg,
-                                    const struct agent_daemon_conf *conf, const char *self_exe)
+                                    const struct agent_daemon_conf *conf, const char *self_exe,
+                                    struct agent_metrics *metrics)
 {
     struct disk_daemon *dm = xzalloc(sizeof(*dm));
 
+    dm->metrics = metrics;
     dm->loop = loop;
     dm->cfg = cfg;
     dm->conf = conf;

@@ -12,15 +12,18 @@
 #define THINBLK_AGENT_DISK_H
 
 #include "agent/config.h"
+#include "agent/metrics.h"
 
 struct loop;
 struct disk_daemon;
 
 /* A watched daemon, conf, with the policies of cfg that name it, on loop. self_exe is the
- * program the built-in loop method runs (--extend-loop). cfg, conf and self_exe are borrowed
- * and must outlive it. Does not connect yet. Free with disk_daemon_free(). */
+ * program the built-in loop method runs (--extend-loop); its disks are counted in metrics.
+ * cfg, conf, self_exe and metrics are borrowed and must outlive it. Does not connect yet.
+ * Free with disk_daemon_free(). */
 struct disk_daemon *disk_daemon_new(struct loop *loop, const struct agent_config *cfg,
-                                    const struct agent_daemon_conf *conf, const char *self_exe);
+                                    const struct agent_daemon_conf *conf, const char *self_exe,
+                                    struct agent_metrics *metrics);
 /* Start connecting to the daemon (now); from then on it runs from the loop. */
 void disk_daemon_start(struct disk_daemon *dm);
 /* Close the connection, leave extensions in flight to finish on their own (logged), free

@@ -171,7 +171,8 @@ static void on_exit_of_child(struct loop *loop, int fd, unsigned events, void *o
 
     if (r == 0 || (r < 0 && errno == EINTR))
         return;
-    double ms = (double)(now_monotonic_ns() - job->start_ns) / 1e6;
+    uint64_t duration_ns = now_monotonic_ns() - job->start_ns;
+    double ms = (double)duration_ns / 1e6;
     if (r < 0)
         snprintf(why, sizeof(why), "waitpid: %s", strerror(errno));
     else if (job->timed_out)
@@ -200,7 +201,7 @@ static void on_exit_of_child(struct loop *loop, int fd, unsigned events, void *o
         log_info("%s: extended %s from %s to %s in %.1f ms (%s)", job->disk, job->volume, from,
                  agent_fmt_size(now, now_s, sizeof(now_s)), ms, job->reason);
     job_free(job);
-    done(done_opaque, !why[0], now, why);
+    done(done_opaque, !why[0], now, duration_ns, why);
 }
 
 static void on_timeout(struct loop *loop, void *opaque)

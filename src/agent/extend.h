@@ -36,8 +36,10 @@ struct extend_request {
 };
 
 /* A job ended: ok, or failed with why (a message, borrowed); new_size is what the volume is
- * now. The job is already freed when this is called. */
-typedef void extend_done_fn(void *opaque, bool ok, uint64_t new_size, const char *why);
+ * now, duration_ns how long it took from the spawn. The job is already freed when this is
+ * called. */
+typedef void extend_done_fn(void *opaque, bool ok, uint64_t new_size, uint64_t duration_ns,
+                            const char *why);
 
 /* Start the extension req asks for on loop; done(opaque, ...) is called once when it ends,
  * unless abandoned. Returns the job (owned by extend.c until done or extend_abandon()), or

@@ -49,10 +49,13 @@ static const char usage_text[] =
     "      --retry-min TIME       first wait after a failed extension (default 1s)\n"
     "      --retry-max TIME       longest wait between retries (default 60s)\n"
     "      --hook-timeout TIME    kill an extension running longer (default 120s)\n"
+    "      --reconnect-max TIME   longest wait between connection attempts (default 5s)\n"
     "      --resume-on-other-errors  also cont after I/O errors other than ENOSPC\n"
+    "      --metrics-file PATH    write the agent's metrics to PATH (Prometheus' format)\n"
     "      --check                check the configuration and exit\n"
     "  -v, --verbose              log more (debug)\n"
     "  -q, --quiet                log only warnings and errors\n"
+    "      --log-timestamps       start each log line with the UTC time\n"
     "  -h, --help                 this help\n"
     "  -V, --version              the version\n";
 
@@ -69,6 +72,9 @@ enum {
     OPT_RESUME_OTHER,
     OPT_CHECK,
     OPT_EXTEND_LOOP,
+    OPT_METRICS_FILE,
+    OPT_RECONNECT_MAX,
+    OPT_LOG_TIMESTAMPS,
 };
 
 static const struct option long_options[] = {
@@ -89,6 +95,9 @@ static const struct option long_options[] = {
     {"resume-on-other-errors", no_argument, NULL, OPT_RESUME_OTHER},
     {"check", no_argument, NULL, OPT_CHECK},
     {"extend-loop", no_argument, NULL, OPT_EXTEND_LOOP},
+    {"metrics-file", required_argument, NULL, OPT_METRICS_FILE},
+    {"reconnect-max", required_argument, NULL, OPT_RECONNECT_MAX},
+    {"log-timestamps", no_argument, NULL, OPT_LOG_TIMESTAMPS},
     {"verbose", no_argument, NULL, 'v'},
     {"quiet", no_argument, NULL, 'q'},
     {"help", no_argument, NULL, 'h'},
@@ -281,6 +290,17 @@ int main(int argc, char **argv)
                 goto out;
             break;
         }
+        case OPT_RECONNECT_MAX:
+            if (set_global(&cfg, "reconnect-max", optarg) < 0)
+                goto out;
+            break;
+        case OPT_LOG_TIMESTAMPS:
+            log_timestamps = true;
+            break;
+        case OPT_METRICS_FILE:
+            if (set_global(&cfg, "metrics-file", optarg) < 0)
+                goto out;
+            break;
         case OPT_RESUME_OTHER:
             cfg.resume_on_other_errors = true;
             break;
@@ -312,6 +332,13 @@ int main(int argc, char **argv)
         ret = 2;
         goto out;
     }
+    if (!config_path && !cli.socket && !cli.devices.len && !cli.node && !cli.policy_given) {
+        fprintf(stderr, "thinblk-agent: nothing to watch: give --socket or a configuration "
+                "file (--config)\n");
+        fputs(usage_text, stderr);
+        ret = 2;
+        goto out;
+    }
     if (cli.devices.len && cli.node) {
         fprintf(stderr, "thinblk-agent: give --device or --node, not both\n");
         ret = 2;
@@ -321,7 +348,8 @@ int main(int argc, char **argv)
         cli_policy(&cli, "method", "loop");
     if (config_path && agent_config_load(&cfg, config_path, &err) < 0)
         goto fail;
-    if (cli_apply(&cfg, &cli, &err) < 0 || agent_config_check(&cfg, &err) < 0)
+    if (cli_apply(&cfg, &cli, &err) < 0 || agent_config_check(&cfg, &err) < 0 ||
+        agent_config_check_hooks(&cfg, &err) < 0)
         goto fail;
     if (!cfg.daemons.len) {
         error_setg(&err, "nothing to watch: give --socket or a configuration file (--config)");
@@ -363,10 +391,11 @@ int main(int argc, char **argv)
     }
 
     log_config(&cfg);
+    struct agent_metrics *metrics = agent_metrics_new(cfg.metrics_file);
     size_t ndaemons = cfg.daemons.len;
     struct disk_daemon **daemons = xzalloc(ndaemons * sizeof(*daemons));
     for (size_t i = 0; i < ndaemons; i++) {
-        daemons[i] = disk_daemon_new(loop, &cfg, &cfg.daemons.ptr[i], self_exe);
+        daemons[i] = disk_daemon_new(loop, &cfg, &cfg.daemons.ptr[i], self_exe, metrics);
         disk_daemon_start(daemons[i]);
     }
     /* Ready once every daemon's first connection attempt is under way, not once connected:
@@ -377,6 +406,7 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < ndaemons; i++)
         disk_daemon_free(daemons[i]);
     free(daemons);
+    agent_metrics_free(metrics);
     loop_del_fd(loop, sfd);
     close(sfd);
     service_notifier_close(&notifier);
@@ -384,7 +414,12 @@ int main(int argc, char **argv)
     goto out;
 
 fail:
-    fprintf(stderr, "thinblk-agent: %s\n", err->desc);
+    /* One line per mistake: the configuration's checks report them all at once. */
+    for (const char *line = err->desc; *line;) {
+        size_t len = strcspn(line, "\n");
+        fprintf(stderr, "thinblk-agent: %.*s\n", (int)len, line);
+        line += len + (line[len] == '\n');
+    }
     ret = 1;
 out:
     string_vector_reset(&cli.devices);

@@ -13,10 +13,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <unistd.h>
 
 #include "client/qmp-client.h"
 #include "common/util.h"
 #include "ctl/args.h"
+#include "ctl/metrics.h"
 #include "ctl/output.h"
 
 enum {
@@ -26,10 +28,13 @@ enum {
     CTL_EXIT_CONNECTION = 3,
 };
 
+enum { CTL_DEFAULT_TIMEOUT_MS = 30000 };
+
 struct ctl_options {
     const char *socket;     /* the monitor's path */
     enum ctl_format format;
-    int timeout_ms;         /* for connecting and each reply or event; -1: no limit */
+    int timeout_ms;         /* for connecting, the greeting and each reply; -1: no limit */
+    int event_timeout_ms;   /* events: for each event; -1 (the default): no limit */
     bool verbose;           /* trace the traffic to stderr */
     long count;             /* events: exit after this many; 0: no limit */
 };
@@ -38,13 +43,16 @@ static const char usage_text[] =
     "Usage: thinblkctl [OPTIONS] COMMAND [KEY=VALUE | KEY:=JSON]...\n"
     "       thinblkctl [OPTIONS] COMMAND JSON-OBJECT\n"
     "       thinblkctl [OPTIONS] events [-c N] [EVENT-NAME]...\n"
-    "Run a QMP command on a thinblkd (or QEMU) monitor and print its result, or follow events.\n"
+    "       thinblkctl [OPTIONS] metrics\n"
+    "Run a QMP command on a thinblkd (or QEMU) monitor and print its result, follow events, or\n"
+    "print the daemon's metrics in Prometheus' text format.\n"
     "\n"
     "Options:\n"
     "  -s, --socket PATH      the monitor's Unix socket (default: $THINBLK_SOCKET)\n"
     "  -r, --raw              print the server's messages exactly as received\n"
     "  -p, --pretty           print the server's whole messages as indented JSON\n"
     "  -t, --timeout SECONDS  give up waiting to connect, for a reply, or for an event\n"
+    "                         (default 30; 0: wait as long as it takes)\n"
     "  -c, --count N          events: exit after N events\n"
     "  -v, --verbose          trace the QMP traffic to stderr\n"
     "  -h, --help             show this help and exit\n"
@@ -82,6 +90,15 @@ static int option_error(int opt, char **argv)
     return usage_error("Invalid option '%s'", argv[optind - 1]);
 }
 
+/* Whether a -s argument is a command given by mistake (thinblkctl -s query-status): it
+ * does not exist and is a bare word of the letters QMP names are made of, which a socket's
+ * path ("qmp.sock", "/run/...") hardly is. */
+static bool looks_like_command(const char *s)
+{
+    return access(s, F_OK) < 0 && *s &&
+           strspn(s, "abcdefghijklmnopqrstuvwxyz0123456789_-") == strlen(s);
+}
+
 /* Report err (consumed) and return the exit status of a connection failure. */
 static int connection_error(struct error *err)
 {
@@ -96,14 +113,19 @@ static void trace_to_stderr(void *opaque, bool outgoing, const char *text, size_
     fprintf(stderr, "%s %.*s\n", outgoing ? "->" : "<-", (int)MIN(len, (size_t)INT_MAX), text);
 }
 
+/* Seconds into *ms; 0 is no limit (-1). */
 static int parse_timeout(const char *s, int *ms)
 {
     char *end;
     errno = 0;
     double secs = strtod(s, &end);
     /* Written so that NaN fails too. */
-    if (errno || end == s || *end || !(secs > 0 && secs <= INT_MAX / 1000))
+    if (errno || end == s || *end || !(secs >= 0 && secs <= INT_MAX / 1000))
         return -1;
+    if (secs == 0) {
+        *ms = -1;
+        return 0;
+    }
     double exact = secs * 1000;
     *ms = (int)exact;
     if (*ms < exact)
@@ -157,6 +179,40 @@ static int run_command(const struct ctl_options *o, const char *name, int argc, 
     if (!negotiating || reply->kind == QMPC_MSG_ERROR)
         ctl_print_reply(reply, o->format);
     return reply->kind == QMPC_MSG_ERROR ? CTL_EXIT_QMP_ERROR : CTL_EXIT_OK;
+}
+
+/* ---- metrics ------------------------------------------------------------------------- */
+
+/* Run the queries a metrics page is made of, on one connection, and print it. A refused
+ * query is reported as any refused command. */
+static int run_metrics(const struct ctl_options *o)
+{
+    static const char *const queries[] = {"query-status", "query-block", "query-blockstats",
+                                          "query-named-block-nodes"};
+    struct qmpc_message *replies[ARRAY_SIZE(queries)] = {NULL};
+    struct error *err = NULL;
+    int ret = CTL_EXIT_OK;
+
+    _cleanup_qmpc_ struct qmpc *c = ctl_open(o, &err);
+    if (!c || qmpc_negotiate(c, NULL, o->timeout_ms, &err) < 0)
+        return connection_error(err);
+    for (size_t i = 0; i < ARRAY_SIZE(queries) && ret == CTL_EXIT_OK; i++) {
+        replies[i] = qmpc_execute(c, queries[i], NULL, o->timeout_ms, &err);
+        if (!replies[i]) {
+            ret = connection_error(err);
+        } else if (replies[i]->kind == QMPC_MSG_ERROR) {
+            ctl_print_reply(replies[i], o->format);
+            ret = CTL_EXIT_QMP_ERROR;
+        }
+    }
+    if (ret == CTL_EXIT_OK) {
+        struct ctl_metrics_input in = {replies[0]->ret, replies[1]->ret, replies[2]->ret,
+                                       replies[3]->ret};
+        ctl_metrics_print(&in);
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(queries); i++)
+        qmpc_message_free(replies[i]);
+    return ret;
 }
 
 /* ---- events --------------------------------------------------------------------------- */
@@ -233,6 +289,7 @@ static int follow_events(const struct ctl_options *o, struct qmpc *c, int sfd, i
 {
     _cleanup_error_ struct error *read_err = NULL;
     int64_t deadline = deadline_after(o->timeout_ms);
+    bool negotiated = false;
     long printed = 0;
     for (;;) {
         struct qmpc_message *msg;
@@ -243,8 +300,13 @@ static int follow_events(const struct ctl_options *o, struct qmpc *c, int sfd, i
             qmpc_message_free(msg);
             if (r < 0)
                 return connection_error(err);
+            if (!negotiated && qmpc_state(c) == QMPC_STATE_COMMAND) {
+                /* From now on it waits for events, which may take as long as they take. */
+                negotiated = true;
+                deadline = deadline_after(o->event_timeout_ms);
+            }
             if (r > 0) {
-                deadline = deadline_after(o->timeout_ms);
+                deadline = deadline_after(o->event_timeout_ms);
                 if (++printed == o->count)
                     return CTL_EXIT_OK;
             }
@@ -334,7 +396,10 @@ int main(int argc, char **argv)
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
-    struct ctl_options o = {.socket = NULL, .format = CTL_FORMAT_READABLE, .timeout_ms = -1};
+    /* A default limit, so that a monitor another client holds (QEMU serves one client per
+     * monitor) or a hung daemon fails a script instead of hanging it. */
+    struct ctl_options o = {.socket = NULL, .format = CTL_FORMAT_READABLE,
+                            .timeout_ms = CTL_DEFAULT_TIMEOUT_MS, .event_timeout_ms = -1};
     bool raw = false, pretty = false;
     int opt;
 
@@ -343,6 +408,9 @@ int main(int argc, char **argv)
     while ((opt = getopt_long(argc, argv, "+:s:rpt:c:vhV", long_options, NULL)) != -1) {
         switch (opt) {
         case 's':
+            if (looks_like_command(optarg))
+                return usage_error("-s expects a socket path; '%s' looks like a command",
+                                   optarg);
             o.socket = optarg;
             break;
         case 'r':
@@ -353,8 +421,9 @@ int main(int argc, char **argv)
             break;
         case 't':
             if (parse_timeout(optarg, &o.timeout_ms) < 0)
-                return usage_error("Invalid timeout '%s': expected a positive number of "
-                                   "seconds", optarg);
+                return usage_error("Invalid timeout '%s': expected a number of seconds "
+                                   "(0: no limit)", optarg);
+            o.event_timeout_ms = o.timeout_ms;
             break;
         case 'c':
             if (parse_count(optarg, &o.count) < 0)
@@ -390,5 +459,10 @@ int main(int argc, char **argv)
         return run_events(&o, argc - optind, argv + optind);
     if (o.count)
         return usage_error("--count is only for events");
+    if (strcmp(command, "metrics") == 0) {
+        if (optind + 1 < argc)
+            return usage_error("metrics takes no arguments");
+        return run_metrics(&o);
+    }
     return run_command(&o, command, argc - optind - 1, argv + optind + 1);
 }

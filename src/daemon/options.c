@@ -411,7 +411,7 @@ void daemon_options_usage(const char *prog)
            "                         a QMP monitor on chardev ID\n"
            "  --qmp [unix:]PATH      shorthand for a --chardev and --monitor pair\n"
            "  --blockdev OPTIONS     a block node (BlockdevOptions: key=value or JSON);\n"
-           "                         drivers: file, host_device, raw, fault\n"
+           "                         drivers: file, host_device, raw, qcow2, fault\n"
            "  --nbd-server addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=P\n"
            "                         [,max-connections=N][,tls-creds=ID][,tls-authz=ID]\n"
            "                         start the NBD server (TLS: with these credentials)\n"

@@ -66,7 +66,8 @@ void loop_free(struct loop *loop)
 
 static uint32_t to_epoll(unsigned events)
 {
-    return (events & LOOP_READ ? EPOLLIN : 0) | (events & LOOP_WRITE ? EPOLLOUT : 0);
+    return (events & LOOP_READ ? EPOLLIN : 0) | (events & LOOP_WRITE ? EPOLLOUT : 0) |
+           (events & LOOP_PEER_SHUTDOWN ? EPOLLRDHUP : 0);
 }
 
 int loop_add_fd(struct loop *loop, int fd, unsigned events, loop_fd_fn *fn, void *opaque)

@@ -14,8 +14,10 @@ struct loop;
 
 #define LOOP_READ 1u
 #define LOOP_WRITE 2u
+#define LOOP_PEER_SHUTDOWN 4u  /* watch only: the peer shut its sending side (EPOLLRDHUP) */
 
-/* events: LOOP_READ/LOOP_WRITE that are ready; errors and hang-ups are reported as both. */
+/* events: LOOP_READ/LOOP_WRITE that are ready; errors and hang-ups are reported as both, and a
+ * peer's shutdown, when watched, as LOOP_READ. */
 typedef void loop_fd_fn(struct loop *loop, int fd, unsigned events, void *opaque);
 typedef void loop_fn(struct loop *loop, void *opaque);
 
@@ -25,7 +27,8 @@ struct loop *loop_new(void);
  * so are deferred calls still queued (not called, their nodes not touched). */
 void loop_free(struct loop *loop);
 
-/* Watch fd for events (LOOP_READ | LOOP_WRITE, may be 0). One registration per fd.
+/* Watch fd for events (LOOP_READ | LOOP_WRITE | LOOP_PEER_SHUTDOWN, may be 0). One
+ * registration per fd.
  * Returns 0, or -1 with errno set. */
 int loop_add_fd(struct loop *loop, int fd, unsigned events, loop_fd_fn *fn, void *opaque);
 /* Change the events watched for a registered fd. Returns 0 or -1 with errno. */

@@ -359,6 +359,10 @@ static void update_events(struct nbd_conn *c)
         return;
     if (is_reading_state(c->state) && !c->eof && !c->paused)
         want |= LOOP_READ;
+    /* Not reading (held while the device is stopped, or back-pressure), a client that goes
+     * away would hold its slot until we read again (cont): watch for its shutdown. */
+    else if (is_reading_state(c->state) && !c->eof)
+        want |= LOOP_PEER_SHUTDOWN;
     if (c->state == NBD_STATE_TLS_HANDSHAKE && !output_pending(c))
         want |= tls_session_wants_write(c->tls) ? LOOP_WRITE : LOOP_READ;
     if (output_pending(c))
@@ -412,10 +416,19 @@ static void on_socket(struct loop *loop, int fd, unsigned events, void *opaque)
      * changed in this iteration): ask the socket which. After a hang-up, input still queued
      * is read while we read at all; otherwise nobody is left to answer. */
     if (events & ~c->watched) {
-        struct pollfd p = { .fd = fd, .events = POLLIN | POLLOUT };
+        struct pollfd p = { .fd = fd, .events = POLLIN | POLLOUT | POLLRDHUP };
         if (poll(&p, 1, 0) == 1 && ((p.revents & (POLLERR | POLLNVAL)) ||
                                     ((p.revents & POLLHUP) && !(c->watched & LOOP_READ)))) {
             nbd_conn_close(c, "hang-up");
+            return;
+        }
+        /* The client shut its side while we do not read (held by a stopped device, or
+         * back-pressure): it has gone, as NBD has no use for half a connection (a client
+         * that wants its replies sends NBD_CMD_DISC first). Its connection goes now, not at
+         * cont: requests it sent but we did not read are dropped unanswered, those at the
+         * device finish there, unanswered. */
+        if ((p.revents & POLLRDHUP) && (c->watched & LOOP_PEER_SHUTDOWN)) {
+            nbd_conn_close(c, "hang-up while not reading");
             return;
         }
     }

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BUILD_DIR, TIMEOUT, _die_with_parent, _sanitizer_reports
+from prometheus import exposition, value
 
 AGENT = BUILD_DIR / "src" / "agent" / "thinblk-agent"
 MiB = 1024 * 1024
@@ -571,3 +572,92 @@ def test_check_option_and_bad_configuration(tmp_path):
     r = subprocess.run([AGENT, "--device", "vda"], capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr == "thinblk-agent: --device, --node and the policy options need --socket\n"
+
+
+def test_no_arguments_is_a_usage_error():
+    r = subprocess.run([AGENT], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("thinblk-agent: nothing to watch: give --socket or a "
+                               "configuration file (--config)\nUsage: thinblk-agent"), r.stderr
+
+
+def test_check_reports_every_mistake_at_once(tmp_path):
+    conf = tmp_path / "bad.conf"
+    conf.write_text("[daemon a]\nsocket = /x\n[disk d]\nchunk = 1.5M\nmethod = dd\n"
+                    "[box b]\nkey = ignored\n[agent]\npoll-interval = soon\n")
+    r = subprocess.run([AGENT, "--check", "-c", conf], capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (1, (
+        f"thinblk-agent: {conf}:4: 'chunk' must be a whole number of MiB, not '1.5M'\n"
+        f"thinblk-agent: {conf}:5: 'method' expects 'loop' or 'hook', not 'dd'\n"
+        f"thinblk-agent: {conf}:6: unknown section '[box]': expected [agent], [daemon NAME] "
+        "or [disk NAME]\n"
+        f"thinblk-agent: {conf}:9: 'poll-interval' expects a duration of at least 1ms, such "
+        "as '2s' or '500ms', not 'soon'\n"))
+    conf.write_text("[daemon a]\n[disk d]\ndaemon = b\n[disk e]\ndevice = e\n")
+    r = subprocess.run([AGENT, "--check", "-c", conf], capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (1, (
+        "thinblk-agent: daemon 'a' has no socket\n"
+        "thinblk-agent: disk 'd': no such daemon\n"
+        "thinblk-agent: disk 'd': give either device or node\n"
+        "thinblk-agent: disk 'd': no method (method = loop or hook)\n"
+        "thinblk-agent: disk 'e': no method (method = loop or hook)\n"))
+
+
+def test_check_refuses_a_hook_that_cannot_run(tmp_path):
+    not_exec = tmp_path / "hook.sh"
+    not_exec.write_text("#!/bin/sh\n")
+    r = subprocess.run([AGENT, "--check", "-s", "/x", "--hook", tmp_path / "nope"],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (
+        1, f"thinblk-agent: disk '(every device)': hook '{tmp_path}/nope': No such file or "
+           "directory\n")
+    r = subprocess.run([AGENT, "--check", "-s", "/x", "--hook", not_exec],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (
+        1, f"thinblk-agent: disk '(every device)': hook '{not_exec}' is not an executable "
+           "file\n")
+    r = subprocess.run([AGENT, "--check", "-s", "/x", "--hook", "hook.sh"],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (
+        1, "thinblk-agent: disk '(every device)': hook 'hook.sh' is not an absolute path\n")
+
+
+def test_reconnect_max_option_and_log_timestamps():
+    r = subprocess.run([AGENT, "--check", "-s", "/x", "--reconnect-max", "soon"],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (
+        1, "thinblk-agent: --reconnect-max: 'reconnect-max' expects a duration of at least "
+           "1ms, such as '2s' or '500ms', not 'soon'\n")
+    r = subprocess.run([AGENT, "--check", "-s", "/x", "--reconnect-max", "1s",
+                        "--log-timestamps"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z thinblk-agent: info: disk ",
+                    r.stderr), r.stderr
+
+
+def test_metrics_file(daemons, loopdisks, agents, tmp_path):
+    """--metrics-file: written at start, then after each change; extensions, their durations
+    and the cap, in Prometheus' format."""
+    path = tmp_path / "agent.prom"
+    disk = loopdisks(size=16 * MiB)
+    s = Served(daemons, disk)
+    a = agents("-s", s.mon, "--chunk", "4M", "--watermark", "2M", "--cap", "24M",
+               "--poll-interval", "200ms", "--metrics-file", path)
+    wait_for(path.exists, "the metrics file written at start")
+    w = s.write(0x77, 0, 32 * MiB, step=MiB, wait=False)
+    a.wait_log(r"disk0: stopped on ENOSPC at its cap")
+    wait_for(lambda: "thinblk_agent_disk_at_cap{daemon=\"default\",disk=\"disk0\"} 1"
+             in path.read_text(), "at its cap in the metrics file")
+    m = exposition(path.read_text())
+    labels = {"daemon": "default", "disk": "disk0"}
+    done = len(a.lines(r"disk0: extended "))
+    assert done >= 1
+    assert value(m, "thinblk_agent_extensions_total", **labels) == done
+    assert value(m, "thinblk_agent_extension_duration_seconds_count", **labels) == done
+    assert value(m, "thinblk_agent_extension_duration_seconds_sum", **labels) > 0
+    assert value(m, "thinblk_agent_extension_failures_total", **labels) == 0
+    assert not (tmp_path / "agent.prom.tmp").exists()
+    w.kill()
+    w.wait()
+    a.stop()
+    s.stop()

@@ -414,6 +414,32 @@ def test_no_greeting_times_out(fake_server):
         done.set()
 
 
+def test_timeout_zero_waits_as_long_as_it_takes(fake_server):
+    """-t 0 lifts the default limit: thinblkctl still waits for a greeting that never comes
+    when killed well after a short limit would have fired."""
+    done = threading.Event()
+    srv = fake_server(lambda conn: done.wait(RUN_TIMEOUT))
+    p = subprocess.Popen([CTL, "-s", srv.path, "-t", "0", "query-status"], env=ctl_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(timeout=1)
+    finally:
+        p.kill()
+        p.wait()
+        done.set()
+
+
+def test_socket_named_like_a_command_is_taken(fake_server, tmp_path):
+    """Only a path that does not exist is taken for a misplaced command."""
+    srv = fake_server(lambda conn: conn.sendall(b"hello\r\n"))
+    os.symlink(srv.path, tmp_path / "query-status")
+    p = subprocess.run([CTL, "-s", "query-status", "query-status"], cwd=tmp_path, env=ctl_env(),
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert (p.returncode, p.stderr) == (3, "thinblkctl: Unexpected byte 0x68 between QMP "
+                                           "messages\n")
+
+
 def test_eof_before_reply(fake_server):
     def script(conn):
         conn.sendall(GREETING)
@@ -461,9 +487,13 @@ TRY_HELP = "Try 'thinblkctl --help' for more information.\n"
     (["-x", "query-status"], "Invalid option '-x'"),
     (["--bogus", "query-status"], "Invalid option '--bogus'"),
     (["-t"], "Option '-t' needs an argument"),
-    (["-t", "soon", "query-status"], "Invalid timeout 'soon': expected a positive number of "
-                                     "seconds"),
-    (["-t", "0", "query-status"], "Invalid timeout '0': expected a positive number of seconds"),
+    (["-t", "soon", "query-status"], "Invalid timeout 'soon': expected a number of seconds "
+                                     "(0: no limit)"),
+    (["-t", "-1", "query-status"], "Invalid timeout '-1': expected a number of seconds "
+                                   "(0: no limit)"),
+    (["-s", "query-status"], "-s expects a socket path; 'query-status' looks like a command"),
+    (["-s", "cont", "query-status"], "-s expects a socket path; 'cont' looks like a command"),
+    (["metrics", "x=1"], "metrics takes no arguments"),
     (["-r", "-p", "query-status"], "--raw and --pretty exclude each other"),
     (["--count", "1", "query-status"], "--count is only for events"),
     (["events", "--count", "0"], "Invalid count '0': expected a positive integer"),
