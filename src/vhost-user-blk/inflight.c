@@ -142,16 +142,21 @@ static int by_counter(const void *a, const void *b)
     return x->counter < y->counter ? -1 : x->counter > y->counter;
 }
 
-void vub_inflight_start(struct vub_queue *q)
+void vub_inflight_stop(struct vub_queue *q)
 {
-    const struct vub_inflight *inf = &q->conn->inflight;
-    struct vhost_inflight_queue *f;
-
     free(q->resubmit);
     q->resubmit = NULL;
     q->nresubmit = q->resubmit_next = 0;
     q->inflight = NULL;
     q->inflight_counter = 0;
+}
+
+void vub_inflight_start(struct vub_queue *q)
+{
+    const struct vub_inflight *inf = &q->conn->inflight;
+    struct vhost_inflight_queue *f;
+
+    vub_inflight_stop(q);
     if (!inf->map || q->index >= inf->num_queues || !q->used)
         return;
     if (inf->queue_size != q->num) {

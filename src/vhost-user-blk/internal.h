@@ -136,6 +136,9 @@ void vub_inflight_unmap(struct vub_inflight *inf);
  * a crash between the used ring and the region left, and queue the heads still in flight, in
  * the order they were taken, for resubmission (q->resubmit; q->last_avail_idx set past them). */
 void vub_inflight_start(struct vub_queue *q);
+/* The ring q stops: detach it from the region, drop the heads not handled again yet (they stay
+ * marked in the region, for the next start). */
+void vub_inflight_stop(struct vub_queue *q);
 /* Head taken from the avail ring / about to go on the used ring / went on it. */
 void vub_inflight_take(struct vub_queue *q, uint16_t head);
 void vub_inflight_put_begin(struct vub_queue *q, uint16_t head);

@@ -143,17 +143,14 @@ static void close_fd(struct vub_conn *c, int *fd, bool watched)
     *fd = -1;
 }
 
-/* Stop q: no more processing; requests still in the device are dropped when they finish
- * (heads not handled again yet stay marked in the inflight region, for the next start). */
+/* Stop q: no more processing; requests still in the device are dropped when they finish. */
 static void stop_ring(struct vub_queue *q)
 {
     close_fd(q->conn, &q->kick_fd, true);
     q->started = false;
     q->broken = false;
     q->generation++;
-    free(q->resubmit);
-    q->resubmit = NULL;
-    q->nresubmit = q->resubmit_next = 0;
+    vub_inflight_stop(q);
 }
 
 static void on_kick(struct loop *loop, int fd, unsigned events, void *opaque)
@@ -754,7 +751,6 @@ void vub_conn_close(struct vub_conn *c, const char *why)
          * connection through the inflight region, or starts again from the used index. */
         vub_blk_withdraw(q);
         stop_ring(q);
-        q->inflight = NULL;
         close_fd(c, &q->call_fd, false);
         close_fd(c, &q->err_fd, false);
     }

@@ -308,6 +308,17 @@ def check_queues(g, queues):
     assert all(n > 0 for n in counts.values()), counts
 
 
+def check_guest_wrote(g, console, rc, host_sha256):
+    """The guest's write job ended well: QEMU exited 0, no I/O error in the guest, and three
+    checksums agree (what it wrote, what it read back, the host's)."""
+    assert rc == 0, f"QEMU exited with {rc}:\n{g.stderr()}\n{console}"
+    assert "I/O error" not in console and not g.io_error, g.dmesg
+    r = g.result()
+    assert (r["dd-status"], r["read-status"]) == (0, 0), r
+    assert r["write-sha256"] == r["readback-sha256"], r
+    assert host_sha256 == r["write-sha256"]
+
+
 @needs_qemu
 def test_guest_writes_and_reads_back(guest_image, daemons, tmp_path):
     img = image(tmp_path / "disk.raw", 64 * MIB)
@@ -315,12 +326,7 @@ def test_guest_writes_and_reads_back(guest_image, daemons, tmp_path):
     with kit.Guest(guest_image, kit.VhostUserBlkDisk(str(vsock), num_queues=2), job="write",
                    mb=8, off=4, seed=12, workdir=tmp_path / "guest") as g:
         console, rc = g.wait(timeout=GUEST_TIMEOUT)
-    assert rc == 0, f"QEMU exited with {rc}:\n{g.stderr()}\n{console}"
-    assert not g.io_error, g.dmesg
-    r = g.result()
-    assert (r["dd-status"], r["read-status"]) == (0, 0), r
-    assert r["write-sha256"] == r["readback-sha256"], r
-    assert kit.file_sha256(img, 4 * MIB, 8 * MIB) == r["write-sha256"]
+    check_guest_wrote(g, console, rc, kit.file_sha256(img, 4 * MIB, 8 * MIB))
     with open(img, "rb") as f:
         f.seek(4 * MIB)
         assert f.read(MIB) == kit.pattern(1, 12, off=4)
@@ -392,12 +398,7 @@ def test_guest_write_survives_enospc(guest_image, store, daemons, tmp_path, fmt,
                 break
             assert ev == {"event": "BLOCK_IO_ERROR", "data": EXPECTED_IO_ERROR}, ev
         console, rc = g.wait(GUEST_TIMEOUT)
-    assert rc == 0, f"QEMU exited with {rc}:\n{g.stderr()}\n{console}"
-    assert "I/O error" not in console and not g.io_error, g.dmesg
-    r = g.result()
-    assert (r["dd-status"], r["read-status"]) == (0, 0), r
-    assert r["write-sha256"] == r["readback-sha256"], r
-    assert kit.image_sha256(img, fmt, 0, 16 * MIB, tmp_path) == r["write-sha256"]
+    check_guest_wrote(g, console, rc, kit.image_sha256(img, fmt, 0, 16 * MIB, tmp_path))
     check_queues(g, queues)
     assert qmp.cmd("query-status")["return"]["status"] == "running"
     # No new stop. BLOCK_IO_ERRORs of one device are coalesced per second (device.h): one
