@@ -425,6 +425,21 @@ bool dev_stopper_busy(const struct dev_stopper *s)
     return false;
 }
 
+static bool sio_busy(struct runstate_io *io)
+{
+    return dev_stopper_busy(container_of(io, struct dev_stopper_io, io)->s);
+}
+
+static void sio_released(struct runstate_io *io)
+{
+    dev_stopper_resumed(container_of(io, struct dev_stopper_io, io)->s);
+}
+
+void dev_stopper_io_init(struct dev_stopper_io *sio, struct dev_stopper *s)
+{
+    *sio = (struct dev_stopper_io){ { sio_busy, sio_released }, s };
+}
+
 void dev_stopper_stopped(struct dev_stopper *s)
 {
     for (struct device *d = s->ctx->devices.head; d; d = d->next) {

@@ -18,7 +18,7 @@ struct dev_group {
     char *name;
     struct runstate *own;     /* the group's state: running, paused or io-error */
     struct runstate *daemon;  /* the daemon's run state (borrowed) */
-    struct runstate_io io;    /* own's I/O: the group's devices */
+    struct dev_stopper_io io; /* own's I/O: the group's devices */
     bool running;             /* own and daemon both running, as last told to the devices */
 };
 
@@ -57,16 +57,6 @@ static const struct dev_stopper_ops group_stopper_ops = {
     .request_stop = group_request_stop,
     .idle = group_idle,
 };
-
-static bool io_busy(struct runstate_io *io)
-{
-    return dev_stopper_busy(&container_of(io, struct dev_group, io)->s);
-}
-
-static void io_released(struct runstate_io *io)
-{
-    dev_stopper_resumed(&container_of(io, struct dev_group, io)->s);
-}
 
 /* Either machine changed: tell the devices when the pair starts or stops running. */
 static void on_change(void *opaque, enum run_state old_state, enum run_state new_state)
@@ -127,8 +117,8 @@ struct dev_group *dev_group_add(struct dev_context *ctx, const char *name, struc
     g->name = xstrdup(name);
     g->daemon = dev_context_runstate(ctx);
     g->own = runstate_new(dev_context_loop(ctx), RUN_STATE_RUNNING, emit, g);
-    g->io = (struct runstate_io){ io_busy, io_released };
-    runstate_set_io(g->own, &g->io);
+    dev_stopper_io_init(&g->io, &g->s);
+    runstate_set_io(g->own, &g->io.io);
     g->running = group_running(&g->s);
     runstate_add_listener(g->own, on_change, g);
     runstate_add_listener(g->daemon, on_change, g);
