@@ -24,6 +24,11 @@ struct dev_group {
 
 DEFINE_QUEUE_FUNCTIONS(dev_group_queue, struct dev_group, next)
 
+const struct schema_member dev_group_options[] = {
+    { "name", SCHEMA_STR },
+    { NULL },
+};
+
 static struct dev_group *group_of(const struct dev_stopper *s)
 {
     return container_of(s, struct dev_group, s);

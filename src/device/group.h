@@ -18,9 +18,13 @@
 #include <jansson.h>
 
 #include "common/error.h"
+#include "common/schema.h"
 #include "device/device.h"
 
 struct dev_group;
+
+/* A group's options, {"name": string}: __org.thinblk_group-add's arguments and --group's. */
+extern const struct schema_member dev_group_options[];
 
 /* A new running group named name. Returns NULL with *errp set if the name is taken. */
 struct dev_group *dev_group_add(struct dev_context *ctx, const char *name, struct error **errp);

@@ -133,21 +133,16 @@ static const struct schema_member stop_reason_args[] = {
     { NULL },
 };
 
-static const struct schema_member group_args[] = {
-    { "name", SCHEMA_STR },
-    { NULL },
-};
-
 static const struct qmp_command run_commands[] = {
     { "query-status", query_status, NULL, 0 },
     { "stop", stop, NULL, 0 },
     { "cont", cont, NULL, 0 },
     { "quit", quit, NULL, 0 },
     { "__org.thinblk_query-stop-reason", query_stop_reason, stop_reason_args, 0 },
-    { "__org.thinblk_group-add", group_add, group_args, 0 },
-    { "__org.thinblk_group-del", group_del, group_args, 0 },
-    { "__org.thinblk_group-stop", group_stop, group_args, 0 },
-    { "__org.thinblk_group-cont", group_cont, group_args, 0 },
+    { "__org.thinblk_group-add", group_add, dev_group_options, 0 },
+    { "__org.thinblk_group-del", group_del, dev_group_options, 0 },
+    { "__org.thinblk_group-stop", group_stop, dev_group_options, 0 },
+    { "__org.thinblk_group-cont", group_cont, dev_group_options, 0 },
     { "__org.thinblk_query-groups", query_groups, NULL, 0 },
 };
 

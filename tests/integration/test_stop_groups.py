@@ -12,7 +12,7 @@ import threading
 import nbd
 import pytest
 
-from conftest import RUNNING, error, ok
+from conftest import RUNNING, error, image, ok
 from test_enospc import MiB, Writer, check_readback, grow, random_chunks
 
 EXPORTS = {"vm1": ["a1", "a2"], "vm2": ["b1", "b2"]}
@@ -34,9 +34,7 @@ class Groups:
         args = ["--nbd-server", f"addr.type=unix,addr.path={self.nbd_path}"]
         for group, ids in EXPORTS.items():
             for id in ids:
-                self.images[id] = stores[group] / f"{id}.raw"
-                with open(self.images[id], "wb") as f:
-                    f.truncate(64 * MiB)
+                self.images[id] = image(stores[group] / f"{id}.raw", 64 * MiB)
                 args += ["--blockdev", f"driver=file,node-name=p-{id},filename={self.images[id]}",
                          "--blockdev", f"driver=raw,node-name=n-{id},file=p-{id}"]
         self.daemon = daemons.start(args=args)
@@ -286,3 +284,25 @@ def test_group_del_after_its_exports(plain_groups):
         ok(q.cmd("block-export-del", {"id": id}))
     ok(q.cmd("__org.thinblk_group-del", {"name": "vm2"}))
     assert [x["name"] for x in q.cmd("__org.thinblk_query-groups")["return"]] == ["vm1"]
+
+
+def test_groups_on_the_command_line(daemons, tmp_path):
+    img = image(tmp_path / "c.raw", MiB)
+    d = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=p0,filename={img}",
+        "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
+        "--group", "vm1",
+        "--export", "type=nbd,id=c,node-name=p0,__org.thinblk_group=vm1"])
+    assert d.negotiated().cmd("__org.thinblk_query-groups")["return"] == [
+        {"name": "vm1", "status": "running", "running": True, "exports": ["c"]}]
+
+
+def test_an_export_needs_its_group_first(daemons, tmp_path):
+    img = image(tmp_path / "c.raw", MiB)
+    d = daemons.start_raw([
+        "--blockdev", f"driver=file,node-name=p0,filename={img}",
+        "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
+        "--export", "type=nbd,id=c,node-name=p0,__org.thinblk_group=vm1",
+        "--group", "vm1"], wait=False)
+    assert d.wait() == 1
+    assert "--export: Group 'vm1' not found" in d.stderr()
