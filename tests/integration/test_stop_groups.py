@@ -306,3 +306,36 @@ def test_an_export_needs_its_group_first(daemons, tmp_path):
         "--group", "vm1"], wait=False)
     assert d.wait() == 1
     assert "--export: Group 'vm1' not found" in d.stderr()
+
+
+def test_group_cont_drops_a_pending_stop(daemons, tmp_path):
+    """A write still in flight (held 3 s by the fault node) keeps the group's error stop
+    pending; the group's cont drops it with the pair GROUP_STOP, GROUP_RESUME, as cont does."""
+    img = image(tmp_path / "f.raw", MiB)
+    sock = tmp_path / "nbd.sock"
+    d = daemons.start(args=[
+        "--blockdev", f"driver=file,node-name=p0,filename={img}",
+        "--blockdev", "driver=fault,node-name=flt,file=p0",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--group", "vm1",
+        "--export", "type=nbd,id=f,node-name=flt,writable=on,__org.thinblk_group=vm1"])
+    q = d.negotiated()
+    ok(q.cmd("__org.thinblk_fault-set", {"node-name": "flt", "rules": [
+        {"op": "write", "offset": 0, "length": 4096, "delay-ms": 3000},
+        {"op": "write", "offset": 65536, "errno": "ENOSPC", "once": True}]}))
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///flt?socket={sock}")
+    slow = h.aio_pwrite(b"s" * 4096, 0)
+    failed = h.aio_pwrite(b"f" * 4096, 65536)
+    q.wait_event("BLOCK_IO_ERROR")
+    assert q.cmd("__org.thinblk_query-groups")["return"][0]["status"] == "running"
+
+    ok(q.cmd("__org.thinblk_group-cont", {"name": "vm1"}))
+    assert [(e["event"], e["data"]) for e in q.take_events()] == [
+        ("__org.thinblk_GROUP_STOP", {"group": "vm1", "status": "io-error"}),
+        ("__org.thinblk_GROUP_RESUME", {"group": "vm1"})]
+    wait_done(h, slow)
+    wait_done(h, failed)
+    assert h.pread(4096, 65536) == b"f" * 4096
+    assert q.cmd("__org.thinblk_query-groups")["return"][0]["status"] == "running"
+    h.shutdown()
