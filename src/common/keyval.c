@@ -4,20 +4,43 @@
 
 #include "common/util.h"
 
+static bool is_rfqdn_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '-' || c == '.';
+}
+
+/* The length of the key fragment at s (len characters left): up to the next '.' or the end.
+ * As in QEMU (parse_qapi_name()), a downstream name "__RFQDN_name" is one fragment though its
+ * RFQDN has dots: "__org.thinblk_group" is one key, not "__org" holding "thinblk_group". */
+static size_t fragment_len(const char *s, size_t len)
+{
+    size_t i = 0;
+
+    if (len > 2 && s[0] == '_' && s[1] == '_') {
+        for (i = 2; i < len && is_rfqdn_char(s[i]); i++)
+            ;
+        i = i < len && s[i] == '_' ? i + 1 : 0;
+    }
+    while (i < len && s[i] != '.')
+        i++;
+    return i;
+}
+
 /* Store value at the dotted path key inside obj, creating intermediate objects. */
 static int keyval_store(json_t *obj, const char *key, const char *value, struct error **errp)
 {
-    _cleanup_free_ char *copy = xstrdup(key);
-    char *save = NULL;
-    char *part = strtok_r(copy, ".", &save);
-    if (!part || key[0] == '.' || key[strlen(key) - 1] == '.' || strstr(key, "..")) {
-        error_setg(errp, "Invalid parameter '%s'", key);
-        return -1;
-    }
-    for (;;) {
-        char *next = strtok_r(NULL, ".", &save);
+    size_t len = strlen(key);
+
+    for (size_t pos = 0;;) {
+        size_t n = fragment_len(key + pos, len - pos);
+        if (n == 0) {
+            error_setg(errp, "Invalid parameter '%s'", key);
+            return -1;
+        }
+        _cleanup_free_ char *part = xasprintf("%.*s", (int)n, key + pos);
         json_t *cur = json_object_get(obj, part);
-        if (!next) {
+        if (pos + n == len) {
             if (cur && json_is_object(cur)) {
                 error_setg(errp, "Parameters '%s.*' used inconsistently", key);
                 return -1;
@@ -29,40 +52,37 @@ static int keyval_store(json_t *obj, const char *key, const char *value, struct 
             cur = json_object();
             json_object_set_new(obj, part, cur);
         } else if (!json_is_object(cur)) {
-            error_setg(errp, "Parameters '%.*s.*' used inconsistently",
-                       (int)(next - copy - 1), key);
+            error_setg(errp, "Parameters '%.*s.*' used inconsistently", (int)(pos + n), key);
             return -1;
         }
         obj = cur;
-        part = next;
+        pos += n + 1;
     }
 }
 
 /* QEMU's keyval.c: a key is dot-separated names of letters, digits, '-' and '_', each at
- * most 127 characters. */
+ * most 127 characters (a downstream name's RFQDN, dots and all, counts in its fragment). */
 static int check_key(const char *key, size_t len, struct error **errp)
 {
-    size_t frag = 0;
-
     if (len == 0) {
         error_setg(errp, "Invalid parameter ''");
         return -1;
     }
     for (size_t i = 0; i < len; i++) {
         char c = key[i];
-        if (c == '.') {
-            frag = 0;
-            continue;
-        }
         if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '-' || c == '_')) {
+              c == '-' || c == '_' || c == '.')) {
             error_setg(errp, "Invalid parameter '%.*s'", (int)len, key);
             return -1;
         }
-        if (++frag > 127) {
+    }
+    for (size_t pos = 0; pos < len;) {
+        size_t n = fragment_len(key + pos, len - pos);
+        if (n > 127) {
             error_setg(errp, "Parameter '%.*s' is too long", (int)len, key);
             return -1;
         }
+        pos += n + 1;
     }
     return 0;
 }

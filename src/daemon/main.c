@@ -13,6 +13,7 @@
 #include "common/log.h"
 #include "common/service.h"
 #include "device/device.h"
+#include "device/group.h"
 #include "export/export.h"
 #include "common/util.h"
 #include "daemon/options.h"
@@ -139,13 +140,13 @@ static int write_pid(int fd, const char *path, struct error **errp)
     return 0;
 }
 
-/* Apply --object, --blockdev, --nbd-server and --export in the order given. */
+/* Apply --object, --blockdev, --nbd-server, --group and --export in the order given. */
 static int apply_cli_objects(struct daemon *d, const struct daemon_options *opts,
                              struct error **errp)
 {
     static const char *const opt_names[] = {
         [CLI_BLOCKDEV] = "--blockdev", [CLI_NBD_SERVER] = "--nbd-server",
-        [CLI_EXPORT] = "--export", [CLI_OBJECT] = "--object",
+        [CLI_EXPORT] = "--export", [CLI_OBJECT] = "--object", [CLI_GROUP] = "--group",
     };
 
     for (size_t i = 0; i < opts->objects.len; i++) {
@@ -173,6 +174,11 @@ static int apply_cli_objects(struct daemon *d, const struct daemon_options *opts
             break;
         case CLI_OBJECT:
             r = tls_objects_add(d->tls, o->opts, errp);
+            break;
+        case CLI_GROUP:
+            if (!dev_group_add(d->devs, json_string_value(json_object_get(o->opts, "name")),
+                               errp))
+                r = -1;
             break;
         }
         if (r < 0) {

@@ -12,6 +12,7 @@
 #include "common/qjson.h"
 #include "common/schema.h"
 #include "common/util.h"
+#include "device/group.h"
 #include "export/export.h"
 #include "tls/objects.h"
 
@@ -286,6 +287,7 @@ const struct schema_member *cli_object_schema(enum cli_object_kind kind)
     case CLI_NBD_SERVER: return nbd_server_options;
     case CLI_EXPORT: return export_options;
     case CLI_OBJECT: return tls_object_options;
+    case CLI_GROUP: return dev_group_options;
     }
     abort();
 }
@@ -320,7 +322,7 @@ static int opt_object(struct daemon_options *o, enum cli_object_kind kind, const
 }
 
 enum { OPT_CHARDEV = 256, OPT_MONITOR, OPT_QMP, OPT_PIDFILE, OPT_BLOCKDEV, OPT_NBD_SERVER,
-       OPT_EXPORT, OPT_OBJECT };
+       OPT_EXPORT, OPT_OBJECT, OPT_GROUP };
 
 int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct error **errp)
 {
@@ -333,6 +335,7 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
         { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
         { "export", required_argument, NULL, OPT_EXPORT },
         { "object", required_argument, NULL, OPT_OBJECT },
+        { "group", required_argument, NULL, OPT_GROUP },
         { "verbose", no_argument, NULL, 'v' },
         { "help", no_argument, NULL, 'h' },
         { "version", no_argument, NULL, 'V' },
@@ -360,6 +363,9 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
             break;
         case OPT_OBJECT:
             r = opt_object(o, CLI_OBJECT, "--object", optarg, "qom-type", errp);
+            break;
+        case OPT_GROUP:
+            r = opt_object(o, CLI_GROUP, "--group", optarg, "name", errp);
             break;
         case OPT_PIDFILE:
             free(o->pidfile);
@@ -420,12 +426,14 @@ void daemon_options_usage(const char *prog)
            "  --object authz-simple,id=ID,identity=NAME\n"
            "  --object authz-list,id=ID[,policy=deny|allow][,rules.N.match=M,rules.N.policy=P]\n"
            "                         TLS credentials, a client allowed by tls-authz\n"
+           "  --group [name=]NAME    a stop group, for exports' __org.thinblk_group=NAME\n"
            "  --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]\n"
            "           [,description=TEXT][,werror=ACTION][,rerror=ACTION]\n"
+           "           [,__org.thinblk_group=NAME]\n"
            "                         export a node; ACTION: report, ignore, stop, enospc\n"
            "  --export type=vhost-user-blk,id=ID,node-name=NODE,addr.type=unix,addr.path=PATH\n"
            "           [,writable=on|off][,num-queues=N][,logical-block-size=N]\n"
-           "           [,werror=ACTION][,rerror=ACTION]\n"
+           "           [,werror=ACTION][,rerror=ACTION][,__org.thinblk_group=NAME]\n"
            "                         export a node to a vhost-user frontend\n"
            "  -S                     start in run state 'prelaunch' (no I/O until 'cont')\n"
            "  --pidfile PATH         write the process ID to PATH (removed at exit)\n"

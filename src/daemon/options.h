@@ -34,8 +34,8 @@ struct chardev_opt {
 
 /* --object, --blockdev, --nbd-server and --export, applied in the order given, as
  * qemu-storage-daemon does (an export needs its node and the NBD server before it, the NBD
- * server its TLS credentials). */
-enum cli_object_kind { CLI_BLOCKDEV, CLI_NBD_SERVER, CLI_EXPORT, CLI_OBJECT };
+ * server its TLS credentials), and thinblk's --group (before the exports that join it). */
+enum cli_object_kind { CLI_BLOCKDEV, CLI_NBD_SERVER, CLI_EXPORT, CLI_OBJECT, CLI_GROUP };
 
 struct cli_object {
     enum cli_object_kind kind;
@@ -43,7 +43,8 @@ struct cli_object {
 };
 
 /* The table an object's options are typed and checked with: the one of blockdev-add,
- * nbd-server-start (with the flat SocketAddress), block-export-add or object-add. */
+ * nbd-server-start (with the flat SocketAddress), block-export-add, object-add or
+ * __org.thinblk_group-add. */
 const struct schema_member *cli_object_schema(enum cli_object_kind kind);
 
 DEFINE_VECTOR_TYPE(cli_object_vector, struct cli_object)

@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "common/vector.h"
+#include "device/group.h"
 #include "device/internal.h"
 #include "loop/loop.h"
 
@@ -34,13 +35,16 @@ struct dev_context {
     void (*emit)(void *opaque, const char *name, json_t *data);  /* data stolen */
     void *emit_opaque;
     device_queue devices;           /* every device, in creation order */
-    struct dev_stopper *runstate;   /* the daemon's run state: every device's stopper */
+    struct runstate *rs;
+    struct dev_stopper *runstate;   /* the daemon's run state: the stopper of devices in no group */
+    dev_group_queue groups;         /* group-stopper.c's */
 };
 
 struct device {
     struct device *next;  /* ctx->devices */
     struct dev_context *ctx;
     struct dev_stopper *stopper;  /* what it stops and resumes with */
+    struct dev_group *group;      /* its stop group, or NULL: the run state is its stopper */
     char *name;
     struct block_node *root;
     enum dev_error_action werror, rerror;
@@ -421,6 +425,21 @@ bool dev_stopper_busy(const struct dev_stopper *s)
     return false;
 }
 
+static bool sio_busy(struct runstate_io *io)
+{
+    return dev_stopper_busy(container_of(io, struct dev_stopper_io, io)->s);
+}
+
+static void sio_released(struct runstate_io *io)
+{
+    dev_stopper_resumed(container_of(io, struct dev_stopper_io, io)->s);
+}
+
+void dev_stopper_io_init(struct dev_stopper_io *sio, struct dev_stopper *s)
+{
+    *sio = (struct dev_stopper_io){ { sio_busy, sio_released }, s };
+}
+
 void dev_stopper_stopped(struct dev_stopper *s)
 {
     for (struct device *d = s->ctx->devices.head; d; d = d->next) {
@@ -455,6 +474,7 @@ struct dev_context *dev_context_new(struct loop *loop, struct runstate *rs,
     ctx->loop = loop;
     ctx->emit = emit;
     ctx->emit_opaque = emit_opaque;
+    ctx->rs = rs;
     ctx->runstate = dev_runstate_stopper_new(ctx, rs);
     return ctx;
 }
@@ -463,6 +483,7 @@ void dev_context_free(struct dev_context *ctx)
 {
     if (!ctx)
         return;
+    dev_groups_free(ctx);
     dev_runstate_stopper_free(ctx->runstate);
     free(ctx);
 }
@@ -477,6 +498,16 @@ void dev_context_emit(struct dev_context *ctx, const char *name, json_t *data)
     ctx->emit(ctx->emit_opaque, name, data);
 }
 
+dev_group_queue *dev_context_groups(struct dev_context *ctx)
+{
+    return &ctx->groups;
+}
+
+struct runstate *dev_context_runstate(const struct dev_context *ctx)
+{
+    return ctx->rs;
+}
+
 const struct dev_stop_cause *dev_context_last_stop(const struct dev_context *ctx)
 {
     return ctx->runstate->last_stop.device ? &ctx->runstate->last_stop : NULL;
@@ -486,7 +517,7 @@ const struct dev_stop_cause *dev_context_last_stop(const struct dev_context *ctx
 
 struct device *device_new(struct dev_context *ctx, const char *name, struct block_node *root,
                           enum dev_error_action werror, enum dev_error_action rerror,
-                          struct error **errp)
+                          struct dev_group *group, struct error **errp)
 {
     struct device *d;
 
@@ -496,7 +527,8 @@ struct device *device_new(struct dev_context *ctx, const char *name, struct bloc
     }
     d = xzalloc(sizeof(*d));
     d->ctx = ctx;
-    d->stopper = ctx->runstate;
+    d->group = group;
+    d->stopper = group ? dev_group_stopper(group) : ctx->runstate;
     d->name = xstrdup(name);
     d->root = root;
     block_node_ref(root);
@@ -589,6 +621,11 @@ const char *device_name(const struct device *d)
     return d->name;
 }
 
+struct dev_group *device_group(const struct device *d)
+{
+    return d->group;
+}
+
 struct block_node *device_root(const struct device *d)
 {
     return d->root;
@@ -602,9 +639,12 @@ bool device_busy(const struct device *d)
 json_t *device_query_block(struct device *d)
 {
     /* Members in QEMU's schema order (BlockInfo). */
-    return json_pack("{s:s,s:s,s:b,s:b,s:o,s:s}", "device", d->name, "type", "unknown",
-                     "removable", 0, "locked", 0, "inserted", block_node_info(d->root),
-                     "io-status", dev_iostatus_name(d->iostatus));
+    json_t *info = json_pack("{s:s,s:s,s:b,s:b,s:o,s:s}", "device", d->name, "type", "unknown",
+                             "removable", 0, "locked", 0, "inserted", block_node_info(d->root),
+                             "io-status", dev_iostatus_name(d->iostatus));
+
+    dev_group_tag(info, d);
+    return info;
 }
 
 /* QEMU's BlockDeviceStats, in its schema order. s is NULL for a node below the device's root:

@@ -98,13 +98,14 @@ struct dev_stop_cause {
  *
  * A device sends requests to storage only while its stopper lets it, and asks its stopper to
  * stop when a request fails with action stop. The daemon's run state is the stopper of every
- * device (dev_context_new()); a stop group, a set of devices stopping and resuming together
- * apart from the run state, would be a second implementation.
+ * device in no group (dev_context_new()); a stop group (device/group.h), a set of devices
+ * stopping and resuming together apart from the run state, is the second implementation.
  *
  * One way, the device calls the stopper's ops. The other way, the stopper tells the devices it
  * stops with the dev_stopper_*() calls below. An implementation embeds struct dev_stopper,
  * fills it with dev_stopper_init() and recovers itself in its ops with container_of(). */
 struct dev_stopper;
+struct dev_group;
 
 struct dev_stopper_ops {
     /* Whether the devices are running (not stopped), a stop pending or not. */
@@ -162,11 +163,12 @@ int dev_error_action_parse(const char *s);
 extern const char *const dev_error_action_names[];
 const char *dev_iostatus_name(enum dev_iostatus s);
 
-/* A device named name on root (a reference is taken). Returns NULL with *errp set if the name
- * is taken. */
+/* A device named name on root (a reference is taken), stopped by group (device/group.h,
+ * borrowed: it outlives the device) or, if NULL, by the run state. Returns NULL with *errp set
+ * if the name is taken. */
 struct device *device_new(struct dev_context *ctx, const char *name, struct block_node *root,
                           enum dev_error_action werror, enum dev_error_action rerror,
-                          struct error **errp);
+                          struct dev_group *group, struct error **errp);
 /* Fail every request not yet at storage (held, parked, waiting flushes) with -ESHUTDOWN:
  * their export is going away. */
 void device_abort(struct device *d);
@@ -191,6 +193,8 @@ struct device *device_first(const struct dev_context *ctx);
 struct device *device_next(const struct device *d);
 const char *device_name(const struct device *d);
 struct block_node *device_root(const struct device *d);
+/* Its stop group, or NULL. */
+struct dev_group *device_group(const struct device *d);
 /* Whether requests are queued, in flight or parked. */
 bool device_busy(const struct device *d);
 

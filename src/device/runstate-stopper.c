@@ -8,7 +8,7 @@
 struct runstate_stopper {
     struct dev_stopper s;
     struct runstate *rs;
-    struct runstate_io io;
+    struct dev_stopper_io io;
 };
 
 static struct runstate *rs_of(const struct dev_stopper *s)
@@ -43,16 +43,6 @@ static const struct dev_stopper_ops runstate_stopper_ops = {
     .idle = rs_idle,
 };
 
-static bool io_busy(struct runstate_io *io)
-{
-    return dev_stopper_busy(&container_of(io, struct runstate_stopper, io)->s);
-}
-
-static void io_released(struct runstate_io *io)
-{
-    dev_stopper_resumed(&container_of(io, struct runstate_stopper, io)->s);
-}
-
 static void on_change(void *opaque, enum run_state old_state, enum run_state new_state)
 {
     struct runstate_stopper *r = opaque;
@@ -69,8 +59,8 @@ struct dev_stopper *dev_runstate_stopper_new(struct dev_context *ctx, struct run
 
     dev_stopper_init(&r->s, &runstate_stopper_ops, ctx);
     r->rs = rs;
-    r->io = (struct runstate_io){ io_busy, io_released };
-    runstate_set_io(rs, &r->io);
+    dev_stopper_io_init(&r->io, &r->s);
+    runstate_set_io(rs, &r->io.io);
     runstate_add_listener(rs, on_change, r);
     return &r->s;
 }

@@ -9,6 +9,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "device/device.h"
+#include "device/group.h"
 #include "nbd/server.h"
 #include "tls/objects.h"
 #include "vhost-user-blk/server.h"
@@ -248,7 +249,7 @@ static const struct schema_variant export_variants[] = {
 };
 
 /* QEMU's BlockExportOptions base, werror and rerror (thinblk's: the device's error policy)
- * added. */
+ * and the stop group added. */
 const struct schema_member export_options[] = {
     { "type", SCHEMA_ENUM, .values = export_types, .variants = export_variants },
     { "id", SCHEMA_STR },
@@ -259,6 +260,7 @@ const struct schema_member export_options[] = {
     { "writethrough", SCHEMA_BOOL, .optional = true },
     { "werror", SCHEMA_ENUM, .optional = true, .values = dev_error_action_names },
     { "rerror", SCHEMA_ENUM, .optional = true, .values = dev_error_action_names },
+    { "__org.thinblk_group", SCHEMA_STR, .optional = true },
     { NULL },
 };
 
@@ -325,6 +327,8 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
     const char *desc = json_string_value(json_object_get(opts, "description"));
     enum dev_error_action werror = action(opts, "werror", DEV_ACTION_ENOSPC);
     enum dev_error_action rerror = action(opts, "rerror", DEV_ACTION_REPORT);
+    const char *group_name = json_string_value(json_object_get(opts, "__org.thinblk_group"));
+    struct dev_group *group = NULL;
     struct vub_export_config vcfg = { .id = id, .writable = writable };
 
     if (json_object_get(opts, "bitmaps") || json_object_get(opts, "iothread")) {
@@ -350,6 +354,8 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
     }
     if (t == EXPORT_VHOST_USER_BLK && vub_options(opts, id, &vcfg, errp) < 0)
         return -1;
+    if (group_name && !(group = dev_group_find(x->devs, group_name, errp)))
+        return -1;
     if (!name)
         name = node_name;
     if (t == EXPORT_NBD && strlen(name) > 4096) {
@@ -357,7 +363,7 @@ int exports_add(struct exports *x, json_t *opts, struct error **errp)
         return -1;
     }
 
-    struct device *dev = device_new(x->devs, id, root, werror, rerror, errp);
+    struct device *dev = device_new(x->devs, id, root, werror, rerror, group, errp);
     if (!dev)
         return -1;
     device_set_writethrough(dev, writethrough);
@@ -420,11 +426,11 @@ json_t *exports_query(struct exports *x)
     json_t *list = json_array();
 
     for (struct export *e = x->list.head; e; e = e->next) {
-        json_array_append_new(list, json_pack("{s:s,s:s,s:s,s:b}", "type",
-                                              e->type == EXPORT_NBD ? "nbd" : "vhost-user-blk",
-                                              "id", e->id,
-                                              "node-name", device_root(e->dev)->node_name,
-                                              "shutting-down", 0));
+        json_t *info = json_pack("{s:s,s:s,s:s,s:b}", "type",
+                                 e->type == EXPORT_NBD ? "nbd" : "vhost-user-blk", "id", e->id,
+                                 "node-name", device_root(e->dev)->node_name, "shutting-down", 0);
+        dev_group_tag(info, e->dev);
+        json_array_append_new(list, info);
     }
     return list;
 }

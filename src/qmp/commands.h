@@ -25,7 +25,8 @@ struct qmp_services {
 
 /* qmp_capabilities, query-version (answers version, borrowed: must outlive d), query-commands. */
 void qmp_register_control(struct qmp_dispatcher *d, json_t *version);
-/* query-status, stop, cont, quit, __org.thinblk_query-stop-reason. */
+/* query-status, stop, cont, quit, __org.thinblk_query-stop-reason, and the stop groups'
+ * __org.thinblk_group-add/-del/-stop/-cont and __org.thinblk_query-groups. */
 void qmp_register_run(struct qmp_dispatcher *d, struct qmp_services *svc);
 /* blockdev-add/-del, query-named-block-nodes, query-block, query-blockstats,
  * block-set-write-threshold, block_resize, __org.thinblk_fault-set. */

@@ -166,6 +166,24 @@ static void test_implied_key_only_first(void **state)
     check_fails("a=1,b", "driver", "Expected '=' after parameter 'b'");
 }
 
+/* QEMU's parse_qapi_name(): a downstream name's RFQDN dots do not nest. */
+static void test_downstream_name_is_one_key(void **state)
+{
+    check_ok("id=e,__org.thinblk_group=vm1", NULL,
+             "{\"__org.thinblk_group\":\"vm1\",\"id\":\"e\"}");
+}
+
+static void test_downstream_name_nests_after_it(void **state)
+{
+    check_ok("__org.thinblk_x.y=1", NULL, "{\"__org.thinblk_x\":{\"y\":\"1\"}}");
+}
+
+/* Without the '_' that ends an RFQDN, "__a.b" is two plain fragments. */
+static void test_double_underscore_without_rfqdn(void **state)
+{
+    check_ok("__a.b=1", NULL, "{\"__a\":{\"b\":\"1\"}}");
+}
+
 static void test_empty_key(void **state)
 {
     check_fails("=1", NULL, "Invalid parameter ''");
@@ -281,6 +299,9 @@ int main(void)
         cmocka_unit_test(test_inconsistent_nested),
         cmocka_unit_test(test_inconsistent_nested_string_first),
         cmocka_unit_test(test_error_null_errp),
+        cmocka_unit_test(test_downstream_name_is_one_key),
+        cmocka_unit_test(test_downstream_name_nests_after_it),
+        cmocka_unit_test(test_double_underscore_without_rfqdn),
         cmocka_unit_test(test_qemu_key_with_space),
         cmocka_unit_test(test_qemu_key_too_long),
         cmocka_unit_test(test_qemu_implied_value_ends_at_comma),
