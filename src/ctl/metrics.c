@@ -106,7 +106,9 @@ static void print_stats(json_t *blockstats)
                  {"flush_operations", "flush"}, {"unmap_operations", "unmap"}},
         failed[] = {{"failed_rd_operations", "read"}, {"failed_wr_operations", "write"},
                     {"failed_flush_operations", "flush"}, {"failed_unmap_operations", "unmap"}},
-        stops[] = {{"__org.thinblk_stopped-count", NULL}};
+        stops[] = {{"__org.thinblk_stopped-count", NULL}},
+        parked[] = {{"__org.thinblk_parked-requests", NULL}},
+        held[] = {{"__org.thinblk_held-requests", NULL}};
 
     stat_family(blockstats, "thinblk_device_read_bytes_total", "Bytes read by the device's "
                 "clients.", rd, 1);
@@ -118,25 +120,28 @@ static void print_stats(json_t *blockstats)
                 "operation.", ops, ARRAY_SIZE(ops));
     stat_family(blockstats, "thinblk_device_failed_operations_total", "Requests whose error "
                 "went to the client, by operation.", failed, ARRAY_SIZE(failed));
-    stat_family(blockstats, "thinblk_device_stops_total", "Times the run state left running "
-                "since the device was created.", stops, 1);
+    stat_family(blockstats, "thinblk_device_stops_total", "Times the device's run state (the "
+                "daemon's, or its group's) left running since it was created.", stops, 1);
+    stat_family(blockstats, "thinblk_device_parked_requests_total", "Requests parked by an "
+                "error with action stop, to be retried on cont.", parked, 1);
+    stat_family(blockstats, "thinblk_device_held_requests_total", "Requests that came while the "
+                "device was stopped and waited for cont.", held, 1);
 }
 
-/* __org.thinblk_stopped-time-ns, in seconds as Prometheus wants times. */
-static void print_stopped_seconds(json_t *blockstats)
+/* A member of the stats in nanoseconds, as a family in seconds as Prometheus wants times. */
+static void print_seconds(json_t *blockstats, const char *name, const char *type,
+                          const char *help, const char *member)
 {
-    static const char name[] = "thinblk_device_stopped_seconds_total";
     size_t i;
     json_t *e;
     bool titled = false;
 
     json_array_foreach(blockstats, i, e) {
         uint64_t ns;
-        if (!uint_member(json_object_get(e, "stats"), "__org.thinblk_stopped-time-ns", &ns))
+        if (!uint_member(json_object_get(e, "stats"), member, &ns))
             continue;
         if (!titled)
-            family(name, "counter", "Time the run state was not running since the device was "
-                   "created.");
+            family(name, type, help);
         titled = true;
         sample_start(name, str_member(e, "device"), str_member(e, "node-name"), NULL, NULL);
         printf("%" PRIu64 ".%09" PRIu64 "\n", ns / 1000000000, ns % 1000000000);
@@ -227,7 +232,12 @@ void ctl_metrics_print(const struct ctl_metrics_input *in)
     print_run_state(in->status);
     print_io_status(in->block);
     print_stats(in->blockstats);
-    print_stopped_seconds(in->blockstats);
+    print_seconds(in->blockstats, "thinblk_device_stopped_seconds_total", "counter",
+                  "Time the device's run state was not running since it was created.",
+                  "__org.thinblk_stopped-time-ns");
+    print_seconds(in->blockstats, "thinblk_device_longest_stall_seconds", "gauge",
+                  "The longest a request of the device has waited for cont, parked or held.",
+                  "__org.thinblk_longest-stall-ns");
     node_family(in, NODE_HIGHEST, "thinblk_node_highest_written_offset_bytes",
                 "The end of the furthest write into the node (wr_highest_offset).");
     node_family(in, NODE_SIZE, "thinblk_node_size_bytes",

@@ -28,6 +28,9 @@ struct dev_stats {
     uint64_t last_done_ns;  /* for idle_time_ns */
     uint64_t stopped_count, stopped_ns;  /* thinblk: times stopped and for how long */
     uint64_t stopped_since;              /* 0 while running */
+    /* thinblk: requests that failed with action stop and were parked, requests that came while
+     * stopped and were held, and the longest either waited before going to storage. */
+    uint64_t parked_count, held_count, longest_wait_ns;
 };
 
 struct dev_context {
@@ -269,6 +272,23 @@ static void left_storage(struct device *d)
         d->stopper->ops->idle(d->stopper);  /* a pending stop may have waited for us */
 }
 
+/* The request starts waiting for a cont (parked or held). */
+static void start_waiting(struct dev_req *r)
+{
+    r->waiting_since_ns = now_monotonic_ns();
+}
+
+/* The request leaves a wait (sent to storage again, or withdrawn): the longest stall so far. */
+static void stop_waiting(struct device *d, struct dev_req *r)
+{
+    if (r->waiting_since_ns) {
+        uint64_t waited = now_monotonic_ns() - r->waiting_since_ns;
+        if (waited > d->stats.longest_wait_ns)
+            d->stats.longest_wait_ns = waited;
+        r->waiting_since_ns = 0;
+    }
+}
+
 static void on_block_done(struct block_req *breq, int ret)
 {
     struct dev_req *r = container_of(breq, struct dev_req, breq);
@@ -306,8 +326,11 @@ static void on_block_done(struct block_req *breq, int ret)
     /* Park it, whole, for cont. io-status first, so a query after the event agrees with it;
      * then the event; the stop itself is deferred to the end of this batch of completions.
      * A withdrawn request is not parked: its export submits it again itself. */
-    if (!r->withdrawn)
+    if (!r->withdrawn) {
         queue_insert_sorted(&d->parked, r);
+        d->stats.parked_count++;
+        start_waiting(r);
+    }
     if (d->iostatus == DEV_IOSTATUS_OK)
         d->iostatus = err == ENOSPC ? DEV_IOSTATUS_NOSPACE : DEV_IOSTATUS_FAILED;
     struct dev_stop_cause *c = &d->stopper->last_stop;
@@ -331,6 +354,7 @@ static void on_block_done(struct block_req *breq, int ret)
 
 static void dispatch(struct device *d, struct dev_req *r)
 {
+    stop_waiting(d, r);
     if (r->breq.op == BLOCK_OP_FLUSH && earlier_write_pending(d, r->seq)) {
         req_queue_push(&d->flushes, r);
         return;
@@ -382,6 +406,8 @@ void device_submit(struct device *d, struct dev_req *r)
         write_seq_add(d, r->seq);
     if (!device_accepting(d)) {
         req_queue_push(&d->held, r);
+        d->stats.held_count++;
+        start_waiting(r);
         return;
     }
     dispatch(d, r);
@@ -563,6 +589,7 @@ bool device_withdraw(struct device *d, struct dev_req *r)
         r->withdrawn = true;
         return false;
     }
+    stop_waiting(d, r);
     if (r->is_write)
         write_finished(d, r);  /* flushes after it no longer wait for it */
     return true;
@@ -649,7 +676,8 @@ json_t *device_query_block(struct device *d)
 
 /* QEMU's BlockDeviceStats, in its schema order. s is NULL for a node below the device's root:
  * QEMU counts requests per device, so a child node has only its wr_highest_offset. */
-static json_t *stats_object(const struct dev_stats *s, uint64_t wr_highest_offset)
+static json_t *stats_object(const struct dev_stats *s, uint64_t longest_wait_ns,
+                            uint64_t wr_highest_offset)
 {
     static const struct dev_stats none;
     const struct dev_stats *z = s ? s : &none;
@@ -690,6 +718,9 @@ static json_t *stats_object(const struct dev_stats *s, uint64_t wr_highest_offse
         uint64_t stopped_ns = s->stopped_ns + (s->stopped_since ? now - s->stopped_since : 0);
         SET("__org.thinblk_stopped-count", s->stopped_count);
         SET("__org.thinblk_stopped-time-ns", stopped_ns);
+        SET("__org.thinblk_parked-requests", s->parked_count);
+        SET("__org.thinblk_held-requests", s->held_count);
+        SET("__org.thinblk_longest-stall-ns", longest_wait_ns);
     }
 #undef SET
     return stats;
@@ -701,17 +732,33 @@ static json_t *stats_object(const struct dev_stats *s, uint64_t wr_highest_offse
 static json_t *child_stats(const struct block_node *n)
 {
     json_t *ret = json_pack("{s:s,s:o}", "node-name", n->node_name, "stats",
-                            stats_object(NULL, n->wr_highest_offset));
+                            stats_object(NULL, 0, n->wr_highest_offset));
 
     if (n->file)
         json_object_set_new(ret, "parent", child_stats(n->file));
     return ret;
 }
 
+/* The longest a request of d has waited for a cont, counting those waiting now. */
+static uint64_t longest_wait_ns(const struct device *d)
+{
+    const req_queue *queues[] = { &d->parked, &d->held };
+    uint64_t now = now_monotonic_ns(), longest = d->stats.longest_wait_ns;
+
+    for (size_t i = 0; i < ARRAY_SIZE(queues); i++) {
+        for (const struct dev_req *r = queues[i]->head; r; r = r->next) {
+            if (r->waiting_since_ns && now - r->waiting_since_ns > longest)
+                longest = now - r->waiting_since_ns;
+        }
+    }
+    return longest;
+}
+
 json_t *device_query_stats(struct device *d)
 {
     json_t *ret = json_pack("{s:s,s:s,s:o}", "device", d->name, "node-name", d->root->node_name,
-                            "stats", stats_object(&d->stats, d->root->wr_highest_offset));
+                            "stats", stats_object(&d->stats, longest_wait_ns(d),
+                                                  d->root->wr_highest_offset));
 
     if (d->root->file)
         json_object_set_new(ret, "parent", child_stats(d->root->file));

@@ -66,6 +66,7 @@ struct dev_req {
     struct dev_req *next;  /* in one of the device's queues */
     uint64_t seq;          /* submission order */
     uint64_t start_ns;
+    uint64_t waiting_since_ns;  /* parked or held since, for the longest stall (0: neither) */
     bool is_write;         /* counts for flush ordering: write, write-zeroes, discard */
 };
 

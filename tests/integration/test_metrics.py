@@ -55,6 +55,8 @@ def test_metrics_after_writes_and_a_stop(daemons, tmp_path):
     assert value(m, "thinblk_device_io_status", status="ok", **dev) == 1
     assert value(m, "thinblk_running") == 1
     assert value(m, "thinblk_device_stops_total", **dev) == 0
+    assert value(m, "thinblk_device_parked_requests_total", **dev) == 0
+    assert value(m, "thinblk_device_longest_stall_seconds", **dev) == 0
 
     disk.fail("write", "ENOSPC")
     cookie = h.aio_pwrite(b"\x01" * 4096, 8 * MiB)
@@ -65,6 +67,10 @@ def test_metrics_after_writes_and_a_stop(daemons, tmp_path):
     assert value(m, "thinblk_running") == 0
     assert value(m, "thinblk_run_state", status="io-error") == 1
     assert value(m, "thinblk_device_stops_total", **dev) == 1
+    assert value(m, "thinblk_device_parked_requests_total", **dev) == 1
+    assert value(m, "thinblk_device_held_requests_total", **dev) == 0
+    stall = value(m, "thinblk_device_longest_stall_seconds", **dev)
+    assert stall > 0
 
     assert disk.qmp.cmd("cont") == {"return": {}}
     while not h.aio_command_completed(cookie):
@@ -72,5 +78,6 @@ def test_metrics_after_writes_and_a_stop(daemons, tmp_path):
     m = metrics(sock)
     assert value(m, "thinblk_device_written_bytes_total", **dev) == MiB + 64 * 1024 + 4096
     assert value(m, "thinblk_device_stopped_seconds_total", **dev) > 0
+    assert value(m, "thinblk_device_longest_stall_seconds", **dev) > stall
     assert value(m, "thinblk_run_state", status="running") == 1
     h.shutdown()

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import threading
+import time
 
 import nbd
 import pytest
@@ -122,6 +123,13 @@ class LoopWriter(threading.Thread):
         return sorted(self.written.items())
 
 
+def stall_stats(stats):
+    """device: (stopped-count, stopped-time-ns, parked-requests, held-requests, longest-stall-ns)"""
+    members = ("stopped-count", "stopped-time-ns", "parked-requests", "held-requests",
+               "longest-stall-ns")
+    return {dev: tuple(s["__org.thinblk_" + m] for m in members) for dev, s in stats.items()}
+
+
 def test_enospc_stops_only_its_group(groups, stores):
     handles = {id: groups.nbd(id) for ids in EXPORTS.values() for id in ids}
     # 20 MiB each on vm1's 16 MiB: both its devices park writes, whichever goes first.
@@ -132,6 +140,7 @@ def test_enospc_stops_only_its_group(groups, stores):
         w.start()
 
     ev = groups.qmp.wait_event("__org.thinblk_GROUP_STOP")
+    stopped_at = time.monotonic()
     assert ev["data"] == {"group": "vm1", "status": "io-error"}
     parked_at = {id: groups.stats()[id]["wr_operations"] for id in EXPORTS["vm1"]}
     # vm2 goes on while vm1 is stopped: each of its writers completes 32 more writes.
@@ -147,8 +156,19 @@ def test_enospc_stops_only_its_group(groups, stores):
     io_status = {b["device"]: b["io-status"] for b in groups.qmp.cmd("query-block")["return"]}
     assert io_status["b1"] == io_status["b2"] == "ok"
     written = {id: w.finish() for id, w in zip(EXPORTS["vm2"], vm2)}
+    # Stall accounting: vm1's devices each have a request waiting (parked, or held behind the
+    # stop), and the stall grows while they wait; vm2's never stopped.
+    stalls = stall_stats(groups.stats())
+    for id in EXPORTS["vm1"]:
+        count, stopped_ns, parked, held, longest = stalls[id]
+        assert (count, parked + held > 0, longest > 0) == (1, True, True), stalls
+    for id in EXPORTS["vm2"]:
+        assert stalls[id] == (0, 0, 0, 0, 0), stalls
+    later = stall_stats(groups.stats())
+    assert all(later[id][4] > stalls[id][4] for id in EXPORTS["vm1"]), (stalls, later)
 
     grow(stores["vm1"], "80M")
+    cont_at = time.monotonic()
     ok(groups.qmp.cmd("__org.thinblk_group-cont", {"name": "vm1"}))
     assert groups.qmp.wait_event("__org.thinblk_GROUP_RESUME")["data"] == {"group": "vm1"}
     for w, id in zip(vm1, EXPORTS["vm1"]):
@@ -164,6 +184,12 @@ def test_enospc_stops_only_its_group(groups, stores):
         assert stats[id]["wr_operations"] == w.done
     assert "STOP" not in [e["event"] for e in groups.qmp.take_events()]
     assert groups.group_status() == {"vm1": "running", "vm2": "running"}
+    # The first write parked was parked before GROUP_STOP and went again after the cont.
+    stalls = stall_stats(stats)
+    assert sum(stalls[id][2] for id in EXPORTS["vm1"]) >= 1, stalls
+    assert max(stalls[id][4] for id in EXPORTS["vm1"]) >= (cont_at - stopped_at) * 1e9, stalls
+    # (A request is parked before its group stops, so its stall may exceed the stopped time.)
+    assert all(stalls[id][1] > 0 and stalls[id][4] > 0 for id in EXPORTS["vm1"]), stalls
 
     for id in EXPORTS["vm1"]:
         check_readback(handles[id], chunks[id])
