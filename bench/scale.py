@@ -22,6 +22,9 @@ stop: group g0's two images sit on a tmpfs of their own; before each round it is
 cont: the tmpfs is grown by 1 MiB, then `__org.thinblk_group-cont g0` is sent on a separate
   control client; measured from just before sending it to the NBD reply to the parked write
   (the write's call returning), and to the median client's __org.thinblk_GROUP_RESUME.
+Both also against the event's own timestamp (the daemon's wall clock as it sends the event,
+compared with this process's time.time() when it sent the write or the command): that part
+leaves out the fan-out to the clients and this script's reading of them.
 
 Every round waits for every client's GROUP_RESUME before the next. Times are
 time.monotonic() in this one Python process: its reading of 100 sockets (one selector loop)
@@ -136,8 +139,10 @@ class Listeners:
             self.sel.register(c.sock, selectors.EVENT_READ, c)
 
     def wait_all(self, name, group, timeout=30):
-        """Reads until every client has the event NAME for GROUP; returns their times."""
+        """Reads until every client has the event NAME for GROUP; returns their times (sorted)
+        and the event's own timestamp (the daemon's wall clock when it sent it, seconds)."""
         got = {}
+        stamp = None
         deadline = time.monotonic() + timeout
         while len(got) < len(self.clients):
             if time.monotonic() > deadline:
@@ -151,7 +156,9 @@ class Listeners:
                 for ev, t in c.feed(data, now):
                     if ev["event"] == name and ev["data"].get("group") == group:
                         got.setdefault(id(c), t)
-        return sorted(got.values())
+                        ts = ev["timestamp"]
+                        stamp = ts["seconds"] + ts["microseconds"] / 1e6
+        return sorted(got.values()), stamp
 
     def close(self):
         for c in self.clients:
@@ -280,10 +287,11 @@ class Writer(threading.Thread):
     def __init__(self, h, data, offset):
         super().__init__(daemon=True)
         self.h, self.data, self.offset = h, data, offset
-        self.sent_at = self.done_at = None
+        self.sent_at = self.done_at = self.sent_wall = None
         self.error = None
 
     def run(self):
+        self.sent_wall = time.time()
         self.sent_at = time.monotonic()
         try:
             self.h.pwrite(self.data, self.offset)
@@ -301,22 +309,25 @@ def measure_stop_cont(s, lis, store, h, repeat, write_size, export_size):
         tmpfs_resize(store, tmpfs_used(store))     # full: the next new page fails
         w = Writer(h, data, offset)
         w.start()
-        stops = lis.wait_all("__org.thinblk_GROUP_STOP", "g0")
+        stops, stop_stamp = lis.wait_all("__org.thinblk_GROUP_STOP", "g0")
         if w.done_at is not None:
             die(f"round {i}: the write completed ({w.error or 'ok'}) instead of being parked")
         tmpfs_resize(store, tmpfs_used(store) + MiB)
+        t_cont_wall = time.time()
         t_cont = time.monotonic()
         s.ctl.cmd("__org.thinblk_group-cont", {"name": "g0"})
         w.join(30)
         if w.done_at is None or w.error:
             die(f"round {i}: the parked write did not complete after group-cont: {w.error}")
-        resumes = lis.wait_all("__org.thinblk_GROUP_RESUME", "g0")
+        resumes, resume_stamp = lis.wait_all("__org.thinblk_GROUP_RESUME", "g0")
         s.ctl.events.clear()
         rounds.append({
+            "stop_stamp": stop_stamp - w.sent_wall,
             "stop_first": stops[0] - w.sent_at,
             "stop_p50": statistics.median(stops) - w.sent_at,
             "stop_last": stops[-1] - w.sent_at,
             "cont_write": w.done_at - t_cont,
+            "cont_stamp": resume_stamp - t_cont_wall,
             "cont_resume_p50": statistics.median(resumes) - t_cont,
         })
     return rounds
@@ -440,10 +451,12 @@ def main():
     print(f"| ms over {a.repeat} rounds | median | min | max |")
     print("| --- | ---: | ---: | ---: |")
     labels = {
+        "stop_stamp": "write sent -> GROUP_STOP's timestamp (sent by the daemon)",
         "stop_first": "write sent -> GROUP_STOP, first client",
         "stop_p50": "write sent -> GROUP_STOP, median client",
         "stop_last": f"write sent -> GROUP_STOP, last of {a.clients} clients",
         "cont_write": "group-cont sent -> parked write's NBD reply",
+        "cont_stamp": "group-cont sent -> GROUP_RESUME's timestamp",
         "cont_resume_p50": "group-cont sent -> GROUP_RESUME, median client",
     }
     for key, label in labels.items():
