@@ -107,8 +107,9 @@ struct group {
     char *label;            /* st.what */
     bool present;
     bool io_error;          /* its state is io-error */
-    bool since_asked;       /* query-stop-reason {group} sent for this stop */
-    bool since_in_flight;
+    bool since_in_flight;   /* query-stop-reason {group} sent, no reply yet */
+    unsigned conts;         /* group-conts sent, to tell a reply about an older stop */
+    unsigned since_conts;   /* conts when that query-stop-reason was sent */
     struct stopped st;
     struct agent_group_metrics *metrics; /* dm->metrics' record of it */
 };
@@ -523,6 +524,12 @@ static void decide_cont(struct disk_daemon *dm, json_t *block, struct group *g)
     if (r == 0) {
         st->cont_in_flight = true;
         st->reported = NULL;
+        /* A group seen in io-error again has stopped again (perhaps before we look): from
+         * when we see it, until query-stop-reason says. */
+        if (g) {
+            st->since_wall_ns = 0;
+            g->conts++;
+        }
         stopped_report(st, R_CONT, LOG_LEVEL_INFO, msg);
         if (g)
             g->metrics->resumes++;
@@ -549,8 +556,11 @@ static void on_group_since(struct mon *mon, json_t *ret, const char *cls, const 
     uint64_t since = stop_since(ret, "io-error");
 
     g->since_in_flight = false;
-    /* Only ever earlier than when we first saw it: an extension between the two counts. */
-    if (g->io_error && since && since < g->st.since_wall_ns) {
+    if (g->since_conts != g->conts)
+        return;  /* asked before our group-cont: about a stop that has ended */
+    /* Earlier than when we first saw it (an extension between the two counts), or a new
+     * stop that came between two looks. */
+    if (g->io_error && since && since != g->st.since_wall_ns) {
         g->st.since_wall_ns = since;
         reconcile(g->dm);
     }
@@ -589,18 +599,19 @@ static void learn_groups(struct disk_daemon *dm, json_t *groups)
         g->io_error = strcmp(status, "io-error") == 0;
         if (!g->io_error) {
             g->st.since_wall_ns = 0;
-            g->since_asked = false;
             continue;
         }
-        /* When it stopped: when we first saw it, until thinblk's query-stop-reason for the
-         * group says (as for the run state; a daemon without it keeps the first). */
+        /* When it stopped: when we first saw it, until query-stop-reason for the group says,
+         * asked at every look as the run state's is (the group may have been resumed and
+         * stopped again in between); its reply looks again if the time changed. */
         if (!g->st.since_wall_ns)
             g->st.since_wall_ns = now_realtime_ns();
-        if (!g->since_asked) {
+        if (!g->since_in_flight) {
             json_t *args = json_pack("{s:s}", "group", name);
-            if (mon_call(dm->mon, "__org.thinblk_query-stop-reason", args, on_group_since, g) == 0) {
-                g->since_asked = true;
+            if (mon_call(dm->mon, "__org.thinblk_query-stop-reason", args, on_group_since,
+                         g) == 0) {
                 g->since_in_flight = true;
+                g->since_conts = g->conts;
             }
             json_decref(args);
         }
@@ -689,7 +700,9 @@ static void on_snap(struct mon *mon, json_t *ret, const char *cls, const char *d
     json_decref(dm->snap[idx]);
     dm->snap[idx] = ret ? json_incref(ret) : NULL;
     /* thinblk's own queries may be missing: QEMU, or a thinblkd from before stop groups. */
-    if (cls && idx != SNAP_STOP_REASON && !(idx == SNAP_GROUPS && strcmp(cls, "CommandNotFound") == 0))
+    bool optional = idx == SNAP_STOP_REASON ||
+                    (idx == SNAP_GROUPS && cls && strcmp(cls, "CommandNotFound") == 0);
+    if (cls && !optional)
         log_warn("daemon %s: %s failed: %s", dm->conf->name, snap_commands[idx], desc);
     if (--dm->snap_pending)
         return;
@@ -742,7 +755,8 @@ static void on_event(void *opaque, const char *name, json_t *data)
         log_debug("daemon %s: BLOCK_IO_ERROR on %s: %s", dm->conf->name, str(data, "device") ?: "?",
                   str(data, "reason") ?: "?");
     } else if (strcmp(name, "STOP") && strcmp(name, "RESUME") &&
-               strcmp(name, "__org.thinblk_GROUP_STOP") && strcmp(name, "__org.thinblk_GROUP_RESUME")) {
+               strcmp(name, "__org.thinblk_GROUP_STOP") &&
+               strcmp(name, "__org.thinblk_GROUP_RESUME")) {
         return;
     }
     reconcile(dm);
@@ -782,7 +796,6 @@ static void on_disconnected(void *opaque)
         g->st.cont_in_flight = false;
         g->st.reported = NULL;
         g->since_in_flight = false;
-        g->since_asked = false;
     }
     for (struct disk *d = dm->disks.head; d; d = d->next) {
         d->present = false;

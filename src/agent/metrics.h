@@ -1,6 +1,7 @@
 /* thinblk-agent's own metrics: per disk, the extensions done, their durations, the failures,
- * and whether it is at its cap; per daemon and per stop group, the resumes; written to a file in Prometheus' text format (for
- * node_exporter's textfile collector) after every change. Loop thread only. */
+ * and whether it is at its cap; per daemon and per stop group, the resumes; written to a file
+ * in Prometheus' text format (for node_exporter's textfile collector) after every change.
+ * Loop thread only. */
 #ifndef THINBLK_AGENT_METRICS_H
 #define THINBLK_AGENT_METRICS_H
 
