@@ -10,9 +10,12 @@ Results are checked by queries (query-groups, the devices' stopped counts), by t
 and by reading the data back; waits are for a condition up to a deadline, never a sleep.
 """
 
+import json
 import os
 import signal
+import socket
 import subprocess
+import threading
 
 import pytest
 
@@ -257,3 +260,97 @@ def test_device_in_no_group_resumed_with_cont(served, agents):
     s.read_back("a", 0x6a, 0, 4 * MiB)
     a.stop()
     s.stop()
+
+
+class ScriptedQmp(threading.Thread):
+    """A QMP peer that answers from a table as QEMU 7.2 would: thinblk's commands (the groups,
+    query-stop-reason) are CommandNotFound. Records the commands it is sent."""
+
+    def __init__(self, path, answers):
+        super().__init__(daemon=True)
+        self.answers, self.commands = answers, []
+        self.lock = threading.Lock()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(1)
+
+    def names(self):
+        with self.lock:
+            return [c for c, _ in self.commands]
+
+    def run(self):
+        conn, _ = self.sock.accept()
+        self.sock.close()
+        with conn:
+            self.serve(conn)
+
+    def serve(self, conn):
+        conn.sendall(json.dumps({"QMP": {"version": {"qemu": {"major": 7, "minor": 2,
+                     "micro": 0}, "package": ""}, "capabilities": []}}).encode() + b"\r\n")
+        buf, dec = "", json.JSONDecoder()
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data.decode()
+            while buf.strip():
+                try:
+                    msg, end = dec.raw_decode(buf.lstrip())
+                except ValueError:
+                    break
+                buf = buf.lstrip()[end:]
+                name = msg["execute"]
+                with self.lock:
+                    self.commands.append((name, msg.get("arguments")))
+                    answer = self.answers(name) if name != "qmp_capabilities" else {}
+                if answer is None:
+                    reply = {"error": {"class": "CommandNotFound",
+                                       "desc": f"The command {name} has not been found"}}
+                else:
+                    reply = {"return": answer}
+                if "id" in msg:
+                    reply["id"] = msg["id"]
+                conn.sendall(json.dumps(reply).encode() + b"\r\n")
+
+
+def test_daemon_without_groups_resumed_with_cont(loopdisks, agents, tmp_path):
+    """Against a QMP peer without stop groups (QEMU's commands only), the agent takes
+    __org.thinblk_query-groups' CommandNotFound as no groups, without a warning, and resumes a
+    stop on ENOSPC with cont, as before groups."""
+    disk = loopdisks(size=16 * MiB)
+    state = {"status": "io-error", "io": "nospace"}
+
+    def answers(name):
+        if name == "cont":
+            state.update(status="running", io="ok")
+            return {}
+        return {
+            "query-status": {"status": state["status"], "running": state["status"] == "running",
+                             "singlestep": False},
+            "query-block": [{"device": "disk0", "io-status": state["io"], "locked": False,
+                             "removable": False, "type": "unknown"}],
+            "query-blockstats": [{"device": "disk0", "node-name": "fmt0", "stats": {},
+                                  "parent": {"node-name": "proto0",
+                                             "stats": {"wr_highest_offset": 16 * MiB}}}],
+            "query-named-block-nodes": [
+                {"node-name": "proto0", "drv": "host_device", "file": disk.dev,
+                 "write_threshold": 0, "image": {"filename": disk.dev,
+                                                 "virtual-size": disk.size()}},
+                {"node-name": "fmt0", "drv": "qcow2", "file": disk.dev, "write_threshold": 0,
+                 "image": {"filename": disk.dev, "virtual-size": 256 * MiB}}],
+            "block-set-write-threshold": {},
+        }.get(name)
+
+    mon = tmp_path / "qemu.sock"
+    peer = ScriptedQmp(mon, answers)
+    peer.start()
+    a = agents("-s", mon, "--chunk", "64M", "--watermark", "8M")
+    a.wait_log(r"daemon default: resuming \(cont\) after [0-9.]+ s stopped on ENOSPC")
+    assert a.lines(r"disk0: extended %s from 16 MiB to 80 MiB" % disk.dev), a.log()
+    a.wait_log(r"disk0: write threshold at 72 MiB")
+    a.wait_log(r"daemon default: reconciling: status running")   # the peer had the cont
+    names = peer.names()
+    assert "__org.thinblk_query-groups" in names and names.count("cont") == 1, names
+    assert not [n for n in names if n.startswith("__org.thinblk_group")], names
+    assert not a.lines(r"warning"), a.log()
+    a.stop()
