@@ -216,6 +216,45 @@ watermark = 4M
     s.stop()
 
 
+FAILING_HOOK = """#!/bin/sh
+# Extends a file-backed loop device (VOLUME CURRENT NEW), but not disk a's while {flag} is
+# absent.
+[ "$THINBLK_DEVICE" != a ] || [ -e {flag} ] || {{ echo "hook: not a, not today" >&2; exit 3; }}
+truncate -s "$3" "$(cat /sys/block/$(basename "$1")/loop/backing_file)"
+losetup -c "$1"
+"""
+
+
+def test_failing_extension_holds_only_its_group(served, agents, tmp_path):
+    """Both groups stop on ENOSPC; a's extension fails (and is retried) while vm2 is extended
+    and resumed; once a's hook works, vm1 is resumed too."""
+    s = served({"a": 16 * MiB, "b": 16 * MiB})
+    flag, hook = tmp_path / "a-may-grow", tmp_path / "extend.sh"
+    hook.write_text(FAILING_HOOK.format(flag=flag))
+    hook.chmod(0o755)
+    wa = s.write("a", 0x7a, 0, 24 * MiB)
+    wb = s.write("b", 0x7b, 0, 24 * MiB)
+    wait_group(s, "vm1", "io-error")
+    wait_group(s, "vm2", "io-error")
+    a = agents("-s", s.mon, "--hook", hook, "--chunk", "32M", "--watermark", "4M",
+               "--retry-min", "100ms", "--retry-max", "200ms")
+    finish(wb)
+    s.read_back("b", 0x7b, 0, 24 * MiB)
+    a.wait_log(r"a: extending %s from 16 MiB to 48 MiB failed .*: exit status 3"
+               % s.disks["a"].dev, count=2)
+    assert s.groups() == {"vm1": "io-error", "vm2": "running"}
+    assert wa.poll() is None
+    assert a.lines(r"group vm2: resuming \(__org.thinblk_group-cont\)"), a.log()
+    assert not a.lines(r"group vm1: resuming"), a.log()
+    flag.touch()
+    a.wait_log(r"daemon default: group vm1: resuming \(__org.thinblk_group-cont\)")
+    finish(wa)
+    s.read_back("a", 0x7a, 0, 24 * MiB)
+    assert s.groups() == {"vm1": "running", "vm2": "running"}
+    a.stop()
+    s.stop()
+
+
 def test_paused_group_left_alone(served, agents):
     """A group stopped by a person (__org.thinblk_group-stop) stays paused, while the agent
     extends and resumes another group stopped on ENOSPC."""
