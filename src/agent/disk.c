@@ -11,10 +11,15 @@
  *   - H + W > S (threshold crossed, or found by the poll), or stopped on ENOSPC with no
  *     extension since the stop: extend to min(M, max(S + C, H + W rounded up to a MiB)),
  *     unless one is running or waiting to retry; at M, report and leave it;
- *   - the daemon in io-error: cont once every device that stopped is a disk of ours that
- *     stopped on ENOSPC and has been extended past its writes (or, with
+ *   - the daemon in io-error: cont once every device in no group that stopped is a disk of
+ *     ours that stopped on ENOSPC and has been extended past its writes (or, with
  *     resume-on-other-errors, any other error). Never cont a daemon in "paused": a person
  *     stopped it.
+ *   - each stop group (__org.thinblk_query-groups; none from a daemon without it) in io-error:
+ *     the same decision over the group's own devices, then __org.thinblk_group-cont of that
+ *     group alone, so a group waiting (at its cap, a failing extension) holds no other group
+ *     and not the daemon. A grouped disk's stop is its group's, with the group's own since.
+ *     Never resume a group in "paused" (__org.thinblk_group-stop: a person's).
  */
 #include "agent/disk.h"
 
@@ -37,12 +42,13 @@ enum {
     SNAP_STATS,
     SNAP_NODES,
     SNAP_STOP_REASON,
+    SNAP_GROUPS,
     SNAP_COUNT,
 };
 
 static const char *const snap_commands[SNAP_COUNT] = {
     "query-status", "query-block", "query-blockstats", "query-named-block-nodes",
-    "__org.thinblk_query-stop-reason",
+    "__org.thinblk_query-stop-reason", "__org.thinblk_query-groups",
 };
 
 /* A device of a daemon that has a policy. Kept across reconnects (keyed by device name), so
@@ -55,6 +61,7 @@ struct disk {
     char *device;
     /* From the latest reconcile: */
     bool present;
+    char *group;            /* query-block's __org.thinblk_group, or NULL: in no group */
     char *format_node;      /* the device's root node */
     char *proto_node;       /* the node that grows: the root's file child, or the root */
     char *filename;         /* the protocol node's file */
@@ -81,6 +88,34 @@ struct disk {
 
 DEFINE_QUEUE_TYPE(disk_queue, struct disk, next)
 
+/* Something the agent may resume: the daemon's run state (cont), or one stop group
+ * (__org.thinblk_group-cont); what it knows of its current stop. */
+struct stopped {
+    const char *what;       /* "daemon NAME" or "daemon NAME: group NAME", for the log */
+    bool cont_in_flight;
+    uint64_t since_wall_ns; /* the current io-error's start (0: not in io-error) */
+    const char *reported;   /* its last logged state */
+    char waiting_text[256]; /* the last reason logged for not resuming */
+};
+
+/* A stop group of the daemon, as __org.thinblk_query-groups said at the latest reconcile.
+ * Kept while a call about it is in flight (the reply's opaque), else dropped when gone. */
+struct group {
+    struct group *next;
+    struct disk_daemon *dm;
+    char *name;
+    char *label;            /* st.what */
+    bool present;
+    bool io_error;          /* its state is io-error */
+    bool since_in_flight;   /* query-stop-reason {group} sent, no reply yet */
+    unsigned conts;         /* group-conts sent, to tell a reply about an older stop */
+    unsigned since_conts;   /* conts when that query-stop-reason was sent */
+    struct stopped st;
+    struct agent_group_metrics *metrics; /* dm->metrics' record of it */
+};
+
+DEFINE_QUEUE_TYPE(group_queue, struct group, next)
+
 /* A watched daemon: its connection and its disks. */
 struct disk_daemon {
     struct loop *loop;
@@ -95,11 +130,11 @@ struct disk_daemon {
     bool reconcile_again;
     json_t *snap[SNAP_COUNT]; /* the replies of one reconcile */
     unsigned snap_pending;
-    bool cont_in_flight;
-    uint64_t stopped_since_wall_ns; /* the current io-error's start (0: running) */
-    const char *reported;   /* the daemon's last logged state */
-    char waiting_text[256]; /* the last reason logged for not resuming */
+    struct stopped run;     /* the run state */
+    struct agent_group_metrics *run_metrics; /* its resumes, in metrics */
+    char *run_label;        /* run.what */
     disk_queue disks;       /* the newest first */
+    group_queue groups;     /* the newest first */
 };
 
 static void reconcile(struct disk_daemon *dm);
@@ -225,7 +260,9 @@ static void learn(struct disk_daemon *dm, json_t *entry, json_t *block, json_t *
     set_str(&d->format, str(rinfo, "drv"));
     d->virtual_size = u64(rimage, "virtual-size");
 
-    const char *io = str(find_by(block, "device", device), "io-status");
+    json_t *binfo = find_by(block, "device", device);
+    const char *io = str(binfo, "io-status");
+    set_str(&d->group, str(binfo, "__org.thinblk_group"));
     d->nospace = io && strcmp(io, "nospace") == 0;
     d->failed = io && strcmp(io, "failed") == 0;
 }
@@ -289,7 +326,9 @@ static void set_at_cap(struct disk_daemon *dm, struct disk *d, bool at_cap)
     agent_metrics_changed(dm->metrics);
 }
 
-static void check_disk(struct disk_daemon *dm, struct disk *d, bool io_error)
+/* io_error: the disk's run state or group (st) is in io-error. */
+static void check_disk(struct disk_daemon *dm, struct disk *d, const struct stopped *st,
+                       bool io_error)
 {
     const struct agent_disk_policy *p = d->policy;
     const char *volume = p->volume ? p->volume : d->filename;
@@ -310,7 +349,7 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, bool io_error)
         size = d->node_size;
 
     bool stopped = io_error && d->nospace;
-    bool unhandled = stopped && d->last_extended_wall_ns <= dm->stopped_since_wall_ns;
+    bool unhandled = stopped && d->last_extended_wall_ns <= st->since_wall_ns;
     bool near = d->highest + p->watermark > size;
 
     if (d->job) {
@@ -381,40 +420,70 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, bool io_error)
     d->waiting = "an extension is running";
 }
 
-/* ---- the daemon ----------------------------------------------------------------------- */
+/* ---- the daemon and its groups -------------------------------------------------------- */
 
-static void daemon_report(struct disk_daemon *dm, const char *what, enum log_level level,
-                          const char *msg)
+static void stopped_report(struct stopped *st, const char *what, enum log_level level,
+                           const char *msg)
 {
-    if (dm->reported == what)
+    if (st->reported == what)
         return;
-    dm->reported = what;
-    log_msg(level, "daemon %s: %s", dm->conf->name, msg);
+    st->reported = what;
+    log_msg(level, "%s: %s", st->what, msg);
+}
+
+static struct group *find_group(struct disk_daemon *dm, const char *name)
+{
+    for (struct group *g = dm->groups.head; g; g = g->next) {
+        if (strcmp(g->name, name) == 0)
+            return g;
+    }
+    return NULL;
+}
+
+/* Who stops the disk d: its group's state if it is in one we know, else the run state. */
+static struct stopped *disk_stopped(struct disk_daemon *dm, struct disk *d, bool run_io_error,
+                                    bool *io_error)
+{
+    struct group *g = d->group ? find_group(dm, d->group) : NULL;
+
+    if (g && g->present) {
+        *io_error = g->io_error;
+        return &g->st;
+    }
+    *io_error = run_io_error;
+    return &dm->run;
 }
 
 static void on_cont(struct mon *mon, json_t *ret, const char *cls, const char *desc, void *opaque)
 {
     struct disk_daemon *dm = mon_opaque(mon);
+    struct group *g = opaque;
+    struct stopped *st = g ? &g->st : &dm->run;
 
-    dm->cont_in_flight = false;
+    st->cont_in_flight = false;
     if (cls)
-        log_error("daemon %s: cont failed: %s", dm->conf->name, desc);
+        log_error("%s: %s failed: %s", st->what, g ? "__org.thinblk_group-cont" : "cont", desc);
     reconcile(dm);
 }
 
-/* In io-error: cont if every device that stopped may be resumed now. */
-static void decide_cont(struct disk_daemon *dm, json_t *block)
+/* st (the run state, or the group g) is in io-error: resume it if every one of its devices
+ * that stopped may be resumed now. Its devices: those of g, or those in no group. */
+static void decide_cont(struct disk_daemon *dm, json_t *block, struct group *g)
 {
+    struct stopped *st = g ? &g->st : &dm->run;
     char why[256] = "";
     bool any = false;
     size_t i;
     json_t *e;
 
-    if (dm->cont_in_flight)
+    if (st->cont_in_flight)
         return;
     json_array_foreach(block, i, e) {
         const char *io = str(e, "io-status"), *device = str(e, "device");
+        const char *group = str(e, "__org.thinblk_group");
         if (!io || !device || strcmp(io, "ok") == 0)
+            continue;
+        if (g ? !group || strcmp(group, g->name) : group != NULL)
             continue;
         any = true;
         struct disk *d = find_disk(dm, device);
@@ -434,25 +503,126 @@ static void decide_cont(struct disk_daemon *dm, json_t *block)
         snprintf(why, sizeof(why), "stopped on an I/O error, but no device says which");
     if (*why) {
         /* Once per distinct reason. */
-        if (dm->reported != R_WAITING || strcmp(dm->waiting_text, why)) {
-            snprintf(dm->waiting_text, sizeof(dm->waiting_text), "%s", why);
-            dm->reported = R_WAITING;
+        if (st->reported != R_WAITING || strcmp(st->waiting_text, why)) {
+            snprintf(st->waiting_text, sizeof(st->waiting_text), "%s", why);
+            st->reported = R_WAITING;
             /* Waiting for our own extension is the normal course; anything else is news. */
             log_msg(strstr(why, "an extension is running") ? LOG_LEVEL_INFO : LOG_LEVEL_WARN,
-                    "daemon %s: stopped on an I/O error; not resuming yet: %s", dm->conf->name,
-                    why);
+                    "%s: stopped on an I/O error; not resuming yet: %s", st->what, why);
         }
         return;
     }
     uint64_t now = now_realtime_ns();
-    double stopped_s = dm->stopped_since_wall_ns && now > dm->stopped_since_wall_ns
-                           ? (double)(now - dm->stopped_since_wall_ns) / 1e9 : 0;
+    double stopped_s = st->since_wall_ns && now > st->since_wall_ns
+                           ? (double)(now - st->since_wall_ns) / 1e9 : 0;
+    const char *cmd = g ? "__org.thinblk_group-cont" : "cont";
     char msg[160];
-    snprintf(msg, sizeof(msg), "resuming (cont) after %.3f s stopped on ENOSPC", stopped_s);
-    if (mon_call(dm->mon, "cont", NULL, on_cont, NULL) == 0) {
-        dm->cont_in_flight = true;
-        dm->reported = NULL;
-        daemon_report(dm, R_CONT, LOG_LEVEL_INFO, msg);
+    snprintf(msg, sizeof(msg), "resuming (%s) after %.3f s stopped on ENOSPC", cmd, stopped_s);
+    json_t *args = g ? json_pack("{s:s}", "name", g->name) : NULL;
+    int r = mon_call(dm->mon, cmd, args, on_cont, g);
+    json_decref(args);
+    if (r == 0) {
+        st->cont_in_flight = true;
+        st->reported = NULL;
+        /* A group seen in io-error again has stopped again (perhaps before we look): from
+         * when we see it, until query-stop-reason says. */
+        if (g) {
+            st->since_wall_ns = 0;
+            g->conts++;
+        }
+        stopped_report(st, R_CONT, LOG_LEVEL_INFO, msg);
+        if (g)
+            g->metrics->resumes++;
+        else
+            dm->run_metrics->resumes++;
+        agent_metrics_changed(dm->metrics);
+    }
+}
+
+/* The time of the io-error of a reply of __org.thinblk_query-stop-reason, or 0. */
+static uint64_t stop_since(json_t *reason, const char *status)
+{
+    json_t *since = json_object_get(reason, "since");
+
+    if (!json_is_object(since) || !str(reason, "status") || strcmp(str(reason, "status"), status))
+        return 0;
+    return u64(since, "seconds") * 1000000000ull + u64(since, "microseconds") * 1000ull;
+}
+
+static void on_group_since(struct mon *mon, json_t *ret, const char *cls, const char *desc,
+                           void *opaque)
+{
+    struct group *g = opaque;
+    uint64_t since = stop_since(ret, "io-error");
+
+    g->since_in_flight = false;
+    if (g->since_conts != g->conts)
+        return;  /* asked before our group-cont: about a stop that has ended */
+    /* Earlier than when we first saw it (an extension between the two counts), or a new
+     * stop that came between two looks. */
+    if (g->io_error && since && since != g->st.since_wall_ns) {
+        g->st.since_wall_ns = since;
+        reconcile(g->dm);
+    }
+}
+
+static void group_free(struct group *g)
+{
+    free(g->name);
+    free(g->label);
+    free(g);
+}
+
+/* Take in __org.thinblk_query-groups (NULL or not an array: no groups). */
+static void learn_groups(struct disk_daemon *dm, json_t *groups)
+{
+    size_t i;
+    json_t *e;
+
+    for (struct group *g = dm->groups.head; g; g = g->next)
+        g->present = false;
+    json_array_foreach(groups, i, e) {
+        const char *name = str(e, "name"), *status = str(e, "status");
+        if (!name || !status)
+            continue;
+        struct group *g = find_group(dm, name);
+        if (!g) {
+            g = xzalloc(sizeof(*g));
+            g->dm = dm;
+            g->name = xstrdup(name);
+            g->label = xasprintf("daemon %s: group %s", dm->conf->name, name);
+            g->st.what = g->label;
+            g->metrics = agent_metrics_group(dm->metrics, dm->conf->name, name);
+            group_queue_push_head(&dm->groups, g);
+        }
+        g->present = true;
+        g->io_error = strcmp(status, "io-error") == 0;
+        if (!g->io_error) {
+            g->st.since_wall_ns = 0;
+            continue;
+        }
+        /* When it stopped: when we first saw it, until query-stop-reason for the group says,
+         * asked at every look as the run state's is (the group may have been resumed and
+         * stopped again in between); its reply looks again if the time changed. */
+        if (!g->st.since_wall_ns)
+            g->st.since_wall_ns = now_realtime_ns();
+        if (!g->since_in_flight) {
+            json_t *args = json_pack("{s:s}", "group", name);
+            if (mon_call(dm->mon, "__org.thinblk_query-stop-reason", args, on_group_since,
+                         g) == 0) {
+                g->since_in_flight = true;
+                g->since_conts = g->conts;
+            }
+            json_decref(args);
+        }
+    }
+    /* Forget the groups that are gone, unless a reply about one is still to come. */
+    for (struct group *g = dm->groups.head, *next; g; g = next) {
+        next = g->next;
+        if (!g->present && !g->st.cont_in_flight && !g->since_in_flight) {
+            group_queue_remove(&dm->groups, g);
+            group_free(g);
+        }
     }
 }
 
@@ -475,32 +645,50 @@ static void process(struct disk_daemon *dm)
     if (io_error) {
         /* When it stopped: an extension finished after that covers the stop. Without
          * thinblk's query-stop-reason (QEMU), when we first saw it. */
-        json_t *since = json_object_get(reason, "since");
-        if (json_is_object(since) && str(reason, "status") && strcmp(str(reason, "status"), st) == 0)
-            dm->stopped_since_wall_ns = u64(since, "seconds") * 1000000000ull +
-                                        u64(since, "microseconds") * 1000ull;
-        else if (!dm->stopped_since_wall_ns)
-            dm->stopped_since_wall_ns = now_realtime_ns();
+        uint64_t since = stop_since(reason, st);
+        if (since)
+            dm->run.since_wall_ns = since;
+        else if (!dm->run.since_wall_ns)
+            dm->run.since_wall_ns = now_realtime_ns();
     } else {
-        dm->stopped_since_wall_ns = 0;
+        dm->run.since_wall_ns = 0;
     }
+    learn_groups(dm, dm->snap[SNAP_GROUPS]);
 
     for (struct disk *d = dm->disks.head; d; d = d->next)
         d->present = false;
     json_array_foreach(stats, i, e)
         learn(dm, e, block, nodes);
     for (struct disk *d = dm->disks.head; d; d = d->next) {
-        if (d->present)
-            check_disk(dm, d, io_error);
+        bool stopped;
+        if (!d->present)
+            continue;
+        struct stopped *by = disk_stopped(dm, d, io_error, &stopped);
+        check_disk(dm, d, by, stopped);
     }
 
     if (strcmp(st, "running") == 0) {
-        daemon_report(dm, R_RUNNING, LOG_LEVEL_DEBUG, "running");
+        stopped_report(&dm->run, R_RUNNING, LOG_LEVEL_DEBUG, "running");
     } else if (io_error) {
-        decide_cont(dm, block);
+        decide_cont(dm, block, NULL);
     } else if (strcmp(st, "paused") == 0 || strcmp(st, "prelaunch") == 0) {
-        daemon_report(dm, R_PAUSED, LOG_LEVEL_INFO, "paused by a stop command (or -S), not by an "
-                   "I/O error: left alone");
+        stopped_report(&dm->run, R_PAUSED, LOG_LEVEL_INFO, "paused by a stop command (or -S), "
+                       "not by an I/O error: left alone");
+    }
+    /* Each group on its own. A group-cont while the run state is not running is still right:
+     * the group's devices then wait for the run state's cont, which is not ours to give. */
+    json_array_foreach(dm->snap[SNAP_GROUPS], i, e) {
+        struct group *g = find_group(dm, str(e, "name") ? str(e, "name") : "");
+        const char *gst = str(e, "status");
+        if (!g || !gst)
+            continue;
+        if (g->io_error)
+            decide_cont(dm, block, g);
+        else if (strcmp(gst, "paused") == 0)
+            stopped_report(&g->st, R_PAUSED, LOG_LEVEL_INFO, "paused by "
+                           "__org.thinblk_group-stop, not by an I/O error: left alone");
+        else if (strcmp(gst, "running") == 0)
+            stopped_report(&g->st, R_RUNNING, LOG_LEVEL_DEBUG, "running");
     }
 }
 
@@ -511,7 +699,10 @@ static void on_snap(struct mon *mon, json_t *ret, const char *cls, const char *d
 
     json_decref(dm->snap[idx]);
     dm->snap[idx] = ret ? json_incref(ret) : NULL;
-    if (cls && idx != SNAP_STOP_REASON)
+    /* thinblk's own queries may be missing: QEMU, or a thinblkd from before stop groups. */
+    bool optional = idx == SNAP_STOP_REASON ||
+                    (idx == SNAP_GROUPS && cls && strcmp(cls, "CommandNotFound") == 0);
+    if (cls && !optional)
         log_warn("daemon %s: %s failed: %s", dm->conf->name, snap_commands[idx], desc);
     if (--dm->snap_pending)
         return;
@@ -563,7 +754,9 @@ static void on_event(void *opaque, const char *name, json_t *data)
     } else if (strcmp(name, "BLOCK_IO_ERROR") == 0) {
         log_debug("daemon %s: BLOCK_IO_ERROR on %s: %s", dm->conf->name, str(data, "device") ?: "?",
                   str(data, "reason") ?: "?");
-    } else if (strcmp(name, "STOP") && strcmp(name, "RESUME")) {
+    } else if (strcmp(name, "STOP") && strcmp(name, "RESUME") &&
+               strcmp(name, "__org.thinblk_GROUP_STOP") &&
+               strcmp(name, "__org.thinblk_GROUP_RESUME")) {
         return;
     }
     reconcile(dm);
@@ -597,8 +790,13 @@ static void on_disconnected(void *opaque)
     dm->reconciling = false;
     dm->reconcile_again = false;
     dm->snap_pending = 0;
-    dm->cont_in_flight = false;
-    dm->reported = NULL;
+    dm->run.cont_in_flight = false;
+    dm->run.reported = NULL;
+    for (struct group *g = dm->groups.head; g; g = g->next) {
+        g->st.cont_in_flight = false;
+        g->st.reported = NULL;
+        g->since_in_flight = false;
+    }
     for (struct disk *d = dm->disks.head; d; d = d->next) {
         d->present = false;
         d->armed = 0;
@@ -663,6 +861,9 @@ struct disk_daemon *disk_daemon_new(struct loop *loop, const struct agent_config
     dm->cfg = cfg;
     dm->conf = conf;
     dm->self_exe = self_exe;
+    dm->run_label = xasprintf("daemon %s", conf->name);
+    dm->run.what = dm->run_label;
+    dm->run_metrics = agent_metrics_group(metrics, conf->name, NULL);
     dm->mon = mon_new(loop, conf, cfg->reconnect_max_ns, &disk_mon_ops, dm);
     return dm;
 }
@@ -675,6 +876,7 @@ void disk_daemon_start(struct disk_daemon *dm)
 void disk_daemon_free(struct disk_daemon *dm)
 {
     struct disk *d;
+    struct group *g;
 
     if (!dm)
         return;
@@ -686,13 +888,17 @@ void disk_daemon_free(struct disk_daemon *dm)
         loop_del_timer(dm->loop, d->retry_timer);
         free(d->name);
         free(d->device);
+        free(d->group);
         free(d->format_node);
         free(d->proto_node);
         free(d->filename);
         free(d->format);
         free(d);
     }
+    while ((g = group_queue_pop(&dm->groups)))
+        group_free(g);
     for (size_t i = 0; i < SNAP_COUNT; i++)
         json_decref(dm->snap[i]);
+    free(dm->run_label);
     free(dm);
 }

@@ -1,5 +1,6 @@
 /* thinblk-agent's decisions for one watched daemon: its disks with a policy, when to arm a
- * write threshold, when to extend, when to resume (cont).
+ * write threshold, when to extend, when to resume the daemon (cont) or one of its stop groups
+ * (__org.thinblk_group-cont).
  *
  * What the agent knows of a daemon comes from a "reconcile", a batch of queries whose answers
  * are looked at together (disk.c), run after every (re)connect, on every event that matters,

@@ -19,11 +19,20 @@ struct metrics_entry {
     struct agent_disk_metrics m;
 };
 
+/* A daemon's run state (group NULL) or one of its groups. */
+struct metrics_group {
+    struct metrics_group *next;
+    char *daemon;
+    char *group;
+    struct agent_group_metrics m;
+};
+
 struct agent_metrics {
     const char *path;
     char *tmp_path;               /* path + ".tmp", in the same directory for rename() */
     struct metrics_entry *first;  /* in the order the disks were found */
     struct metrics_entry **last;
+    struct metrics_group *groups; /* the newest first */
     int logged_errno;             /* the last failure logged, so each is logged once */
 };
 
@@ -51,6 +60,12 @@ void agent_metrics_free(struct agent_metrics *m)
         free(e->disk);
         free(e);
     }
+    for (struct metrics_group *g = m->groups, *gnext; g; g = gnext) {
+        gnext = g->next;
+        free(g->daemon);
+        free(g->group);
+        free(g);
+    }
     free(m->tmp_path);
     free(m);
 }
@@ -70,6 +85,24 @@ struct agent_disk_metrics *agent_metrics_disk(struct agent_metrics *m, const cha
     *m->last = e;
     m->last = &e->next;
     return &e->m;
+}
+
+struct agent_group_metrics *agent_metrics_group(struct agent_metrics *m, const char *daemon,
+                                                const char *group)
+{
+    struct metrics_group *g;
+
+    for (g = m->groups; g; g = g->next) {
+        if (strcmp(g->daemon, daemon) == 0 &&
+            (group ? g->group && strcmp(g->group, group) == 0 : !g->group))
+            return &g->m;
+    }
+    g = xzalloc(sizeof(*g));
+    g->daemon = xstrdup(daemon);
+    g->group = group ? xstrdup(group) : NULL;
+    g->next = m->groups;
+    m->groups = g;
+    return &g->m;
 }
 
 /* A label value, escaped as the format wants. */
@@ -98,7 +131,7 @@ static void put_sample(FILE *f, const char *name, const struct metrics_entry *e,
     fprintf(f, "} %s\n", value);
 }
 
-enum metric { M_EXTENSIONS, M_FAILURES, M_AT_CAP, M_DURATION };
+enum metric { M_EXTENSIONS, M_FAILURES, M_AT_CAP, M_DURATION, M_RESUMES };
 
 static const struct {
     const char *name, *type, *help;
@@ -110,6 +143,8 @@ static const struct {
                   "1 if the disk needs room but its volume is at its cap."},
     [M_DURATION] = {"thinblk_agent_extension_duration_seconds", "summary",
                     "How long the extensions that succeeded took."},
+    [M_RESUMES] = {"thinblk_agent_resumes_total", "counter",
+                   "Resumes sent: cont, or __org.thinblk_group-cont for a group."},
 };
 
 static void put_family(FILE *f, const struct agent_metrics *m, enum metric which)
@@ -118,6 +153,19 @@ static void put_family(FILE *f, const struct agent_metrics *m, enum metric which
 
     fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", metrics[which].name, metrics[which].help,
             metrics[which].name, metrics[which].type);
+    if (which == M_RESUMES) {
+        /* Labels daemon, and group for a group's (none for the run state's). */
+        for (const struct metrics_group *g = m->groups; g; g = g->next) {
+            fprintf(f, "%s{", metrics[which].name);
+            put_label(f, "daemon", g->daemon);
+            if (g->group) {
+                fputc(',', f);
+                put_label(f, "group", g->group);
+            }
+            fprintf(f, "} %" PRIu64 "\n", g->m.resumes);
+        }
+        return;
+    }
     for (const struct metrics_entry *e = m->first; e; e = e->next) {
         switch (which) {
         case M_EXTENSIONS:
@@ -139,6 +187,8 @@ static void put_family(FILE *f, const struct agent_metrics *m, enum metric which
             put_sample(f, count, e, v);
             break;
         }
+        case M_RESUMES:
+            break;  /* above */
         }
     }
 }
