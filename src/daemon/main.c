@@ -19,6 +19,7 @@
 #include "daemon/options.h"
 #include "loop/loop.h"
 #include "qmp/commands.h"
+#include "qmp/journal.h"
 #include "qmp/server.h"
 #include "runstate/runstate.h"
 #include "tls/objects.h"
@@ -30,6 +31,7 @@ struct daemon {
     struct loop *loop;
     struct qmp_dispatcher *dispatcher;
     struct qmp_server *server;
+    struct qmp_journal *journal;
     struct runstate *runstate;
     struct uring *uring;
     struct block_graph *graph;
@@ -216,6 +218,7 @@ static void daemon_free(struct daemon *d)
         job_list_free(d->jobs);  /* else a job's work still refers to it: leave it */
     dev_context_free(d->devs);
     qmp_server_free(d->server);  /* removes the socket files */
+    qmp_journal_free(d->journal);
     runstate_free(d->runstate);
     block_graph_free(d->graph);
     uring_free(d->uring);
@@ -263,7 +266,8 @@ int main(int argc, char **argv)
     service_notifier_init(&d.notifier, d.loop);
     d.version = qmp_version_info(THINBLK_VERSION);
     d.dispatcher = qmp_dispatcher_new();
-    d.server = qmp_server_new(d.loop, d.dispatcher, d.version);
+    d.journal = qmp_journal_new(opts.event_journal_size);
+    d.server = qmp_server_new(d.loop, d.dispatcher, d.journal, d.version);
     d.uring = uring_new(d.loop, 256, &err);
     if (!d.uring) {
         log_error("%s", err->desc);
@@ -279,7 +283,7 @@ int main(int argc, char **argv)
     d.jobs = job_list_new(emit_event, &d);
     d.services = (struct qmp_services){ .runstate = d.runstate, .graph = d.graph,
                                         .devs = d.devs, .exports = d.exports,
-                                        .jobs = d.jobs, .tls = d.tls };
+                                        .jobs = d.jobs, .tls = d.tls, .journal = d.journal };
 
     qmp_register_control(d.dispatcher, d.version);
     qmp_register_run(d.dispatcher, &d.services);
@@ -287,6 +291,7 @@ int main(int argc, char **argv)
     qmp_register_export(d.dispatcher, &d.services);
     qmp_register_job(d.dispatcher, &d.services);
     qmp_register_object(d.dispatcher, &d.services);
+    qmp_register_event(d.dispatcher, &d.services);
 
     if (setup_signals(&d) < 0) {
         log_error("cannot set up signal handling: %s", strerror(errno));
