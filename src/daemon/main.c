@@ -52,6 +52,13 @@ static void emit_event(void *opaque, const char *name, json_t *data)
     qmp_server_emit(d->server, name, data);
 }
 
+static void emit_device_event(void *opaque, const char *name, json_t *data, json_t *extra)
+{
+    struct daemon *d = opaque;
+
+    qmp_server_emit_with(d->server, name, data, extra);
+}
+
 static void exit_now(void *opaque)
 {
     struct daemon *d = opaque;
@@ -277,7 +284,7 @@ int main(int argc, char **argv)
     d.runstate = runstate_new(d.loop, opts.prelaunch ? RUN_STATE_PRELAUNCH : RUN_STATE_RUNNING,
                               emit_event, &d);
     runstate_add_listener(d.runstate, on_state_change, &d);
-    d.devs = dev_context_new(d.loop, d.runstate, emit_event, &d);
+    d.devs = dev_context_new(d.loop, d.runstate, emit_device_event, &d);
     d.tls = tls_objects_new();
     d.exports = exports_new(d.graph, d.devs, d.tls);
     d.jobs = job_list_new(emit_event, &d);

@@ -793,6 +793,12 @@ static void capture_event(void *opaque, const char *name, json_t *data)
     }
 }
 
+static void capture_device_event(void *opaque, const char *name, json_t *data, json_t *extra)
+{
+    json_decref(extra);
+    capture_event(opaque, name, data);
+}
+
 static void capture_change(void *opaque, enum run_state old_state, enum run_state new_state)
 {
     struct rfx *f = opaque;
@@ -812,7 +818,7 @@ static int setup_real_in(void **state, enum run_state initial)
     f->rs = runstate_new(f->loop, initial, capture_event, f);
     runstate_add_listener(f->rs, capture_change, f);
     f->g = block_graph_new(f->loop, NULL, capture_event, f);
-    f->devs = dev_context_new(f->loop, f->rs, capture_event, f);
+    f->devs = dev_context_new(f->loop, f->rs, capture_device_event, f);
     f->journal = qmp_journal_new(2);
     f->svc = (struct qmp_services){ .runstate = f->rs, .graph = f->g, .devs = f->devs,
                                     .journal = f->journal };
