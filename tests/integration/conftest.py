@@ -84,10 +84,25 @@ def _is_timestamp(obj):
             and obj["seconds"] >= 0 and 0 <= obj["microseconds"] < 1000000)
 
 
+# thinblk's downstream member of every event (docs/qmp.md, "Event journal"): a number QEMU
+# does not send. Tests of the journal check it; the others compare events without it.
+EVENT_SEQ = "__org.thinblk_seq"
+
+
+def _without_seq(event):
+    """The event without its "__org.thinblk_seq" (after checking its shape), if it has one."""
+    if EVENT_SEQ not in event:
+        return event
+    seq = event[EVENT_SEQ]
+    assert type(seq) is int and seq >= 1, f"bad {EVENT_SEQ} in {event!r}"
+    return {k: v for k, v in event.items() if k != EVENT_SEQ}
+
+
 def normalize(obj):
     """The message with what may differ between runs and servers replaced by placeholders:
     an event's timestamp values and a version object's numbers and package (QEMU's
-    VersionInfo). Only well-formed ones are replaced, so a malformed one still mismatches."""
+    VersionInfo), and without thinblk's event sequence number. Only well-formed ones are
+    replaced, so a malformed one still mismatches."""
     if isinstance(obj, list):
         return [normalize(v) for v in obj]
     if not isinstance(obj, dict):
@@ -97,14 +112,16 @@ def normalize(obj):
     out = {k: normalize(v) for k, v in obj.items()}
     if "event" in obj and _is_timestamp(obj.get("timestamp")):
         out["timestamp"] = "<timestamp>"
+        out = _without_seq(out)
     return out
 
 
 def without_timestamp(event):
-    """The event without its timestamp, after checking the timestamp's exact shape."""
+    """The event without its timestamp and thinblk's sequence number, after checking their
+    exact shape (the number is checked by the journal's tests, test_event_journal.py)."""
     assert isinstance(event, dict) and "event" in event, f"not an event: {event!r}"
     assert _is_timestamp(event.get("timestamp")), f"bad timestamp in {event!r}"
-    return {k: v for k, v in event.items() if k != "timestamp"}
+    return _without_seq({k: v for k, v in event.items() if k != "timestamp"})
 
 
 def assert_event(msg, name, data=None):
