@@ -84,24 +84,29 @@ def _is_timestamp(obj):
             and obj["seconds"] >= 0 and 0 <= obj["microseconds"] < 1000000)
 
 
-# thinblk's downstream member of every event (docs/qmp.md, "Event journal"): a number QEMU
-# does not send. Tests of the journal check it; the others compare events without it.
+# thinblk's downstream members of events (docs/qmp.md, "Event journal"): every event's number,
+# and the count of BLOCK_IO_ERRORs a coalesced one replaced; QEMU sends neither. The journal's
+# tests (test_event_journal.py) check them; the others compare events without them.
 EVENT_SEQ = "__org.thinblk_seq"
+EVENT_SUPPRESSED = "__org.thinblk_suppressed"
 
 
-def _without_seq(event):
-    """The event without its "__org.thinblk_seq" (after checking its shape), if it has one."""
-    if EVENT_SEQ not in event:
-        return event
-    seq = event[EVENT_SEQ]
-    assert type(seq) is int and seq >= 1, f"bad {EVENT_SEQ} in {event!r}"
-    return {k: v for k, v in event.items() if k != EVENT_SEQ}
+def _without_downstream(event):
+    """The event without thinblk's downstream members (after checking their shape)."""
+    if EVENT_SEQ in event:
+        seq = event[EVENT_SEQ]
+        assert type(seq) is int and seq >= 1, f"bad {EVENT_SEQ} in {event!r}"
+    if EVENT_SUPPRESSED in event:
+        k = event[EVENT_SUPPRESSED]
+        assert type(k) is int and k >= 1 and event.get("event") == "BLOCK_IO_ERROR", \
+            f"bad {EVENT_SUPPRESSED} in {event!r}"
+    return {k: v for k, v in event.items() if k not in (EVENT_SEQ, EVENT_SUPPRESSED)}
 
 
 def normalize(obj):
     """The message with what may differ between runs and servers replaced by placeholders:
     an event's timestamp values and a version object's numbers and package (QEMU's
-    VersionInfo), and without thinblk's event sequence number. Only well-formed ones are
+    VersionInfo), and without thinblk's downstream event members. Only well-formed ones are
     replaced, so a malformed one still mismatches."""
     if isinstance(obj, list):
         return [normalize(v) for v in obj]
@@ -112,16 +117,17 @@ def normalize(obj):
     out = {k: normalize(v) for k, v in obj.items()}
     if "event" in obj and _is_timestamp(obj.get("timestamp")):
         out["timestamp"] = "<timestamp>"
-        out = _without_seq(out)
+        out = _without_downstream(out)
     return out
 
 
 def without_timestamp(event):
-    """The event without its timestamp and thinblk's sequence number, after checking their
-    exact shape (the number is checked by the journal's tests, test_event_journal.py)."""
+    """The event without its timestamp and thinblk's downstream members (its number, a
+    coalesced BLOCK_IO_ERROR's count), after checking their exact shape; their values are
+    checked by test_event_journal.py."""
     assert isinstance(event, dict) and "event" in event, f"not an event: {event!r}"
     assert _is_timestamp(event.get("timestamp")), f"bad timestamp in {event!r}"
-    return _without_seq({k: v for k, v in event.items() if k != "timestamp"})
+    return _without_downstream({k: v for k, v in event.items() if k != "timestamp"})
 
 
 def assert_event(msg, name, data=None):

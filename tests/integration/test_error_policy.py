@@ -268,9 +268,9 @@ def test_block_io_error_throttled_but_first_not_delayed(daemons, tmp_path):
     # which counts the 18 it replaced.
     first = disk.qmp.read_event(timeout=1)
     assert without_timestamp(first) == io_error("write", "report", "EIO")
-    second = without_timestamp(disk.qmp.read_event(timeout=3))
-    assert second.pop("__org.thinblk_suppressed") == 18
-    assert second == io_error("write", "report", "EIO")
+    second = disk.qmp.read_event(timeout=3)
+    assert second["__org.thinblk_suppressed"] == 18
+    assert without_timestamp(second) == io_error("write", "report", "EIO")
     with pytest.raises(TimeoutError):
         disk.qmp.read_event(timeout=1.5)
 
@@ -334,10 +334,7 @@ def test_enospc_on_a_loop_device(daemons, tmp_path, ext4_on_loop):
     assert rounds >= 1
     assert w.errors == []
     check_readback(h, chunks)
-    # A coalesced event counts those it replaced (docs/qmp.md, "Event journal").
     events = [without_timestamp(e) for e in disk.qmp.take_events()
               if e["event"] == "BLOCK_IO_ERROR"]
-    for e in events:
-        assert e.pop("__org.thinblk_suppressed", 1) >= 1
     assert all(e == io_error("write", "stop", "ENOSPC") for e in events)
     assert disk.qmp.cmd("query-named-block-nodes")["return"][-1]["cache"]["direct"] is True
