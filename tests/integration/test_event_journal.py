@@ -296,3 +296,22 @@ def test_storm_of_errors_counted_exactly(daemons, tmp_path, pause):
     with pytest.raises(TimeoutError):
         disk.qmp.read_event(timeout=1.5)
     h.shutdown()
+
+
+def test_held_error_event_sent_when_its_export_goes(daemons, tmp_path):
+    """A BLOCK_IO_ERROR held for the end of its second is not lost with its device: it goes
+    out, with its count, before BLOCK_EXPORT_DELETED."""
+    disk = Disk(daemons, tmp_path, werror="report")
+    disk.fail("write", "EIO", once=False)
+    h = disk.nbd()
+    for i in range(5):
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"\x05" * 512, i * 512)
+    h.shutdown()
+    first = disk.qmp.read_event()
+    assert first["event"] == "BLOCK_IO_ERROR" and SUPPRESSED not in first
+    ok(disk.qmp.cmd("block-export-del", {"id": "disk0"}))
+    held, deleted = events(disk.qmp, 2)
+    assert held["event"] == "BLOCK_IO_ERROR" and held[SUPPRESSED] == 3, held
+    assert deleted["event"] == "BLOCK_EXPORT_DELETED"
+    assert_consecutive([first, held, deleted])
