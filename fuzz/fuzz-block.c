@@ -18,6 +18,12 @@ void fuzz_drop_event(void *opaque, const char *name, json_t *data)
     json_decref(data);
 }
 
+void fuzz_drop_device_event(void *opaque, const char *name, json_t *data, json_t *extra)
+{
+    json_decref(data);
+    json_decref(extra);
+}
+
 void fuzz_die(const char *what, struct error *err)
 {
     fprintf(stderr, "%s: %s: %s\n", program, what, err ? err->desc : strerror(errno));

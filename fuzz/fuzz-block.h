@@ -17,6 +17,7 @@ struct fuzz_block {
 void fuzz_block_init(struct fuzz_block *fb, const char *prog);
 /* An event sink that drops events (data stolen). */
 void fuzz_drop_event(void *opaque, const char *name, json_t *data);
+void fuzz_drop_device_event(void *opaque, const char *name, json_t *data, json_t *extra);
 /* Report what failed (err, or errno if NULL) and abort. */
 __attribute__((noreturn)) void fuzz_die(const char *what, struct error *err);
 

@@ -52,7 +52,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 
     fuzz_block_init(&g.fb, "fuzz-nbd");
     g.runstate = runstate_new(g.fb.loop, RUN_STATE_RUNNING, fuzz_drop_event, NULL);
-    g.devs = dev_context_new(g.fb.loop, g.runstate, fuzz_drop_event, NULL);
+    g.devs = dev_context_new(g.fb.loop, g.runstate, fuzz_drop_device_event, NULL);
 
     fd = mkstemp(path);
     if (fd < 0 || ftruncate(fd, IMAGE_SIZE) < 0)

@@ -31,6 +31,12 @@ static void emit(void *opaque, const char *name, json_t *data)
     json_decref(ev);
 }
 
+static void emit_device(void *opaque, const char *name, json_t *data, json_t *extra)
+{
+    json_decref(extra);
+    emit(opaque, name, data);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct buf out = { 0 };
@@ -45,7 +51,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     if (!loop)
         abort();
-    struct dev_context *devs = dev_context_new(loop, rs, emit, &out);
+    struct dev_context *devs = dev_context_new(loop, rs, emit_device, &out);
     struct qmp_services svc = { .runstate = rs, .graph = graph, .devs = devs };
 
     /* Not the export commands: fuzzed input must not bind sockets. */

@@ -19,6 +19,7 @@
 #include "daemon/options.h"
 #include "loop/loop.h"
 #include "qmp/commands.h"
+#include "qmp/journal.h"
 #include "qmp/server.h"
 #include "runstate/runstate.h"
 #include "tls/objects.h"
@@ -30,6 +31,7 @@ struct daemon {
     struct loop *loop;
     struct qmp_dispatcher *dispatcher;
     struct qmp_server *server;
+    struct qmp_journal *journal;
     struct runstate *runstate;
     struct uring *uring;
     struct block_graph *graph;
@@ -48,6 +50,13 @@ static void emit_event(void *opaque, const char *name, json_t *data)
     struct daemon *d = opaque;
 
     qmp_server_emit(d->server, name, data);
+}
+
+static void emit_device_event(void *opaque, const char *name, json_t *data, json_t *extra)
+{
+    struct daemon *d = opaque;
+
+    qmp_server_emit_with(d->server, name, data, extra);
 }
 
 static void exit_now(void *opaque)
@@ -216,6 +225,7 @@ static void daemon_free(struct daemon *d)
         job_list_free(d->jobs);  /* else a job's work still refers to it: leave it */
     dev_context_free(d->devs);
     qmp_server_free(d->server);  /* removes the socket files */
+    qmp_journal_free(d->journal);
     runstate_free(d->runstate);
     block_graph_free(d->graph);
     uring_free(d->uring);
@@ -263,7 +273,8 @@ int main(int argc, char **argv)
     service_notifier_init(&d.notifier, d.loop);
     d.version = qmp_version_info(THINBLK_VERSION);
     d.dispatcher = qmp_dispatcher_new();
-    d.server = qmp_server_new(d.loop, d.dispatcher, d.version);
+    d.journal = qmp_journal_new(opts.event_journal_size);
+    d.server = qmp_server_new(d.loop, d.dispatcher, d.journal, d.version);
     d.uring = uring_new(d.loop, 256, &err);
     if (!d.uring) {
         log_error("%s", err->desc);
@@ -273,13 +284,13 @@ int main(int argc, char **argv)
     d.runstate = runstate_new(d.loop, opts.prelaunch ? RUN_STATE_PRELAUNCH : RUN_STATE_RUNNING,
                               emit_event, &d);
     runstate_add_listener(d.runstate, on_state_change, &d);
-    d.devs = dev_context_new(d.loop, d.runstate, emit_event, &d);
+    d.devs = dev_context_new(d.loop, d.runstate, emit_device_event, &d);
     d.tls = tls_objects_new();
     d.exports = exports_new(d.graph, d.devs, d.tls);
     d.jobs = job_list_new(emit_event, &d);
     d.services = (struct qmp_services){ .runstate = d.runstate, .graph = d.graph,
                                         .devs = d.devs, .exports = d.exports,
-                                        .jobs = d.jobs, .tls = d.tls };
+                                        .jobs = d.jobs, .tls = d.tls, .journal = d.journal };
 
     qmp_register_control(d.dispatcher, d.version);
     qmp_register_run(d.dispatcher, &d.services);
@@ -287,6 +298,7 @@ int main(int argc, char **argv)
     qmp_register_export(d.dispatcher, &d.services);
     qmp_register_job(d.dispatcher, &d.services);
     qmp_register_object(d.dispatcher, &d.services);
+    qmp_register_event(d.dispatcher, &d.services);
 
     if (setup_signals(&d) < 0) {
         log_error("cannot set up signal handling: %s", strerror(errno));

@@ -14,6 +14,7 @@
 #include "common/util.h"
 #include "device/group.h"
 #include "export/export.h"
+#include "qmp/journal.h"
 #include "tls/objects.h"
 
 /* QEMU's boolean spellings (qapi_bool_parse). */
@@ -280,6 +281,49 @@ static int opt_qmp(struct daemon_options *o, const char *arg, struct error **err
     return 0;
 }
 
+/* --event-journal size=N: how many events the journal keeps (qmp/journal.h). A count, not a
+ * byte size: no suffixes. */
+static int opt_event_journal(struct daemon_options *o, const char *arg, struct error **errp)
+{
+    const char *opt = "--event-journal";
+    json_t *obj = keyval_parse(arg, NULL, errp);
+    _cleanup_free_ char *size = NULL;
+    struct error *err = NULL;
+    unsigned long long v;
+    char *end;
+    int ret = -1;
+
+    if (!obj)
+        return -1;
+    size = take(obj, opt, "size", &err);
+    if (err) {
+        error_propagate(errp, err);
+        goto out;
+    }
+    if (no_leftovers(obj, opt, errp) < 0)
+        goto out;
+    if (!size) {
+        error_setg(errp, "%s: Parameter 'size' is missing", opt);
+        goto out;
+    }
+    errno = 0;
+    v = strtoull(size, &end, 10);
+    if (end == size || *end || errno || size[0] == '-') {
+        error_setg(errp, "%s: Parameter 'size' expects a number of events", opt);
+        goto out;
+    }
+    if (v > QMP_JOURNAL_MAX_SIZE) {
+        error_setg(errp, "%s: Parameter 'size' must be at most %u events", opt,
+                   QMP_JOURNAL_MAX_SIZE);
+        goto out;
+    }
+    o->event_journal_size = (size_t)v;
+    ret = 0;
+out:
+    json_decref(obj);
+    return ret;
+}
+
 const struct schema_member *cli_object_schema(enum cli_object_kind kind)
 {
     switch (kind) {
@@ -322,7 +366,7 @@ static int opt_object(struct daemon_options *o, enum cli_object_kind kind, const
 }
 
 enum { OPT_CHARDEV = 256, OPT_MONITOR, OPT_QMP, OPT_PIDFILE, OPT_BLOCKDEV, OPT_NBD_SERVER,
-       OPT_EXPORT, OPT_OBJECT, OPT_GROUP };
+       OPT_EXPORT, OPT_OBJECT, OPT_GROUP, OPT_EVENT_JOURNAL };
 
 int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct error **errp)
 {
@@ -336,6 +380,7 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
         { "export", required_argument, NULL, OPT_EXPORT },
         { "object", required_argument, NULL, OPT_OBJECT },
         { "group", required_argument, NULL, OPT_GROUP },
+        { "event-journal", required_argument, NULL, OPT_EVENT_JOURNAL },
         { "verbose", no_argument, NULL, 'v' },
         { "help", no_argument, NULL, 'h' },
         { "version", no_argument, NULL, 'V' },
@@ -344,6 +389,7 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
     int c;
 
     memset(o, 0, sizeof(*o));
+    o->event_journal_size = QMP_JOURNAL_DEFAULT_SIZE;
     opterr = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":hVvS", longopts, NULL)) != -1) {
@@ -367,6 +413,7 @@ int daemon_options_parse(struct daemon_options *o, int argc, char **argv, struct
         case OPT_GROUP:
             r = opt_object(o, CLI_GROUP, "--group", optarg, "name", errp);
             break;
+        case OPT_EVENT_JOURNAL: r = opt_event_journal(o, optarg, errp); break;
         case OPT_PIDFILE:
             free(o->pidfile);
             o->pidfile = xstrdup(optarg);
@@ -435,6 +482,8 @@ void daemon_options_usage(const char *prog)
            "           [,writable=on|off][,num-queues=N][,logical-block-size=N]\n"
            "           [,werror=ACTION][,rerror=ACTION][,__org.thinblk_group=NAME]\n"
            "                         export a node to a vhost-user frontend\n"
+           "  --event-journal size=N keep the last N events (default 1024, 0: none, at most\n"
+           "                         1048576) for __org.thinblk_query-event-journal\n"
            "  -S                     start in run state 'prelaunch' (no I/O until 'cont')\n"
            "  --pidfile PATH         write the process ID to PATH (removed at exit)\n"
            "  -v, --verbose          log more (repeat for debug)\n"

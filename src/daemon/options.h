@@ -9,6 +9,7 @@
  *   --object tls-creds-x509|tls-creds-psk|authz-simple|authz-list,id=ID,...   (object-add's arguments)
  *   --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]
  *            [,description=TEXT][,werror=ACTION][,rerror=ACTION]
+ *   --event-journal size=N                 (thinblk: events kept for a client that missed them)
  *   -S, --pidfile PATH, -v/--verbose, -h/--help, -V/--version
  *
  * Option values use QEMU's key=value syntax (common/keyval.h).
@@ -55,6 +56,7 @@ struct daemon_options {
     cli_object_vector objects;
     chardev_opt_vector chardevs;
     qmp_monitor_config_vector monitors;  /* path borrowed from its chardev */
+    size_t event_journal_size;  /* --event-journal size=N; QMP_JOURNAL_DEFAULT_SIZE if not given */
     bool prelaunch;   /* -S: start in prelaunch, like QEMU */
     char *pidfile;
     int verbose;

@@ -35,7 +35,7 @@ struct dev_stats {
 
 struct dev_context {
     struct loop *loop;
-    void (*emit)(void *opaque, const char *name, json_t *data);  /* data stolen */
+    dev_emit_fn *emit;
     void *emit_opaque;
     device_queue devices;           /* every device, in creation order */
     struct runstate *rs;
@@ -67,6 +67,7 @@ struct device {
 
     uint64_t last_event_ns;    /* BLOCK_IO_ERROR throttling */
     json_t *pending_event;     /* the latest event held back, sent at the period's end */
+    uint64_t suppressed;       /* events dropped in pending_event's favour */
     uint64_t event_timer;
 
     struct dev_stats stats;
@@ -203,13 +204,17 @@ static void account(struct device *d, struct dev_req *r, int ret)
 static void send_pending_event(struct loop *loop, void *opaque)
 {
     struct device *d = opaque;
+    json_t *extra = NULL;
 
     d->event_timer = 0;
     if (!d->pending_event)
         return;
     d->last_event_ns = now_monotonic_ns();
-    dev_context_emit(d->ctx, "BLOCK_IO_ERROR", d->pending_event);
+    if (d->suppressed > 0)
+        extra = json_pack("{s:I}", "__org.thinblk_suppressed", (json_int_t)d->suppressed);
+    d->ctx->emit(d->ctx->emit_opaque, "BLOCK_IO_ERROR", d->pending_event, extra);
     d->pending_event = NULL;
+    d->suppressed = 0;
 }
 
 static void io_error_event(struct device *d, const struct dev_req *r, enum dev_error_action act,
@@ -224,12 +229,17 @@ static void io_error_event(struct device *d, const struct dev_req *r, enum dev_e
                              "nospace", err == ENOSPC, "reason", strerror(err));
     uint64_t now = now_monotonic_ns();
 
-    if (d->last_event_ns == 0 || now - d->last_event_ns >= EVENT_PERIOD_NS) {
+    /* Nothing is held back while the timer is off: a period that ended with nothing held
+     * lets the next event go at once. */
+    if (!d->event_timer && (d->last_event_ns == 0 || now - d->last_event_ns >= EVENT_PERIOD_NS)) {
         d->last_event_ns = now;
         dev_context_emit(d->ctx, "BLOCK_IO_ERROR", data);
         return;
     }
-    json_decref(d->pending_event);
+    if (d->pending_event) {
+        json_decref(d->pending_event);
+        d->suppressed++;
+    }
     d->pending_event = data;
     if (!d->event_timer)
         d->event_timer = loop_add_timer(d->ctx->loop, d->last_event_ns + EVENT_PERIOD_NS - now,
@@ -491,8 +501,7 @@ void dev_stopper_resumed(struct dev_stopper *s)
 
 /* ---- the context ---- */
 
-struct dev_context *dev_context_new(struct loop *loop, struct runstate *rs,
-                                    void (*emit)(void *opaque, const char *name, json_t *data),
+struct dev_context *dev_context_new(struct loop *loop, struct runstate *rs, dev_emit_fn *emit,
                                     void *emit_opaque)
 {
     struct dev_context *ctx = xzalloc(sizeof(*ctx));
@@ -521,7 +530,7 @@ struct loop *dev_context_loop(const struct dev_context *ctx)
 
 void dev_context_emit(struct dev_context *ctx, const char *name, json_t *data)
 {
-    ctx->emit(ctx->emit_opaque, name, data);
+    ctx->emit(ctx->emit_opaque, name, data, NULL);
 }
 
 dev_group_queue *dev_context_groups(struct dev_context *ctx)
@@ -609,10 +618,10 @@ void device_free(struct device *d)
         return;
     device_abort(d);
     device_queue_remove(&d->ctx->devices, d);
+    /* The last of its second goes now, with its count, as QEMU's monitor would send it. */
     if (d->event_timer)
         loop_del_timer(d->ctx->loop, d->event_timer);
-    json_decref(d->pending_event);
-    d->pending_event = NULL;
+    send_pending_event(d->ctx->loop, d);
     d->waiters = (dev_waiter_queue){0};
     d->dying = true;
     if (d->in_flight == 0)

@@ -14,6 +14,9 @@
  * BLOCK_IO_ERROR is sent for every action, at most one a second per device (the first at once,
  * later ones within the second coalesced into the last one, sent at its end; QEMU 9.2's rule).
  * So the first BLOCK_IO_ERROR of a stop always precedes its STOP; coalesced ones may follow it.
+ * A coalesced one carries "__org.thinblk_suppressed": K, the events of the device dropped in
+ * its favour, so every failure is counted: events sent plus their K is the number of errors.
+ * One held back when the device is freed is sent then, not lost.
  *
  * On cont (the run state entering running), io-status returns to ok and parked requests are
  * resubmitted whole, in the order they were submitted, then the held ones. A flush is not
@@ -145,10 +148,13 @@ void dev_stopper_resumed(struct dev_stopper *s);
 
 struct dev_context;
 
+/* Where the devices' events go: event name with data (stolen) and extra top-level members
+ * (stolen, NULL if none: a coalesced BLOCK_IO_ERROR's "__org.thinblk_suppressed"). */
+typedef void dev_emit_fn(void *opaque, const char *name, json_t *data, json_t *extra);
+
 /* A context for devices stopped by runstate rs (borrowed, must outlive it), with events going
- * to emit(emit_opaque, name, data) (data stolen). Never fails. */
-struct dev_context *dev_context_new(struct loop *loop, struct runstate *rs,
-                                    void (*emit)(void *opaque, const char *name, json_t *data),
+ * to emit(emit_opaque, ...). Never fails. */
+struct dev_context *dev_context_new(struct loop *loop, struct runstate *rs, dev_emit_fn *emit,
                                     void *emit_opaque);
 /* Free ctx; every device must have been freed. NULL does nothing. */
 void dev_context_free(struct dev_context *ctx);

@@ -12,6 +12,7 @@ struct dev_context;
 struct exports;
 struct job_list;
 struct tls_objects;
+struct qmp_journal;
 
 /* What the command handlers act on; owned by the daemon, outliving the dispatcher. */
 struct qmp_services {
@@ -21,6 +22,7 @@ struct qmp_services {
     struct exports *exports;
     struct job_list *jobs;
     struct tls_objects *tls;
+    struct qmp_journal *journal;  /* the events sent, for __org.thinblk_query-event-journal */
 };
 
 /* qmp_capabilities, query-version (answers version, borrowed: must outlive d), query-commands. */
@@ -33,6 +35,9 @@ void qmp_register_run(struct qmp_dispatcher *d, struct qmp_services *svc);
 void qmp_register_block(struct qmp_dispatcher *d, struct qmp_services *svc);
 /* nbd-server-start/-stop, block-export-add/-del, query-block-exports. */
 void qmp_register_export(struct qmp_dispatcher *d, struct qmp_services *svc);
+
+/* __org.thinblk_query-event-journal (svc->journal). */
+void qmp_register_event(struct qmp_dispatcher *d, struct qmp_services *svc);
 
 /* object-add, object-del. */
 void qmp_register_object(struct qmp_dispatcher *d, struct qmp_services *svc);

@@ -15,6 +15,7 @@
 #include "common/util.h"
 #include "loop/loop.h"
 #include "qmp/dispatch.h"
+#include "qmp/journal.h"
 #include "common/json-stream.h"
 
 #define READ_CHUNK 65536
@@ -53,6 +54,7 @@ DEFINE_LIST_TYPE(client_list, struct client, prev, next)
 struct qmp_server {
     struct loop *loop;
     struct qmp_dispatcher *d;
+    struct qmp_journal *journal;  /* borrowed */
     json_t *greeting;
     monitor_queue monitors;    /* the newest first */
     client_list clients;       /* open, the newest first */
@@ -261,12 +263,14 @@ static void accept_clients(struct loop *loop, int fd, unsigned events, void *opa
     }
 }
 
-struct qmp_server *qmp_server_new(struct loop *loop, struct qmp_dispatcher *d, json_t *version)
+struct qmp_server *qmp_server_new(struct loop *loop, struct qmp_dispatcher *d,
+                                  struct qmp_journal *journal, json_t *version)
 {
     struct qmp_server *srv = xzalloc(sizeof(*srv));
 
     srv->loop = loop;
     srv->d = d;
+    srv->journal = journal;
     srv->greeting = json_pack("{s:{s:O,s:[s]}}", "QMP", "version", version, "capabilities",
                               "oob");
     return srv;
@@ -353,6 +357,11 @@ static void flush_event(struct loop *loop, void *opaque)
 
 void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
 {
+    qmp_server_emit_with(srv, name, data, NULL);
+}
+
+void qmp_server_emit_with(struct qmp_server *srv, const char *name, json_t *data, json_t *extra)
+{
     uint64_t ns = now_realtime_ns();
     json_t *ev = json_pack("{s:s,s:{s:I,s:I}}", "event", name, "timestamp",
                            "seconds", (json_int_t)(ns / 1000000000u),
@@ -361,6 +370,12 @@ void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data)
 
     if (data)
         json_object_set_new(ev, "data", data);
+    if (extra) {
+        json_object_update(ev, extra);
+        json_decref(extra);
+    }
+    /* Numbered and kept whether or not anyone listens: a client asks for what it missed. */
+    qmp_journal_record(srv->journal, ev);
 
     for (struct client *c = srv->clients.head, *next; c; c = next) {
         next = c->next;

@@ -25,6 +25,7 @@
 
 struct loop;
 struct qmp_dispatcher;
+struct qmp_journal;
 
 #define QMP_SERVER_SOFT_LIMIT (64u * 1024)
 #define QMP_SERVER_DEFAULT_OUTPUT_LIMIT (8u * 1024 * 1024)
@@ -37,9 +38,11 @@ struct qmp_monitor_config {
 
 struct qmp_server;
 
-/* A server whose greeting carries version (borrowed; {"qemu": {...}, "package": ...}) and whose
- * clients' requests go to d (borrowed; must outlive the server). */
-struct qmp_server *qmp_server_new(struct loop *loop, struct qmp_dispatcher *d, json_t *version);
+/* A server whose greeting carries version (borrowed; {"qemu": {...}, "package": ...}), whose
+ * clients' requests go to d and whose events are numbered and kept in journal (both borrowed;
+ * they must outlive the server). */
+struct qmp_server *qmp_server_new(struct loop *loop, struct qmp_dispatcher *d,
+                                  struct qmp_journal *journal, json_t *version);
 
 /* Close every socket, remove the monitors' socket files, free everything. */
 void qmp_server_free(struct qmp_server *srv);
@@ -51,6 +54,10 @@ int qmp_server_add_monitor(struct qmp_server *srv, const struct qmp_monitor_conf
 /* Send event name with data (stolen, may be NULL) and the current time to every negotiated
  * client of every monitor. */
 void qmp_server_emit(struct qmp_server *srv, const char *name, json_t *data);
+/* The same with extra top-level members (stolen, may be NULL): downstream ones such as
+ * "__org.thinblk_suppressed" (qmp/journal.h). Every event gets "__org.thinblk_seq" and goes
+ * to the journal, whether or not a client is connected. */
+void qmp_server_emit_with(struct qmp_server *srv, const char *name, json_t *data, json_t *extra);
 
 /* Stop taking connections and requests (at shutdown); remove the socket files. Output already
  * queued is still sent. */

@@ -84,10 +84,30 @@ def _is_timestamp(obj):
             and obj["seconds"] >= 0 and 0 <= obj["microseconds"] < 1000000)
 
 
+# thinblk's downstream members of events (docs/qmp.md, "Event journal"): every event's number,
+# and the count of BLOCK_IO_ERRORs a coalesced one replaced; QEMU sends neither. The journal's
+# tests (test_event_journal.py) check them; the others compare events without them.
+EVENT_SEQ = "__org.thinblk_seq"
+EVENT_SUPPRESSED = "__org.thinblk_suppressed"
+
+
+def _without_downstream(event):
+    """The event without thinblk's downstream members (after checking their shape)."""
+    if EVENT_SEQ in event:
+        seq = event[EVENT_SEQ]
+        assert type(seq) is int and seq >= 1, f"bad {EVENT_SEQ} in {event!r}"
+    if EVENT_SUPPRESSED in event:
+        k = event[EVENT_SUPPRESSED]
+        assert type(k) is int and k >= 1 and event.get("event") == "BLOCK_IO_ERROR", \
+            f"bad {EVENT_SUPPRESSED} in {event!r}"
+    return {k: v for k, v in event.items() if k not in (EVENT_SEQ, EVENT_SUPPRESSED)}
+
+
 def normalize(obj):
     """The message with what may differ between runs and servers replaced by placeholders:
     an event's timestamp values and a version object's numbers and package (QEMU's
-    VersionInfo). Only well-formed ones are replaced, so a malformed one still mismatches."""
+    VersionInfo), and without thinblk's downstream event members. Only well-formed ones are
+    replaced, so a malformed one still mismatches."""
     if isinstance(obj, list):
         return [normalize(v) for v in obj]
     if not isinstance(obj, dict):
@@ -97,14 +117,17 @@ def normalize(obj):
     out = {k: normalize(v) for k, v in obj.items()}
     if "event" in obj and _is_timestamp(obj.get("timestamp")):
         out["timestamp"] = "<timestamp>"
+        out = _without_downstream(out)
     return out
 
 
 def without_timestamp(event):
-    """The event without its timestamp, after checking the timestamp's exact shape."""
+    """The event without its timestamp and thinblk's downstream members (its number, a
+    coalesced BLOCK_IO_ERROR's count), after checking their exact shape; their values are
+    checked by test_event_journal.py."""
     assert isinstance(event, dict) and "event" in event, f"not an event: {event!r}"
     assert _is_timestamp(event.get("timestamp")), f"bad timestamp in {event!r}"
-    return {k: v for k, v in event.items() if k != "timestamp"}
+    return _without_downstream({k: v for k, v in event.items() if k != "timestamp"})
 
 
 def assert_event(msg, name, data=None):

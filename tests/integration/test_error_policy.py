@@ -264,10 +264,12 @@ def test_block_io_error_throttled_but_first_not_delayed(daemons, tmp_path):
     for i in range(20):
         with pytest.raises(nbd.Error):
             h.pwrite(b"\x05" * 512, i * 512)
-    # The first event came at once; the other 19 within the second make one more, at most.
+    # The first event came at once; the other 19 within the second make one more, at most,
+    # which counts the 18 it replaced.
     first = disk.qmp.read_event(timeout=1)
     assert without_timestamp(first) == io_error("write", "report", "EIO")
     second = disk.qmp.read_event(timeout=3)
+    assert second["__org.thinblk_suppressed"] == 18
     assert without_timestamp(second) == io_error("write", "report", "EIO")
     with pytest.raises(TimeoutError):
         disk.qmp.read_event(timeout=1.5)

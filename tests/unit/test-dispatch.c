@@ -23,6 +23,7 @@
 #include "loop/loop.h"
 #include "qmp/commands.h"
 #include "qmp/dispatch.h"
+#include "qmp/journal.h"
 #include "common/json-stream.h"
 #include "common/qjson.h"
 #include "runstate/runstate.h"
@@ -768,6 +769,7 @@ struct rfx {
     struct runstate *rs;
     struct block_graph *g;
     struct dev_context *devs;
+    struct qmp_journal *journal;
     struct qmp_services svc;
     json_t *version;
     char *events[16];  /* "NAME" or "NAME <data>", as emitted */
@@ -791,6 +793,12 @@ static void capture_event(void *opaque, const char *name, json_t *data)
     }
 }
 
+static void capture_device_event(void *opaque, const char *name, json_t *data, json_t *extra)
+{
+    json_decref(extra);
+    capture_event(opaque, name, data);
+}
+
 static void capture_change(void *opaque, enum run_state old_state, enum run_state new_state)
 {
     struct rfx *f = opaque;
@@ -810,13 +818,16 @@ static int setup_real_in(void **state, enum run_state initial)
     f->rs = runstate_new(f->loop, initial, capture_event, f);
     runstate_add_listener(f->rs, capture_change, f);
     f->g = block_graph_new(f->loop, NULL, capture_event, f);
-    f->devs = dev_context_new(f->loop, f->rs, capture_event, f);
-    f->svc = (struct qmp_services){ .runstate = f->rs, .graph = f->g, .devs = f->devs };
+    f->devs = dev_context_new(f->loop, f->rs, capture_device_event, f);
+    f->journal = qmp_journal_new(2);
+    f->svc = (struct qmp_services){ .runstate = f->rs, .graph = f->g, .devs = f->devs,
+                                    .journal = f->journal };
     f->version = qmp_version_info("0.1.0");
     f->d = qmp_dispatcher_new();
     qmp_register_control(f->d, f->version);
     qmp_register_run(f->d, &f->svc);
     qmp_register_block(f->d, &f->svc);
+    qmp_register_event(f->d, &f->svc);
     *state = f;
     return 0;
 }
@@ -839,6 +850,7 @@ static int teardown_real(void **state)
     block_graph_free(f->g);
     dev_context_free(f->devs);
     runstate_free(f->rs);
+    qmp_journal_free(f->journal);
     loop_free(f->loop);
     json_decref(f->version);
     for (size_t i = 0; i < f->nevents; i++)
@@ -1000,7 +1012,8 @@ static void test_real_query_commands_lists_all(void **state)
                     "{\"name\": \"blockdev-add\"}, {\"name\": \"blockdev-del\"}, "
                     "{\"name\": \"query-named-block-nodes\"}, {\"name\": \"query-block\"}, "
                     "{\"name\": \"query-blockstats\"}, {\"name\": \"block-set-write-threshold\"}, "
-                    "{\"name\": \"block_resize\"}, {\"name\": \"__org.thinblk_fault-set\"}]}");
+                    "{\"name\": \"block_resize\"}, {\"name\": \"__org.thinblk_fault-set\"}, "
+                    "{\"name\": \"__org.thinblk_query-event-journal\"}]}");
 }
 
 static void test_real_query_version(void **state)
@@ -1247,6 +1260,103 @@ static void test_real_write_threshold_sets_node(void **state)
     assert_true(n->write_threshold == UINT64_MAX);
 }
 
+
+/* ---- the event journal (a journal of 2 in setup_real) ---- */
+
+static json_t *journal_event(const char *name)
+{
+    return json_pack("{s:s,s:{s:I,s:I}}", "event", name, "timestamp", "seconds", 1,
+                     "microseconds", 2);
+}
+
+static void record(struct rfx *f, const char *name, int suppressed)
+{
+    json_t *ev = journal_event(name);
+
+    if (suppressed)
+        json_object_set_new(ev, QMP_EVENT_SUPPRESSED, json_integer(suppressed));
+    qmp_journal_record(f->journal, ev);
+    json_decref(ev);
+}
+
+static json_t *query_journal(struct rfx *f, const char *args)
+{
+    _cleanup_free_ char *req = xasprintf("{\"execute\":\"__org.thinblk_query-event-journal\","
+                                         "\"arguments\":%s}", args);
+    _cleanup_free_ char *rsp = dispatch_text(f->d, &f->s, req);
+    json_t *v = json_loads(rsp, 0, NULL);
+
+    assert_non_null(v);
+    return v;
+}
+
+static void test_real_journal_empty(void **state)
+{
+    struct rfx *f = R(state);
+
+    negotiate(state);
+    json_t *r = query_journal(f, "{}");
+    _cleanup_free_ char *want = xasprintf("{\"return\": {\"events\": [], \"last-seq\": 0, "
+                                          "\"instance\": \"%s\", \"dropped\": 0, "
+                                          "\"suppressed\": 0}}",
+                                          qmp_journal_instance(f->journal));
+    json_t *w = json_loads(want, 0, NULL);
+    assert_true(json_equal(r, w));
+    json_decref(r);
+    json_decref(w);
+}
+
+static void test_real_journal_keeps_the_last(void **state)
+{
+    struct rfx *f = R(state);
+
+    negotiate(state);
+    record(f, "A", 0);
+    record(f, "B", 3);
+    record(f, "C", 4);
+    json_t *r = query_journal(f, "{}");
+    json_t *ret = json_object_get(r, "return");
+    json_t *events = json_object_get(ret, "events");
+    assert_int_equal(json_integer_value(json_object_get(ret, "last-seq")), 3);
+    assert_int_equal(json_integer_value(json_object_get(ret, "dropped")), 1);
+    assert_int_equal(json_integer_value(json_object_get(ret, "suppressed")), 7);
+    assert_int_equal(json_array_size(events), 2);
+    assert_string_equal(json_string_value(json_object_get(json_array_get(events, 0), "event")),
+                        "B");
+    assert_int_equal(json_integer_value(json_object_get(json_array_get(events, 1),
+                                                        QMP_EVENT_SEQ)), 3);
+    json_decref(r);
+
+    r = query_journal(f, "{\"after\": 2}");
+    ret = json_object_get(r, "return");
+    assert_int_equal(json_array_size(json_object_get(ret, "events")), 1);
+    assert_int_equal(json_integer_value(json_object_get(ret, "dropped")), 0);
+    assert_int_equal(json_integer_value(json_object_get(ret, "suppressed")), 4);
+    json_decref(r);
+
+    r = query_journal(f, "{\"after\": 2, \"instance\": \"another\"}");
+    ret = json_object_get(r, "return");
+    assert_int_equal(json_array_size(json_object_get(ret, "events")), 2);
+    assert_int_equal(json_integer_value(json_object_get(ret, "dropped")), 1);
+    json_decref(r);
+}
+
+static void test_real_journal_after_ahead(void **state)
+{
+    struct rfx *f = R(state);
+
+    negotiate(state);
+    record(f, "A", 0);
+    ASSERT_DISPATCH(f->d, &f->s,
+                    "{\"execute\":\"__org.thinblk_query-event-journal\",\"arguments\":{\"after\":2}}",
+                    "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'after' is "
+                    "ahead of the journal: the last event is 1\"}}");
+    ASSERT_DISPATCH(f->d, &f->s,
+                    "{\"execute\":\"__org.thinblk_query-event-journal\",\"arguments\":{\"after\":-1}}",
+                    "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'after' "
+                    "expects uint64\"}}");
+}
+
 #define TT(fn) cmocka_unit_test_setup_teardown(fn, setup_table, teardown_table)
 #define TR(fn) cmocka_unit_test_setup_teardown(fn, setup_real, teardown_real)
 #define TP(fn) cmocka_unit_test_setup_teardown(fn, setup_real_prelaunch, teardown_real)
@@ -1332,6 +1442,9 @@ int main(void)
         TR(test_real_capabilities_unexpected_argument),
         TR(test_real_commands_need_negotiation),
         TR(test_real_query_commands_lists_all),
+        TR(test_real_journal_empty),
+        TR(test_real_journal_keeps_the_last),
+        TR(test_real_journal_after_ahead),
         TR(test_real_query_version),
         TR(test_real_query_status_running),
         TP(test_real_query_status_prelaunch),
