@@ -134,7 +134,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     unlink(path);  /* the node keeps it open */
     if (!node)
         fuzz_die("block_node_create", err);
-    g.dev = device_new(g.devs, "e0", node, DEV_ACTION_REPORT, DEV_ACTION_REPORT, &err);
+    g.dev = device_new(g.devs, "e0", node, DEV_ACTION_REPORT, DEV_ACTION_REPORT, NULL, &err);
     if (!g.dev)
         fuzz_die("device_new", err);
 
