@@ -20,9 +20,15 @@
  *     group alone, so a group waiting (at its cap, a failing extension) holds no other group
  *     and not the daemon. A grouped disk's stop is its group's, with the group's own since.
  *     Never resume a group in "paused" (__org.thinblk_group-stop: a person's).
+ *
+ * Events missed while disconnected are read back from the daemon's event journal
+ * (__org.thinblk_query-event-journal, from the last event seen) when the connection is back:
+ * logged, so the operator knows what happened meanwhile, and taken as live ones (a missed
+ * BLOCK_WRITE_THRESHOLD still says how far the write went). The decisions need none of them.
  */
 #include "agent/disk.h"
 
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -135,6 +141,10 @@ struct disk_daemon {
     char *run_label;        /* run.what */
     disk_queue disks;       /* the newest first */
     group_queue groups;     /* the newest first */
+    /* The daemon's event journal: where the agent is in it, to read back what it missed. */
+    char *journal_instance; /* the daemon's journal, or NULL: not known (yet, or no journal) */
+    uint64_t journal_seq;   /* the newest event of journal_instance seen */
+    uint64_t first_live_seq; /* the first event seen on this connection (0: none yet) */
 };
 
 static void reconcile(struct disk_daemon *dm);
@@ -738,10 +748,9 @@ static void reconcile(struct disk_daemon *dm)
 }
 
 /* mon_ops: an event from the daemon asks for a reconcile, if it is one that matters. */
-static void on_event(void *opaque, const char *name, json_t *data)
+/* An event, live or read back from the journal: whether it asks for a reconcile. */
+static bool take_event(struct disk_daemon *dm, const char *name, json_t *data)
 {
-    struct disk_daemon *dm = opaque;
-
     if (strcmp(name, "BLOCK_WRITE_THRESHOLD") == 0) {
         const char *node = str(data, "node-name");
         for (struct disk *d = dm->disks.head; d && node; d = d->next) {
@@ -757,9 +766,91 @@ static void on_event(void *opaque, const char *name, json_t *data)
     } else if (strcmp(name, "STOP") && strcmp(name, "RESUME") &&
                strcmp(name, "__org.thinblk_GROUP_STOP") &&
                strcmp(name, "__org.thinblk_GROUP_RESUME")) {
+        return false;
+    }
+    return true;
+}
+
+static void on_event(void *opaque, const char *name, json_t *data, uint64_t seq)
+{
+    struct disk_daemon *dm = opaque;
+
+    if (seq) {
+        if (!dm->first_live_seq)
+            dm->first_live_seq = seq;
+        dm->journal_seq = seq;
+    }
+    if (take_event(dm, name, data))
+        reconcile(dm);
+}
+
+/* The journal's answer after a (re)connect: the events missed since journal_seq (all of them
+ * if the daemon is not the one seen before: restarted), except those that came live since. */
+static void on_journal(struct mon *mon, json_t *ret, const char *cls, const char *desc,
+                       void *opaque)
+{
+    struct disk_daemon *dm = mon_opaque(mon);
+    const char *instance = str(ret, "instance");
+    json_t *events = json_object_get(ret, "events"), *ev;
+    bool first = !dm->journal_instance, restarted, again = false;
+    uint64_t dropped = u64(ret, "dropped"), last = u64(ret, "last-seq"), missed = 0;
+    uint64_t from = 0, to = 0;
+    char names[256] = "";
+    size_t i, len = 0;
+
+    if (!ret || !instance || !json_is_array(events)) {
+        /* QEMU has no journal (CommandNotFound): what was missed is only in the queries. */
+        if (cls && strcmp(cls, "CommandNotFound"))
+            log_warn("daemon %s: __org.thinblk_query-event-journal: %s", dm->conf->name,
+                        desc ? desc : "an answer without its members");
         return;
     }
-    reconcile(dm);
+    restarted = !first && strcmp(instance, dm->journal_instance) != 0;
+    set_str(&dm->journal_instance, instance);
+    if (!first) {
+        json_array_foreach(events, i, ev) {
+            uint64_t seq = u64(ev, "__org.thinblk_seq");
+            const char *name = str(ev, "event");
+            if (!name || (dm->first_live_seq && seq >= dm->first_live_seq))
+                continue;  /* seen live on this connection */
+            missed++;
+            from = from ? from : seq;
+            to = seq;
+            again |= take_event(dm, name, json_object_get(ev, "data"));
+            if (len < sizeof(names) - 1)
+                len += snprintf(names + len, sizeof(names) - len, "%s%s", len ? ", " : "", name);
+        }
+        if (len >= sizeof(names) - 1)
+            strcpy(names + sizeof(names) - 5, "...");
+        if (restarted && !missed)
+            log_info("daemon %s: restarted while disconnected; no events since its start",
+                     dm->conf->name);
+        else if (missed)
+            log_info("daemon %s: %s%" PRIu64 " events while disconnected (%" PRIu64 " to %" PRIu64
+                     "): %s", dm->conf->name, restarted ? "restarted; " : "", missed, from, to,
+                     names);
+        if (dropped)
+            log_warn("daemon %s: %" PRIu64 " more events while disconnected are no longer in "
+                        "its journal (--event-journal size=N keeps the last N); what they "
+                        "changed is read from the queries", dm->conf->name, dropped);
+    }
+    dm->journal_seq = last;  /* events after it come after this answer */
+    if (again)
+        reconcile(dm);
+}
+
+/* On a (re)connect: the journal from the last event seen, or its position the first time. */
+static void read_journal(struct disk_daemon *dm)
+{
+    json_t *args = json_object();
+
+    dm->first_live_seq = 0;
+    if (dm->journal_instance)
+        json_object_set_new(args, "instance", json_string(dm->journal_instance));
+    if (dm->journal_instance && dm->journal_seq)
+        json_object_set_new(args, "after", json_integer((json_int_t)dm->journal_seq));
+    mon_call(dm->mon, "__org.thinblk_query-event-journal", args, on_journal, NULL);
+    json_decref(args);
 }
 
 static void on_poll(struct loop *loop, void *opaque)
@@ -776,6 +867,7 @@ static void on_connected(void *opaque)
     struct disk_daemon *dm = opaque;
 
     dm->poll_timer = loop_add_timer(dm->loop, dm->cfg->poll_ns, on_poll, dm);
+    read_journal(dm);
     reconcile(dm);
 }
 
@@ -897,6 +989,7 @@ void disk_daemon_free(struct disk_daemon *dm)
     }
     while ((g = group_queue_pop(&dm->groups)))
         group_free(g);
+    free(dm->journal_instance);
     for (size_t i = 0; i < SNAP_COUNT; i++)
         json_decref(dm->snap[i]);
     free(dm->run_label);

@@ -145,8 +145,10 @@ static void dispatch(struct mon *m, struct qmpc_message *msg)
             lost(m, "could not send qmp_capabilities");
         return;
     case QMPC_MSG_EVENT:
-        if (m->ready)
-            m->ops->event(m->opaque, msg->event, msg->data);
+        if (m->ready) {
+            json_int_t seq = json_integer_value(json_object_get(msg->json, "__org.thinblk_seq"));
+            m->ops->event(m->opaque, msg->event, msg->data, seq > 0 ? (uint64_t)seq : 0);
+        }
         return;
     case QMPC_MSG_RETURN:
     case QMPC_MSG_ERROR:

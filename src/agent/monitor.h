@@ -23,8 +23,10 @@ struct mon;
 struct mon_ops {
     /* Capabilities negotiated: commands can be sent. */
     void (*connected)(void *opaque);
-    /* An event (name and data borrowed, valid during the call). Only once connected. */
-    void (*event)(void *opaque, const char *name, json_t *data);
+    /* An event (name and data borrowed, valid during the call), with its number in the
+     * daemon's event journal (__org.thinblk_seq; 0 from a server without one, QEMU). Only once
+     * connected. */
+    void (*event)(void *opaque, const char *name, json_t *data, uint64_t seq);
     /* A connection that had been negotiated was lost; replies still expected are dropped. */
     void (*disconnected)(void *opaque);
 };

@@ -10,7 +10,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -311,6 +313,8 @@ def test_daemon_restarted_mid_run(daemons, loopdisks, agents):
     a.wait_log(r"daemon default: connection lost")
     s.start()  # the same socket path, the same loop device
     a.wait_log(r"daemon default: connected to .* again")
+    # A new daemon: a new event journal, which the agent reads from its start.
+    a.wait_log(r"daemon default: restarted while disconnected; no events since its start")
     # The new daemon's node has no threshold until the agent arms it again.
     wait_for(lambda: s.node("proto0")["write_threshold"] == disk.size() - 8 * MiB,
              "the threshold armed on the restarted daemon")
@@ -320,6 +324,101 @@ def test_daemon_restarted_mid_run(daemons, loopdisks, agents):
     assert s.status() == "running"
     s.read_back(0x44, 0, 20 * MiB)
     s.read_back(0x55, 20 * MiB, before)
+    a.stop()
+    s.stop()
+    disk.check()
+
+
+class Proxy:
+    """A Unix-socket forwarder between the agent and the daemon's monitor, to cut the agent's
+    connection while the daemon runs on (cut), and let it back (restore)."""
+
+    def __init__(self, path, target):
+        self.path, self.target = str(path), str(target)
+        self.conns, self.lock = [], threading.Lock()
+        self.restore()
+
+    def restore(self):
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen()
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                a, _ = listener.accept()
+            except OSError:
+                return
+            b = socket.socket(socket.AF_UNIX)
+            b.connect(self.target)
+            with self.lock:
+                self.conns += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.listener.close()
+        os.unlink(self.path)
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self.conns = []
+
+
+def test_agent_reads_missed_events_from_the_journal(daemons, loopdisks, agents, tmp_path):
+    """The agent's connection is cut while the daemon runs on and its storage runs out. Back,
+    the agent reads exactly the events it missed from the daemon's event journal
+    (__org.thinblk_query-event-journal), logs them, then extends and resumes."""
+    disk = loopdisks(size=16 * MiB)
+    s = Served(daemons, disk)
+    proxy = Proxy(tmp_path / "proxy.sock", s.mon)
+    a = agents("-s", proxy.path, "--chunk", "64M", "--watermark", "8M", "--poll-interval", "600s")
+    a.wait_log(r"disk0: write threshold at 8 MiB")
+    seen = s.qmp.cmd("__org.thinblk_query-event-journal")["return"]["last-seq"]
+    proxy.cut()
+    a.wait_log(r"daemon default: connection lost")
+    w = s.write(0x66, 0, 40 * MiB, step=4 * MiB, wait=False)
+    wait_for(lambda: s.status() == "io-error", "the daemon to stop on ENOSPC")
+    proxy.restore()
+    a.wait_log(r"resuming \(cont\)")
+    finish(w)
+    line = a.lines(r"events while disconnected")
+    assert len(line) == 1, a.log()
+    m = re.search(r"daemon default: (\d+) events while disconnected \((\d+) to (\d+)\): (.*)$",
+                  line[0])
+    assert m, line
+    count, first, last = int(m[1]), int(m[2]), int(m[3])
+    journal = s.qmp.cmd("__org.thinblk_query-event-journal", {"after": seen})["return"]
+    missed = [e for e in journal["events"] if e["__org.thinblk_seq"] <= last]
+    assert (first, last, count, journal["dropped"]) == (seen + 1, seen + len(missed),
+                                                         len(missed), 0), (line, journal)
+    assert m[4] == ", ".join(e["event"] for e in missed), (line, missed)
+    names = [e["event"] for e in missed]
+    # (A coalesced BLOCK_IO_ERROR may come after the STOP: one a second per device.)
+    assert names[0] == "BLOCK_WRITE_THRESHOLD" and "STOP" in names, names
+    assert names.index("BLOCK_IO_ERROR") < names.index("STOP"), names
+    assert set(names) == {"BLOCK_WRITE_THRESHOLD", "BLOCK_IO_ERROR", "STOP"}, names
+    assert disk.size() == 80 * MiB and s.status() == "running"
+    s.read_back(0x66, 0, 40 * MiB)
+    proxy.cut()
     a.stop()
     s.stop()
     disk.check()
