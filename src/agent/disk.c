@@ -227,6 +227,30 @@ static json_t *find_by(json_t *list, const char *key, const char *value)
     return NULL;
 }
 
+/* The name of a query-block entry's device: its name, or for a device without one (QEMU's
+ * -blockdev, as libvirt starts it), its root node's, as learn() names it. NULL: no medium. */
+static const char *block_device(json_t *entry)
+{
+    const char *device = str(entry, "device");
+
+    if (device && *device)
+        return device;
+    return str(json_object_get(entry, "inserted"), "node-name");
+}
+
+static json_t *find_block(json_t *block, const char *device)
+{
+    size_t i;
+    json_t *e;
+
+    json_array_foreach(block, i, e) {
+        const char *name = block_device(e);
+        if (name && strcmp(name, device) == 0)
+            return e;
+    }
+    return NULL;
+}
+
 /* One entry of query-blockstats: the device, its root node and the chain of "parent"s down
  * to the protocol node, whose wr_highest_offset is how far the image reaches. */
 static void learn(struct disk_daemon *dm, json_t *entry, json_t *block, json_t *nodes)
@@ -270,7 +294,7 @@ static void learn(struct disk_daemon *dm, json_t *entry, json_t *block, json_t *
     set_str(&d->format, str(rinfo, "drv"));
     d->virtual_size = u64(rimage, "virtual-size");
 
-    json_t *binfo = find_by(block, "device", device);
+    json_t *binfo = find_block(block, device);
     const char *io = str(binfo, "io-status");
     set_str(&d->group, str(binfo, "__org.thinblk_group"));
     d->nospace = io && strcmp(io, "nospace") == 0;
@@ -489,7 +513,7 @@ static void decide_cont(struct disk_daemon *dm, json_t *block, struct group *g)
     if (st->cont_in_flight)
         return;
     json_array_foreach(block, i, e) {
-        const char *io = str(e, "io-status"), *device = str(e, "device");
+        const char *io = str(e, "io-status"), *device = block_device(e);
         const char *group = str(e, "__org.thinblk_group");
         if (!io || !device || strcmp(io, "ok") == 0)
             continue;

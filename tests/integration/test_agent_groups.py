@@ -6,22 +6,28 @@ group vm2, "c" in no group. A writer past the end of a volume gets a real ENOSPC
 the disk's group (or, for "c", the run state); the agent extends that volume and resumes that
 group alone (__org.thinblk_group-cont), or the run state (cont).
 
+The last test has no thinblkd: the agent manages a QEMU VM directly (QEMU's QMP, no groups,
+QEMU's own stop on ENOSPC), as it would for libvirt's VMs.
+
 Results are checked by queries (query-groups, the devices' stopped counts), by the agent's log
 and by reading the data back; waits are for a condition up to a deadline, never a sleep.
 """
 
-import json
 import os
+import re
 import signal
-import socket
 import subprocess
-import threading
+import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import _die_with_parent, _sanitizer_reports
+from conftest import TIMEOUT, QMPClient, _die_with_parent, _sanitizer_reports, without_timestamp
 from test_agent import MiB, agents, finish, loopdisks, wait_for  # noqa: F401 (fixtures)
 from test_stop_groups import LoopWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest"))
+import guest as kit  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root"),
@@ -30,6 +36,11 @@ pytestmark = [
 ]
 
 GROUP_OF = {"a": "vm1", "b": "vm2", "c": None}
+# The QEMU guest's job, and its deadline: TCG on a busy 2-CPU machine. Every wait ends as soon
+# as its condition holds.
+WRITE_MB = 40
+GUEST_TIMEOUT = 300
+VBLK0_QDEV = "/machine/peripheral/vblk0/virtio-backend"
 
 
 class GroupedDaemon:
@@ -301,95 +312,76 @@ def test_device_in_no_group_resumed_with_cont(served, agents):
     s.stop()
 
 
-class ScriptedQmp(threading.Thread):
-    """A QMP peer that answers from a table as QEMU 7.2 would: thinblk's commands (the groups,
-    query-stop-reason) are CommandNotFound. Records the commands it is sent."""
-
-    def __init__(self, path, answers):
-        super().__init__(daemon=True)
-        self.answers, self.commands = answers, []
-        self.lock = threading.Lock()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(1)
-
-    def names(self):
-        with self.lock:
-            return [c for c, _ in self.commands]
-
-    def run(self):
-        conn, _ = self.sock.accept()
-        self.sock.close()
-        with conn:
-            self.serve(conn)
-
-    def serve(self, conn):
-        conn.sendall(json.dumps({"QMP": {"version": {"qemu": {"major": 7, "minor": 2,
-                     "micro": 0}, "package": ""}, "capabilities": []}}).encode() + b"\r\n")
-        buf, dec = "", json.JSONDecoder()
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data.decode()
-            while buf.strip():
-                try:
-                    msg, end = dec.raw_decode(buf.lstrip())
-                except ValueError:
-                    break
-                buf = buf.lstrip()[end:]
-                name = msg["execute"]
-                with self.lock:
-                    self.commands.append((name, msg.get("arguments")))
-                    answer = self.answers(name) if name != "qmp_capabilities" else {}
-                if answer is None:
-                    reply = {"error": {"class": "CommandNotFound",
-                                       "desc": f"The command {name} has not been found"}}
-                else:
-                    reply = {"return": answer}
-                if "id" in msg:
-                    reply["id"] = msg["id"]
-                conn.sendall(json.dumps(reply).encode() + b"\r\n")
+def guest_on_loop_device(image, disk, workdir, agent_mon, mb):
+    """A QEMU TCG guest whose virtio-blk disk is DISK's qcow2 image, opened by QEMU itself on
+    the loop device (-blockdev host_device, as libvirt gives it: no device name), with QEMU's
+    own error policy (werror=enospc, rerror=report: its defaults for virtio-blk); its job writes
+    MB MiB. Two QMP monitors: the kit's (the test's) and AGENT_MON (the agent's; a QMP socket
+    takes one client at a time)."""
+    return kit.Guest(image, [], job="write", mb=mb, workdir=workdir, qmp=True, extra_args=[
+        "-blockdev", f"driver=host_device,node-name=proto0,filename={disk.dev}",
+        "-blockdev", "driver=qcow2,node-name=fmt0,file=proto0",
+        "-device", "virtio-blk-pci,id=vblk0,drive=fmt0",
+        "-chardev", f"socket,id=agentmon,path={agent_mon},server=on,wait=off",
+        "-mon", "chardev=agentmon,mode=control"])
 
 
-def test_daemon_without_groups_resumed_with_cont(loopdisks, agents, tmp_path):
-    """Against a QMP peer without stop groups (QEMU's commands only), the agent takes
-    __org.thinblk_query-groups' CommandNotFound as no groups, without a warning, and resumes a
-    stop on ENOSPC with cont, as before groups."""
+@pytest.mark.skipif(kit.qemu_path() is None, reason="qemu-system-x86_64 is not installed")
+def test_qemu_resumed_with_cont(loopdisks, agents, tmp_path):
+    """thinblk-agent manages QEMU itself, as for libvirt's VMs: QEMU's virtio-blk disk is a
+    qcow2 image on a 16 MiB loop device, and QEMU stops the VM on ENOSPC (BLOCK_IO_ERROR
+    nospace, STOP, io-error). The agent, given QEMU's QMP socket, takes
+    __org.thinblk_query-groups' CommandNotFound as no groups (no warning), extends the loop
+    device and resumes QEMU with cont; the guest's write completes as if nothing happened."""
+    image = kit.build_guest()
     disk = loopdisks(size=16 * MiB)
-    state = {"status": "io-error", "io": "nospace"}
+    workdir, agent_mon = tmp_path / "guest", tmp_path / "agent-qmp.sock"
+    with guest_on_loop_device(image, disk, workdir, agent_mon, WRITE_MB) as g:
+        kit.wait_for_socket(g.qmp_socket, proc=g.proc)
+        qmp = QMPClient(g.qmp_socket, timeout=GUEST_TIMEOUT).negotiate()
+        try:
+            # QEMU's own stop on ENOSPC, nobody watching yet.
+            io_error = without_timestamp(qmp.wait_event("BLOCK_IO_ERROR"))
+            assert io_error["data"] == {"device": "", "node-name": "fmt0", "operation": "write",
+                                        "action": "stop", "nospace": True,
+                                        "reason": "No space left on device"}, io_error
+            qmp.wait_event("STOP")
+            assert qmp.cmd("query-status")["return"]["status"] == "io-error"
+            block = qmp.cmd("query-block")["return"]
+            vblk0 = [b for b in block if b.get("qdev") == VBLK0_QDEV]
+            assert [(b["device"], b["inserted"]["node-name"], b["io-status"]) for b in vblk0] \
+                == [("", "fmt0", "nospace")], block
+            assert g.running() and not g.markers("RESULT"), g.console
+            assert disk.size() == 16 * MiB
 
-    def answers(name):
-        if name == "cont":
-            state.update(status="running", io="ok")
-            return {}
-        return {
-            "query-status": {"status": state["status"], "running": state["status"] == "running",
-                             "singlestep": False},
-            "query-block": [{"device": "disk0", "io-status": state["io"], "locked": False,
-                             "removable": False, "type": "unknown"}],
-            "query-blockstats": [{"device": "disk0", "node-name": "fmt0", "stats": {},
-                                  "parent": {"node-name": "proto0",
-                                             "stats": {"wr_highest_offset": 16 * MiB}}}],
-            "query-named-block-nodes": [
-                {"node-name": "proto0", "drv": "host_device", "file": disk.dev,
-                 "write_threshold": 0, "image": {"filename": disk.dev,
-                                                 "virtual-size": disk.size()}},
-                {"node-name": "fmt0", "drv": "qcow2", "file": disk.dev, "write_threshold": 0,
-                 "image": {"filename": disk.dev, "virtual-size": 256 * MiB}}],
-            "block-set-write-threshold": {},
-        }.get(name)
+            a = agents("-s", agent_mon, "--chunk", "64M", "--watermark", "8M")
+            qmp.wait_event("RESUME", timeout=TIMEOUT)
+            assert qmp.cmd("query-status")["return"]["status"] == "running"
+            a.wait_log(r"daemon default: resuming \(cont\) after [0-9.]+ s stopped on ENOSPC")
+            # Running until the guest powers off after its job: no stop after the cont.
+            qmp.wait_event("SHUTDOWN")
+            after = [e["event"] for e in qmp.take_events()]
+            assert "STOP" not in after, after
+        finally:
+            qmp.close()
+        console, rc = g.wait(GUEST_TIMEOUT)
 
-    mon = tmp_path / "qemu.sock"
-    peer = ScriptedQmp(mon, answers)
-    peer.start()
-    a = agents("-s", mon, "--chunk", "64M", "--watermark", "8M")
-    a.wait_log(r"daemon default: resuming \(cont\) after [0-9.]+ s stopped on ENOSPC")
-    assert a.lines(r"disk0: extended %s from 16 MiB to 80 MiB" % disk.dev), a.log()
-    a.wait_log(r"disk0: write threshold at 72 MiB")
-    a.wait_log(r"daemon default: reconciling: status running")   # the peer had the cont
-    names = peer.names()
-    assert "__org.thinblk_query-groups" in names and names.count("cont") == 1, names
-    assert not [n for n in names if n.startswith("__org.thinblk_group")], names
-    assert not a.lines(r"warning"), a.log()
+    assert rc == 0, f"QEMU exited with {rc}:\n{g.stderr()}\n{console[-3000:]}"
+    assert "I/O error" not in console and not g.io_error, g.dmesg
+    r = g.result()
+    assert (r["job"], r["mb"], r["dd-status"], r["read-status"]) == ("write", WRITE_MB, 0, 0), r
+    assert r["write-sha256"] == r["readback-sha256"], r
+    assert kit.image_sha256(disk.dev, "qcow2", 0, WRITE_MB * MiB, tmp_path) == r["write-sha256"]
+    assert disk.size() == 80 * MiB
+    disk.check()
+    ext = a.lines(r"fmt0: extended ")
+    assert len(ext) == 1 and re.search(r"extended %s from 16 MiB to 80 MiB in [0-9.]+ ms "
+                                       r"\(stopped on ENOSPC" % disk.dev, ext[0]), a.log()
+    assert len(a.lines(r"resuming \(cont\)")) == 1, a.log()
+    assert not a.lines(r"group"), a.log()
+    # No warning while QEMU ran; its exit at the guest's poweroff is one (the agent then waits
+    # for the monitor to come back).
+    lines = a.log().splitlines()
+    lost = [i for i, line in enumerate(lines) if "connection lost" in line]
+    assert not [line for line in lines[:lost[0] if lost else None] if "warning" in line], lines
     a.stop()
