@@ -67,6 +67,7 @@ struct rbd_state {
     rados_ioctx_t io;
     rbd_image_t image;
     char *filename;        /* for queries: QEMU's "json:{...}" */
+    uint64_t obj_size;     /* bytes of each RADOS object: QEMU's cluster-size */
     int efd;               /* written by librbd's threads when ops are done */
     pthread_mutex_t lock;  /* protects done_head, done_tail */
     struct rbd_op *done_head, *done_tail;
@@ -561,11 +562,14 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
         error_setg_errno(errp, -r, "error reading header from %s", image);
         goto fail;
     }
-    r = rbd_get_size(s->image, &size);
+    rbd_image_info_t info;
+    r = rbd_stat(s->image, &info, sizeof(info));
     if (r < 0) {
-        error_setg_errno(errp, -r, "error getting image size from %s", image);
+        error_setg_errno(errp, -r, "error getting image info from %s", image);
         goto fail;
     }
+    size = info.size;
+    s->obj_size = info.obj_size;
     s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (s->efd < 0) {
         error_setg_errno(errp, errno, "Could not create an eventfd");
@@ -625,6 +629,15 @@ static int rbd_truncate(struct block_node *n, uint64_t size, struct error **errp
     return 0;
 }
 
+/* QEMU's bdrv_get_info (the object size as cluster-size) and ImageInfoSpecificRbd (nothing
+ * without encryption). */
+static void rbd_query_image(struct block_node *n, json_t *image)
+{
+    json_object_set_new(image, "cluster-size", json_integer((json_int_t)st(n)->obj_size));
+    json_object_set_new(image, "format-specific",
+                        json_pack("{s:s,s:{}}", "type", "rbd", "data"));
+}
+
 const struct block_driver block_driver_rbd = {
     .name = "rbd",
     .open = rbd_node_open,
@@ -634,4 +647,5 @@ const struct block_driver block_driver_rbd = {
     .refresh_size = rbd_refresh_size,
     .truncate = rbd_truncate,
     .block_status = rbd_block_status,
+    .query_image = rbd_query_image,
 };
