@@ -20,6 +20,13 @@
  * blockdev-del and block_resize answer when they are done and the dispatcher has no deferred
  * replies yet.
  *
+ * librbd's cache is always off (rbd_cache=false). Its default mode in 16.2, writearound,
+ * completes a write as soon as it is sent to the OSDs and reports the write's error at the
+ * next flush instead (measured: a write into a full pool "succeeded", the flush after it failed
+ * with EDQUOT, and the flush retried on cont succeeded with the data never written). The error
+ * policy parks and retries the request that failed, so each write must report its own result.
+ * QEMU turns the cache on unless cache.direct=on, and has the same hole.
+ *
  * A full pool: rados_set_pool_full_try() on the I/O context before rbd_open(). Without it,
  * librados holds every write to a pool flagged full (and the open itself) until the flag goes;
  * with it, a write that would grow the pool fails at once with EDQUOT (a quota) or ENOSPC (a
@@ -479,6 +486,10 @@ static int configure(rados_t cluster, json_t *opts, struct error **errp)
     } else {
         rados_conf_read_file(cluster, NULL);  /* the default search; none found is fine */
     }
+    rados_conf_parse_env(cluster, NULL);  /* CEPH_ARGS, as the ceph tools */
+    /* Always off, whatever the conf file or cache.direct say (see the top). */
+    if (!conf_set(cluster, "rbd_cache", "false", errp))
+        return -1;
     snprintf(timeout, sizeof(timeout), "%" PRId64,
              t ? (int64_t)json_integer_value(t) : (int64_t)RBD_DEFAULT_OP_TIMEOUT);
     if (!conf_set(cluster, "client_mount_timeout", timeout, errp) ||
