@@ -633,7 +633,7 @@ static int rbd_truncate(struct block_node *n, uint64_t size, struct error **errp
     int r = rbd_resize(st(n)->image, size);
 
     if (r < 0) {
-        error_setg_errno(errp, -r, "error resizing the image");
+        error_setg_errno(errp, -r, "failed to resize rbd image");
         return -1;
     }
     block_node_set_size(n, size);
