@@ -43,10 +43,12 @@
 #include <rados/librados.h>
 #include <rbd/librbd.h>
 
+#include "block/create.h"
 #include "block/graph.h"
 #include "common/log.h"
 #include "common/qjson.h"
 #include "common/util.h"
+#include "job/offload.h"
 #include "loop/loop.h"
 
 #define RBD_DEFAULT_OP_TIMEOUT 30
@@ -514,15 +516,16 @@ static int configure(rados_t cluster, json_t *opts, struct error **errp)
     return 0;
 }
 
-static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp)
+/* Connect to the cluster and open the pool (and namespace) that opts (BlockdevOptionsRbd,
+ * checked) name; full_try: with rados_set_pool_full_try() (see the top). Blocks, up to the op
+ * timeout; touches nothing of the loop's, so it may run on any thread. Returns 0, or -1 with
+ * *errp set and nothing left to free. */
+static int rbd_connect(json_t *opts, bool full_try, rados_t *cluster, rados_ioctx_t *io,
+                       struct error **errp)
 {
     const char *pool = json_string_value(json_object_get(opts, "pool"));
-    const char *image = json_string_value(json_object_get(opts, "image"));
     const char *ns = json_string_value(json_object_get(opts, "namespace"));
-    const char *snap = json_string_value(json_object_get(opts, "snapshot"));
     const char *user = json_string_value(json_object_get(opts, "user"));
-    struct rbd_state *s;
-    uint64_t size;
     int r;
 
     if (json_object_get(opts, "key-secret")) {
@@ -535,6 +538,40 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
                    "(mon_host) in the conf file");
         return -1;
     }
+    r = rados_create(cluster, user);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error initializing");
+        return -1;
+    }
+    if (configure(*cluster, opts, errp) < 0)
+        goto fail;
+    r = rados_connect(*cluster);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error connecting");
+        goto fail;
+    }
+    r = rados_ioctx_create(*cluster, pool, io);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error opening pool %s", pool);
+        goto fail;
+    }
+    rados_ioctx_set_namespace(*io, ns ? ns : "");
+    if (full_try)
+        rados_set_pool_full_try(*io);
+    return 0;
+fail:
+    rados_shutdown(*cluster);
+    return -1;
+}
+
+static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp)
+{
+    const char *image = json_string_value(json_object_get(opts, "image"));
+    const char *snap = json_string_value(json_object_get(opts, "snapshot"));
+    struct rbd_state *s;
+    uint64_t size;
+    int r;
+
     if (snap && !n->read_only) {
         error_setg(errp, "rbd snapshots are read-only");
         return -1;
@@ -544,28 +581,11 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
     s->node = n;
     s->efd = -1;
     pthread_mutex_init(&s->lock, NULL);
-    r = rados_create(&s->cluster, user);
-    if (r < 0) {
+    if (rbd_connect(opts, true, &s->cluster, &s->io, errp) < 0) {
         s->cluster = NULL;
-        error_setg_errno(errp, -r, "error initializing");
-        goto fail;
-    }
-    if (configure(s->cluster, opts, errp) < 0)
-        goto fail;
-    /* Blocks, up to client_mount_timeout (see the top). */
-    r = rados_connect(s->cluster);
-    if (r < 0) {
-        error_setg_errno(errp, -r, "error connecting");
-        goto fail;
-    }
-    r = rados_ioctx_create(s->cluster, pool, &s->io);
-    if (r < 0) {
         s->io = NULL;
-        error_setg_errno(errp, -r, "error opening pool %s", pool);
         goto fail;
     }
-    rados_ioctx_set_namespace(s->io, ns ? ns : "");
-    rados_set_pool_full_try(s->io);
     r = n->read_only ? rbd_open_read_only(s->io, image, &s->image, snap)
                      : rbd_open(s->io, image, &s->image, snap);
     if (r < 0) {
@@ -660,3 +680,79 @@ const struct block_driver block_driver_rbd = {
     .block_status = rbd_block_status,
     .query_image = rbd_query_image,
 };
+
+/* ---- blockdev-create -------------------------------------------------------------------- */
+
+/* QEMU's BlockdevCreateOptionsRbd, without encrypt. */
+const struct schema_member rbd_create_opts[] = {
+    { "location", SCHEMA_OBJECT, .members = block_rbd_options },
+    { "size", SCHEMA_UINT64 },
+    { "cluster-size", SCHEMA_UINT64, .optional = true },
+    { NULL },
+};
+
+struct rbd_create {
+    struct block_create *c;
+    struct error *err;  /* set by the thread */
+};
+
+/* On the offload thread: QEMU's qemu_rbd_do_create(). */
+static void rbd_create_work(void *opaque)
+{
+    struct rbd_create *rc = opaque;
+    json_t *opts = rc->c->opts;
+    json_t *loc = json_object_get(opts, "location");
+    const char *image = json_string_value(json_object_get(loc, "image"));
+    uint64_t size = qjson_uint64(json_object_get(opts, "size"));
+    json_t *cs = json_object_get(opts, "cluster-size");
+    rados_t cluster;
+    rados_ioctx_t io;
+    int order = 0, r;
+
+    if (json_object_get(loc, "snapshot")) {
+        error_setg(&rc->err, "Can't use snapshot name for image creation");
+        return;
+    }
+    if (cs) {
+        uint64_t objsize = qjson_uint64(cs);
+        if (objsize & (objsize - 1)) {
+            error_setg(&rc->err, "obj size needs to be power of 2");
+            return;
+        }
+        if (objsize < 4096) {
+            error_setg(&rc->err, "obj size too small");
+            return;
+        }
+        order = __builtin_ctzll(objsize);
+    }
+    /* No full try: QEMU's creation waits for a full pool too; the op timeout bounds it. */
+    if (rbd_connect(loc, false, &cluster, &io, &rc->err) < 0)
+        return;
+    r = rbd_create(io, image, size, &order);
+    if (r < 0)
+        error_setg_errno(&rc->err, -r, "error rbd create");
+    rados_ioctx_destroy(io);
+    rados_shutdown(cluster);
+}
+
+static void rbd_create_done(void *opaque)
+{
+    struct rbd_create *rc = opaque;
+    struct block_create *c = rc->c;
+    struct error *err = rc->err;
+
+    free(rc);
+    block_create_finish(c, err);
+}
+
+void rbd_create_run(struct block_create *c)
+{
+    struct rbd_create *rc = xzalloc(sizeof(*rc));
+    struct error *err = NULL;
+
+    rc->c = c;
+    if (offload_run(c->graph->loop, rbd_create_work, rbd_create_done, rc, &err) < 0) {
+        free(rc);
+        block_create_finish(c, err);
+    }
+}

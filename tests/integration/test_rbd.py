@@ -292,3 +292,44 @@ def test_unreachable_cluster_stops_within_the_op_timeout(ceph, daemons, tmp_path
     assert not w.is_alive() and w.errors == []
     check_readback(h, before + during)
     h.shutdown()
+
+
+def job_statuses(qmp, job_id):
+    statuses = []
+    while not statuses or statuses[-1] != "concluded":
+        e = qmp.wait_event("JOB_STATUS_CHANGE", timeout=60)
+        assert e["data"]["id"] == job_id, e
+        statuses.append(e["data"]["status"])
+    return statuses
+
+
+def test_blockdev_create_rbd(ceph, daemons):
+    pool = ceph.new_pool()
+    qmp = daemons.start().negotiated()
+    location = {"pool": pool, "image": "new", "conf": ceph.conf}
+    assert qmp.cmd("blockdev-create", {"job-id": "c1", "options": {
+        "driver": "rbd", "location": location, "size": 24 * MiB,
+        "cluster-size": 1 * MiB}}) == {"return": {}}
+    assert job_statuses(qmp, "c1") == ["created", "running", "waiting", "pending", "concluded"]
+    assert qmp.cmd("query-jobs")["return"] == [{
+        "current-progress": 1, "status": "concluded", "total-progress": 1, "type": "create",
+        "id": "c1"}]
+    info = json.loads(ceph.rbd("info", "--format", "json", f"{pool}/new"))
+    assert (info["size"], info["object_size"]) == (24 * MiB, 1 * MiB)
+    assert qmp.cmd("blockdev-add", {"driver": "rbd", "node-name": "n", **location}) == \
+        {"return": {}}
+    image = qmp.cmd("query-named-block-nodes")["return"][0]["image"]
+    assert (image["virtual-size"], image["cluster-size"]) == (24 * MiB, 1 * MiB)
+
+    # Errors fail the job, with QEMU's texts.
+    for job_id, options, desc in [
+            ("c2", {"location": location, "size": MiB}, "error rbd create: File exists"),
+            ("c3", {"location": {**location, "image": "x"}, "size": MiB, "cluster-size": 3000},
+             "obj size needs to be power of 2"),
+            ("c4", {"location": {**location, "image": "x", "snapshot": "s"}, "size": MiB},
+             "Can't use snapshot name for image creation")]:
+        assert qmp.cmd("blockdev-create", {"job-id": job_id, "options": {
+            "driver": "rbd", **options}}) == {"return": {}}
+        assert job_statuses(qmp, job_id) == ["created", "running", "aborting", "concluded"]
+        jobs = {j["id"]: j for j in qmp.cmd("query-jobs")["return"]}
+        assert jobs[job_id]["error"] == desc
