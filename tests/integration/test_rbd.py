@@ -321,6 +321,11 @@ def test_blockdev_create_rbd(ceph, daemons):
     image = qmp.cmd("query-named-block-nodes")["return"][0]["image"]
     assert (image["virtual-size"], image["cluster-size"]) == (24 * MiB, 1 * MiB)
 
+    reply = qmp.cmd("blockdev-create", {"job-id": "c0", "options": {
+        "driver": "rbd", "location": location, "size": MiB, "encrypt": {"format": "luks"}}})
+    assert reply == {"error": {"class": "GenericError",
+                               "desc": "Parameter 'options.encrypt' is unexpected"}}
+
     # Errors fail the job, with QEMU's texts.
     for job_id, options, desc in [
             ("c2", {"location": location, "size": MiB}, "error rbd create: File exists"),
