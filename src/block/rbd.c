@@ -3,8 +3,9 @@
  * Options (QEMU's BlockdevOptionsRbd): pool and image (required), namespace, conf (a
  * ceph.conf; without it librbd's default search), user (the client id, "admin" by default),
  * snapshot (opens the snapshot, read-only), auth-client-required (a list of "cephx" and
- * "none", set as auth_client_required). key-secret and server are accepted by the schema and
- * refused at open with a clear error: name the monitors and the keyring in the conf file.
+ * "none", set as auth_client_required), server (the monitors, set as mon_host over the conf
+ * file's). key-secret is accepted by the schema and refused at open with a clear error: give
+ * the key in a keyring named by the conf file.
  * thinblk's own __org.thinblk_op-timeout (seconds, default 30) bounds what waits on the
  * cluster: it is client_mount_timeout, rados_mon_op_timeout and rados_osd_op_timeout, so an
  * unreachable cluster gives ETIMEDOUT (librados needs about twice the value) instead of a
@@ -475,6 +476,7 @@ static int configure(rados_t cluster, json_t *opts, struct error **errp)
 {
     const char *conf = json_string_value(json_object_get(opts, "conf"));
     json_t *auth = json_object_get(opts, "auth-client-required");
+    json_t *server = json_object_get(opts, "server");
     json_t *t = json_object_get(opts, "__org.thinblk_op-timeout");
     char timeout[32];
     int r;
@@ -498,6 +500,25 @@ static int configure(rados_t cluster, json_t *opts, struct error **errp)
         !conf_set(cluster, "rados_mon_op_timeout", timeout, errp) ||
         !conf_set(cluster, "rados_osd_op_timeout", timeout, errp))
         return -1;
+    if (json_array_size(server) > 0) {
+        /* QEMU's qemu_rbd_mon_host(): "host:port;...", an IPv6 host in brackets. */
+        struct buf b = {0};
+        size_t i;
+        json_t *v;
+        json_array_foreach(server, i, v) {
+            const char *host = json_string_value(json_object_get(v, "host"));
+            const char *port = json_string_value(json_object_get(v, "port"));
+            char *hp = xasprintf(strchr(host, ':') ? "%s[%s]:%s" : "%s%s:%s", i ? ";" : "",
+                                 host, port);
+            buf_append(&b, hp, strlen(hp));
+            free(hp);
+        }
+        buf_append(&b, "", 1);
+        bool ok = conf_set(cluster, "mon_host", b.data, errp);
+        buf_free(&b);
+        if (!ok)
+            return -1;
+    }
     if (json_array_size(auth) > 0) {
         struct buf b = {0};
         size_t i;
@@ -531,11 +552,6 @@ static int rbd_connect(json_t *opts, bool full_try, rados_t *cluster, rados_ioct
     if (json_object_get(opts, "key-secret")) {
         error_setg(errp, "thinblk's rbd driver does not take key-secret yet: give the key "
                    "in a keyring named by the conf file");
-        return -1;
-    }
-    if (json_object_get(opts, "server")) {
-        error_setg(errp, "thinblk's rbd driver does not take server yet: name the monitors "
-                   "(mon_host) in the conf file");
         return -1;
     }
     r = rados_create(cluster, user);

@@ -8,6 +8,7 @@ timeout, never a daemon that hangs.
 """
 import json
 import random
+import re
 import shutil
 import subprocess
 import threading
@@ -129,6 +130,14 @@ def test_blockdev_add_rbd_and_errors(ceph, daemons):
     reply = qmp.cmd("blockdev-add", {**base, "node-name": "r2", "image": "missing"})
     assert reply == {"error": {"class": "GenericError", "desc":
                                "error reading header from missing: No such file or directory"}}
+    # The monitors given as server instead of by a conf file.
+    host, port = re.search(r"mon_host = v2:([0-9.]+):([0-9]+)",
+                           open(ceph.conf).read()).groups()
+    assert qmp.cmd("blockdev-add", {
+        "driver": "rbd", "node-name": "r4", "pool": pool, "image": "a",
+        "server": [{"host": host, "port": port}], "auth-client-required": ["none"],
+        "__org.thinblk_op-timeout": 10}) == {"return": {}}
+    assert qmp.cmd("blockdev-del", {"node-name": "r4"}) == {"return": {}}
     reply = qmp.cmd("blockdev-add", {**base, "node-name": "r3", "image": "a",
                                      "key-secret": "sec0"})
     assert reply["error"]["desc"].startswith("thinblk's rbd driver does not take key-secret")
