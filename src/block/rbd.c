@@ -262,7 +262,10 @@ static void op_start(struct rbd_op *op)
             r = rbd_aio_discard(s->image, req->offset, req->len, c);
             break;
         case BLOCK_OP_WRITE_ZEROES:
-            r = rbd_aio_write_zeroes(s->image, req->offset, req->len, c, 0, 0);
+            /* As QEMU: zeroes stay allocated unless the request may deallocate. */
+            r = rbd_aio_write_zeroes(s->image, req->offset, req->len, c,
+                                     (req->flags & BLOCK_REQ_MAY_UNMAP) && s->node->discard_unmap
+                                         ? 0 : RBD_WRITE_ZEROES_FLAG_THICK_PROVISION, 0);
             break;
         default:
             r = -EINVAL;

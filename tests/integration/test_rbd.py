@@ -187,7 +187,13 @@ def test_data_path_against_qemu_and_rbd(ceph, daemons, tmp_path):
     h = d.nbd(meta=True)
     size = h.get_size()
     assert size == 32 * MiB
-    assert allocated_by_nbd(h, size) == allocated_by_rbd(ceph, pool, "disk")
+    allocated = allocated_by_nbd(h, size)
+    assert allocated == allocated_by_rbd(ceph, pool, "disk")
+    # Whole objects: the discarded one and the one zeroed with unmap are gone; zeroes written
+    # without unmap stay allocated (as QEMU: librbd's thick-provision flag).
+    assert [24 * MiB, 4 * MiB] in allocated
+    assert not [e for e in allocated if e[0] < 8 * MiB and e[0] + e[1] > 4 * MiB]
+    assert not [e for e in allocated if e[0] < 24 * MiB and e[0] + e[1] > 20 * MiB]
     h.shutdown()
     r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", d.uri, spec],
                        capture_output=True, text=True, timeout=120)
