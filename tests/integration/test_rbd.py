@@ -10,6 +10,7 @@ import json
 import random
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -47,6 +48,12 @@ class RbdDaemon:
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
         h.connect_uri(self.uri)
         return h
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def qemu_io(uri, *cmds, fmt="raw", read_only=False):
@@ -138,6 +145,15 @@ def test_blockdev_add_rbd_and_errors(ceph, daemons):
         "server": [{"host": host, "port": port}], "auth-client-required": ["none"],
         "__org.thinblk_op-timeout": 10}) == {"return": {}}
     assert qmp.cmd("blockdev-del", {"node-name": "r4"}) == {"return": {}}
+    # No monitor there: the op timeout bounds the connection attempt.
+    start = time.monotonic()
+    reply = qmp.cmd("blockdev-add", {
+        "driver": "rbd", "node-name": "r5", "pool": pool, "image": "a",
+        "server": [{"host": "127.0.0.1", "port": str(free_port())}],
+        "auth-client-required": ["none"], "__org.thinblk_op-timeout": 2})
+    assert reply == {"error": {"class": "GenericError",
+                               "desc": "error connecting: Connection timed out"}}
+    assert time.monotonic() - start < 15
     reply = qmp.cmd("blockdev-add", {**base, "node-name": "r3", "image": "a",
                                      "key-secret": "sec0"})
     assert reply["error"]["desc"].startswith("thinblk's rbd driver does not take key-secret")
