@@ -19,14 +19,16 @@
  * list. What does block the loop thread, bounded by the op timeout: opening (rados_connect,
  * rbd_open) and closing an image, and rbd_resize for block_resize, as QMP's blockdev-add,
  * blockdev-del and block_resize answer when they are done and the dispatcher has no deferred
- * replies yet.
+ * replies yet. rbd_get_size() (the queries' size) reads librbd's cached header, which it
+ * refreshes first when the header changed (another client resized the image).
  *
  * librbd's cache is always off (rbd_cache=false). Its default mode in 16.2, writearound,
  * completes a write as soon as it is sent to the OSDs and reports the write's error at the
  * next flush instead (measured: a write into a full pool "succeeded", the flush after it failed
  * with EDQUOT, and the flush retried on cont succeeded with the data never written). The error
  * policy parks and retries the request that failed, so each write must report its own result.
- * QEMU turns the cache on unless cache.direct=on, and has the same hole.
+ * QEMU 7.2 turns the cache on unless cache.direct=on (whether its werror=stop retries lose
+ * data the same way was not measured).
  *
  * A full pool: rados_set_pool_full_try() on the I/O context before rbd_open(). Without it,
  * librados holds every write to a pool flagged full (and the open itself) until the flag goes;
