@@ -308,6 +308,26 @@ def test_full_pool_stops_and_cont_retries(ceph, daemons, tmp_path):
     h.shutdown()
 
 
+def test_shutdown_while_stopped_on_a_full_pool(ceph, daemons, tmp_path):
+    """Closing the image releases its lock with a write to the header object: with the pool
+    still full, full-try lets it through, and the daemon exits at once."""
+    pool = ceph.new_pool(quota_bytes=8 * MiB)
+    ceph.create_image(pool, "disk", 64 * MiB)
+    d = RbdDaemon(daemons, ceph, tmp_path, pool, "disk")
+    h = d.nbd()
+    w = Writer(h, chunks_of(5, 0, 12 * MiB))
+    w.run()
+    assert w.errors == []
+    ceph.wait_full(pool)
+    w = Writer(h, chunks_of(6, 32 * MiB, 8 * MiB))
+    w.start()
+    assert d.qmp.wait_event("STOP", timeout=30)["event"] == "STOP"
+    start = time.monotonic()
+    assert d.daemon.shutdown() == []
+    assert time.monotonic() - start < 10
+    ceph.wait_full(pool)  # still full: it was not the quota going that let it exit
+
+
 def test_unreachable_cluster_stops_within_the_op_timeout(ceph, daemons, tmp_path):
     pool = ceph.new_pool()
     ceph.create_image(pool, "disk", 32 * MiB)
