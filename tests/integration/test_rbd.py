@@ -19,11 +19,24 @@ import nbd
 import pytest
 
 from ceph import ceph  # noqa: F401  (the session's cluster fixture)
-from conftest import QEMU, assert_event
+from conftest import QEMU, THINBLKD, assert_event
 
 MiB = 1 << 20
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+
+def built_with_rbd():
+    try:
+        out = subprocess.run([THINBLKD, "--help"], capture_output=True, text=True).stdout
+    except OSError:
+        return True  # no daemon: the daemons fixture says so
+    return re.search(r"drivers: .*\brbd\b", out) is not None
+
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io"),
+    pytest.mark.skipif(not built_with_rbd(), reason="thinblkd was built without the rbd "
+                       "driver (it needs librbd-dev and librados-dev)"),
+]
 
 
 class RbdDaemon:
