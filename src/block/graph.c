@@ -18,6 +18,9 @@ static const struct block_driver *const drivers[] = {
     &block_driver_raw,
     &block_driver_fault,
     &block_driver_qcow2,
+#ifdef THINBLK_HAVE_RBD
+    &block_driver_rbd,
+#endif
 };
 
 struct block_graph *block_graph_new(struct loop *loop, struct uring *uring,
@@ -107,6 +110,9 @@ static const struct schema_variant driver_variants[] = {
     { "raw", block_raw_options },
     { "fault", block_fault_options },
     { "qcow2", block_qcow2_options },
+#ifdef THINBLK_HAVE_RBD
+    { "rbd", block_rbd_options },
+#endif
     { NULL },
 };
 

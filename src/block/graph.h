@@ -224,6 +224,9 @@ extern const struct schema_member block_file_options[];   /* file.c (and host_de
 extern const struct schema_member block_raw_options[];    /* raw.c */
 extern const struct schema_member block_fault_options[];  /* fault.c */
 extern const struct schema_member block_qcow2_options[];  /* qcow2.c */
+#ifdef THINBLK_HAVE_RBD
+extern const struct schema_member block_rbd_options[];    /* rbd.c */
+#endif
 
 /* A member that is QEMU's BlockdevRef: a node name, or BlockdevOptions for a new node. */
 #define BLOCK_REF_MEMBER(name_, ...)                                                       \
@@ -306,6 +309,9 @@ extern const struct block_driver block_driver_host_device; /* QEMU's name for "f
 extern const struct block_driver block_driver_raw;
 extern const struct block_driver block_driver_fault;
 extern const struct block_driver block_driver_qcow2;
+#ifdef THINBLK_HAVE_RBD
+extern const struct block_driver block_driver_rbd;  /* built with librbd and librados */
+#endif
 
 /* Re-read the size of a "file"/"host_device" node n from the kernel (after blockdev-create
  * wrote past the end of its file). Does not block on I/O. */

@@ -226,7 +226,7 @@ static void io_error_event(struct device *d, const struct dev_req *r, enum dev_e
     json_t *data = json_pack("{s:s,s:s,s:s,s:s,s:b,s:s}", "device", d->name, "node-name",
                              d->root->node_name, "operation",
                              r->breq.op == BLOCK_OP_READ ? "read" : "write", "action", action,
-                             "nospace", err == ENOSPC, "reason", strerror(err));
+                             "nospace", dev_errno_nospace(err), "reason", dev_error_reason(err));
     uint64_t now = now_monotonic_ns();
 
     /* Nothing is held back while the timer is off: a period that ended with nothing held
@@ -323,7 +323,7 @@ static void on_block_done(struct block_req *breq, int ret)
 
     act = r->breq.op == BLOCK_OP_READ ? d->rerror : d->werror;
     if (act == DEV_ACTION_ENOSPC)
-        act = err == ENOSPC ? DEV_ACTION_STOP : DEV_ACTION_REPORT;
+        act = dev_errno_nospace(err) ? DEV_ACTION_STOP : DEV_ACTION_REPORT;
 
     if (act != DEV_ACTION_STOP) {
         io_error_event(d, r, act, err);
@@ -342,7 +342,7 @@ static void on_block_done(struct block_req *breq, int ret)
         start_waiting(r);
     }
     if (d->iostatus == DEV_IOSTATUS_OK)
-        d->iostatus = err == ENOSPC ? DEV_IOSTATUS_NOSPACE : DEV_IOSTATUS_FAILED;
+        d->iostatus = dev_errno_nospace(err) ? DEV_IOSTATUS_NOSPACE : DEV_IOSTATUS_FAILED;
     struct dev_stop_cause *c = &d->stopper->last_stop;
     free(c->device);
     free(c->node_name);

@@ -10,7 +10,11 @@
  *   stop    the request is parked with its data, io-status becomes nospace or failed (first
  *           error only), BLOCK_IO_ERROR goes out, and the run state goes to io-error (one STOP
  *           after all the BLOCK_IO_ERRORs of the batch)
- *   enospc  stop on ENOSPC, report otherwise
+ *   enospc  stop on "no space", report otherwise
+ * "No space" (dev_errno_nospace()) is ENOSPC, and EDQUOT: a quota reached, as an RBD pool's,
+ * whose writes fail with EDQUOT. QEMU knows only ENOSPC; thinblk treats both alike: the stop,
+ * io-status nospace, "nospace": true and ENOSPC's reason text ("No space left on device");
+ * only __org.thinblk_query-stop-reason's "errno" tells which it was.
  * BLOCK_IO_ERROR is sent for every action, at most one a second per device (the first at once,
  * later ones within the second coalesced into the last one, sent at its end; QEMU 9.2's rule).
  * So the first BLOCK_IO_ERROR of a stop always precedes its STOP; coalesced ones may follow it.
@@ -29,8 +33,10 @@
 #ifndef THINBLK_DEVICE_H
 #define THINBLK_DEVICE_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <jansson.h>
 
@@ -54,6 +60,19 @@ enum dev_iostatus {
 };
 
 struct device;
+
+/* Whether positive errno err means the storage has no space (see the top). */
+static inline bool dev_errno_nospace(int err)
+{
+    return err == ENOSPC || err == EDQUOT;
+}
+
+/* The reason text of err in BLOCK_IO_ERROR and the stop reason: strerror(), and ENOSPC's for
+ * every "no space" errno, so management that matches QEMU's text sees the same. */
+static inline const char *dev_error_reason(int err)
+{
+    return strerror(dev_errno_nospace(err) ? ENOSPC : err);
+}
 
 /* A request from an export. The export fills breq.op, flags, offset, len, its data (buf, or
  * iov and niov: block/graph.h), and done; the rest belongs to the device until done(req, ret)

@@ -62,9 +62,9 @@ static json_t *stop_reason(struct runstate *rs, const struct dev_stop_cause *c)
         json_object_set_new(ret, "io-error",
                             json_pack("{s:s,s:s,s:s,s:b,s:s,s:s,s:o}", "device", c->device,
                                       "node-name", c->node_name, "operation", c->operation,
-                                      "nospace", c->err == ENOSPC, "errno",
+                                      "nospace", dev_errno_nospace(c->err), "errno",
                                       strerrorname_np(c->err) ? strerrorname_np(c->err) : "",
-                                      "reason", strerror(c->err), "timestamp",
+                                      "reason", dev_error_reason(c->err), "timestamp",
                                       timestamp(c->when_ns)));
     }
     return ret;
