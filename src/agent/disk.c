@@ -461,7 +461,8 @@ static void check_rbd(struct disk_daemon *dm, struct disk *d, const struct stopp
         return;
     }
     probe_pool(dm, d);
-    if (!d->pool_known) {
+    /* What a probe said before the latest extension is stale: it would raise again. */
+    if (!d->pool_known || d->pool_wall_ns <= d->last_extended_wall_ns) {
         d->waiting = "the pool's usage is not known yet";
         return;
     }
@@ -488,7 +489,7 @@ static void check_rbd(struct disk_daemon *dm, struct disk *d, const struct stopp
         report(d, R_WATCHING, LOG_LEVEL_INFO, "pool %s: usage %s, quota %s (watermark %s)",
                d->rbd_pool, agent_fmt_size(used, a, sizeof(a)), agent_fmt_size(size, b, sizeof(b)),
                agent_fmt_size(p->watermark, c, sizeof(c)));
-        if (stopped && (d->pool_wall_ns <= d->last_extended_wall_ns || d->pool.full))
+        if (stopped && d->pool.full)
             d->waiting = "waiting for the monitor to flag the pool not full";
         else
             d->ready = true;

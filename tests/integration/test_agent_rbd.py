@@ -96,7 +96,10 @@ def test_agent_raises_pool_quota(ceph, daemons, agents):
                "--cap", "1G", "--poll-interval", "500ms")
     a.wait_log(r"disk0: pool %s: usage .*, quota 64 MiB \(watermark 32 MiB\)" % pool)
     finish(s.write(0x5a, 0, 160 * MiB))
-    assert quota(ceph, pool) >= 160 * MiB
+    # The quota is soft and the usage reaches the monitor late: the write may be done before
+    # the agent has seen all of it; it raises the quota past usage + watermark soon after.
+    wait_for(lambda: quota(ceph, pool) >= 160 * MiB + 32 * MiB, "the quota raised past the "
+             "write and the watermark", timeout=60)
     assert a.lines(r"disk0: extended the quota of pool %s from 64 MiB to" % pool), a.log()
     # Whether it stopped or not depends on timing; that it runs at the end does not.
     wait_for(lambda: s.status() == "running", "the daemon running")
