@@ -109,15 +109,25 @@ def test_agent_raises_pool_quota(ceph, daemons, agents):
     a.stop()
 
 
+def fill_and_stop(ceph, s, pool, pattern, length, more):
+    """Write `length` bytes (past the quota: it is soft), wait until the monitor flags the
+    pool full, then start a writer of `more` bytes after them, which the daemon parks when it
+    stops on EDQUOT. Returns that writer."""
+    finish(s.write(pattern, 0, length))
+    ceph.wait_full(pool)
+    w = s.write(pattern, length, more)
+    wait_for(lambda: s.status() == "io-error", "the daemon to stop on EDQUOT", timeout=60)
+    assert w.poll() is None   # the writer waits, it got no error
+    return w
+
+
 def test_agent_resumes_after_edquot(ceph, daemons, agents):
     """The daemon stopped on EDQUOT before the agent started: it raises the quota, waits for
     the monitor to clear the pool's full flag, and only then sends cont."""
     pool = ceph.new_pool(quota_bytes=32 * MiB)
     ceph.create_image(pool, "disk", 256 * MiB)
     s = RbdServed(daemons, ceph, pool, "disk")
-    w = s.write(0x33, 0, 96 * MiB)
-    wait_for(lambda: s.status() == "io-error", "the daemon to stop on EDQUOT", timeout=120)
-    assert ceph.is_full(pool)
+    w = fill_and_stop(ceph, s, pool, 0x33, 64 * MiB, 32 * MiB)
     a = agents("-s", s.mon, "-m", "rbd", "--chunk", "128M", "--watermark", "16M",
                "--cap", "1G", "--poll-interval", "500ms")
     a.wait_log(r"daemon default: resuming \(cont\) after [0-9.]+ s stopped on ENOSPC")
@@ -125,6 +135,8 @@ def test_agent_resumes_after_edquot(ceph, daemons, agents):
     ext = a.lines(r"disk0: extended the quota of pool")
     assert ext and "stopped on no space (EDQUOT)" in ext[0], a.log()
     assert quota(ceph, pool) >= 160 * MiB
+    # The cont came after the monitor had cleared the flag: the retried write went through
+    # (the writer finished without an error) and the daemon runs.
     assert not ceph.is_full(pool)
     wait_for(lambda: s.status() == "running", "the daemon running")
     s.read_back(0x33, 0, 96 * MiB)
@@ -140,19 +152,20 @@ def test_agent_cap_keeps_it_stopped(ceph, daemons, agents):
     a = agents("-s", s.mon, "-m", "rbd", "--chunk", "64M", "--watermark", "8M",
                "--cap", "48M", "--poll-interval", "500ms")
     a.wait_log(r"disk0: pool %s: usage" % pool)
-    w = s.write(0x77, 0, 160 * MiB)
+    # The agent raises the quota to its cap, 48 MiB; the pool fills past it all the same.
+    w = fill_and_stop(ceph, s, pool, 0x77, 96 * MiB, 32 * MiB)
     a.wait_log(r"disk0: stopped on no space \(EDQUOT\) at its cap: the quota of pool %s is "
                r"48 MiB, cap 48 MiB" % pool, timeout=120)
     assert s.status() == "io-error"
     a.wait_reconciles(4)   # it keeps looking, and does nothing more
     assert s.status() == "io-error"
     assert quota(ceph, pool) == 48 * MiB
-    assert len(a.lines(r"at its cap")) == 1, a.log()
+    assert len(a.lines(r"stopped on no space \(EDQUOT\) at its cap")) == 1, a.log()
     assert w.poll() is None   # the writer waits, it got no error
     # Let it finish by hand: lift the quota, wait for the monitor, cont.
     ceph.set_quota(pool, 0)
     ceph.wait_full(pool, full=False)
     s.qmp.cmd("cont")
     finish(w)
-    s.read_back(0x77, 0, 160 * MiB)
+    s.read_back(0x77, 0, 128 * MiB)
     a.stop()
