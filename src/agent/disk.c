@@ -451,13 +451,11 @@ static void check_rbd(struct disk_daemon *dm, struct disk *d, const struct stopp
     uint64_t cap = disk_cap(d);
     char a[32], b[32], c[32];
 
-    if (!d->rbd || p->method != AGENT_METHOD_RBD || !d->rbd_pool) {
+    if (!d->rbd || !d->rbd_pool) {
         d->waiting = "its method does not fit its storage";
         report(d, R_RBD_MISMATCH, LOG_LEVEL_ERROR, "device %s: %s", d->device,
                !d->rbd ? "method rbd, but its protocol node is not rbd"
-               : p->method != AGENT_METHOD_RBD ? "on rbd: its volume is its pool's quota, "
-                                                 "which only method rbd raises"
-               : "cannot tell the image's pool from its node (volume = POOL)");
+                       : "cannot tell the image's pool from its node (volume = POOL)");
         return;
     }
     probe_pool(dm, d);
@@ -548,7 +546,9 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, const struct stop
 
     d->ready = false;
     d->waiting = NULL;
-    if (d->rbd || p->method == AGENT_METHOD_RBD) {
+    /* A disk on rbd with another method is a volume as any: an image under qcow2 that a hook
+     * grows (rbd resize), its size the node's. */
+    if (p->method == AGENT_METHOD_RBD) {
         check_rbd(dm, d, st, io_error);
         return;
     }
