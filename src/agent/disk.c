@@ -100,6 +100,7 @@ struct disk {
     /* Set by the reconcile, read by the cont decision: */
     bool ready;             /* nothing to wait for before cont */
     const char *waiting;    /* why not, for the log */
+    bool waiting_normal;    /* waiting is the normal course (our own extension...), not news */
 };
 
 DEFINE_QUEUE_TYPE(disk_queue, struct disk, next)
@@ -397,6 +398,7 @@ static void start_extension(struct disk_daemon *dm, struct disk *d,
         return;
     }
     d->waiting = "an extension is running";
+    d->waiting_normal = true;
 }
 
 /* rbd_probe_fn: what Ceph says of the pool; a failure waits for the next poll. */
@@ -462,6 +464,7 @@ static void check_rbd(struct disk_daemon *dm, struct disk *d, const struct stopp
     /* What a probe said before the latest extension is stale: it would raise again. */
     if (!d->pool_known || d->pool_wall_ns <= d->last_extended_wall_ns) {
         d->waiting = "the pool's usage is not known yet";
+        d->waiting_normal = true;
         return;
     }
     uint64_t size = d->pool.quota, used = d->pool.used;
@@ -472,6 +475,7 @@ static void check_rbd(struct disk_daemon *dm, struct disk *d, const struct stopp
     d->crossed_at = 0;  /* a threshold on an rbd node is not ours */
     if (d->job) {
         d->waiting = "an extension is running";
+        d->waiting_normal = true;
         return;
     }
     if (!size) {
@@ -487,10 +491,12 @@ static void check_rbd(struct disk_daemon *dm, struct disk *d, const struct stopp
         report(d, R_WATCHING, LOG_LEVEL_INFO, "pool %s: usage %s, quota %s (watermark %s)",
                d->rbd_pool, agent_fmt_size(used, a, sizeof(a)), agent_fmt_size(size, b, sizeof(b)),
                agent_fmt_size(p->watermark, c, sizeof(c)));
-        if (stopped && d->pool.full)
+        if (stopped && d->pool.full) {
             d->waiting = "waiting for the monitor to flag the pool not full";
-        else
+            d->waiting_normal = true;
+        } else {
             d->ready = true;
+        }
         return;
     }
     set_at_cap(dm, d, size >= cap);
@@ -546,6 +552,7 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, const struct stop
 
     d->ready = false;
     d->waiting = NULL;
+    d->waiting_normal = false;
     /* A disk on rbd with another method is a volume as any: an image under qcow2 that a hook
      * grows (rbd resize), its size the node's. */
     if (p->method == AGENT_METHOD_RBD) {
@@ -568,6 +575,7 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, const struct stop
 
     if (d->job) {
         d->waiting = "an extension is running";
+        d->waiting_normal = true;
         return;
     }
     if (!near && !unhandled) {
@@ -680,7 +688,7 @@ static void decide_cont(struct disk_daemon *dm, json_t *block, struct group *g)
 {
     struct stopped *st = g ? &g->st : &dm->run;
     char why[256] = "";
-    bool any = false;
+    bool any = false, normal = false;
     size_t i;
     json_t *e;
 
@@ -696,8 +704,10 @@ static void decide_cont(struct disk_daemon *dm, json_t *block, struct group *g)
         any = true;
         struct disk *d = find_disk(dm, device);
         if (d && d->present && strcmp(io, "nospace") == 0) {
-            if (!d->ready)
+            if (!d->ready) {
                 snprintf(why, sizeof(why), "%s: %s", d->name, d->waiting ? d->waiting : "not ready");
+                normal = d->waiting_normal;
+            }
         } else if (strcmp(io, "nospace") == 0) {
             snprintf(why, sizeof(why), "device %s stopped on ENOSPC and has no policy", device);
         } else if (!dm->cfg->resume_on_other_errors) {
@@ -715,7 +725,7 @@ static void decide_cont(struct disk_daemon *dm, json_t *block, struct group *g)
             snprintf(st->waiting_text, sizeof(st->waiting_text), "%s", why);
             st->reported = R_WAITING;
             /* Waiting for our own extension is the normal course; anything else is news. */
-            log_msg(strstr(why, "an extension is running") ? LOG_LEVEL_INFO : LOG_LEVEL_WARN,
+            log_msg(normal ? LOG_LEVEL_INFO : LOG_LEVEL_WARN,
                     "%s: stopped on an I/O error; not resuming yet: %s", st->what, why);
         }
         return;
