@@ -28,8 +28,9 @@ pytestmark = [
 class RbdServed:
     """thinblkd serving POOL/IMAGE as the NBD export (and device) disk0, node r0."""
 
-    def __init__(self, daemons, ceph, pool, image):
+    def __init__(self, daemons, ceph, pool, image, group=None):
         rundir = daemons.rundir()
+        self.group = group
         self.mon = rundir / "mon0.sock"
         self.nbd = rundir / "nbd.sock"
         self.d = daemons.start_raw([
@@ -37,12 +38,18 @@ class RbdServed:
             "--monitor", "chardev=m0",
             "--blockdev", f"driver=rbd,node-name=r0,pool={pool},image={image},conf={ceph.conf}",
             "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
-            "--export", "type=nbd,id=disk0,node-name=r0,name=disk0,writable=on"],
+            *(["--group", group] if group else []),
+            "--export", "type=nbd,id=disk0,node-name=r0,name=disk0,writable=on"
+            + (f",__org.thinblk_group={group}" if group else "")],
             [self.mon], rundir=rundir)
         self.qmp = self.d.negotiated()
         self.uri = f"nbd+unix:///disk0?socket={self.nbd}"
 
     def status(self):
+        """The run state, or the state of the device's stop group if it is in one."""
+        if self.group:
+            groups = self.qmp.cmd("__org.thinblk_query-groups")["return"]
+            return next(g["status"] for g in groups if g["name"] == self.group)
         return self.qmp.cmd("query-status")["return"]["status"]
 
     def write(self, pattern, offset, length, step=4 * MiB):
@@ -140,6 +147,25 @@ def test_agent_resumes_after_edquot(ceph, daemons, agents):
     assert not ceph.is_full(pool)
     wait_for(lambda: s.status() == "running", "the daemon running")
     s.read_back(0x33, 0, 96 * MiB)
+    a.stop()
+
+
+def test_agent_resumes_a_stop_group(ceph, daemons, agents):
+    """In a stop group, EDQUOT stops the group alone; the agent raises the quota and resumes
+    the group with __org.thinblk_group-cont once the monitor cleared the pool's flag."""
+    pool = ceph.new_pool(quota_bytes=32 * MiB)
+    ceph.create_image(pool, "disk", 256 * MiB)
+    s = RbdServed(daemons, ceph, pool, "disk", group="vm1")
+    w = fill_and_stop(ceph, s, pool, 0x44, 64 * MiB, 32 * MiB)
+    assert s.qmp.cmd("query-status")["return"]["status"] == "running"
+    a = agents("-s", s.mon, "-m", "rbd", "--chunk", "128M", "--watermark", "16M",
+               "--cap", "1G", "--poll-interval", "500ms")
+    a.wait_log(r"daemon default: group vm1: resuming \(__org.thinblk_group-cont\) after "
+               r"[0-9.]+ s stopped on ENOSPC")
+    finish(w)
+    assert not ceph.is_full(pool)
+    wait_for(lambda: s.status() == "running", "the group running")
+    s.read_back(0x44, 0, 96 * MiB)
     a.stop()
 
 
