@@ -270,10 +270,12 @@ pid_t extend_spawn(char *const argv[], char **env, int out_fd, struct error **er
 
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    if (out_fd >= 0)
+    if (out_fd >= 0) {
         posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
-    else
+        posix_spawn_file_actions_adddup2(&fa, out_fd, 2);
+    } else {
         posix_spawn_file_actions_adddup2(&fa, 2, 1);  /* what it prints goes to our log */
+    }
     posix_spawnattr_init(&attr);
     sigemptyset(&none);
     sigemptyset(&deflt);

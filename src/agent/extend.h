@@ -55,8 +55,8 @@ void extend_abandon(struct extend_job *job);
  * or -1 (errno) if the volume is not a local path or cannot be read. Does not block for long
  * (a stat or an ioctl). */
 int extend_volume_size(const char *volume, uint64_t *size);
-/* Spawn argv[0] (a path) with env, standard input from /dev/null, standard output to out_fd
- * (-1: to our standard error, the log), in its own process group. Returns the pid, or -1
+/* Spawn argv[0] (a path) with env, standard input from /dev/null, standard output and error
+ * to out_fd (-1: both to our standard error, the log), in its own process group. Returns the pid, or -1
  * with *errp set. Never blocks. */
 pid_t extend_spawn(char *const argv[], char **env, int out_fd, struct error **errp);
 /* The built-in loop method, run in the child: grow the loop device's backing file to size

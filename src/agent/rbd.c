@@ -120,7 +120,7 @@ static void on_probe_exit(struct loop *loop, int fd, unsigned events, void *opaq
     rbd_probe_fn *done = pr->done;
     void *done_opaque = pr->opaque;
     struct rbd_pool_stat st = {0};
-    char buf[4096], why[160] = "";
+    char buf[4096], why[256] = "";
     int status;
     pid_t r = waitpid(pr->pid, &status, WNOHANG);
 
@@ -129,6 +129,7 @@ static void on_probe_exit(struct loop *loop, int fd, unsigned events, void *opaq
     /* The child has exited: all it wrote (one short line) is in the pipe. */
     ssize_t n = read(pr->out, buf, sizeof(buf) - 1);
     buf[n > 0 ? n : 0] = '\0';
+    buf[strcspn(buf, "\n")] = '\0';  /* its first line: the answer, or why it failed */
     if (r < 0)
         snprintf(why, sizeof(why), "waitpid: %s", strerror(errno));
     else if (pr->timed_out)
@@ -136,7 +137,7 @@ static void on_probe_exit(struct loop *loop, int fd, unsigned events, void *opaq
     else if (WIFSIGNALED(status))
         snprintf(why, sizeof(why), "killed by signal %d", WTERMSIG(status));
     else if (WEXITSTATUS(status))
-        snprintf(why, sizeof(why), "exit status %d", WEXITSTATUS(status));
+        snprintf(why, sizeof(why), "exit status %d: %.200s", WEXITSTATUS(status), buf);
     if (!why[0]) {
         json_t *o = json_loads(buf, 0, NULL);
         json_t *used = json_object_get(o, "used"), *quota = json_object_get(o, "quota");

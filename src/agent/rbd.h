@@ -38,7 +38,7 @@ int rbd_parse_filename(const char *filename, char **pool, char **image, char **c
 typedef void rbd_probe_fn(void *opaque, bool ok, const struct rbd_pool_stat *st, const char *why);
 
 /* Run "self_exe --rbd-pool-stat CONF POOL" (conf NULL: Ceph's default) on loop, killed after
- * timeout_ns; done(opaque, ...) is called once when it ends, unless abandoned. Returns the
+ * timeout_ns, what it prints read back (a failure's message goes into why, not the log); done(opaque, ...) is called once when it ends, unless abandoned. Returns the
  * probe, or NULL with *errp set (done is not called). Never blocks. */
 struct rbd_probe *rbd_probe_start(struct loop *loop, const char *self_exe, const char *conf,
                                   const char *pool, uint64_t timeout_ns, rbd_probe_fn *done,

@@ -195,3 +195,20 @@ def test_agent_cap_keeps_it_stopped(ceph, daemons, agents):
     finish(w)
     s.read_back(0x77, 0, 128 * MiB)
     a.stop()
+
+
+def test_agent_pool_it_cannot_read(ceph, daemons, agents):
+    """A pool the monitor does not know (--volume names it): the probe's failure, with Ceph's
+    message, is logged once, and the agent goes on looking."""
+    pool = ceph.new_pool(quota_bytes=64 * MiB)
+    ceph.create_image(pool, "disk", 64 * MiB)
+    s = RbdServed(daemons, ceph, pool, "disk")
+    a = agents("-s", s.mon, "-m", "rbd", "--volume", "nosuchpool", "--cap", "1G",
+               "--poll-interval", "200ms")
+    a.wait_log(r"disk0: cannot read the usage and quota of pool nosuchpool: exit status 1: "
+               r".*nosuchpool.*; trying again at the next poll")
+    a.wait_reconciles(6)
+    assert len(a.lines(r"cannot read the usage")) == 1, a.log()
+    assert quota(ceph, pool) == 64 * MiB
+    assert s.status() == "running"
+    a.stop()
