@@ -212,6 +212,9 @@ struct rbd_probe *rbd_probe_start(struct loop *loop, const char *self_exe, const
  * on stderr. */
 static json_t *mon_json(rados_t cluster, const char *cmd)
 {
+    /* The command's prefix, for messages: "osd pool get-quota". */
+    const char *p = strstr(cmd, "\"prefix\": \"");
+    int plen = p ? (int)strcspn(p + 11, "\"") : 0;
     const char *cmds[] = {cmd};
     char *out = NULL, *outs = NULL;
     size_t outlen = 0, outslen = 0;
@@ -219,12 +222,12 @@ static json_t *mon_json(rados_t cluster, const char *cmd)
 
     int r = rados_mon_command(cluster, cmds, 1, "", 0, &out, &outlen, &outs, &outslen);
     if (r < 0)
-        fprintf(stderr, "%s: %s%s%.*s\n", cmd, strerror(-r), outslen ? ": " : "",
-                (int)outslen, outs ? outs : "");
+        fprintf(stderr, "%.*s: %s%s%.*s\n", plen, p ? p + 11 : "", strerror(-r),
+                outslen ? ": " : "", (int)outslen, outs ? outs : "");
     else if (!outlen)
         o = json_object();
     else if (!(o = json_loadb(out, outlen, 0, NULL)))
-        fprintf(stderr, "%s: an answer that is not JSON\n", cmd);
+        fprintf(stderr, "%.*s: an answer that is not JSON\n", plen, p ? p + 11 : "");
     rados_buffer_free(out);
     rados_buffer_free(outs);
     return o;

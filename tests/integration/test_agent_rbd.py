@@ -206,7 +206,7 @@ def test_agent_pool_it_cannot_read(ceph, daemons, agents):
     a = agents("-s", s.mon, "-m", "rbd", "--volume", "nosuchpool", "--cap", "1G",
                "--poll-interval", "200ms")
     a.wait_log(r"disk0: cannot read the usage and quota of pool nosuchpool: exit status 1: "
-               r".*nosuchpool.*; trying again at the next poll")
+               r"osd pool get-quota: .*unrecognized pool 'nosuchpool'; trying again at the next poll")
     a.wait_reconciles(6)
     assert len(a.lines(r"cannot read the usage")) == 1, a.log()
     assert quota(ceph, pool) == 64 * MiB
