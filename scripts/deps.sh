@@ -7,6 +7,8 @@ THINBLK_PACKAGES=(
     # build
     gcc meson ninja-build pkg-config libjansson-dev liburing-dev zlib1g-dev scdoc
     libgnutls28-dev
+    # the rbd driver (built when these are found)
+    librbd-dev librados-dev
     # unit tests and the fuzz target
     libcmocka-dev clang libclang-rt-14-dev
     # integration tests and benchmarks: real peers
@@ -16,6 +18,8 @@ THINBLK_PACKAGES=(
     gnutls-bin
     # the test guest (its kernel is fetched by tests/guest/build-guest.sh)
     busybox-static cpio
+    # the rbd tests' throwaway Ceph cluster (tests/integration/ceph.py)
+    ceph-mon ceph-osd ceph-mgr ceph-common
     # the loop-device ENOSPC test
     e2fsprogs util-linux mount
     # systemd-analyze (the units' test) and systemd.pc (where the units go)

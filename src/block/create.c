@@ -41,7 +41,12 @@ static const struct schema_variant create_variants[] = {
     { "qcow2", qcow2_create_opts },
     { "gluster", .open = true }, { "luks", .open = true }, { "nfs", .open = true },
     { "parallels", .open = true }, { "qcow", .open = true }, { "qed", .open = true },
-    { "rbd", .open = true }, { "ssh", .open = true }, { "vdi", .open = true },
+#ifdef THINBLK_HAVE_RBD
+    { "rbd", rbd_create_opts },
+#else
+    { "rbd", .open = true },
+#endif
+    { "ssh", .open = true }, { "vdi", .open = true },
     { "vhdx", .open = true }, { "vmdk", .open = true }, { "vpc", .open = true },
     { NULL },
 };
@@ -125,6 +130,10 @@ struct block_create *block_create_prepare(struct block_graph *g, json_t *options
         run = file_create_run;
     } else if (strcmp(drv, "qcow2") == 0) {
         run = qcow2_create_run;
+#ifdef THINBLK_HAVE_RBD
+    } else if (strcmp(drv, "rbd") == 0) {
+        run = rbd_create_run;
+#endif
     } else {
         const struct schema_variant *v = create_variants;
         while (v->value && strcmp(v->value, drv) != 0)

@@ -1,8 +1,9 @@
 /* blockdev-create: creating an image, as a job (QEMU's BlockdevCreateOptions).
  *
  * Drivers: "file" (a regular file: create, truncate to 0, extend to size; preallocation
- * "off" only; nocow and extent-size-hint accepted and ignored) and "qcow2" (an empty image
- * written through the node named by "file", see qcow2-create.c). Options are checked against
+ * "off" only; nocow and extent-size-hint accepted and ignored), "qcow2" (an empty image
+ * written through the node named by "file", see qcow2-create.c) and, when built, "rbd"
+ * (rbd_create on a thread, see rbd.c). Options are checked against
  * block_create_options when the command runs (errors go back to the command, QEMU's texts);
  * what QEMU checks inside the job (option values, the node, the I/O) fails the job instead.
  *
@@ -53,6 +54,12 @@ struct block_create {
 /* qcow2-create.c */
 extern const struct schema_member qcow2_create_opts[];
 void qcow2_create_run(struct block_create *c);
+
+#ifdef THINBLK_HAVE_RBD
+/* rbd.c: QEMU's BlockdevCreateOptionsRbd; an image made through librbd on a thread. */
+extern const struct schema_member rbd_create_opts[];
+void rbd_create_run(struct block_create *c);
+#endif
 
 /* End the creation: finish its job with err (stolen) and free c. */
 void block_create_finish(struct block_create *c, struct error *err);

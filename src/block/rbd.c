@@ -3,8 +3,9 @@
  * Options (QEMU's BlockdevOptionsRbd): pool and image (required), namespace, conf (a
  * ceph.conf; without it librbd's default search), user (the client id, "admin" by default),
  * snapshot (opens the snapshot, read-only), auth-client-required (a list of "cephx" and
- * "none", set as auth_client_required). key-secret and server are accepted by the schema and
- * refused at open with a clear error: name the monitors and the keyring in the conf file.
+ * "none", set as auth_client_required), server (the monitors, set as mon_host over the conf
+ * file's). key-secret is accepted by the schema and refused at open with a clear error: give
+ * the key in a keyring named by the conf file.
  * thinblk's own __org.thinblk_op-timeout (seconds, default 30) bounds what waits on the
  * cluster: it is client_mount_timeout, rados_mon_op_timeout and rados_osd_op_timeout, so an
  * unreachable cluster gives ETIMEDOUT (librados needs about twice the value) instead of a
@@ -18,7 +19,16 @@
  * list. What does block the loop thread, bounded by the op timeout: opening (rados_connect,
  * rbd_open) and closing an image, and rbd_resize for block_resize, as QMP's blockdev-add,
  * blockdev-del and block_resize answer when they are done and the dispatcher has no deferred
- * replies yet.
+ * replies yet. rbd_get_size() (the queries' size) reads librbd's cached header, which it
+ * refreshes first when the header changed (another client resized the image).
+ *
+ * librbd's cache is always off (rbd_cache=false). Its default mode in 16.2, writearound,
+ * completes a write as soon as it is sent to the OSDs and reports the write's error at the
+ * next flush instead (measured: a write into a full pool "succeeded", the flush after it failed
+ * with EDQUOT, and the flush retried on cont succeeded with the data never written). The error
+ * policy parks and retries the request that failed, so each write must report its own result.
+ * QEMU 7.2 turns the cache on unless cache.direct=on (whether its werror=stop retries lose
+ * data the same way was not measured).
  *
  * A full pool: rados_set_pool_full_try() on the I/O context before rbd_open(). Without it,
  * librados holds every write to a pool flagged full (and the open itself) until the flag goes;
@@ -36,10 +46,12 @@
 #include <rados/librados.h>
 #include <rbd/librbd.h>
 
+#include "block/create.h"
 #include "block/graph.h"
 #include "common/log.h"
 #include "common/qjson.h"
 #include "common/util.h"
+#include "job/offload.h"
 #include "loop/loop.h"
 
 #define RBD_DEFAULT_OP_TIMEOUT 30
@@ -252,7 +264,10 @@ static void op_start(struct rbd_op *op)
             r = rbd_aio_discard(s->image, req->offset, req->len, c);
             break;
         case BLOCK_OP_WRITE_ZEROES:
-            r = rbd_aio_write_zeroes(s->image, req->offset, req->len, c, 0, 0);
+            /* As QEMU: zeroes stay allocated unless the request may deallocate. */
+            r = rbd_aio_write_zeroes(s->image, req->offset, req->len, c,
+                                     (req->flags & BLOCK_REQ_MAY_UNMAP) && s->node->discard_unmap
+                                         ? 0 : RBD_WRITE_ZEROES_FLAG_THICK_PROVISION, 0);
             break;
         default:
             r = -EINVAL;
@@ -466,6 +481,7 @@ static int configure(rados_t cluster, json_t *opts, struct error **errp)
 {
     const char *conf = json_string_value(json_object_get(opts, "conf"));
     json_t *auth = json_object_get(opts, "auth-client-required");
+    json_t *server = json_object_get(opts, "server");
     json_t *t = json_object_get(opts, "__org.thinblk_op-timeout");
     char timeout[32];
     int r;
@@ -479,12 +495,35 @@ static int configure(rados_t cluster, json_t *opts, struct error **errp)
     } else {
         rados_conf_read_file(cluster, NULL);  /* the default search; none found is fine */
     }
+    rados_conf_parse_env(cluster, NULL);  /* CEPH_ARGS, as the ceph tools */
+    /* Always off, whatever the conf file or cache.direct say (see the top). */
+    if (!conf_set(cluster, "rbd_cache", "false", errp))
+        return -1;
     snprintf(timeout, sizeof(timeout), "%" PRId64,
              t ? (int64_t)json_integer_value(t) : (int64_t)RBD_DEFAULT_OP_TIMEOUT);
     if (!conf_set(cluster, "client_mount_timeout", timeout, errp) ||
         !conf_set(cluster, "rados_mon_op_timeout", timeout, errp) ||
         !conf_set(cluster, "rados_osd_op_timeout", timeout, errp))
         return -1;
+    if (json_array_size(server) > 0) {
+        /* QEMU's qemu_rbd_mon_host(): "host:port;...", an IPv6 host in brackets. */
+        struct buf b = {0};
+        size_t i;
+        json_t *v;
+        json_array_foreach(server, i, v) {
+            const char *host = json_string_value(json_object_get(v, "host"));
+            const char *port = json_string_value(json_object_get(v, "port"));
+            char *hp = xasprintf(strchr(host, ':') ? "%s[%s]:%s" : "%s%s:%s", i ? ";" : "",
+                                 host, port);
+            buf_append(&b, hp, strlen(hp));
+            free(hp);
+        }
+        buf_append(&b, "", 1);
+        bool ok = conf_set(cluster, "mon_host", b.data, errp);
+        buf_free(&b);
+        if (!ok)
+            return -1;
+    }
     if (json_array_size(auth) > 0) {
         struct buf b = {0};
         size_t i;
@@ -503,15 +542,16 @@ static int configure(rados_t cluster, json_t *opts, struct error **errp)
     return 0;
 }
 
-static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp)
+/* Connect to the cluster and open the pool (and namespace) that opts (BlockdevOptionsRbd,
+ * checked) name; full_try: with rados_set_pool_full_try() (see the top). Blocks, up to the op
+ * timeout; touches nothing of the loop's, so it may run on any thread. Returns 0, or -1 with
+ * *errp set and nothing left to free. */
+static int rbd_connect(json_t *opts, bool full_try, rados_t *cluster, rados_ioctx_t *io,
+                       struct error **errp)
 {
     const char *pool = json_string_value(json_object_get(opts, "pool"));
-    const char *image = json_string_value(json_object_get(opts, "image"));
     const char *ns = json_string_value(json_object_get(opts, "namespace"));
-    const char *snap = json_string_value(json_object_get(opts, "snapshot"));
     const char *user = json_string_value(json_object_get(opts, "user"));
-    struct rbd_state *s;
-    uint64_t size;
     int r;
 
     if (json_object_get(opts, "key-secret")) {
@@ -519,11 +559,40 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
                    "in a keyring named by the conf file");
         return -1;
     }
-    if (json_object_get(opts, "server")) {
-        error_setg(errp, "thinblk's rbd driver does not take server yet: name the monitors "
-                   "(mon_host) in the conf file");
+    r = rados_create(cluster, user);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error initializing");
         return -1;
     }
+    if (configure(*cluster, opts, errp) < 0)
+        goto fail;
+    r = rados_connect(*cluster);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error connecting");
+        goto fail;
+    }
+    r = rados_ioctx_create(*cluster, pool, io);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error opening pool %s", pool);
+        goto fail;
+    }
+    rados_ioctx_set_namespace(*io, ns ? ns : "");
+    if (full_try)
+        rados_set_pool_full_try(*io);
+    return 0;
+fail:
+    rados_shutdown(*cluster);
+    return -1;
+}
+
+static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp)
+{
+    const char *image = json_string_value(json_object_get(opts, "image"));
+    const char *snap = json_string_value(json_object_get(opts, "snapshot"));
+    struct rbd_state *s;
+    uint64_t size;
+    int r;
+
     if (snap && !n->read_only) {
         error_setg(errp, "rbd snapshots are read-only");
         return -1;
@@ -533,28 +602,11 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
     s->node = n;
     s->efd = -1;
     pthread_mutex_init(&s->lock, NULL);
-    r = rados_create(&s->cluster, user);
-    if (r < 0) {
+    if (rbd_connect(opts, true, &s->cluster, &s->io, errp) < 0) {
         s->cluster = NULL;
-        error_setg_errno(errp, -r, "error initializing");
-        goto fail;
-    }
-    if (configure(s->cluster, opts, errp) < 0)
-        goto fail;
-    /* Blocks, up to client_mount_timeout (see the top). */
-    r = rados_connect(s->cluster);
-    if (r < 0) {
-        error_setg_errno(errp, -r, "error connecting");
-        goto fail;
-    }
-    r = rados_ioctx_create(s->cluster, pool, &s->io);
-    if (r < 0) {
         s->io = NULL;
-        error_setg_errno(errp, -r, "error opening pool %s", pool);
         goto fail;
     }
-    rados_ioctx_set_namespace(s->io, ns ? ns : "");
-    rados_set_pool_full_try(s->io);
     r = n->read_only ? rbd_open_read_only(s->io, image, &s->image, snap)
                      : rbd_open(s->io, image, &s->image, snap);
     if (r < 0) {
@@ -622,7 +674,7 @@ static int rbd_truncate(struct block_node *n, uint64_t size, struct error **errp
     int r = rbd_resize(st(n)->image, size);
 
     if (r < 0) {
-        error_setg_errno(errp, -r, "error resizing the image");
+        error_setg_errno(errp, -r, "failed to resize rbd image");
         return -1;
     }
     block_node_set_size(n, size);
@@ -649,3 +701,79 @@ const struct block_driver block_driver_rbd = {
     .block_status = rbd_block_status,
     .query_image = rbd_query_image,
 };
+
+/* ---- blockdev-create -------------------------------------------------------------------- */
+
+/* QEMU's BlockdevCreateOptionsRbd, without encrypt. */
+const struct schema_member rbd_create_opts[] = {
+    { "location", SCHEMA_OBJECT, .members = block_rbd_options },
+    { "size", SCHEMA_UINT64 },
+    { "cluster-size", SCHEMA_UINT64, .optional = true },
+    { NULL },
+};
+
+struct rbd_create {
+    struct block_create *c;
+    struct error *err;  /* set by the thread */
+};
+
+/* On the offload thread: QEMU's qemu_rbd_do_create(). */
+static void rbd_create_work(void *opaque)
+{
+    struct rbd_create *rc = opaque;
+    json_t *opts = rc->c->opts;
+    json_t *loc = json_object_get(opts, "location");
+    const char *image = json_string_value(json_object_get(loc, "image"));
+    uint64_t size = qjson_uint64(json_object_get(opts, "size"));
+    json_t *cs = json_object_get(opts, "cluster-size");
+    rados_t cluster;
+    rados_ioctx_t io;
+    int order = 0, r;
+
+    if (json_object_get(loc, "snapshot")) {
+        error_setg(&rc->err, "Can't use snapshot name for image creation");
+        return;
+    }
+    if (cs) {
+        uint64_t objsize = qjson_uint64(cs);
+        if (objsize & (objsize - 1)) {
+            error_setg(&rc->err, "obj size needs to be power of 2");
+            return;
+        }
+        if (objsize < 4096) {
+            error_setg(&rc->err, "obj size too small");
+            return;
+        }
+        order = __builtin_ctzll(objsize);
+    }
+    /* No full try: QEMU's creation waits for a full pool too; the op timeout bounds it. */
+    if (rbd_connect(loc, false, &cluster, &io, &rc->err) < 0)
+        return;
+    r = rbd_create(io, image, size, &order);
+    if (r < 0)
+        error_setg_errno(&rc->err, -r, "error rbd create");
+    rados_ioctx_destroy(io);
+    rados_shutdown(cluster);
+}
+
+static void rbd_create_done(void *opaque)
+{
+    struct rbd_create *rc = opaque;
+    struct block_create *c = rc->c;
+    struct error *err = rc->err;
+
+    free(rc);
+    block_create_finish(c, err);
+}
+
+void rbd_create_run(struct block_create *c)
+{
+    struct rbd_create *rc = xzalloc(sizeof(*rc));
+    struct error *err = NULL;
+
+    rc->c = c;
+    if (offload_run(c->graph->loop, rbd_create_work, rbd_create_done, rc, &err) < 0) {
+        free(rc);
+        block_create_finish(c, err);
+    }
+}

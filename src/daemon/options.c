@@ -464,7 +464,11 @@ void daemon_options_usage(const char *prog)
            "                         a QMP monitor on chardev ID\n"
            "  --qmp [unix:]PATH      shorthand for a --chardev and --monitor pair\n"
            "  --blockdev OPTIONS     a block node (BlockdevOptions: key=value or JSON);\n"
+#ifdef THINBLK_HAVE_RBD
+           "                         drivers: file, host_device, raw, qcow2, fault, rbd\n"
+#else
            "                         drivers: file, host_device, raw, qcow2, fault\n"
+#endif
            "  --nbd-server addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=P\n"
            "                         [,max-connections=N][,tls-creds=ID][,tls-authz=ID]\n"
            "                         start the NBD server (TLS: with these credentials)\n"

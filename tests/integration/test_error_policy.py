@@ -17,7 +17,11 @@ import pytest
 from conftest import without_timestamp
 from test_enospc import MiB, Writer, check_readback, random_chunks
 
-ERRNO_TEXT = {"ENOSPC": "No space left on device", "EIO": "Input/output error"}
+# EDQUOT (an RBD pool's quota) is "no space" as ENOSPC, with ENOSPC's text; QEMU knows only
+# ENOSPC.
+ERRNO_TEXT = {"ENOSPC": "No space left on device", "EIO": "Input/output error",
+              "EDQUOT": "No space left on device"}
+NOSPACE = ("ENOSPC", "EDQUOT")
 
 
 class Disk:
@@ -67,7 +71,7 @@ class Disk:
 def io_error(op, action, errno):
     return {"event": "BLOCK_IO_ERROR",
             "data": {"device": "disk0", "node-name": "flt", "operation": op, "action": action,
-                     "nospace": errno == "ENOSPC", "reason": ERRNO_TEXT[errno]}}
+                     "nospace": errno in NOSPACE, "reason": ERRNO_TEXT[errno]}}
 
 
 def in_thread(fn):
@@ -87,14 +91,15 @@ def in_thread(fn):
 # ---- writes -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("werror,errno", [("report", "ENOSPC"), ("report", "EIO"),
-                                          ("enospc", "EIO"), (None, "EIO")])
+                                          ("enospc", "EIO"), (None, "EIO"),
+                                          ("report", "EDQUOT")])
 def test_write_error_reported(daemons, tmp_path, werror, errno):
     disk = Disk(daemons, tmp_path, werror=werror)
     disk.fail("write", errno)
     h = disk.nbd()
     with pytest.raises(nbd.Error) as e:
         h.pwrite(b"\xab" * 4096, 0)
-    assert e.value.errno == errno
+    assert e.value.errno == ("ENOSPC" if errno == "EDQUOT" else errno)  # NBD has no EDQUOT
     assert without_timestamp(disk.event("BLOCK_IO_ERROR")) == io_error("write", "report", errno)
     assert disk.status() == "running" and disk.io_status() == "ok"
     # The rule was spent: the next write goes through.
@@ -114,7 +119,7 @@ def test_write_error_ignored(daemons, tmp_path):
 
 @pytest.mark.parametrize("werror,errno,io_status", [
     ("stop", "EIO", "failed"), ("stop", "ENOSPC", "nospace"), ("enospc", "ENOSPC", "nospace"),
-    (None, "ENOSPC", "nospace")])
+    (None, "ENOSPC", "nospace"), ("stop", "EDQUOT", "nospace"), (None, "EDQUOT", "nospace")])
 def test_write_error_stops_and_cont_retries(daemons, tmp_path, werror, errno, io_status):
     disk = Disk(daemons, tmp_path, werror=werror)
     disk.fail("write", errno)
@@ -123,6 +128,9 @@ def test_write_error_stops_and_cont_retries(daemons, tmp_path, werror, errno, io
     assert without_timestamp(disk.event("BLOCK_IO_ERROR")) == io_error("write", "stop", errno)
     assert disk.event("STOP")["event"] == "STOP"
     assert disk.status() == "io-error" and disk.io_status() == io_status
+    cause = disk.qmp.cmd("__org.thinblk_query-stop-reason")["return"]["io-error"]
+    assert (cause["errno"], cause["nospace"], cause["reason"]) == \
+        (errno, errno in NOSPACE, ERRNO_TEXT[errno])
     t.join(0.2)
     assert t.is_alive(), "the write completed while stopped"
     assert disk.qmp.cmd("cont") == {"return": {}}
