@@ -442,6 +442,36 @@ static void probe_pool(struct disk_daemon *dm, struct disk *d)
                d->rbd_pool, err->desc);
 }
 
+/* Raise the quota of d's pool by its chunk (at least past the usage plus the watermark), up
+ * to its cap; unhandled: because it stopped. */
+static void raise_quota(struct disk_daemon *dm, struct disk *d, bool unhandled)
+{
+    const struct agent_disk_policy *p = d->policy;
+    uint64_t size = d->pool.quota, used = d->pool.used;
+    char a[32], reason[160];
+
+    snprintf(reason, sizeof(reason), unhandled ? "stopped on no space (EDQUOT), pool usage %s"
+             : "pool usage %s is within the watermark of its quota",
+             agent_fmt_size(used, a, sizeof(a)));
+    struct extend_request req = {
+        .method = AGENT_METHOD_RBD,
+        .self_exe = dm->self_exe,
+        .volume = d->rbd_pool,
+        .conf = d->rbd_conf,
+        .from = size,
+        .to = MIN(disk_cap(d), MAX(size + p->chunk, round_up(used + p->watermark, MiB))),
+        .reason = reason,
+        .timeout_ns = dm->cfg->hook_timeout_ns,
+        .disk = d->name,
+        .daemon = dm->conf->name,
+        .socket = dm->conf->socket,
+        .device = d->device,
+        .node = d->proto_node ? d->proto_node : "",
+        .virtual_size = d->virtual_size,
+    };
+    start_extension(dm, d, &req);
+}
+
 /* check_disk() for a disk on rbd: the volume is the pool's quota, what fills it the pool's
  * usage (of every image in it, hence no write threshold: offsets in one image say nothing of
  * it). A stop is resumable once the quota was raised since and the monitor no longer flags
@@ -518,27 +548,7 @@ static void check_rbd(struct disk_daemon *dm, struct disk *d, const struct stopp
         d->waiting = "an extension failed; waiting to retry";
         return;
     }
-    char reason[160];
-    snprintf(reason, sizeof(reason), unhandled ? "stopped on no space (EDQUOT), pool usage %s"
-             : "pool usage %s is within the watermark of its quota", agent_fmt_size(used, a,
-                                                                                  sizeof(a)));
-    struct extend_request req = {
-        .method = AGENT_METHOD_RBD,
-        .self_exe = dm->self_exe,
-        .volume = d->rbd_pool,
-        .conf = d->rbd_conf,
-        .from = size,
-        .to = MIN(cap, MAX(size + p->chunk, round_up(used + p->watermark, MiB))),
-        .reason = reason,
-        .timeout_ns = dm->cfg->hook_timeout_ns,
-        .disk = d->name,
-        .daemon = dm->conf->name,
-        .socket = dm->conf->socket,
-        .device = d->device,
-        .node = d->proto_node ? d->proto_node : "",
-        .virtual_size = d->virtual_size,
-    };
-    start_extension(dm, d, &req);
+    raise_quota(dm, d, unhandled);
 }
 
 /* io_error: the disk's run state or group (st) is in io-error. */
