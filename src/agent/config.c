@@ -257,8 +257,10 @@ static int set_disk_key(struct agent_disk_policy *p, const char *key, const char
             p->method = AGENT_METHOD_LOOP;
         else if (strcmp(value, "hook") == 0)
             p->method = AGENT_METHOD_HOOK;
+        else if (strcmp(value, "rbd") == 0)
+            p->method = AGENT_METHOD_RBD;
         else {
-            error_setg(errp, "'method' expects 'loop' or 'hook', not '%s'", value);
+            error_setg(errp, "'method' expects 'loop', 'hook' or 'rbd', not '%s'", value);
             return -1;
         }
     } else if (strcmp(key, "chunk") == 0)
@@ -535,7 +537,7 @@ int agent_config_check(struct agent_config *cfg, struct error **errp)
         }
         if (p->method == AGENT_METHOD_NONE) {
             if (!p->hook) {
-                add_errorf(&errors, "disk '%s': no method (method = loop or hook)", p->name);
+                add_errorf(&errors, "disk '%s': no method (method = loop, hook or rbd)", p->name);
                 continue;
             }
             p->method = AGENT_METHOD_HOOK;
@@ -543,14 +545,27 @@ int agent_config_check(struct agent_config *cfg, struct error **errp)
         if (p->method == AGENT_METHOD_HOOK && !p->hook) {
             add_errorf(&errors, "disk '%s': method hook needs hook = PROGRAM", p->name);
         }
-        if (p->method == AGENT_METHOD_LOOP && p->hook) {
-            add_errorf(&errors, "disk '%s': a hook is for method hook, not loop", p->name);
+        if (p->method != AGENT_METHOD_HOOK && p->hook) {
+            add_errorf(&errors, "disk '%s': a hook is for method hook, not %s", p->name,
+                       p->method == AGENT_METHOD_LOOP ? "loop" : "rbd");
         }
+        /* A pool is shared by images: no share of one image's size makes a sane quota. */
+        if (p->method == AGENT_METHOD_RBD && !p->cap) {
+            add_errorf(&errors, "disk '%s': method rbd needs cap = SIZE (the largest quota "
+                       "the agent may set on the pool)", p->name);
+        }
+        static const uint64_t chunks[] = {
+            [AGENT_METHOD_LOOP] = AGENT_LOOP_CHUNK, [AGENT_METHOD_HOOK] = AGENT_HOOK_CHUNK,
+            [AGENT_METHOD_RBD] = AGENT_RBD_CHUNK,
+        };
+        static const uint64_t watermarks[] = {
+            [AGENT_METHOD_LOOP] = AGENT_LOOP_WATERMARK, [AGENT_METHOD_HOOK] = AGENT_HOOK_WATERMARK,
+            [AGENT_METHOD_RBD] = AGENT_RBD_WATERMARK,
+        };
         if (!p->chunk)
-            p->chunk = p->method == AGENT_METHOD_LOOP ? AGENT_LOOP_CHUNK : AGENT_HOOK_CHUNK;
+            p->chunk = chunks[p->method];
         if (!p->watermark)
-            p->watermark = p->method == AGENT_METHOD_LOOP ? AGENT_LOOP_WATERMARK
-                                                          : AGENT_HOOK_WATERMARK;
+            p->watermark = watermarks[p->method];
     }
     if (errors) {
         error_propagate(errp, errors);

@@ -21,6 +21,7 @@ enum agent_method {
     AGENT_METHOD_NONE,  /* not configured yet */
     AGENT_METHOD_LOOP,  /* built-in: grow a loop device's backing file and its capacity */
     AGENT_METHOD_HOOK,  /* a program: HOOK VOLUME CURRENT_SIZE NEW_SIZE */
+    AGENT_METHOD_RBD,   /* built-in: raise the max_bytes quota of an RBD image's pool */
 };
 
 /* Defaults, chosen from measurement (see the DEFAULTS section of thinblk-agent(8)): the
@@ -29,6 +30,10 @@ enum agent_method {
 #define AGENT_LOOP_WATERMARK (512 * MiB)
 #define AGENT_HOOK_CHUNK (2560 * MiB)    /* VDSM's, for LVM: lvextend takes 1-4 s */
 #define AGENT_HOOK_WATERMARK (2 * GiB)
+/* rbd: the pool's usage reaches the monitor up to ~5 s late and the agent looks every poll
+ * interval, so the watermark covers ~8 s of writes; a quota reserves nothing (see DEFAULTS). */
+#define AGENT_RBD_CHUNK (8 * GiB)
+#define AGENT_RBD_WATERMARK (4 * GiB)
 #define AGENT_CAP_PERCENT 110            /* of the virtual size, for qcow2 (metadata) */
 
 /* A disk's policy: which device of which daemon, how to extend it, by how much, up to where.
@@ -39,11 +44,12 @@ struct agent_disk_policy {
     char *device;             /* a device (export id) of that daemon, "*" for every device */
     char *node;               /* or a node: the device's root or the node under it */
     enum agent_method method;
-    char *volume;             /* NULL: the file name of the disk's protocol node */
+    char *volume;             /* NULL: the file name of the disk's protocol node (rbd: the
+                               * pool of the image) */
     char *hook;               /* AGENT_METHOD_HOOK: the program */
     uint64_t chunk;
     uint64_t watermark;       /* free space kept ahead of the highest write */
-    uint64_t cap;             /* 0: cap_percent of the virtual size */
+    uint64_t cap;             /* 0: cap_percent of the virtual size (rbd: required) */
     unsigned cap_percent;     /* 0: AGENT_CAP_PERCENT for qcow2, 100 for other formats */
 };
 

@@ -37,6 +37,7 @@
 
 #include "agent/extend.h"
 #include "agent/monitor.h"
+#include "agent/rbd.h"
 #include "common/list.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -87,9 +88,19 @@ struct disk {
     uint64_t last_extended_wall_ns; /* when the latest extension succeeded (realtime) */
     struct agent_disk_metrics *metrics; /* dm->metrics' record of it */
     const char *reported;   /* the last state logged, so each is logged once */
+    /* rbd (its protocol node's driver is rbd): the volume is the pool's max_bytes quota. */
+    bool rbd;
+    char *rbd_pool;         /* the policy's volume, or the image's pool */
+    char *rbd_conf;         /* the node's conf, NULL: Ceph's default */
+    struct rbd_probe *probe;/* asking Ceph about the pool (rbd.c's), or NULL */
+    uint64_t probe_wall_ns; /* when the latest probe started (realtime) */
+    bool pool_known;
+    struct rbd_pool_stat pool; /* the latest probe's answer ... */
+    uint64_t pool_wall_ns;  /* ... from a probe started then (realtime) */
     /* Set by the reconcile, read by the cont decision: */
     bool ready;             /* nothing to wait for before cont */
     const char *waiting;    /* why not, for the log */
+    bool waiting_normal;    /* waiting is the normal course (our own extension...), not news */
 };
 
 DEFINE_QUEUE_TYPE(disk_queue, struct disk, next)
@@ -178,7 +189,9 @@ static uint64_t round_up(uint64_t v, uint64_t to)
 /* What was last logged about a disk or a daemon, compared by address. */
 static const char R_ARMED[] = "armed", R_NOVOLUME[] = "novolume", R_CAP[] = "cap",
                   R_CAP_STOPPED[] = "cap-stopped", R_RUNNING[] = "running",
-                  R_PAUSED[] = "paused", R_CONT[] = "cont", R_WAITING[] = "waiting";
+                  R_PAUSED[] = "paused", R_CONT[] = "cont", R_WAITING[] = "waiting",
+                  R_RBD_MISMATCH[] = "rbd-mismatch", R_NOQUOTA[] = "noquota",
+                  R_PROBE_FAILED[] = "probe-failed", R_WATCHING[] = "watching";
 
 /* ---- learning the disks --------------------------------------------------------------- */
 
@@ -292,6 +305,19 @@ static void learn(struct disk_daemon *dm, json_t *entry, json_t *block, json_t *
     d->node_size = u64(pimage, "virtual-size");
     d->armed = u64(pinfo, "write_threshold");
     set_str(&d->format, str(rinfo, "drv"));
+    d->rbd = str(pinfo, "drv") && strcmp(str(pinfo, "drv"), "rbd") == 0;
+    if (d->rbd) {
+        char *pool, *image, *conf;
+        if (rbd_parse_filename(d->filename, &pool, &image, &conf) == 0) {
+            set_str(&d->rbd_pool, p->volume ? p->volume : pool);
+            set_str(&d->rbd_conf, conf);
+            free(pool);
+            free(image);
+            free(conf);
+        } else {
+            set_str(&d->rbd_pool, p->volume);
+        }
+    }
     d->virtual_size = u64(rimage, "virtual-size");
 
     json_t *binfo = find_block(block, device);
@@ -360,6 +386,171 @@ static void set_at_cap(struct disk_daemon *dm, struct disk *d, bool at_cap)
     agent_metrics_changed(dm->metrics);
 }
 
+static void start_extension(struct disk_daemon *dm, struct disk *d,
+                            const struct extend_request *req)
+{
+    _cleanup_error_ struct error *err = NULL;
+
+    d->job = extend_start(dm->loop, req, extension_done, d, &err);
+    if (!d->job) {
+        log_error("%s: cannot extend %s: %s", d->name, req->volume, err->desc);
+        extension_done(d, false, req->from, 0, err->desc);
+        return;
+    }
+    d->waiting = "an extension is running";
+    d->waiting_normal = true;
+}
+
+/* rbd_probe_fn: what Ceph says of the pool; a failure waits for the next poll. */
+static void probe_done(void *opaque, bool ok, const struct rbd_pool_stat *st, const char *why)
+{
+    struct disk *d = opaque;
+    char a[32], b[32];
+
+    d->probe = NULL;
+    if (!ok) {
+        report(d, R_PROBE_FAILED, LOG_LEVEL_WARN, "cannot read the usage and quota of pool %s: "
+               "%s; trying again at the next poll", d->rbd_pool, why);
+        return;
+    }
+    if (d->reported == R_PROBE_FAILED)
+        d->reported = NULL;
+    d->pool = *st;
+    d->pool_known = true;
+    d->pool_wall_ns = d->probe_wall_ns;
+    log_debug("%s: pool %s: usage %s, quota %s%s", d->name, d->rbd_pool,
+              agent_fmt_size(st->used, a, sizeof(a)), agent_fmt_size(st->quota, b, sizeof(b)),
+              st->full ? ", flagged full" : "");
+    reconcile(d->dm);
+}
+
+/* Ask Ceph about the pool if what we know is older than half a poll interval, or than the
+ * latest extension. Each answer reconciles: the rate limit keeps that from looping. */
+static void probe_pool(struct disk_daemon *dm, struct disk *d)
+{
+    _cleanup_error_ struct error *err = NULL;
+    uint64_t now = now_realtime_ns();
+
+    if (d->probe || (d->probe_wall_ns > d->last_extended_wall_ns &&
+                     now - d->probe_wall_ns < dm->cfg->poll_ns / 2))
+        return;
+    d->probe_wall_ns = now;
+    d->probe = rbd_probe_start(dm->loop, dm->self_exe, d->rbd_conf, d->rbd_pool,
+                               dm->cfg->hook_timeout_ns, probe_done, d, &err);
+    if (!d->probe)
+        report(d, R_PROBE_FAILED, LOG_LEVEL_WARN, "cannot read the usage of pool %s: %s",
+               d->rbd_pool, err->desc);
+}
+
+/* Raise the quota of d's pool by its chunk (at least past the usage plus the watermark), up
+ * to its cap; unhandled: because it stopped. */
+static void raise_quota(struct disk_daemon *dm, struct disk *d, bool unhandled)
+{
+    const struct agent_disk_policy *p = d->policy;
+    uint64_t size = d->pool.quota, used = d->pool.used;
+    char a[32], reason[160];
+
+    snprintf(reason, sizeof(reason), unhandled ? "stopped on no space (EDQUOT), pool usage %s"
+             : "pool usage %s is within the watermark of its quota",
+             agent_fmt_size(used, a, sizeof(a)));
+    struct extend_request req = {
+        .method = AGENT_METHOD_RBD,
+        .self_exe = dm->self_exe,
+        .volume = d->rbd_pool,
+        .conf = d->rbd_conf,
+        .from = size,
+        .to = MIN(disk_cap(d), MAX(size + p->chunk, round_up(used + p->watermark, MiB))),
+        .reason = reason,
+        .timeout_ns = dm->cfg->hook_timeout_ns,
+        .disk = d->name,
+        .daemon = dm->conf->name,
+        .socket = dm->conf->socket,
+        .device = d->device,
+        .node = d->proto_node ? d->proto_node : "",
+        .virtual_size = d->virtual_size,
+    };
+    start_extension(dm, d, &req);
+}
+
+/* check_disk() for a disk on rbd: the volume is the pool's quota, what fills it the pool's
+ * usage (of every image in it, hence no write threshold: offsets in one image say nothing of
+ * it). A stop is resumable once the quota was raised since and the monitor no longer flags
+ * the pool full: a cont before that fails the retried write with EDQUOT again. */
+static void check_rbd(struct disk_daemon *dm, struct disk *d, const struct stopped *st,
+                      bool io_error)
+{
+    const struct agent_disk_policy *p = d->policy;
+    uint64_t cap = disk_cap(d);
+    char a[32], b[32], c[32];
+
+    if (!d->rbd || !d->rbd_pool) {
+        d->waiting = "its method does not fit its storage";
+        report(d, R_RBD_MISMATCH, LOG_LEVEL_ERROR, "device %s: %s", d->device,
+               !d->rbd ? "method rbd, but its protocol node is not rbd"
+                       : "cannot tell the image's pool from its node (volume = POOL)");
+        return;
+    }
+    probe_pool(dm, d);
+    /* What a probe said before the latest extension is stale: it would raise again. */
+    if (!d->pool_known || d->pool_wall_ns <= d->last_extended_wall_ns) {
+        d->waiting = "the pool's usage is not known yet";
+        d->waiting_normal = true;
+        return;
+    }
+    uint64_t size = d->pool.quota, used = d->pool.used;
+    bool stopped = io_error && d->nospace;
+    bool unhandled = stopped && d->last_extended_wall_ns <= st->since_wall_ns;
+    bool near = used + p->watermark > size;
+
+    d->crossed_at = 0;  /* a threshold on an rbd node is not ours */
+    if (d->job) {
+        d->waiting = "an extension is running";
+        d->waiting_normal = true;
+        return;
+    }
+    if (!size) {
+        d->waiting = "its pool has no quota to raise";
+        report(d, R_NOQUOTA, stopped ? LOG_LEVEL_ERROR : LOG_LEVEL_INFO, "pool %s has no "
+               "quota%s", d->rbd_pool, stopped ? ", but the device stopped on no space (the "
+               "cluster full?): nothing to raise" : ": nothing to do until it has one");
+        d->ready = !stopped;
+        return;
+    }
+    if (!near && !unhandled) {
+        set_at_cap(dm, d, false);
+        report(d, R_WATCHING, LOG_LEVEL_INFO, "pool %s: usage %s, quota %s (watermark %s)",
+               d->rbd_pool, agent_fmt_size(used, a, sizeof(a)), agent_fmt_size(size, b, sizeof(b)),
+               agent_fmt_size(p->watermark, c, sizeof(c)));
+        if (stopped && d->pool.full) {
+            d->waiting = "waiting for the monitor to flag the pool not full";
+            d->waiting_normal = true;
+        } else {
+            d->ready = true;
+        }
+        return;
+    }
+    set_at_cap(dm, d, size >= cap);
+    if (size >= cap) {
+        d->waiting = "at its cap";
+        if (stopped)
+            report(d, R_CAP_STOPPED, LOG_LEVEL_ERROR, "stopped on no space (EDQUOT) at its "
+                   "cap: the quota of pool %s is %s, cap %s (usage %s); left stopped",
+                   d->rbd_pool, agent_fmt_size(size, a, sizeof(a)),
+                   agent_fmt_size(cap, b, sizeof(b)), agent_fmt_size(used, c, sizeof(c)));
+        else
+            report(d, R_CAP, LOG_LEVEL_WARN, "the usage %s of pool %s is within the watermark "
+                   "of its quota, at its cap %s: not raised further",
+                   agent_fmt_size(used, a, sizeof(a)), d->rbd_pool,
+                   agent_fmt_size(cap, b, sizeof(b)));
+        return;
+    }
+    if (d->retry_timer) {
+        d->waiting = "an extension failed; waiting to retry";
+        return;
+    }
+    raise_quota(dm, d, unhandled);
+}
+
 /* io_error: the disk's run state or group (st) is in io-error. */
 static void check_disk(struct disk_daemon *dm, struct disk *d, const struct stopped *st,
                        bool io_error)
@@ -368,10 +559,16 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, const struct stop
     const char *volume = p->volume ? p->volume : d->filename;
     uint64_t size, cap = disk_cap(d);
     char a[32], b[32], c[32];
-    _cleanup_error_ struct error *err = NULL;
 
     d->ready = false;
     d->waiting = NULL;
+    d->waiting_normal = false;
+    /* A disk on rbd with another method is a volume as any: an image under qcow2 that a hook
+     * grows (rbd resize), its size the node's. */
+    if (p->method == AGENT_METHOD_RBD) {
+        check_rbd(dm, d, st, io_error);
+        return;
+    }
     if (!volume || !*volume) {
         d->waiting = "no volume";
         report(d, R_NOVOLUME, LOG_LEVEL_ERROR, "device %s: no volume to extend (volume = ...)",
@@ -388,6 +585,7 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, const struct stop
 
     if (d->job) {
         d->waiting = "an extension is running";
+        d->waiting_normal = true;
         return;
     }
     if (!near && !unhandled) {
@@ -445,13 +643,7 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, const struct stop
         .node = d->proto_node ? d->proto_node : "",
         .virtual_size = d->virtual_size,
     };
-    d->job = extend_start(dm->loop, &req, extension_done, d, &err);
-    if (!d->job) {
-        log_error("%s: cannot extend %s: %s", d->name, volume, err->desc);
-        extension_done(d, false, size, 0, err->desc);
-        return;
-    }
-    d->waiting = "an extension is running";
+    start_extension(dm, d, &req);
 }
 
 /* ---- the daemon and its groups -------------------------------------------------------- */
@@ -506,7 +698,7 @@ static void decide_cont(struct disk_daemon *dm, json_t *block, struct group *g)
 {
     struct stopped *st = g ? &g->st : &dm->run;
     char why[256] = "";
-    bool any = false;
+    bool any = false, normal = false;
     size_t i;
     json_t *e;
 
@@ -522,8 +714,10 @@ static void decide_cont(struct disk_daemon *dm, json_t *block, struct group *g)
         any = true;
         struct disk *d = find_disk(dm, device);
         if (d && d->present && strcmp(io, "nospace") == 0) {
-            if (!d->ready)
+            if (!d->ready) {
                 snprintf(why, sizeof(why), "%s: %s", d->name, d->waiting ? d->waiting : "not ready");
+                normal = d->waiting_normal;
+            }
         } else if (strcmp(io, "nospace") == 0) {
             snprintf(why, sizeof(why), "device %s stopped on ENOSPC and has no policy", device);
         } else if (!dm->cfg->resume_on_other_errors) {
@@ -541,7 +735,7 @@ static void decide_cont(struct disk_daemon *dm, json_t *block, struct group *g)
             snprintf(st->waiting_text, sizeof(st->waiting_text), "%s", why);
             st->reported = R_WAITING;
             /* Waiting for our own extension is the normal course; anything else is news. */
-            log_msg(strstr(why, "an extension is running") ? LOG_LEVEL_INFO : LOG_LEVEL_WARN,
+            log_msg(normal ? LOG_LEVEL_INFO : LOG_LEVEL_WARN,
                     "%s: stopped on an I/O error; not resuming yet: %s", st->what, why);
         }
         return;
@@ -1009,6 +1203,9 @@ void disk_daemon_free(struct disk_daemon *dm)
         free(d->proto_node);
         free(d->filename);
         free(d->format);
+        free(d->rbd_pool);
+        free(d->rbd_conf);
+        rbd_probe_abandon(d->probe);
         free(d);
     }
     while ((g = group_queue_pop(&dm->groups)))

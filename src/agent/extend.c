@@ -46,6 +46,7 @@ struct extend_job {
     char *volume;
     char *reason;
     bool timed_out;
+    enum agent_method method;
 };
 
 int extend_volume_size(const char *volume, uint64_t *size)
@@ -186,7 +187,7 @@ static void on_exit_of_child(struct loop *loop, int fd, unsigned events, void *o
 
     /* What the storage says now, not what was asked for: lvextend rounds up, a hook may do
      * more or less than asked. */
-    if (extend_volume_size(job->volume, &now) < 0)
+    if (job->method == AGENT_METHOD_RBD || extend_volume_size(job->volume, &now) < 0)
         now = why[0] ? job->from : job->to;
     if (!why[0] && now <= job->from)
         snprintf(why, sizeof(why), "succeeded, but the volume is still %s",
@@ -260,7 +261,7 @@ static void free_env(char **env)
     free(env);
 }
 
-static pid_t spawn(char *const argv[], char **env, struct error **errp)
+pid_t extend_spawn(char *const argv[], char **env, int out_fd, struct error **errp)
 {
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
@@ -269,7 +270,12 @@ static pid_t spawn(char *const argv[], char **env, struct error **errp)
 
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_adddup2(&fa, 2, 1);  /* what it prints goes to our log */
+    if (out_fd >= 0) {
+        posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
+        posix_spawn_file_actions_adddup2(&fa, out_fd, 2);
+    } else {
+        posix_spawn_file_actions_adddup2(&fa, 2, 1);  /* what it prints goes to our log */
+    }
     posix_spawnattr_init(&attr);
     sigemptyset(&none);
     sigemptyset(&deflt);
@@ -305,11 +311,15 @@ struct extend_job *extend_start(struct loop *loop, const struct extend_request *
     snprintf(to_s, sizeof(to_s), "%" PRIu64, to);
     if (req->method == AGENT_METHOD_LOOP) {
         char *argv[] = {(char *)req->self_exe, "--extend-loop", (char *)volume, to_s, NULL};
-        pid = spawn(argv, environ, errp);
+        pid = extend_spawn(argv, environ, -1, errp);
+    } else if (req->method == AGENT_METHOD_RBD) {
+        char *argv[] = {(char *)req->self_exe, "--extend-rbd", (char *)(req->conf ? req->conf : ""),
+                        (char *)volume, to_s, NULL};
+        pid = extend_spawn(argv, environ, -1, errp);
     } else {
         char *argv[] = {(char *)req->hook, (char *)volume, from_s, to_s, NULL};
         char **env = hook_env(req);
-        pid = spawn(argv, env, errp);
+        pid = extend_spawn(argv, env, -1, errp);
         free_env(env);
     }
     if (pid < 0)
@@ -324,8 +334,11 @@ struct extend_job *extend_start(struct loop *loop, const struct extend_request *
     job->start_ns = start_ns;
     job->from = from;
     job->to = to;
-    job->volume = xstrdup(volume);
+    /* For the log: "extended the quota of pool p1 from 64 MiB to 128 MiB". */
+    job->volume = req->method == AGENT_METHOD_RBD ? xasprintf("the quota of pool %s", volume)
+                                                  : xstrdup(volume);
     job->reason = xstrdup(req->reason);
+    job->method = req->method;
     job->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     if (job->pidfd < 0 || loop_add_fd(loop, job->pidfd, LOOP_READ, on_exit_of_child, job) < 0) {
         /* Without a pidfd (Linux < 5.3) there is no way to wait here without blocking. */

@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "agent/config.h"
 #include "common/error.h"
@@ -22,8 +23,9 @@ struct extend_request {
     enum agent_method method;
     const char *hook;         /* AGENT_METHOD_HOOK: the program */
     const char *self_exe;     /* AGENT_METHOD_LOOP: this program, run with --extend-loop */
-    const char *volume;
-    uint64_t from, to;        /* bytes */
+    const char *volume;       /* AGENT_METHOD_RBD: the pool */
+    const char *conf;         /* AGENT_METHOD_RBD: the Ceph configuration file, or NULL */
+    uint64_t from, to;        /* bytes (AGENT_METHOD_RBD: the pool's max_bytes quota) */
     const char *reason;       /* for the log and THINBLK_REASON */
     uint64_t timeout_ns;      /* kill the child (its process group) after this */
     /* Who asks, for the log and the hook's THINBLK_* environment: */
@@ -53,6 +55,10 @@ void extend_abandon(struct extend_job *job);
  * or -1 (errno) if the volume is not a local path or cannot be read. Does not block for long
  * (a stat or an ioctl). */
 int extend_volume_size(const char *volume, uint64_t *size);
+/* Spawn argv[0] (a path) with env, standard input from /dev/null, standard output and error
+ * to out_fd (-1: both to our standard error, the log), in its own process group. Returns the pid, or -1
+ * with *errp set. Never blocks. */
+pid_t extend_spawn(char *const argv[], char **env, int out_fd, struct error **errp);
 /* The built-in loop method, run in the child: grow the loop device's backing file to size
  * and have the kernel take the new capacity. Returns 0, or -1 with a message on stderr.
  * Blocks (it is the child's whole work). */

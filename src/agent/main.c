@@ -23,6 +23,7 @@
 #include "agent/config.h"
 #include "agent/disk.h"
 #include "agent/extend.h"
+#include "agent/rbd.h"
 #include "common/log.h"
 #include "common/service.h"
 #include "common/util.h"
@@ -38,9 +39,10 @@ static const char usage_text[] =
     "  -d, --device NAME          ... and manage its device NAME (repeatable; '*': every\n"
     "                             device, the default when no --device or --node is given)\n"
     "  -n, --node NAME            ... or the device whose root node or protocol node is NAME\n"
-    "  -m, --method loop|hook     how to extend (default: hook if --hook is given, else loop)\n"
+    "  -m, --method loop|hook|rbd how to extend (default: hook if --hook is given, else loop)\n"
     "      --hook PROGRAM         run PROGRAM VOLUME CURRENT_SIZE NEW_SIZE to extend\n"
-    "      --volume PATH          the volume to extend (default: the protocol node's file)\n"
+    "      --volume PATH          the volume to extend (default: the protocol node's file;\n"
+    "                             rbd: the pool whose quota to raise, default the image's)\n"
     "      --chunk SIZE           extend by SIZE (loop: 1G, hook: 2560M)\n"
     "      --watermark SIZE       keep SIZE free past the highest write (loop: 512M, hook: 2G)\n"
     "      --cap SIZE|PERCENT%    never beyond (default: 110% of the virtual size for qcow2,\n"
@@ -226,7 +228,8 @@ static void log_config(const struct agent_config *cfg)
             snprintf(c, sizeof(c), "%d%% of the virtual size for qcow2", AGENT_CAP_PERCENT);
         log_info("disk %s: daemon %s, %s %s, method %s%s%s, chunk %s, watermark %s, cap %s",
                  p->name, p->daemon, p->device ? "device" : "node", p->device ? p->device : p->node,
-                 p->method == AGENT_METHOD_LOOP ? "loop" : "hook", p->hook ? " " : "",
+                 p->method == AGENT_METHOD_LOOP ? "loop" : p->method == AGENT_METHOD_RBD ? "rbd"
+                                                                         : "hook", p->hook ? " " : "",
                  p->hook ? p->hook : "", agent_fmt_size(p->chunk, a, sizeof(a)),
                  agent_fmt_size(p->watermark, b, sizeof(b)), c);
     }
@@ -245,6 +248,10 @@ int main(int argc, char **argv)
     agent_config_init(&cfg);
     if (argc > 1 && strcmp(argv[1], "--extend-loop") == 0)
         return extend_loop_main(argc - 2, argv + 2);
+    if (argc > 1 && strcmp(argv[1], "--extend-rbd") == 0)
+        return rbd_extend_main(argc - 2, argv + 2);
+    if (argc > 1 && strcmp(argv[1], "--rbd-pool-stat") == 0)
+        return rbd_pool_stat_main(argc - 2, argv + 2);
 
     while ((opt = getopt_long(argc, argv, "c:s:d:n:m:vqhV", long_options, NULL)) != -1) {
         switch (opt) {

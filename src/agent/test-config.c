@@ -138,7 +138,7 @@ static void test_errors(void **state)
                  "MiB, not '1.5M'");
     expect_error("[disk a]\nchunk = lots\n", "t.conf:2: 'chunk' expects a size such as '512M' "
                  "or '2G', not 'lots'");
-    expect_error("[disk a]\nmethod = dd\n", "t.conf:2: 'method' expects 'loop' or 'hook', not "
+    expect_error("[disk a]\nmethod = dd\n", "t.conf:2: 'method' expects 'loop', 'hook' or 'rbd', not "
                  "'dd'");
     expect_error("[disk a]\ncap = 50%\n", "t.conf:2: 'cap' as a percentage of the virtual size "
                  "must be 100% to 1000%, not '50%'");
@@ -148,9 +148,31 @@ static void test_errors(void **state)
     expect_error("[daemon a]\nsocket = s\n[disk d]\nmethod = loop\n",
                  "disk 'd': give either device or node");
     expect_error("[daemon a]\nsocket = s\n[disk d]\ndevice = x\n",
-                 "disk 'd': no method (method = loop or hook)");
+                 "disk 'd': no method (method = loop, hook or rbd)");
     expect_error("[daemon a]\nsocket = s\n[disk d]\ndevice = x\nmethod = hook\n",
                  "disk 'd': method hook needs hook = PROGRAM");
+    expect_error("[daemon a]\nsocket = s\n[disk d]\ndevice = x\nmethod = rbd\ncap = 200%\n",
+                 "disk 'd': method rbd needs cap = SIZE (the largest quota the agent may set "
+                 "on the pool)");
+    expect_error("[daemon a]\nsocket = s\n[disk d]\ndevice = x\nmethod = rbd\ncap = 1G\n"
+                 "hook = /bin/true\n", "disk 'd': a hook is for method hook, not rbd");
+}
+
+/* method rbd: its own defaults, and a cap given as a size. */
+static void test_rbd(void **state)
+{
+    struct agent_config cfg;
+    struct error *err = NULL;
+
+    agent_config_init(&cfg);
+    assert_int_equal(agent_config_parse(&cfg, "t.conf", "[daemon a]\nsocket = s\n[disk d]\n"
+                                        "device = x\nmethod = rbd\ncap = 100G\n", &err), 0);
+    assert_int_equal(agent_config_check(&cfg, &err), 0);
+    assert_int_equal(cfg.disks.ptr[0].method, AGENT_METHOD_RBD);
+    assert_int_equal(cfg.disks.ptr[0].chunk, AGENT_RBD_CHUNK);
+    assert_int_equal(cfg.disks.ptr[0].watermark, AGENT_RBD_WATERMARK);
+    assert_int_equal(cfg.disks.ptr[0].cap, 100 * GiB);
+    agent_config_free(&cfg);
 }
 
 int main(void)
@@ -161,6 +183,7 @@ int main(void)
         cmocka_unit_test(test_fmt_size),
         cmocka_unit_test(test_file),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_rbd),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -687,7 +687,7 @@ def test_check_reports_every_mistake_at_once(tmp_path):
     r = subprocess.run([AGENT, "--check", "-c", conf], capture_output=True, text=True)
     assert (r.returncode, r.stderr) == (1, (
         f"thinblk-agent: {conf}:4: 'chunk' must be a whole number of MiB, not '1.5M'\n"
-        f"thinblk-agent: {conf}:5: 'method' expects 'loop' or 'hook', not 'dd'\n"
+        f"thinblk-agent: {conf}:5: 'method' expects 'loop', 'hook' or 'rbd', not 'dd'\n"
         f"thinblk-agent: {conf}:6: unknown section '[box]': expected [agent], [daemon NAME] "
         "or [disk NAME]\n"
         f"thinblk-agent: {conf}:9: 'poll-interval' expects a duration of at least 1ms, such "
@@ -698,8 +698,8 @@ def test_check_reports_every_mistake_at_once(tmp_path):
         "thinblk-agent: daemon 'a' has no socket\n"
         "thinblk-agent: disk 'd': no such daemon\n"
         "thinblk-agent: disk 'd': give either device or node\n"
-        "thinblk-agent: disk 'd': no method (method = loop or hook)\n"
-        "thinblk-agent: disk 'e': no method (method = loop or hook)\n"))
+        "thinblk-agent: disk 'd': no method (method = loop, hook or rbd)\n"
+        "thinblk-agent: disk 'e': no method (method = loop, hook or rbd)\n"))
 
 
 def test_check_refuses_a_hook_that_cannot_run(tmp_path):
