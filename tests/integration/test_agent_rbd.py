@@ -107,7 +107,10 @@ def test_agent_raises_pool_quota(ceph, daemons, agents):
     # the agent has seen all of it; it raises the quota past usage + watermark soon after.
     wait_for(lambda: quota(ceph, pool) >= 160 * MiB + 32 * MiB, "the quota raised past the "
              "write and the watermark", timeout=60)
-    assert a.lines(r"disk0: extended the quota of pool %s from 64 MiB to" % pool), a.log()
+    # At least one raise succeeded. (Not necessarily the first: under load the usage can pass
+    # a raise's target before the raise lands; that one fails, "it stays full", and the next
+    # one, from a fresh probe, goes past it.)
+    assert a.lines(r"disk0: extended the quota of pool %s from \S+ \S+ to" % pool), a.log()
     # Whether it stopped or not depends on timing; that it runs at the end does not.
     wait_for(lambda: s.status() == "running", "the daemon running")
     if a.lines(r"stopped on no space"):
