@@ -68,9 +68,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         struct error *err;
         while (json_stream_next(js, &req, &err) == 1) {
             json_t *rsp = qmp_dispatch(d, &session, req, err);
-            qjson_write(&out, rsp, false);
-            qjson_write(&out, rsp, true);
-            buf_reset(&out);
+            if (rsp) {  /* NULL: deferred (an rbd blockdev-add), answered into nothing */
+                qjson_write(&out, rsp, false);
+                qjson_write(&out, rsp, true);
+                buf_reset(&out);
+            } else {
+                qmp_session_detach(&session);
+            }
             json_decref(rsp);
             json_decref(req);
             error_free(err);
