@@ -219,6 +219,13 @@ static void client_io(struct loop *loop, int fd, unsigned events, void *opaque)
 
     if ((events & LOOP_WRITE) && client_flush(c) < 0)
         return;
+    if ((events & LOOP_READ) && !(c->watched & LOOP_READ) && c->session.pending) {
+        /* Not reading while a command is pending: only a hangup or an error wakes us (and
+         * would again and again). The peer is gone: the answer will be dropped. */
+        log_debug("monitor %s: client left with a command pending", c->mon->path);
+        client_kill(c);
+        return;
+    }
     if ((events & LOOP_READ) && (c->watched & LOOP_READ)) {
         ssize_t n = recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
         if (n > 0) {

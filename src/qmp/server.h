@@ -14,8 +14,8 @@
  * A command that answers later (qmp_call_defer(), dispatch.h: blockdev-add of an rbd node,
  * which connects on the offload thread) holds its client: nothing more of that client is
  * read or dispatched until the answer is queued, as QMP answers in-band commands in order;
- * the other clients go on. A client that leaves meanwhile is closed at once and the late
- * answer dropped; the command completes all the same.
+ * the other clients go on. A client that hangs up meanwhile is closed (its socket's hangup
+ * wakes us) and the late answer dropped; the command completes all the same.
  *
  * Everything runs on the loop thread; nothing blocks.
  */
