@@ -518,8 +518,9 @@ static int check_resize_permission(struct block_node *n, struct error **errp)
     return 0;
 }
 
-int block_node_resize(struct block_node *n, uint64_t size, const char *device,
-                      struct error **errp)
+/* QEMU's refusals of a block_resize. */
+static int resize_check(struct block_node *n, uint64_t size, const char *device,
+                        struct error **errp)
 {
     for (struct block_node *p = n->graph->nodes.head; p; p = p->next) {
         if (p->backing == n) {
@@ -543,7 +544,73 @@ int block_node_resize(struct block_node *n, uint64_t size, const char *device,
         error_setg(errp, "Image format driver does not support resize");
         return -1;
     }
+    return 0;
+}
+
+int block_node_resize(struct block_node *n, uint64_t size, const char *device,
+                      struct error **errp)
+{
+    if (resize_check(n, size, device, errp) < 0)
+        return -1;
     return n->drv->truncate(n, size, errp);
+}
+
+bool block_node_resizes_later(const struct block_node *n)
+{
+    return n->drv->truncate_blocking != NULL;
+}
+
+/* A block_node_resize_async() on its way; holds a reference on n. */
+struct node_resize {
+    struct block_node *n;
+    uint64_t size;
+    struct error *err;  /* the thread's */
+    void (*done)(const struct error *err, void *opaque);
+    void *opaque;
+};
+
+static void resize_work(void *opaque)
+{
+    struct node_resize *r = opaque;
+
+    r->n->drv->truncate_blocking(r->n, r->size, &r->err);
+}
+
+static void resize_done(void *opaque)
+{
+    struct node_resize *r = opaque;
+    struct block_node *n = r->n;
+
+    n->graph->offloaded--;
+    if (!r->err)
+        block_node_set_size(n, r->size);
+    r->done(r->err, r->opaque);
+    error_free(r->err);
+    block_node_unref(n);
+    free(r);
+}
+
+int block_node_resize_async(struct block_node *n, uint64_t size, const char *device,
+                            void (*done)(const struct error *err, void *opaque), void *opaque,
+                            struct error **errp)
+{
+    struct node_resize *r;
+
+    ASSERT(n->drv->truncate_blocking);
+    if (resize_check(n, size, device, errp) < 0)
+        return -1;
+    r = xzalloc(sizeof(*r));
+    r->n = n;
+    r->size = size;
+    r->done = done;
+    r->opaque = opaque;
+    if (offload_run(n->graph->loop, resize_work, resize_done, r, errp) < 0) {
+        free(r);
+        return -1;
+    }
+    block_node_ref(n);  /* blockdev-del waits (refuses: busy) */
+    n->graph->offloaded++;
+    return 0;
 }
 
 static void check_write_threshold(struct block_node *n, const struct block_req *req)

@@ -132,6 +132,10 @@ struct block_driver {
      * block_node_resize()) and set it with block_node_set_size(). Returns 0 or -1 with *errp
      * set (QEMU's texts). NULL: the driver cannot resize. */
     int (*truncate)(struct block_node *n, uint64_t size, struct error **errp);
+    /* Optional, beside truncate: its blocking part alone, for block_node_resize_async(),
+     * which runs it on the offload thread (n's state stays while it runs; I/O goes on) and
+     * sets the size itself. Returns 0 or -1 with *errp set. */
+    int (*truncate_blocking)(struct block_node *n, uint64_t size, struct error **errp);
     /* Whether n needs n->file's size to stay as it is (QEMU: n does not share the resize
      * permission on it): a qcow2 node, a raw node with a fixed size. May be NULL: false. */
     bool (*keeps_child_size)(struct block_node *n);
@@ -291,6 +295,14 @@ void block_node_unref(struct block_node *n);
  * or -1 with *errp set. */
 int block_node_resize(struct block_node *n, uint64_t size, const char *device,
                       struct error **errp);
+/* Whether n's driver resizes on the offload thread: then block_resize uses this: */
+bool block_node_resizes_later(const struct block_node *n);
+/* block_node_resize() with the driver's truncate_blocking on the offload thread. Returns 0
+ * and done(err or NULL, opaque) follows, never inside this call (n holds a reference
+ * meanwhile: blockdev-del finds it busy); or -1 with *errp set. */
+int block_node_resize_async(struct block_node *n, uint64_t size, const char *device,
+                            void (*done)(const struct error *err, void *opaque), void *opaque,
+                            struct error **errp);
 /* Set n's size; if it changed, tell its listeners and the parents whose size follows it. */
 void block_node_set_size(struct block_node *n, uint64_t size);
 /* Add or remove a listener of n's size changes. */

@@ -712,8 +712,8 @@ static void rbd_refresh_size(struct block_node *n)
         block_node_set_size(n, size);
 }
 
-/* Blocks the loop thread, up to the op timeout (see the top). */
-static int rbd_truncate(struct block_node *n, uint64_t size, struct error **errp)
+/* On the offload thread (block_resize): librbd's image handle is thread-safe. */
+static int rbd_truncate_blocking(struct block_node *n, uint64_t size, struct error **errp)
 {
     int r = rbd_resize(st(n)->image, size);
 
@@ -721,6 +721,15 @@ static int rbd_truncate(struct block_node *n, uint64_t size, struct error **errp
         error_setg_errno(errp, -r, "failed to resize rbd image");
         return -1;
     }
+    return 0;
+}
+
+/* block_node_resize() on the loop thread, which QMP does not use (block_node_resize_async()):
+ * blocks, up to the op timeout. */
+static int rbd_truncate(struct block_node *n, uint64_t size, struct error **errp)
+{
+    if (rbd_truncate_blocking(n, size, errp) < 0)
+        return -1;
     block_node_set_size(n, size);
     return 0;
 }
@@ -744,6 +753,7 @@ const struct block_driver block_driver_rbd = {
     .filename = rbd_filename,
     .refresh_size = rbd_refresh_size,
     .truncate = rbd_truncate,
+    .truncate_blocking = rbd_truncate_blocking,
     .block_status = rbd_block_status,
     .query_image = rbd_query_image,
 };

@@ -52,6 +52,16 @@ static struct block_node *lookup_node(struct qmp_services *svc, const char *devi
     return n;
 }
 
+static void resized(const struct error *err, void *opaque)
+{
+    struct qmp_pending *p = opaque;
+
+    if (err)
+        qmp_pending_error(p, err);
+    else
+        qmp_pending_return(p, json_object());
+}
+
 static json_t *block_resize(struct qmp_call *call, json_t *args, struct error **errp)
 {
     const char *device = json_string_value(json_object_get(args, "device"));
@@ -65,6 +75,16 @@ static json_t *block_resize(struct qmp_call *call, json_t *args, struct error **
     if (size < 0) {
         error_setg(errp, "Parameter 'size' expects a >0 size");
         return NULL;
+    }
+    if (block_node_resizes_later(n)) {
+        /* rbd: rbd_resize() runs on the offload thread; the answer comes then. */
+        struct qmp_pending *p = qmp_call_defer(call);
+        struct error *err = NULL;
+        if (block_node_resize_async(n, (uint64_t)size, device, resized, p, &err) < 0) {
+            qmp_pending_error(p, err);
+            error_free(err);
+        }
+        return QMP_DEFERRED;
     }
     if (block_node_resize(n, (uint64_t)size, device, errp) < 0)
         return NULL;

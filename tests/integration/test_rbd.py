@@ -296,6 +296,34 @@ def test_block_resize_grows_the_image(ceph, daemons, tmp_path):
     qemu_io(d.uri, "write -P 0x33 11M 1M", "read -P 0x33 11M 1M")
 
 
+def test_block_resize_waiting_for_the_cluster_blocks_nothing_else(ceph, daemons, tmp_path):
+    """rbd_resize runs on the offload thread: with the OSD gone, the monitors answer while it
+    waits, and its error comes within the op timeout, the size unchanged."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "g", 8 * MiB)
+    d = RbdDaemon(daemons, ceph, tmp_path, pool, "g", extra=",__org.thinblk_op-timeout=3")
+    waiting = d.daemon.negotiated()
+    ceph.kill_osd()
+    try:
+        start = time.monotonic()
+        waiting.execute("block_resize", {"node-name": "r0", "size": 12 * MiB}, id="resize")
+        time.sleep(0.5)
+        t = time.monotonic()
+        assert d.qmp.cmd("query-status")["return"]["status"] == "running"
+        assert time.monotonic() - t < 1
+        reply = waiting.read_message(timeout=60)
+        elapsed = time.monotonic() - start
+        if "return" in reply:
+            pytest.skip("rbd_resize did not need the OSD")  # not seen; says so if it happens
+        assert reply["id"] == "resize"
+        assert reply["error"]["desc"].startswith("failed to resize rbd image: "), reply
+        assert elapsed < 30, elapsed
+        assert d.qmp.cmd("query-block")["return"][0]["inserted"]["image"]["virtual-size"] == \
+            8 * MiB
+    finally:
+        ceph.start_osd()
+
+
 class Writer(threading.Thread):
     """Writes chunks with up to 16 requests in flight, then flushes; records errors."""
 
