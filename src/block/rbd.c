@@ -16,10 +16,14 @@
  * requests. Nothing on the loop thread waits for an I/O: reads, writes, discards,
  * write-zeroes and flushes are rbd_aio_*; block status (rbd_diff_iterate2, which lists the
  * objects' snapshots, I/O) runs on a thread of the node's own that reports through the same
- * list. What does block the loop thread, bounded by the op timeout: opening (rados_connect,
- * rbd_open) and closing an image, and rbd_resize for block_resize, as QMP's blockdev-add,
- * blockdev-del and block_resize answer when they are done and the dispatcher has no deferred
- * replies yet. rbd_get_size() (the queries' size) reads librbd's cached header, which it
+ * list. What waits on the cluster otherwise runs on the offload thread (job/offload.h), QMP
+ * answering later (a deferred reply): connecting and opening for blockdev-add (the driver's
+ * prepare, rbd_prepare(); the node is then made on the loop thread from the open image),
+ * rbd_resize for block_resize (truncate_blocking), and closing (rbd_close, rados_shutdown,
+ * with the node already out of the graph). Still on the loop thread, bounded by the op
+ * timeout: opening at --blockdev or as an inline child (open calls rbd_prepare() itself), a
+ * resize through a raw node over rbd (truncate), and closing at block_graph_free() (shutdown).
+ * rbd_get_size() (the queries' size) reads librbd's cached header, which it
  * refreshes first when the header changed (another client resized the image).
  *
  * librbd's cache is always off (rbd_cache=false). Its default mode in 16.2, writearound,
