@@ -228,6 +228,21 @@ def test_client_leaves_while_blockdev_add_pending(ceph, daemons, tmp_path):
     assert qmp.cmd("query-status")["return"]["status"] == "running"
 
 
+def test_shutdown_while_blockdev_add_pending(ceph, daemons):
+    """SIGTERM while a blockdev-add waits on a monitor that is not there: the daemon exits at
+    once and cleanly (it does not wait for the connect beyond its few seconds of drain)."""
+    d = daemons.start()
+    qmp = d.negotiated()
+    qmp.execute("blockdev-add", {
+        "driver": "rbd", "node-name": "r5", "pool": "p", "image": "disk",
+        "server": [{"host": "127.0.0.1", "port": str(free_port())}],
+        "auth-client-required": ["none"], "__org.thinblk_op-timeout": 60})
+    time.sleep(0.5)
+    start = time.monotonic()
+    assert d.shutdown() == []
+    assert time.monotonic() - start < 10
+
+
 def test_snapshot_read_only(ceph, daemons, tmp_path):
     pool = ceph.new_pool()
     ceph.create_image(pool, "a", 8 * MiB)
