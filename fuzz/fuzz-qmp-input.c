@@ -80,8 +80,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             error_free(err);
         }
     }
-    /* Deferred stop requests, if any, run as the loop would run them. */
+    /* Deferred stop requests, if any, run as the loop would run them; an rbd blockdev-add
+     * (connecting on the offload thread) is waited for. */
     loop_run_once(loop, 0);
+    while (block_graph_busy(graph))
+        loop_run_once(loop, 100);
 
     json_stream_free(js);
     dev_context_free(devs);
