@@ -679,26 +679,26 @@ fail:
     return -1;
 }
 
-/* On the offload thread (block_graph_offload_close()): librbd's part of closing. */
+/* On the offload thread (block_graph_offload_close()): the rest of closing. The block status
+ * thread may still write the eventfd: it is joined before the eventfd is closed. */
 static void close_work(void *opaque)
 {
-    state_release(opaque);
+    struct rbd_state *s = opaque;
+
+    if (s->diff.running)
+        pthread_join(s->diff.thread, NULL);
+    close(s->efd);
+    state_release(s);
 }
 
-/* Nothing is in flight (the devices drained); a block status thread may be: it is joined.
- * The node is out of the graph: rbd_close() and rados_shutdown(), which wait on the cluster,
- * go to the offload thread. */
+/* Nothing is in flight (the devices drained); a block status thread may be. The node is out
+ * of the graph: joining that thread, rbd_close() and rados_shutdown(), which wait on the
+ * cluster, go to the offload thread; the loop stops watching the eventfd now. */
 static void rbd_node_close(struct block_node *n)
 {
     struct rbd_state *s = st(n);
 
-    if (s->diff.running)
-        pthread_join(s->diff.thread, NULL);
-    if (s->efd >= 0) {
-        loop_del_fd(n->graph->loop, s->efd);
-        close(s->efd);
-        s->efd = -1;
-    }
+    loop_del_fd(n->graph->loop, s->efd);
     block_graph_offload_close(n->graph, close_work, s);
 }
 
