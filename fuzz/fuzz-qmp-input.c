@@ -68,16 +68,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         struct error *err;
         while (json_stream_next(js, &req, &err) == 1) {
             json_t *rsp = qmp_dispatch(d, &session, req, err);
-            qjson_write(&out, rsp, false);
-            qjson_write(&out, rsp, true);
-            buf_reset(&out);
+            if (rsp) {  /* NULL: deferred (an rbd blockdev-add), answered into nothing */
+                qjson_write(&out, rsp, false);
+                qjson_write(&out, rsp, true);
+                buf_reset(&out);
+            } else {
+                qmp_session_detach(&session);
+            }
             json_decref(rsp);
             json_decref(req);
             error_free(err);
         }
     }
-    /* Deferred stop requests, if any, run as the loop would run them. */
+    /* Deferred stop requests, if any, run as the loop would run them; an rbd blockdev-add
+     * (connecting on the offload thread) is waited for. */
     loop_run_once(loop, 0);
+    while (block_graph_busy(graph))
+        loop_run_once(loop, 100);
 
     json_stream_free(js);
     dev_context_free(devs);

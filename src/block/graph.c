@@ -11,6 +11,7 @@
 #include "common/log.h"
 #include "common/qjson.h"
 #include "common/util.h"
+#include "job/offload.h"
 
 static const struct block_driver *const drivers[] = {
     &block_driver_file,
@@ -75,6 +76,8 @@ void block_graph_free(struct block_graph *g)
 {
     if (!g)
         return;
+    ASSERT(g->offloaded == 0);
+    g->freeing = true;
     /* Newest first: parents were created after their children and go before them. */
     while (!block_node_queue_empty(&g->nodes)) {
         struct block_node *last = g->nodes.last;
@@ -153,41 +156,64 @@ static int read_generic(struct block_node *n, json_t *opts, struct error **errp)
     return 0;
 }
 
-struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct error **errp)
+static const struct block_driver *find_driver(json_t *opts)
 {
     const char *driver = json_string_value(json_object_get(opts, "driver"));
-    const char *name = json_string_value(json_object_get(opts, "node-name"));
-    const struct block_driver *drv = NULL;
-    struct block_node *n = NULL;
 
     for (size_t i = 0; i < ARRAY_SIZE(drivers); i++) {
         if (strcmp(drivers[i]->name, driver) == 0)
-            drv = drivers[i];
+            return drivers[i];
     }
-    if (!drv)
-        abort();  /* opts did not pass block_options */
-    if (name) {
-        if (!id_wellformed(name)) {
-            error_setg(errp, "Invalid node-name: '%s'", name);
-            return NULL;
-        }
-        if (strlen(name) >= 32) {
-            error_setg(errp, "Node name too long");
-            return NULL;
-        }
-        if (block_graph_find(g, name)) {
-            error_setg(errp, "Duplicate nodes with node-name='%s'", name);
-            return NULL;
-        }
-    }
+    abort();  /* opts did not pass block_options */
+}
 
+static int check_name(struct block_graph *g, const char *name, struct error **errp)
+{
+    if (!name)
+        return 0;
+    if (!id_wellformed(name)) {
+        error_setg(errp, "Invalid node-name: '%s'", name);
+        return -1;
+    }
+    if (strlen(name) >= 32) {
+        error_setg(errp, "Node name too long");
+        return -1;
+    }
+    if (block_graph_find(g, name)) {
+        error_setg(errp, "Duplicate nodes with node-name='%s'", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* A node of opts' driver, its name checked and its generic options read; not opened. */
+static struct block_node *node_new(struct block_graph *g, json_t *opts, struct error **errp)
+{
+    const char *name = json_string_value(json_object_get(opts, "node-name"));
+    const struct block_driver *drv = find_driver(opts);
+    struct block_node *n;
+
+    if (check_name(g, name, errp) < 0)
+        return NULL;
     n = xzalloc(sizeof(*n));
     n->graph = g;
     n->drv = drv;
     n->alignment = 1;
     n->node_name = name ? xstrdup(name) : xasprintf("#block%03u", ++g->anon_counter);
-    if (read_generic(n, opts, errp) < 0)
-        goto fail;
+    if (read_generic(n, opts, errp) < 0) {
+        n->drv = NULL;
+        node_close(n);
+        return NULL;
+    }
+    return n;
+}
+
+/* Open n (from node_new(); n->opaque may hold the driver's prepared handle) and list it. */
+static struct block_node *node_open(struct block_node *n, json_t *opts, struct error **errp)
+{
+    struct block_graph *g = n->graph;
+    const struct block_driver *drv = n->drv;
+
     /* Implicit children created by the driver inherit these options (block_node_open_child). */
     struct block_node *outer = g->opening;
     n->opener = outer;
@@ -220,6 +246,153 @@ fail:
     n->drv = NULL;  /* the driver has nothing to close */
     node_close(n);
     return NULL;
+}
+
+struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct error **errp)
+{
+    struct block_node *n = node_new(g, opts, errp);
+
+    return n ? node_open(n, opts, errp) : NULL;
+}
+
+bool block_node_opens_later(json_t *opts)
+{
+    return find_driver(opts)->prepare != NULL;
+}
+
+/* A block_node_create_async() on its way. */
+struct node_prepare {
+    struct block_node *n;  /* from node_new(), not listed */
+    json_t *opts;          /* a copy */
+    void *handle;          /* prepare's answer */
+    struct error *err;     /* or its error */
+    void (*done)(struct block_node *n, const struct error *err, void *opaque);
+    void *opaque;
+};
+
+/* On the offload thread. */
+static void prepare_work(void *opaque)
+{
+    struct node_prepare *p = opaque;
+
+    p->handle = p->n->drv->prepare(p->opts, p->n->read_only, &p->err);
+}
+
+static void drop_work(void *opaque)
+{
+    struct node_prepare *p = opaque;
+
+    p->n->drv->drop_prepared(p->handle);
+    free(p->n->node_name);
+    free(p->n);
+    free(p);
+}
+
+static void prepare_done(void *opaque)
+{
+    struct node_prepare *p = opaque;
+    struct block_graph *g = p->n->graph;
+    struct block_node *n = p->n, *res = NULL;
+    const char *name = json_string_value(json_object_get(p->opts, "node-name"));
+
+    g->offloaded--;
+    if (p->handle && name && block_graph_find(g, name)) {
+        /* Taken while we connected. */
+        error_setg(&p->err, "Duplicate nodes with node-name='%s'", name);
+    } else if (p->handle) {
+        n->opaque = p->handle;
+        p->handle = NULL;
+        res = node_open(n, p->opts, &p->err);
+        n = NULL;
+    }
+    p->done(res, p->err, p->opaque);
+    error_free(p->err);
+    json_decref(p->opts);
+    if (!n) {
+        free(p);
+    } else if (p->handle) {
+        block_graph_offload_close(g, drop_work, p);  /* frees p and n */
+    } else {
+        n->drv = NULL;
+        node_close(n);
+        free(p);
+    }
+}
+
+int block_node_create_async(struct block_graph *g, json_t *opts,
+                            void (*done)(struct block_node *n, const struct error *err,
+                                         void *opaque),
+                            void *opaque, struct error **errp)
+{
+    struct block_node *n = node_new(g, opts, errp);
+
+    if (!n)
+        return -1;
+    ASSERT(n->drv->prepare);
+    struct node_prepare *p = xzalloc(sizeof(*p));
+    p->n = n;
+    p->opts = json_deep_copy(opts);
+    p->done = done;
+    p->opaque = opaque;
+    if (offload_run(g->loop, prepare_work, prepare_done, p, errp) < 0) {
+        json_decref(p->opts);
+        free(p);
+        n->drv = NULL;
+        node_close(n);
+        return -1;
+    }
+    g->offloaded++;
+    return 0;
+}
+
+struct close_work {
+    struct block_graph *g;
+    void (*work)(void *opaque);
+    void *opaque;
+};
+
+static void close_work_run(void *opaque)
+{
+    struct close_work *w = opaque;
+
+    w->work(w->opaque);
+}
+
+static void close_work_done(void *opaque)
+{
+    struct close_work *w = opaque;
+
+    w->g->offloaded--;
+    free(w);
+}
+
+void block_graph_offload_close(struct block_graph *g, void (*work)(void *opaque),
+                               void *opaque)
+{
+    struct close_work *w;
+    struct error *err = NULL;
+
+    if (g->freeing) {
+        work(opaque);
+        return;
+    }
+    w = xzalloc(sizeof(*w));
+    w->g = g;
+    w->work = work;
+    w->opaque = opaque;
+    if (offload_run(g->loop, close_work_run, close_work_done, w, &err) < 0) {
+        log_warn("%s: closing on the loop thread", err->desc);
+        error_free(err);
+        free(w);
+        work(opaque);
+        return;
+    }
+    g->offloaded++;
+}
+
+bool block_graph_busy(const struct block_graph *g)
+{
+    return g && g->offloaded > 0;
 }
 
 struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, struct error **errp)
@@ -345,8 +518,9 @@ static int check_resize_permission(struct block_node *n, struct error **errp)
     return 0;
 }
 
-int block_node_resize(struct block_node *n, uint64_t size, const char *device,
-                      struct error **errp)
+/* QEMU's refusals of a block_resize. */
+static int resize_check(struct block_node *n, uint64_t size, const char *device,
+                        struct error **errp)
 {
     for (struct block_node *p = n->graph->nodes.head; p; p = p->next) {
         if (p->backing == n) {
@@ -370,7 +544,73 @@ int block_node_resize(struct block_node *n, uint64_t size, const char *device,
         error_setg(errp, "Image format driver does not support resize");
         return -1;
     }
+    return 0;
+}
+
+int block_node_resize(struct block_node *n, uint64_t size, const char *device,
+                      struct error **errp)
+{
+    if (resize_check(n, size, device, errp) < 0)
+        return -1;
     return n->drv->truncate(n, size, errp);
+}
+
+bool block_node_resizes_later(const struct block_node *n)
+{
+    return n->drv->truncate_blocking != NULL;
+}
+
+/* A block_node_resize_async() on its way; holds a reference on n. */
+struct node_resize {
+    struct block_node *n;
+    uint64_t size;
+    struct error *err;  /* the thread's */
+    void (*done)(const struct error *err, void *opaque);
+    void *opaque;
+};
+
+static void resize_work(void *opaque)
+{
+    struct node_resize *r = opaque;
+
+    r->n->drv->truncate_blocking(r->n, r->size, &r->err);
+}
+
+static void resize_done(void *opaque)
+{
+    struct node_resize *r = opaque;
+    struct block_node *n = r->n;
+
+    n->graph->offloaded--;
+    if (!r->err)
+        block_node_set_size(n, r->size);
+    r->done(r->err, r->opaque);
+    error_free(r->err);
+    block_node_unref(n);
+    free(r);
+}
+
+int block_node_resize_async(struct block_node *n, uint64_t size, const char *device,
+                            void (*done)(const struct error *err, void *opaque), void *opaque,
+                            struct error **errp)
+{
+    struct node_resize *r;
+
+    ASSERT(n->drv->truncate_blocking);
+    if (resize_check(n, size, device, errp) < 0)
+        return -1;
+    r = xzalloc(sizeof(*r));
+    r->n = n;
+    r->size = size;
+    r->done = done;
+    r->opaque = opaque;
+    if (offload_run(n->graph->loop, resize_work, resize_done, r, errp) < 0) {
+        free(r);
+        return -1;
+    }
+    block_node_ref(n);  /* blockdev-del waits (refuses: busy) */
+    n->graph->offloaded++;
+    return 0;
 }
 
 static void check_write_threshold(struct block_node *n, const struct block_req *req)

@@ -109,6 +109,14 @@ struct block_driver {
      * its members without checking them); sets n->size, may set n->file. Returns 0 or -1
      * with *errp set. */
     int (*open)(struct block_node *n, json_t *opts, struct error **errp);
+    /* Optional: the part of open that blocks (connecting to a cluster, opening an image),
+     * apart so that block_node_create_async() runs it on the offload thread. Runs on any
+     * thread and touches nothing of the loop's; read_only is the node's. Returns the driver's
+     * handle, which open then finds in n->opaque (and owns, even if it fails; with n->opaque
+     * NULL, open does it all itself), or NULL with *errp set. drop_prepared: release a handle
+     * no open took; blocks, any thread. */
+    void *(*prepare)(json_t *opts, bool read_only, struct error **errp);
+    void (*drop_prepared)(void *handle);
     void (*close)(struct block_node *n);
     void (*submit)(struct block_node *n, struct block_req *req);
     /* Bytes allocated on the host (QEMU's actual-size), or -1 if unknown. NULL in drivers
@@ -124,6 +132,10 @@ struct block_driver {
      * block_node_resize()) and set it with block_node_set_size(). Returns 0 or -1 with *errp
      * set (QEMU's texts). NULL: the driver cannot resize. */
     int (*truncate)(struct block_node *n, uint64_t size, struct error **errp);
+    /* Optional, beside truncate: its blocking part alone, for block_node_resize_async(),
+     * which runs it on the offload thread (n's state stays while it runs; I/O goes on) and
+     * sets the size itself. Returns 0 or -1 with *errp set. */
+    int (*truncate_blocking)(struct block_node *n, uint64_t size, struct error **errp);
     /* Whether n needs n->file's size to stay as it is (QEMU: n does not share the resize
      * permission on it): a qcow2 node, a raw node with a fixed size. May be NULL: false. */
     bool (*keeps_child_size)(struct block_node *n);
@@ -172,6 +184,8 @@ struct block_graph {
     void *emit_opaque;
     unsigned anon_counter;     /* for generated node names, "#block123" as QEMU */
     struct block_node *opening;  /* the node whose driver is opening (for its children) */
+    unsigned offloaded;        /* prepares and closes running on the offload thread */
+    bool freeing;              /* block_graph_free(): closes run here, not offloaded */
 };
 
 struct block_node {
@@ -239,6 +253,28 @@ extern const struct schema_member block_rbd_options[];    /* rbd.c */
  * held by the graph, or NULL with *errp set (QEMU's texts). */
 struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct error **errp);
 
+/* Whether creating a node from opts (checked) may block: its driver has prepare. Then
+ * blockdev-add uses block_node_create_async(). Inline children of a node (and --blockdev)
+ * open synchronously, blocking in their prepare. */
+bool block_node_opens_later(json_t *opts);
+/* block_node_create() with the driver's prepare on the offload thread: the node name is
+ * checked now, the node created on the loop thread once prepare is done (its name checked
+ * again: another node may have taken it meanwhile). opts is borrowed (copied). Returns 0 and
+ * done(node or NULL, err or NULL, opaque) follows, never inside this call; or -1 with *errp
+ * set. The node, if any, has the graph's one reference, whether or not done's caller is still
+ * interested. */
+int block_node_create_async(struct block_graph *g, json_t *opts,
+                            void (*done)(struct block_node *n, const struct error *err,
+                                         void *opaque),
+                            void *opaque, struct error **errp);
+/* For a driver's close: run work(opaque) on the offload thread, counted in
+ * block_graph_busy(); at block_graph_free() (the loop is not run again) or if no thread can
+ * be started, here. work must free what it is given. */
+void block_graph_offload_close(struct block_graph *g, void (*work)(void *opaque),
+                               void *opaque);
+/* Whether a prepare or a close runs on the offload thread: the graph must not be freed. */
+bool block_graph_busy(const struct block_graph *g);
+
 /* blockdev-del: remove a node nobody uses. Returns 0 or -1 with *errp set. */
 int block_node_delete(struct block_graph *g, const char *name, struct error **errp);
 
@@ -259,6 +295,14 @@ void block_node_unref(struct block_node *n);
  * or -1 with *errp set. */
 int block_node_resize(struct block_node *n, uint64_t size, const char *device,
                       struct error **errp);
+/* Whether n's driver resizes on the offload thread: then block_resize uses this: */
+bool block_node_resizes_later(const struct block_node *n);
+/* block_node_resize() with the driver's truncate_blocking on the offload thread. Returns 0
+ * and done(err or NULL, opaque) follows, never inside this call (n holds a reference
+ * meanwhile: blockdev-del finds it busy); or -1 with *errp set. */
+int block_node_resize_async(struct block_node *n, uint64_t size, const char *device,
+                            void (*done)(const struct error *err, void *opaque), void *opaque,
+                            struct error **errp);
 /* Set n's size; if it changed, tell its listeners and the parents whose size follows it. */
 void block_node_set_size(struct block_node *n, uint64_t size);
 /* Add or remove a listener of n's size changes. */

@@ -16,10 +16,14 @@
  * requests. Nothing on the loop thread waits for an I/O: reads, writes, discards,
  * write-zeroes and flushes are rbd_aio_*; block status (rbd_diff_iterate2, which lists the
  * objects' snapshots, I/O) runs on a thread of the node's own that reports through the same
- * list. What does block the loop thread, bounded by the op timeout: opening (rados_connect,
- * rbd_open) and closing an image, and rbd_resize for block_resize, as QMP's blockdev-add,
- * blockdev-del and block_resize answer when they are done and the dispatcher has no deferred
- * replies yet. rbd_get_size() (the queries' size) reads librbd's cached header, which it
+ * list. What waits on the cluster otherwise runs on the offload thread (job/offload.h), QMP
+ * answering later (a deferred reply): connecting and opening for blockdev-add (the driver's
+ * prepare, rbd_prepare(); the node is then made on the loop thread from the open image),
+ * rbd_resize for block_resize (truncate_blocking), and closing (rbd_close, rados_shutdown,
+ * with the node already out of the graph). Still on the loop thread, bounded by the op
+ * timeout: opening at --blockdev or as an inline child (open calls rbd_prepare() itself), a
+ * resize through a raw node over rbd (truncate), and closing at block_graph_free() (shutdown).
+ * rbd_get_size() (the queries' size) reads librbd's cached header, which it
  * refreshes first when the header changed (another client resized the image).
  *
  * librbd's cache is always off (rbd_cache=false). Its default mode in 16.2, writearound,
@@ -79,6 +83,7 @@ struct rbd_state {
     rados_ioctx_t io;
     rbd_image_t image;
     char *filename;        /* for queries: QEMU's "json:{...}" */
+    uint64_t size;         /* at open (rbd_prepare()); then the node's */
     uint64_t obj_size;     /* bytes of each RADOS object: QEMU's cluster-size */
     int efd;               /* written by librbd's threads when ops are done */
     pthread_mutex_t lock;  /* protects done_head, done_tail */
@@ -446,12 +451,9 @@ static char *make_filename(json_t *opts)
     return b.data;
 }
 
-static void state_free(struct rbd_state *s)
+/* What any thread may free: librbd's handles and our memory. Blocks (rbd_close). */
+static void state_release(struct rbd_state *s)
 {
-    if (s->efd >= 0) {
-        loop_del_fd(s->node->graph->loop, s->efd);
-        close(s->efd);
-    }
     if (s->image)
         rbd_close(s->image);
     if (s->io)
@@ -464,6 +466,16 @@ static void state_free(struct rbd_state *s)
     free(s->diff_op);
     free(s->filename);
     free(s);
+}
+
+/* On the loop thread: the eventfd too. */
+static void state_free(struct rbd_state *s)
+{
+    if (s->efd >= 0) {
+        loop_del_fd(s->node->graph->loop, s->efd);
+        close(s->efd);
+    }
+    state_release(s);
 }
 
 /* Set a librados option; false with *errp set if librados refuses it. */
@@ -585,21 +597,21 @@ fail:
     return -1;
 }
 
-static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp)
+/* The driver's prepare: connect and open the image, blocking (up to about twice the op
+ * timeout); any thread. Returns a state with cluster, io, image, size and obj_size, or NULL
+ * with *errp set (QEMU's texts). */
+static void *rbd_prepare(json_t *opts, bool read_only, struct error **errp)
 {
     const char *image = json_string_value(json_object_get(opts, "image"));
     const char *snap = json_string_value(json_object_get(opts, "snapshot"));
     struct rbd_state *s;
-    uint64_t size;
     int r;
 
-    if (snap && !n->read_only) {
+    if (snap && !read_only) {
         error_setg(errp, "rbd snapshots are read-only");
-        return -1;
+        return NULL;
     }
-
     s = xzalloc(sizeof(*s));
-    s->node = n;
     s->efd = -1;
     pthread_mutex_init(&s->lock, NULL);
     if (rbd_connect(opts, true, &s->cluster, &s->io, errp) < 0) {
@@ -607,8 +619,8 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
         s->io = NULL;
         goto fail;
     }
-    r = n->read_only ? rbd_open_read_only(s->io, image, &s->image, snap)
-                     : rbd_open(s->io, image, &s->image, snap);
+    r = read_only ? rbd_open_read_only(s->io, image, &s->image, snap)
+                  : rbd_open(s->io, image, &s->image, snap);
     if (r < 0) {
         s->image = NULL;
         error_setg_errno(errp, -r, "error reading header from %s", image);
@@ -620,8 +632,31 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
         error_setg_errno(errp, -r, "error getting image info from %s", image);
         goto fail;
     }
-    size = info.size;
+    s->size = info.size;
     s->obj_size = info.obj_size;
+    return s;
+fail:
+    state_release(s);
+    return NULL;
+}
+
+static void rbd_drop_prepared(void *handle)
+{
+    state_release(handle);
+}
+
+/* With n->opaque from rbd_prepare() (blockdev-add: the offload thread did it), or without
+ * (an inline child, --blockdev: it is done here, blocking the loop thread). */
+static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp)
+{
+    struct rbd_state *s = n->opaque;
+
+    n->opaque = NULL;
+    if (!s)
+        s = rbd_prepare(opts, n->read_only, errp);
+    if (!s)
+        return -1;
+    s->node = n;
     s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (s->efd < 0) {
         error_setg_errno(errp, errno, "Could not create an eventfd");
@@ -636,7 +671,7 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
     s->diff_op = xzalloc(sizeof(*s->diff_op));
     s->diff_op->s = s;
     s->filename = make_filename(opts);
-    n->size = size;
+    n->size = s->size;
     n->opaque = s;
     return 0;
 fail:
@@ -644,14 +679,27 @@ fail:
     return -1;
 }
 
-/* Nothing is in flight (the devices drained); a block status thread may be: it is joined. */
+/* On the offload thread (block_graph_offload_close()): the rest of closing. The block status
+ * thread may still write the eventfd: it is joined before the eventfd is closed. */
+static void close_work(void *opaque)
+{
+    struct rbd_state *s = opaque;
+
+    if (s->diff.running)
+        pthread_join(s->diff.thread, NULL);
+    close(s->efd);
+    state_release(s);
+}
+
+/* Nothing is in flight (the devices drained); a block status thread may be. The node is out
+ * of the graph: joining that thread, rbd_close() and rados_shutdown(), which wait on the
+ * cluster, go to the offload thread; the loop stops watching the eventfd now. */
 static void rbd_node_close(struct block_node *n)
 {
     struct rbd_state *s = st(n);
 
-    if (s->diff.running)
-        pthread_join(s->diff.thread, NULL);
-    state_free(s);
+    loop_del_fd(n->graph->loop, s->efd);
+    block_graph_offload_close(n->graph, close_work, s);
 }
 
 static const char *rbd_filename(struct block_node *n)
@@ -668,8 +716,8 @@ static void rbd_refresh_size(struct block_node *n)
         block_node_set_size(n, size);
 }
 
-/* Blocks the loop thread, up to the op timeout (see the top). */
-static int rbd_truncate(struct block_node *n, uint64_t size, struct error **errp)
+/* On the offload thread (block_resize): librbd's image handle is thread-safe. */
+static int rbd_truncate_blocking(struct block_node *n, uint64_t size, struct error **errp)
 {
     int r = rbd_resize(st(n)->image, size);
 
@@ -677,6 +725,15 @@ static int rbd_truncate(struct block_node *n, uint64_t size, struct error **errp
         error_setg_errno(errp, -r, "failed to resize rbd image");
         return -1;
     }
+    return 0;
+}
+
+/* block_node_resize() on the loop thread, which QMP does not use (block_node_resize_async()):
+ * blocks, up to the op timeout. */
+static int rbd_truncate(struct block_node *n, uint64_t size, struct error **errp)
+{
+    if (rbd_truncate_blocking(n, size, errp) < 0)
+        return -1;
     block_node_set_size(n, size);
     return 0;
 }
@@ -693,11 +750,14 @@ static void rbd_query_image(struct block_node *n, json_t *image)
 const struct block_driver block_driver_rbd = {
     .name = "rbd",
     .open = rbd_node_open,
+    .prepare = rbd_prepare,
+    .drop_prepared = rbd_drop_prepared,
     .close = rbd_node_close,
     .submit = rbd_submit,
     .filename = rbd_filename,
     .refresh_size = rbd_refresh_size,
     .truncate = rbd_truncate,
+    .truncate_blocking = rbd_truncate_blocking,
     .block_status = rbd_block_status,
     .query_image = rbd_query_image,
 };

@@ -209,7 +209,8 @@ static void drain_io(struct daemon *d)
     /* Requests with nothing to do complete by a deferred call, not counted in flight. */
     if (d->loop)
         loop_run_deferred(d->loop);
-    while (((d->uring && uring_in_flight(d->uring) > 0) || job_list_busy(d->jobs)) &&
+    while (((d->uring && uring_in_flight(d->uring) > 0) || job_list_busy(d->jobs) ||
+            block_graph_busy(d->graph)) &&
            now_monotonic_ns() < deadline)
         loop_run_once(d->loop, 100);
 }
@@ -227,7 +228,8 @@ static void daemon_free(struct daemon *d)
     qmp_server_free(d->server);  /* removes the socket files */
     qmp_journal_free(d->journal);
     runstate_free(d->runstate);
-    block_graph_free(d->graph);
+    if (!block_graph_busy(d->graph))
+        block_graph_free(d->graph);  /* else an rbd connect still runs: leave it */
     uring_free(d->uring);
     qmp_dispatcher_free(d->dispatcher);
     json_decref(d->version);

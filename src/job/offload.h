@@ -2,7 +2,8 @@
  *
  * For the few system calls that have no asynchronous form on the kernels we support
  * (open with O_CREAT and ftruncate for blockdev-create's "file" driver: io_uring has no
- * ftruncate before Linux 6.9). One thread per call: these are rare, short operations.
+ * ftruncate before Linux 6.9), and librbd's blocking calls (connecting, opening, closing and
+ * resizing an image: block/rbd.c). One thread per call: these are rare operations.
  */
 #ifndef THINBLK_JOB_OFFLOAD_H
 #define THINBLK_JOB_OFFLOAD_H

@@ -52,6 +52,16 @@ static struct block_node *lookup_node(struct qmp_services *svc, const char *devi
     return n;
 }
 
+static void resized(const struct error *err, void *opaque)
+{
+    struct qmp_pending *p = opaque;
+
+    if (err)
+        qmp_pending_error(p, err);
+    else
+        qmp_pending_return(p, json_object());
+}
+
 static json_t *block_resize(struct qmp_call *call, json_t *args, struct error **errp)
 {
     const char *device = json_string_value(json_object_get(args, "device"));
@@ -66,9 +76,30 @@ static json_t *block_resize(struct qmp_call *call, json_t *args, struct error **
         error_setg(errp, "Parameter 'size' expects a >0 size");
         return NULL;
     }
+    if (block_node_resizes_later(n)) {
+        /* rbd: rbd_resize() runs on the offload thread; the answer comes then. */
+        struct qmp_pending *p = qmp_call_defer(call);
+        struct error *err = NULL;
+        if (block_node_resize_async(n, (uint64_t)size, device, resized, p, &err) < 0) {
+            qmp_pending_error(p, err);
+            error_free(err);
+        }
+        return QMP_DEFERRED;
+    }
     if (block_node_resize(n, (uint64_t)size, device, errp) < 0)
         return NULL;
     return json_object();
+}
+
+/* The node is in the graph (or err says why not), whether or not the client is still there. */
+static void blockdev_added(struct block_node *n, const struct error *err, void *opaque)
+{
+    struct qmp_pending *p = opaque;
+
+    if (n)
+        qmp_pending_return(p, json_object());
+    else
+        qmp_pending_error(p, err);
 }
 
 static json_t *blockdev_add(struct qmp_call *call, json_t *args, struct error **errp)
@@ -78,6 +109,16 @@ static json_t *blockdev_add(struct qmp_call *call, json_t *args, struct error **
     if (!json_object_get(args, "node-name")) {
         error_setg(errp, "'node-name' must be specified for the root node");
         return NULL;
+    }
+    if (block_node_opens_later(args)) {
+        /* rbd: connecting and opening run on the offload thread; the answer comes then. */
+        struct qmp_pending *p = qmp_call_defer(call);
+        struct error *err = NULL;
+        if (block_node_create_async(svc->graph, args, blockdev_added, p, &err) < 0) {
+            qmp_pending_error(p, err);
+            error_free(err);
+        }
+        return QMP_DEFERRED;
     }
     if (!block_node_create(svc->graph, args, errp))
         return NULL;

@@ -3,9 +3,18 @@
 
 #include <string.h>
 
+#include "common/assert.h"
 #include "common/qjson.h"
 #include "common/util.h"
 #include "common/vector.h"
+
+char qmp_deferred_marker;
+
+/* A deferred command's answer: where it goes and its id. */
+struct qmp_pending {
+    struct qmp_session *session;  /* NULL once detached: the answer is dropped */
+    json_t *id;                   /* a reference, or NULL */
+};
 
 struct entry {
     const struct qmp_command *cmd;
@@ -162,12 +171,62 @@ json_t *qmp_dispatch(struct qmp_dispatcher *d, struct qmp_session *s, json_t *re
     if (!args)
         args = empty = json_object();
     json_t *ret = NULL;
-    if (schema_check(e->cmd->args, args, &err) == 0) {
-        struct qmp_call call = { .session = s, .opaque = e->opaque, .dispatcher = d };
+    struct qmp_call call = { .session = s, .opaque = e->opaque, .dispatcher = d, .id = id };
+    ASSERT(!s->pending);
+    if (schema_check(e->cmd->args, args, &err) == 0)
         ret = e->cmd->fn(&call, args, &err);
-    }
     json_decref(empty);
+    ASSERT((ret == QMP_DEFERRED) == (call.deferred != NULL));
+    if (ret == QMP_DEFERRED)
+        return NULL;
     if (!ret)
         return qmp_error_response(err, id);
     return qmp_return_response(ret, id);
+}
+
+struct qmp_pending *qmp_call_defer(struct qmp_call *call)
+{
+    struct qmp_pending *p = xzalloc(sizeof(*p));
+
+    ASSERT(!call->deferred && !call->session->pending);
+    p->session = call->session;
+    p->id = call->id ? json_incref(call->id) : NULL;
+    call->deferred = p;
+    call->session->pending = p;
+    return p;
+}
+
+static void pending_answer(struct qmp_pending *p, json_t *rsp)
+{
+    struct qmp_session *s = p->session;
+
+    if (s) {
+        s->pending = NULL;
+        if (s->deliver)
+            s->deliver(s, rsp);
+        else
+            json_decref(rsp);
+    } else {
+        json_decref(rsp);
+    }
+    json_decref(p->id);
+    free(p);
+}
+
+void qmp_pending_return(struct qmp_pending *p, json_t *ret)
+{
+    pending_answer(p, qmp_return_response(ret, p->id));
+}
+
+void qmp_pending_error(struct qmp_pending *p, const struct error *err)
+{
+    pending_answer(p, qmp_error_response(err, p->id));
+}
+
+void qmp_session_detach(struct qmp_session *s)
+{
+    if (s->pending) {
+        s->pending->session = NULL;
+        s->pending = NULL;
+    }
 }

@@ -18,22 +18,49 @@
 #include "common/qjson.h"
 #include "common/schema.h"
 
+struct qmp_pending;
+
 /* What a client session looks like to the dispatcher (owned by the monitor server). */
 struct qmp_session {
     bool negotiated;  /* capabilities negotiation done: the full command table applies */
     bool oob;         /* the client enabled the "oob" capability */
+    /* The deferred command not answered yet (at most one: QMP answers a session's in-band
+     * commands in order, so its owner dispatches nothing more until deliver ran). */
+    struct qmp_pending *pending;
+    /* Takes a deferred command's response (stolen), on the loop thread; set by the owner.
+     * NULL: such responses are dropped. */
+    void (*deliver)(struct qmp_session *s, json_t *rsp);
 };
 
 struct qmp_call {
     struct qmp_session *session;
     void *opaque;                     /* the opaque registered with the command's table */
     struct qmp_dispatcher *dispatcher;
+    json_t *id;                       /* the request's "id" (borrowed), or NULL */
+    struct qmp_pending *deferred;     /* set by qmp_call_defer() */
 };
 
 /* Run a command. args is the checked "arguments" object (borrowed; empty if none was given).
- * Returns the "return" value (new reference; json_object() for none), or NULL with *errp set.
- * Runs on the loop thread and must not block. */
+ * Returns the "return" value (new reference; json_object() for none), or NULL with *errp set,
+ * or QMP_DEFERRED after qmp_call_defer(). Runs on the loop thread and must not block. */
 typedef json_t *qmp_handler_fn(struct qmp_call *call, json_t *args, struct error **errp);
+
+/* What a handler that answers later returns (after qmp_call_defer()). */
+extern char qmp_deferred_marker;
+#define QMP_DEFERRED ((json_t *)(void *)&qmp_deferred_marker)
+
+/* Answer call later (QEMU has no such thing: its blocking commands run in coroutines). The
+ * handler then returns QMP_DEFERRED, and the command is answered once, on the loop thread, by
+ * qmp_pending_return() or qmp_pending_error(), which may come before the handler returns.
+ * Until then the session dispatches nothing more. If the session goes first
+ * (qmp_session_detach()), the answer is dropped; the operation itself is the handler's. */
+struct qmp_pending *qmp_call_defer(struct qmp_call *call);
+/* Answer p with ret (stolen; json_object() for none) or err (borrowed); frees p. */
+void qmp_pending_return(struct qmp_pending *p, json_t *ret);
+void qmp_pending_error(struct qmp_pending *p, const struct error *err);
+
+/* s goes away: its pending command, if any, is answered into nothing. */
+void qmp_session_detach(struct qmp_session *s);
 
 #define QMP_CMD_PRECAP 1u     /* may run before capabilities negotiation (qmp_capabilities) */
 
@@ -59,9 +86,11 @@ void qmp_dispatcher_add(struct qmp_dispatcher *d, const struct qmp_command *cmds
 void qmp_dispatcher_foreach(struct qmp_dispatcher *d,
                             void (*fn)(const struct qmp_command *cmd, void *opaque), void *opaque);
 
-/* Handle one message of a session: request is the parsed message (borrowed, any JSON type),
- * or NULL if parsing failed with parse_err (borrowed). Returns the response object (new
- * reference): {"return": ..., "id": ...} or {"error": {"class", "desc"}, "id": ...}. */
+/* Handle one message of a session (that has no command pending): request is the parsed
+ * message (borrowed, any JSON type), or NULL if parsing failed with parse_err (borrowed).
+ * Returns the response object (new reference): {"return": ..., "id": ...} or {"error":
+ * {"class", "desc"}, "id": ...}; or NULL if the command deferred its answer: s->deliver gets
+ * it (s->pending is set until then, unless it was answered already). */
 json_t *qmp_dispatch(struct qmp_dispatcher *d, struct qmp_session *session, json_t *request,
                      const struct error *parse_err);
 

@@ -95,6 +95,7 @@ static void client_close(struct client *c)
     if (c->dead)
         return;
     c->dead = true;
+    qmp_session_detach(&c->session);  /* a late answer is dropped; the command goes on */
     loop_del_fd(srv->loop, c->fd);
     close(c->fd);
     client_list_remove(&srv->clients, c);
@@ -116,7 +117,9 @@ static void client_update_watch(struct client *c)
 
     if (c->dead)
         return;
-    if (!c->eof && !c->srv->closed && unsent(c) < QMP_SERVER_SOFT_LIMIT)
+    /* Not while a command is pending: its requests wait in the socket, not in our memory. */
+    if (!c->eof && !c->srv->closed && !c->session.pending &&
+        unsent(c) < QMP_SERVER_SOFT_LIMIT)
         want |= LOOP_READ;
     if (unsent(c) > 0)
         want |= LOOP_WRITE;
@@ -172,7 +175,8 @@ static void client_process(struct client *c)
 {
     struct qmp_server *srv = c->srv;
 
-    while (!c->dead && !srv->closed && unsent(c) < QMP_SERVER_SOFT_LIMIT) {
+    while (!c->dead && !srv->closed && !c->session.pending &&
+           unsent(c) < QMP_SERVER_SOFT_LIMIT) {
         json_t *req;
         struct error *err;
         if (json_stream_next(c->in, &req, &err) == 0)
@@ -180,7 +184,7 @@ static void client_process(struct client *c)
         json_t *rsp = qmp_dispatch(srv->d, &c->session, req, err);
         json_decref(req);
         error_free(err);
-        if (!c->dead)
+        if (rsp && !c->dead)  /* NULL: deferred, see client_deliver() */
             client_queue(c, rsp);
         json_decref(rsp);
     }
@@ -188,12 +192,24 @@ static void client_process(struct client *c)
         return;
     if (client_flush(c) < 0)
         return;
-    if (c->eof && unsent(c) == 0) {
+    if (c->eof && unsent(c) == 0 && !c->session.pending) {
         client_kill(c);  /* the client hung up and everything it asked for is answered */
         return;
     }
     client_update_watch(c);
     check_flushed(srv);
+}
+
+/* A deferred command's response: queued, then the client's next requests go on (not inside
+ * this call, which may come from inside the dispatch itself). */
+static void client_deliver(struct qmp_session *s, json_t *rsp)
+{
+    struct client *c = container_of(s, struct client, session);
+
+    client_queue(c, rsp);
+    json_decref(rsp);
+    if (!loop_deferred_queued(&c->flush_call))
+        loop_defer(c->srv->loop, &c->flush_call);
 }
 
 static void client_io(struct loop *loop, int fd, unsigned events, void *opaque)
@@ -203,6 +219,13 @@ static void client_io(struct loop *loop, int fd, unsigned events, void *opaque)
 
     if ((events & LOOP_WRITE) && client_flush(c) < 0)
         return;
+    if ((events & LOOP_READ) && !(c->watched & LOOP_READ) && c->session.pending) {
+        /* Not reading while a command is pending: only a hangup or an error wakes us (and
+         * would again and again). The peer is gone: the answer will be dropped. */
+        log_debug("monitor %s: client left with a command pending", c->mon->path);
+        client_kill(c);
+        return;
+    }
     if ((events & LOOP_READ) && (c->watched & LOOP_READ)) {
         ssize_t n = recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
         if (n > 0) {
@@ -247,6 +270,7 @@ static void accept_clients(struct loop *loop, int fd, unsigned events, void *opa
         c->mon = mon;
         c->fd = cfd;
         c->in = json_stream_new();
+        c->session.deliver = client_deliver;
         c->free_call = LOOP_DEFERRED_INIT(client_free_deferred, c);
         c->flush_call = LOOP_DEFERRED_INIT(flush_event, c);
         if (loop_add_fd(loop, cfd, 0, client_io, c) < 0) {

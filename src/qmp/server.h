@@ -11,6 +11,12 @@
  * cannot wait like that, so a client whose unsent output passes the monitor's output_limit is
  * disconnected; the others do not notice.
  *
+ * A command that answers later (qmp_call_defer(), dispatch.h: blockdev-add of an rbd node,
+ * which connects on the offload thread) holds its client: nothing more of that client is
+ * read or dispatched until the answer is queued, as QMP answers in-band commands in order;
+ * the other clients go on. A client that hangs up meanwhile is closed (its socket's hangup
+ * wakes us) and the late answer dropped; the command completes all the same.
+ *
  * Everything runs on the loop thread; nothing blocks.
  */
 #ifndef THINBLK_QMP_SERVER_H

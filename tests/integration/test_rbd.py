@@ -173,6 +173,76 @@ def test_blockdev_add_rbd_and_errors(ceph, daemons):
     assert qmp.cmd("blockdev-del", {"node-name": "r1"}) == {"return": {}}
 
 
+def test_blockdev_add_waiting_for_the_cluster_blocks_nothing_else(ceph, daemons, tmp_path):
+    """blockdev-add connects on the offload thread: while one waits on a monitor that is not
+    there, the other monitors answer and the exports serve; its answer comes within the op
+    timeout bound, and that client's next command only after it."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "disk", 8 * MiB)
+    d = RbdDaemon(daemons, ceph, tmp_path, pool, "disk")
+    h = d.nbd()
+    h.pwrite(b"\xa5" * 4096, 4096)
+    waiting = d.daemon.negotiated()
+    start = time.monotonic()
+    waiting.execute("blockdev-add", {
+        "driver": "rbd", "node-name": "r5", "pool": pool, "image": "disk",
+        "server": [{"host": "127.0.0.1", "port": str(free_port())}],
+        "auth-client-required": ["none"], "__org.thinblk_op-timeout": 3}, id="add")
+    waiting.execute("query-status", id="after")  # answered after the blockdev-add
+    time.sleep(0.5)  # the add is on its way
+    t = time.monotonic()
+    assert d.qmp.cmd("query-status")["return"]["status"] == "running"
+    assert h.pread(4096, 4096) == b"\xa5" * 4096
+    assert time.monotonic() - t < 1
+    # Not in the graph yet, nor its name taken for good.
+    names = [n["node-name"] for n in d.qmp.cmd("query-named-block-nodes")["return"]]
+    assert names == ["r0"]
+    assert time.monotonic() - start < 3  # all of this while the add was pending
+    reply = waiting.read_message(timeout=30)
+    assert reply == {"id": "add", "error": {"class": "GenericError",
+                                            "desc": "error connecting: Connection timed out"}}
+    assert time.monotonic() - start < 15
+    assert waiting.read_message()["id"] == "after"
+    h.shutdown()
+
+
+def test_client_leaves_while_blockdev_add_pending(ceph, daemons, tmp_path):
+    """The client goes before its answer: the answer is dropped, the node is added all the same
+    (as QEMU keeps a node whose blockdev-add's client left)."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "a", 8 * MiB)
+    d = daemons.start()
+    qmp = d.negotiated()
+    leaving = d.negotiated()
+    leaving.execute("blockdev-add", {"driver": "rbd", "node-name": "r1", "pool": pool,
+                                     "image": "a", "conf": ceph.conf})
+    leaving.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        nodes = qmp.cmd("query-named-block-nodes")["return"]
+        if nodes:
+            break
+        time.sleep(0.1)
+    assert [n["node-name"] for n in nodes] == ["r1"]
+    assert qmp.cmd("blockdev-del", {"node-name": "r1"}) == {"return": {}}
+    assert qmp.cmd("query-status")["return"]["status"] == "running"
+
+
+def test_shutdown_while_blockdev_add_pending(ceph, daemons):
+    """SIGTERM while a blockdev-add waits on a monitor that is not there: the daemon exits at
+    once and cleanly (it does not wait for the connect beyond its few seconds of drain)."""
+    d = daemons.start()
+    qmp = d.negotiated()
+    qmp.execute("blockdev-add", {
+        "driver": "rbd", "node-name": "r5", "pool": "p", "image": "disk",
+        "server": [{"host": "127.0.0.1", "port": str(free_port())}],
+        "auth-client-required": ["none"], "__org.thinblk_op-timeout": 60})
+    time.sleep(0.5)
+    start = time.monotonic()
+    assert d.shutdown() == []
+    assert time.monotonic() - start < 10
+
+
 def test_snapshot_read_only(ceph, daemons, tmp_path):
     pool = ceph.new_pool()
     ceph.create_image(pool, "a", 8 * MiB)
@@ -262,6 +332,34 @@ def test_block_resize_grows_the_image(ceph, daemons, tmp_path):
     assert d.qmp.cmd("query-block")["return"][0]["inserted"]["image"]["virtual-size"] == \
         12 * MiB
     qemu_io(d.uri, "write -P 0x33 11M 1M", "read -P 0x33 11M 1M")
+
+
+def test_block_resize_waiting_for_the_cluster_blocks_nothing_else(ceph, daemons, tmp_path):
+    """rbd_resize runs on the offload thread: with the OSD gone, the monitors answer while it
+    waits, and its error comes within the op timeout, the size unchanged."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "g", 8 * MiB)
+    d = RbdDaemon(daemons, ceph, tmp_path, pool, "g", extra=",__org.thinblk_op-timeout=3")
+    waiting = d.daemon.negotiated()
+    ceph.kill_osd()
+    try:
+        start = time.monotonic()
+        waiting.execute("block_resize", {"node-name": "r0", "size": 12 * MiB}, id="resize")
+        time.sleep(0.5)
+        t = time.monotonic()
+        assert d.qmp.cmd("query-status")["return"]["status"] == "running"
+        assert time.monotonic() - t < 1
+        reply = waiting.read_message(timeout=60)
+        elapsed = time.monotonic() - start
+        if "return" in reply:
+            pytest.skip("rbd_resize did not need the OSD")  # not seen; says so if it happens
+        assert reply["id"] == "resize"
+        assert reply["error"]["desc"].startswith("failed to resize rbd image: "), reply
+        assert elapsed < 30, elapsed
+        assert d.qmp.cmd("query-block")["return"][0]["inserted"]["image"]["virtual-size"] == \
+            8 * MiB
+    finally:
+        ceph.start_osd()
 
 
 class Writer(threading.Thread):

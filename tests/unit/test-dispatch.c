@@ -110,6 +110,35 @@ static json_t *h_record(struct qmp_call *call, json_t *args, struct error **errp
     return json_object();
 }
 
+/* Deferred answers: the handler keeps its pending call here; "now" answers before returning. */
+static struct qmp_pending *kept;
+static json_t *delivered;  /* the last response given to the session's deliver */
+static int deliveries;
+
+static json_t *h_later(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    kept = qmp_call_defer(call);
+    return QMP_DEFERRED;
+}
+
+static json_t *h_later_now(struct qmp_call *call, json_t *args, struct error **errp)
+{
+    struct qmp_pending *p = qmp_call_defer(call);
+    struct error *err = NULL;
+
+    error_setg(&err, "failed at once");
+    qmp_pending_error(p, err);
+    error_free(err);
+    return QMP_DEFERRED;
+}
+
+static void deliver(struct qmp_session *s, json_t *rsp)
+{
+    json_decref(delivered);
+    delivered = rsp;
+    deliveries++;
+}
+
 static const struct schema_member typed_args[] = {
     { "s", SCHEMA_STR, .optional = true },
     { "i", SCHEMA_INT, .optional = true },
@@ -149,6 +178,8 @@ static const struct qmp_command test_cmds[] = {
     { "u64", h_u64, u64_args, 0 },
     { "record", h_record, NULL, 0 },
     { "open", h_echo, open_args, 0 },
+    { "later", h_later, NULL, 0 },
+    { "later-now", h_later_now, NULL, 0 },
 };
 
 struct tfx {
@@ -163,7 +194,11 @@ static int setup_table(void **state)
     f->d = qmp_dispatcher_new();
     qmp_dispatcher_add(f->d, test_cmds, ARRAY_SIZE(test_cmds), &opaque_marker);
     f->s.negotiated = true;
+    f->s.deliver = deliver;
     memset(&seen, 0, sizeof(seen));
+    kept = NULL;
+    delivered = NULL;
+    deliveries = 0;
     *state = f;
     return 0;
 }
@@ -174,12 +209,94 @@ static int teardown_table(void **state)
 
     qmp_dispatcher_free(f->d);
     free(f);
+    json_decref(delivered);
     return 0;
 }
 
 #define T(state) ((struct tfx *)*(state))
 #define D(state) (T(state)->d)
 #define S(state) (&T(state)->s)
+
+/* Parse and dispatch text; returns the immediate response (new reference) or NULL. */
+static json_t *dispatch_raw(struct qmp_dispatcher *d, struct qmp_session *s, const char *text)
+{
+    struct error *err = NULL;
+    json_t *req = json_stream_parse(text, strlen(text), &err);
+
+    if (!req)
+        fail_msg("test request %s does not parse: %s", text, err->desc);
+    json_t *rsp = qmp_dispatch(d, s, req, NULL);
+    json_decref(req);
+    return rsp;
+}
+
+/* ---- deferred answers ---- */
+
+static void test_deferred_return_later_with_id(void **state)
+{
+    assert_null(dispatch_raw(D(state), S(state), "{\"execute\":\"later\",\"id\":\"a\"}"));
+    assert_non_null(kept);
+    assert_ptr_equal(S(state)->pending, kept);
+    assert_int_equal(deliveries, 0);
+    qmp_pending_return(kept, json_pack("{s:i}", "x", 1));
+    assert_null(S(state)->pending);
+    assert_int_equal(deliveries, 1);
+    char *text = to_text(delivered);
+    assert_string_equal(text, "{\"return\": {\"x\": 1}, \"id\": \"a\"}");
+    free(text);
+}
+
+static void test_deferred_error_later(void **state)
+{
+    assert_null(dispatch_raw(D(state), S(state), "{\"execute\":\"later\",\"id\":7}"));
+    struct error *err = NULL;
+    error_set(&err, ERROR_CLASS_GENERIC, "error connecting: Connection timed out");
+    qmp_pending_error(kept, err);
+    error_free(err);
+    char *text = to_text(delivered);
+    assert_string_equal(text, "{\"id\": 7, \"error\": {\"class\": \"GenericError\", "
+                        "\"desc\": \"error connecting: Connection timed out\"}}");
+    free(text);
+}
+
+/* Answered before the handler returned: delivered at once, nothing left pending. */
+static void test_deferred_answered_at_once(void **state)
+{
+    assert_null(dispatch_raw(D(state), S(state), "{\"execute\":\"later-now\"}"));
+    assert_null(S(state)->pending);
+    assert_int_equal(deliveries, 1);
+    char *text = to_text(delivered);
+    assert_string_equal(text, "{\"error\": {\"class\": \"GenericError\", "
+                        "\"desc\": \"failed at once\"}}");
+    free(text);
+    /* The session takes commands again. */
+    ASSERT_DISPATCH(D(state), S(state), "{\"execute\":\"noargs\"}", "{\"return\": {}}");
+}
+
+/* The session went away first: the late answer goes nowhere, and nothing crashes (ASan). */
+static void test_deferred_session_detached(void **state)
+{
+    struct qmp_session *s = xzalloc(sizeof(*s));
+
+    s->negotiated = true;
+    s->deliver = deliver;
+    assert_null(dispatch_raw(D(state), s, "{\"execute\":\"later\",\"id\":1}"));
+    qmp_session_detach(s);
+    assert_null(s->pending);
+    free(s);
+    qmp_pending_return(kept, json_object());
+    assert_int_equal(deliveries, 0);
+}
+
+/* A session without deliver (none listens): the answer is dropped. */
+static void test_deferred_no_deliver(void **state)
+{
+    S(state)->deliver = NULL;
+    assert_null(dispatch_raw(D(state), S(state), "{\"execute\":\"later\"}"));
+    qmp_pending_return(kept, json_object());
+    assert_null(S(state)->pending);
+    assert_int_equal(deliveries, 0);
+}
 
 /* ---- negotiation ---- */
 
@@ -695,7 +812,8 @@ static void test_foreach_in_order_added(void **state)
     qmp_dispatcher_foreach(D(state), add_to_list, names);
     s = to_text(names);
     assert_string_equal(s, "[\"precap\", \"echo\", \"need\", \"noargs\", \"fail\", "
-                           "\"fail-generic\", \"bad-utf8\", \"u64\", \"record\", \"open\"]");
+                           "\"fail-generic\", \"bad-utf8\", \"u64\", \"record\", \"open\", "
+                           "\"later\", \"later-now\"]");
     free(s);
     json_decref(names);
 }
@@ -1364,6 +1482,11 @@ static void test_real_journal_after_ahead(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        TT(test_deferred_return_later_with_id),
+        TT(test_deferred_error_later),
+        TT(test_deferred_answered_at_once),
+        TT(test_deferred_session_detached),
+        TT(test_deferred_no_deliver),
         TT(test_before_negotiation_command_not_found),
         TT(test_before_negotiation_unknown_command),
         TT(test_before_negotiation_shape_checked_first),
