@@ -82,14 +82,15 @@ static void slot_remove(struct qcow2_cache *c, struct slot *sl)
     free(sl);
 }
 
-/* Make room: drop least recently used tables that are not loading. */
-static void evict(struct qcow2_cache *c)
+/* Make room: drop least recently used tables that are not loading, and not keep (a table
+ * just loaded, whose waiters have yet to use it; NULL for none). */
+static void evict(struct qcow2_cache *c, struct slot *keep)
 {
     struct slot *sl = c->lru.last;
 
     while (c->count > c->capacity && sl) {
         struct slot *prev = sl->lprev;
-        if (!sl->loading)
+        if (!sl->loading && sl != keep)
             slot_remove(c, sl);
         sl = prev;
     }
@@ -126,10 +127,17 @@ static void load_done(struct block_req *req, int ret)
 
     sl->waiters = (waiter_queue){0};
     sl->loading = false;
-    if (ret < 0)
+    if (ret < 0) {
         slot_remove(c, sl);
-    else
-        evict(c);
+    } else {
+        /* Most recently used, and kept while its waiters run: with more tables loading than
+         * the cache holds, evicting it here would send every waiter to load it again, and
+         * the cache would go round in circles without serving anyone. Over capacity for the
+         * moment; the next eviction trims it. */
+        slot_lru_remove(&c->lru, sl);
+        slot_lru_push_head(&c->lru, sl);
+        evict(c, sl);
+    }
     while ((w = waiter_queue_pop(&ws)))
         w->cb(w, ret);
 }
@@ -180,7 +188,7 @@ void qcow2_cache_insert(struct qcow2_cache *c, uint64_t offset, const void *tabl
     if (!sl)
         sl = slot_new(c, offset);
     memcpy(sl->table, table, c->table_size);
-    evict(c);
+    evict(c, sl);
 }
 
 void qcow2_cache_free(struct qcow2_cache *c)
