@@ -29,6 +29,12 @@ import pytest
 
 SOURCE_DIR = Path(__file__).resolve().parents[2]
 BUILD_DIR = Path(os.environ.get("THINBLK_BUILD", str(SOURCE_DIR / "build")))
+
+
+def sanitized_build():
+    """Whether BUILD_DIR is a sanitizer build (test.sh's second pass)."""
+    options = json.loads((BUILD_DIR / "meson-info" / "intro-buildoptions.json").read_text())
+    return any(o["name"] == "b_sanitize" and o["value"] != "none" for o in options)
 THINBLKD = BUILD_DIR / "src" / "daemon" / "thinblkd"
 AGAINST_QEMU = os.environ.get("THINBLK_TEST_AGAINST_QEMU", "") == "1"
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")

@@ -9,22 +9,16 @@ module-scoped, and the module skips under a sanitizer build (test.sh's second pa
 would only build the same package again.
 """
 
-import json
 import os
 import shutil
 import subprocess
 
 import pytest
 
-from conftest import BUILD_DIR, SOURCE_DIR
+from conftest import SOURCE_DIR, sanitized_build
 from test_systemd_units import needs_systemd_analyze, verify_with_program
 
 BUILD_TIMEOUT = 900
-
-
-def sanitized_build():
-    options = json.loads((BUILD_DIR / "meson-info" / "intro-buildoptions.json").read_text())
-    return any(o["name"] == "b_sanitize" and o["value"] != "none" for o in options)
 
 
 missing = [tool for tool in ("git", "dpkg-buildpackage", "dh", "lintian")
