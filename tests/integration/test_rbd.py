@@ -309,7 +309,8 @@ def test_fio_verify(ceph, daemons, tmp_path):
     r = subprocess.run(["fio", "--name", "verify", "--ioengine", "nbd", "--uri", d.uri,
                         "--rw", "randwrite", "--bsrange", "4k-256k", "--iodepth", "16",
                         "--size", str(16 * MiB), "--verify", "crc32c", "--do_verify", "1",
-                        "--verify_fatal", "1", "--output-format", "json"],
+                        "--verify_fatal", "1", "--verify_state_save", "0",
+                        "--output-format", "json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
