@@ -386,11 +386,20 @@ static void set_at_cap(struct disk_daemon *dm, struct disk *d, bool at_cap)
     agent_metrics_changed(dm->metrics);
 }
 
-static void start_extension(struct disk_daemon *dm, struct disk *d,
-                            const struct extend_request *req)
+/* Start req (its method, volume, sizes and reason set by the caller); what every extension of
+ * d says of its disk and daemon is filled in here. */
+static void start_extension(struct disk_daemon *dm, struct disk *d, struct extend_request *req)
 {
     _cleanup_error_ struct error *err = NULL;
 
+    req->self_exe = dm->self_exe;
+    req->timeout_ns = dm->cfg->hook_timeout_ns;
+    req->disk = d->name;
+    req->daemon = dm->conf->name;
+    req->socket = dm->conf->socket;
+    req->device = d->device;
+    req->node = d->proto_node ? d->proto_node : "";
+    req->virtual_size = d->virtual_size;
     d->job = extend_start(dm->loop, req, extension_done, d, &err);
     if (!d->job) {
         log_error("%s: cannot extend %s: %s", d->name, req->volume, err->desc);
@@ -455,19 +464,11 @@ static void raise_quota(struct disk_daemon *dm, struct disk *d, bool unhandled)
              agent_fmt_size(used, a, sizeof(a)));
     struct extend_request req = {
         .method = AGENT_METHOD_RBD,
-        .self_exe = dm->self_exe,
         .volume = d->rbd_pool,
         .conf = d->rbd_conf,
         .from = size,
         .to = MIN(disk_cap(d), MAX(size + p->chunk, round_up(used + p->watermark, MiB))),
         .reason = reason,
-        .timeout_ns = dm->cfg->hook_timeout_ns,
-        .disk = d->name,
-        .daemon = dm->conf->name,
-        .socket = dm->conf->socket,
-        .device = d->device,
-        .node = d->proto_node ? d->proto_node : "",
-        .virtual_size = d->virtual_size,
     };
     start_extension(dm, d, &req);
 }
@@ -630,18 +631,10 @@ static void check_disk(struct disk_daemon *dm, struct disk *d, const struct stop
     struct extend_request req = {
         .method = p->method,
         .hook = p->hook,
-        .self_exe = dm->self_exe,
         .volume = volume,
         .from = size,
         .to = to,
         .reason = reason,
-        .timeout_ns = dm->cfg->hook_timeout_ns,
-        .disk = d->name,
-        .daemon = dm->conf->name,
-        .socket = dm->conf->socket,
-        .device = d->device,
-        .node = d->proto_node ? d->proto_node : "",
-        .virtual_size = d->virtual_size,
     };
     start_extension(dm, d, &req);
 }
