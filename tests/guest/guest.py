@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -247,23 +246,6 @@ def wait_until(predicate, timeout, what, interval=0.02):
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def wait_for_socket(path, timeout=10, proc=None):
-    """Waits until a Unix socket accepts connections. Do not use it on servers that count or
-    refuse extra clients (vhost-user, qemu-nbd without --shared): wait for their pid file."""
-    def ready():
-        if proc is not None and proc.poll() is not None:
-            raise GuestError(f"server exited with {proc.returncode} before {path} was ready")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(str(path))
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
-    wait_until(ready, timeout, f"socket {path}")
 
 
 def _die_with_parent():

@@ -337,7 +337,6 @@ def test_qemu_resumed_with_cont(loopdisks, agents, tmp_path):
     disk = loopdisks(size=16 * MiB)
     workdir, agent_mon = tmp_path / "guest", tmp_path / "agent-qmp.sock"
     with guest_on_loop_device(image, disk, workdir, agent_mon, WRITE_MB) as g:
-        kit.wait_for_socket(g.qmp_socket, proc=g.proc)
         qmp = QMPClient(g.qmp_socket, timeout=GUEST_TIMEOUT).negotiate()
         try:
             # QEMU's own stop on ENOSPC, nobody watching yet.
