@@ -226,7 +226,7 @@ class Follower:
                     return
             left = deadline - time.monotonic()
             if left <= 0:
-                pytest.fail("thinblkctl events did not negotiate in time")
+                pytest.fail(f"thinblkctl events did not negotiate in time: {self.stderr!r}")
             ready, _, _ = select.select([fd], [], [], left)
             if ready:
                 chunk = os.read(fd, 4096)
