@@ -96,7 +96,8 @@ struct block_node *block_graph_find(struct block_graph *g, const char *name)
     return NULL;
 }
 
-static const char *const discard_values[] = { "ignore", "off", "unmap", "on", NULL };
+/* QEMU's BlockdevDiscardOptions: -drive's "on" and "off" are not --blockdev's. */
+static const char *const discard_values[] = { "ignore", "unmap", NULL };
 /* Indexed by enum block_detect_zeroes. */
 static const char *const detect_zeroes_values[] = { "off", "on", "unmap", NULL };
 
@@ -141,7 +142,7 @@ static int read_generic(struct block_node *n, json_t *opts, struct error **errp)
     const char *dz = json_string_value(json_object_get(opts, "detect-zeroes"));
 
     n->read_only = json_is_true(json_object_get(opts, "read-only"));
-    n->discard_unmap = discard && (strcmp(discard, "unmap") == 0 || strcmp(discard, "on") == 0);
+    n->discard_unmap = discard && strcmp(discard, "unmap") == 0;
     n->cache_direct = json_is_true(json_object_get(cache, "direct"));
     n->no_flush = json_is_true(json_object_get(cache, "no-flush"));
     for (size_t i = 0; dz && detect_zeroes_values[i]; i++) {

@@ -77,6 +77,11 @@ def test_blockdev_add_errors(daemons, tmp_path):
         "'node-name' must be specified for the root node")
     assert qmp.cmd("blockdev-add", {"driver": "nope", "node-name": "a"}) == error(
         "Parameter 'driver' does not accept value 'nope'")
+    # -drive's discard=on|off are not BlockdevDiscardOptions (QEMU 7.2 refuses them too).
+    for value in ("on", "off"):
+        assert qmp.cmd("blockdev-add", {"driver": "file", "node-name": "a", "filename": "/x",
+                                        "discard": value}) == error(
+            f"Parameter 'discard' does not accept value '{value}'")
     assert qmp.cmd("blockdev-add", {"driver": "file", "node-name": "1a", "filename": "/x"}) == \
         error("Invalid node-name: '1a'")
     assert qmp.cmd("blockdev-add", {"driver": "file", "node-name": "a",
