@@ -31,15 +31,28 @@ struct vub_region {
 /* A memory table as SET_MEM_TABLE gave it. Reference-counted: each request holds the table it
  * was read with, so a new SET_MEM_TABLE (or a disconnect) never unmaps memory a request in the
  * device still points into. */
+struct vub_conn;
 struct vub_mem {
     unsigned refs;
     unsigned n;
     struct vub_region r[VHOST_MEMORY_BASELINE_NREGIONS];
+    int slot[VHOST_MEMORY_BASELINE_NREGIONS];  /* each region's place in the SIGBUS guard */
+    struct loop *loop;
+    /* The connection whose table this is (it outlives the table: every holder of a table
+     * reference holds one on the connection too). */
+    struct vub_conn *conn;
+    /* Set by the SIGBUS handler: the frontend cut a region's file short under us and a page
+     * of it was replaced by a private zero page. Read on the loop, which closes conn. */
+    bool poisoned;
+    bool poison_handled;
 };
 
-/* Map the regions of msg with fds (taken: closed here in every case). Returns a table with one
- * reference, or NULL (logged) if a region is invalid or cannot be mapped. */
-struct vub_mem *vub_mem_new(const struct vhost_user_memory *msg, int *fds, unsigned nfds);
+/* Map the regions of msg with fds (taken: closed here in every case) for connection c.
+ * Returns a table with one reference, or NULL (logged) if a region is invalid or cannot be
+ * mapped. A region its frontend truncates later does not kill the daemon: touching the part
+ * gone reads zeroes, and c is closed (memory.c, "The SIGBUS guard"). */
+struct vub_mem *vub_mem_new(struct vub_conn *c, const struct vhost_user_memory *msg, int *fds,
+                            unsigned nfds);
 struct vub_mem *vub_mem_ref(struct vub_mem *m);
 void vub_mem_unref(struct vub_mem *m);
 /* Our address of guest physical [gpa, gpa + len), or NULL unless it lies in one region. */

@@ -219,7 +219,7 @@ static int set_mem_table(struct vub_conn *c)
         protocol_error(c, "%s", "SET_MEM_TABLE of a wrong size");
         return MSG_CLOSE;
     }
-    struct vub_mem *mem = vub_mem_new(m, c->fds, c->nfds);
+    struct vub_mem *mem = vub_mem_new(c, m, c->fds, c->nfds);
     c->nfds = 0;
     if (!mem)
         return MSG_FAILED;

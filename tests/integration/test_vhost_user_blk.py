@@ -568,6 +568,52 @@ def test_broken_ring_is_stopped_not_followed(daemons, tmp_path, case):
     assert d.negotiated().cmd("query-status")["return"]["status"] == "running"
 
 
+@pytest.mark.parametrize("cut", ["all", "request"])
+def test_guest_memory_truncated_by_the_frontend(daemons, tmp_path, cut):
+    """A frontend cuts its guest memory file short after SET_MEM_TABLE: touching the part gone
+    raises SIGBUS, which must not kill the daemon and every export with it. Cut "all" takes
+    the rings too (the daemon's first read of the avail ring faults); cut "request" keeps the
+    rings and takes the request's pages (its header faults; the data buffer, which the kernel
+    reads into, gives EFAULT). The daemon closes that frontend's connection and says why,
+    and serves the next frontend."""
+    img = image(tmp_path / "d.raw", MIB)
+    with open(img, "r+b") as f:
+        f.write(b"\x5a" * 512)
+    d, vsock = start_export(daemons, img)
+    g = FakeGuest(vsock)
+    # Messages are handled in order: the answer means the memory table is mapped and the ring
+    # started (a file already short at SET_MEM_TABLE is refused there, not mapped), so the
+    # request below is taken only at the kick, after the cut.
+    assert len(g.f.call(GET_FEATURES)) == 8
+    struct.pack_into("<IIQ", g.mem, DATA, 0, 0, 0)   # VIRTIO_BLK_T_IN of sector 0
+    g.mem[DATA + 0x200] = 0xff
+    g.desc(0, DATA, 16, 1, 1)
+    g.desc(1, DATA + 0x1000, 512, 1 | 2, 2)
+    g.desc(2, DATA + 0x200, 1, 2)
+    struct.pack_into("<H", g.mem, AVAIL + 4, 0)
+    struct.pack_into("<H", g.mem, AVAIL + 2, 1)
+    g.mem.close()   # this process must not touch the part gone either
+    os.ftruncate(g.fd, 0 if cut == "all" else DATA)
+    os.eventfd_write(g.kick, 1)
+    assert g.f.closed()
+    assert d.running()
+    assert "vhost-user-blk: disk0: guest memory shrank under the daemon (the frontend " \
+        "truncated a memory region's file): closing the connection" in d.stderr()
+    qmp = d.negotiated()
+    assert qmp.cmd("query-status")["return"]["status"] == "running"
+    # A new frontend, whole memory: served.
+    g2 = FakeGuest(vsock)
+    struct.pack_into("<IIQ", g2.mem, DATA, 0, 0, 0)
+    g2.mem[DATA + 0x200] = 0xff
+    g2.desc(0, DATA, 16, 1, 1)
+    g2.desc(1, DATA + 0x1000, 512, 1 | 2, 2)
+    g2.desc(2, DATA + 0x200, 1, 2)
+    g2.submit(0)
+    kit.wait_until(lambda: g2.used_idx() == 1, 10, "the request's completion")
+    assert g2.mem[DATA + 0x200] == 0
+    assert g2.mem[DATA + 0x1000:DATA + 0x1200] == b"\x5a" * 512
+
+
 @pytest.mark.parametrize("sector, header_len, status", [
     (0, 16, 0),               # a good read of one sector
     (MIB // 512, 16, 1),      # past the end: IOERR
