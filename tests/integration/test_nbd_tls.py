@@ -1,5 +1,5 @@
-"""NBD over TLS (NBD_OPT_STARTTLS, doc/proto.md) with tls-creds-x509, tls-creds-psk and
-authz-simple, as qemu-storage-daemon 7.2 offers them, against real clients: nbdinfo and
+"""NBD over TLS (NBD_OPT_STARTTLS, doc/proto.md) with tls-creds-x509 (with a CRL and DH
+parameters), tls-creds-psk, authz-simple, authz-list and authz-listfile, as qemu-storage-daemon 7.2 offers them, against real clients: nbdinfo and
 nbdcopy (libnbd's nbds+unix:// and nbds:// URIs), qemu-io with its own tls-creds-x509 object,
 Python's ssl module for the hand-made ones.
 
@@ -36,7 +36,8 @@ def certtool(*args):
 
 
 def make_ca(path, cn):
-    (path / "ca.info").write_text(f"cn = {cn}\nca\ncert_signing_key\nexpiration_days = 30\n")
+    (path / "ca.info").write_text(f"cn = {cn}\nca\ncert_signing_key\ncrl_signing_key\n"
+                                  "expiration_days = 30\n")
     certtool("--generate-privkey", "--outfile", path / "ca-key.pem")
     certtool("--generate-self-signed", "--load-privkey", path / "ca-key.pem",
              "--template", path / "ca.info", "--outfile", path / "ca-cert.pem")
@@ -423,3 +424,119 @@ def test_object_option_texts(daemons, arg, text):
     d = daemons.start_raw(["--object", arg], wait=False)
     assert d.wait() == 1
     assert f"--object: {text}" in d.stderr()
+
+
+# ---- revocation (ca-crl.pem) and DH parameters (dh-params.pem) -------------------------------
+
+OTHER_CLIENT = "cn = client2\norganization = Test\ntls_www_client\nsigning_key\nencryption_key\n"
+
+
+@pytest.fixture(scope="session")
+def crl_pki(pki, tmp_path_factory):
+    """server/: the server's files plus a ca-crl.pem revoking revoked/'s client certificate
+    (CN=client2); dh/: the server's files plus dh-params.pem."""
+    root = tmp_path_factory.mktemp("crl")
+    ca = pki / "ca"
+    make_cert(ca, root / "revoked", "client", OTHER_CLIENT + "expiration_days = 30\n")
+    shutil.copy(ca / "ca-cert.pem", root / "revoked" / "ca-cert.pem")
+    shutil.copytree(pki / "server", root / "server")
+    (root / "crl.info").write_text("crl_next_update = 30\ncrl_number = 1\n")
+    certtool("--generate-crl", "--load-ca-privkey", ca / "ca-key.pem",
+             "--load-ca-certificate", ca / "ca-cert.pem",
+             "--load-certificate", root / "revoked" / "client-cert.pem",
+             "--template", root / "crl.info", "--outfile", root / "server" / "ca-crl.pem")
+    shutil.copytree(pki / "server", root / "dh")
+    certtool("--get-dh-params", "--bits", "2048", "--outfile", root / "dh" / "dh-params.pem")
+    shutil.copytree(pki / "psk", root / "psk-dh")
+    shutil.copy(root / "dh" / "dh-params.pem", root / "psk-dh")
+    return root
+
+
+def test_revoked_client_certificate_is_refused(daemons, tmp_path, pki, crl_pki):
+    s = start(daemons, tmp_path,
+              [f"tls-creds-x509,id=tls0,dir={crl_pki / 'server'},endpoint=server"],
+              "tls-creds=tls0")
+    r = nbdinfo(s.uri(f"tls-certificates={crl_pki / 'revoked'}"))
+    assert r.returncode != 0, r.stdout
+    assert "revoked" in s.daemon.stderr(), s.daemon.stderr()
+    assert_serves(s, pki)  # client1, not on the list
+
+
+def test_revoked_client_is_served_without_the_crl(daemons, tmp_path, pki, crl_pki):
+    """The other half of the test above: the same certificate is good without ca-crl.pem."""
+    s = start(daemons, tmp_path, [x509(pki)], "tls-creds=tls0")
+    r = nbdinfo(s.uri(f"tls-certificates={crl_pki / 'revoked'}"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_revoked_client_of_qemu_io_is_refused(daemons, tmp_path, pki, crl_pki):
+    s = start(daemons, tmp_path,
+              [f"tls-creds-x509,id=tls0,dir={crl_pki / 'server'},endpoint=server"],
+              "tls-creds=tls0")
+    def qemu_io(certs):
+        return subprocess.run(
+            ["qemu-io", "--object", f"tls-creds-x509,id=c0,dir={certs},endpoint=client",
+             "--image-opts", f"driver=nbd,server.type=unix,server.path={s.sock},"
+             "tls-hostname=localhost,export=disk,tls-creds=c0", "-c", "read 0 64k"],
+            capture_output=True, text=True, timeout=TIMEOUT)
+    r = qemu_io(crl_pki / "revoked")
+    assert r.returncode != 0 or "read 65536/65536" not in r.stdout, r.stdout + r.stderr
+    r = qemu_io(pki / "client")
+    assert r.returncode == 0 and "read 65536/65536" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("creds, certs", [("dh", "client"), ("psk-dh", None)])
+def test_dh_params_are_loaded_and_clients_served(daemons, tmp_path, pki, crl_pki, creds, certs):
+    kind = "x509" if certs else "psk"
+    s = start(daemons, tmp_path,
+              [f"tls-creds-{kind},id=tls0,dir={crl_pki / creds},endpoint=server"],
+              "tls-creds=tls0")
+    if certs:
+        assert_serves(s, pki)
+    else:
+        r = nbdinfo(s.uri(f"tls-psk-file={pki / 'psk' / 'keys.psk'}", user=f"{PSK_USER}@"))
+        assert r.returncode == 0, r.stderr
+
+
+def test_bad_crl_and_dh_params_texts(daemon, pki, tmp_path):
+    """QEMU 7.2's texts (checked against qemu-storage-daemon): a missing ca-crl.pem or
+    dh-params.pem is fine, an unloadable one fails object-add."""
+    q = daemon.negotiated()
+    dirs = {}
+    for name, files in [("badcrl", {"ca-crl.pem": "garbage\n"}),
+                        ("emptycrl", {"ca-crl.pem": ""}),
+                        ("baddh", {"dh-params.pem": "garbage\n"})]:
+        d = dirs[name] = tmp_path / name
+        shutil.copytree(pki / "server", d)
+        for f, text in files.items():
+            (d / f).write_text(text)
+    dirs["dirdh"] = tmp_path / "dirdh"
+    shutil.copytree(pki / "server", dirs["dirdh"])
+    (dirs["dirdh"] / "dh-params.pem").mkdir()
+    psk = tmp_path / "psk"
+    shutil.copytree(pki / "psk", psk)
+    (psk / "dh-params.pem").write_text("garbage\n")
+    nokeys = tmp_path / "nokeys"
+    nokeys.mkdir()
+    (nokeys / "dh-params.pem").write_text("garbage\n")
+
+    def add(kind, d, endpoint="server"):
+        return q.cmd("object-add", {"qom-type": f"tls-creds-{kind}", "id": "t0", "dir": str(d),
+                                    "endpoint": endpoint})
+
+    assert add("x509", dirs["badcrl"]) == error(
+        f"Cannot load CRL '{dirs['badcrl']}/ca-crl.pem': Base64 decoding error.")
+    assert add("x509", dirs["emptycrl"]) == error(
+        f"Cannot load CRL '{dirs['emptycrl']}/ca-crl.pem': Base64 decoding error.")
+    assert add("x509", dirs["baddh"]) == error(
+        f"Unable to load DH parameters from {dirs['baddh']}/dh-params.pem: "
+        "Base64 unexpected header error.")
+    assert add("x509", dirs["dirdh"]) == error(
+        f"Error reading file “{dirs['dirdh']}/dh-params.pem”: Is a directory")
+    assert add("psk", psk) == error(
+        f"Unable to load DH parameters from {psk}/dh-params.pem: "
+        "Base64 unexpected header error.")
+    assert add("psk", nokeys) == error(
+        f"Unable to access credentials {nokeys}/keys.psk: No such file or directory")
+    # A client endpoint loads nothing here (QEMU checks no server file either).
+    ok(add("x509", dirs["badcrl"], endpoint="client"))
