@@ -8,6 +8,7 @@ or instead of the TLS session) is checked for the client's error and for the dae
 a good client afterwards. The CA and certificates are made once per session with certtool.
 """
 
+import json
 import shutil
 import socket
 import ssl
@@ -540,3 +541,139 @@ def test_bad_crl_and_dh_params_texts(daemon, pki, tmp_path):
         f"Unable to access credentials {nokeys}/keys.psk: No such file or directory")
     # A client endpoint loads nothing here (QEMU checks no server file either).
     ok(add("x509", dirs["badcrl"], endpoint="client"))
+
+
+# ---- authz-listfile --------------------------------------------------------------------------
+
+def rules_json(*rules, policy="deny"):
+    return json.dumps({"policy": policy, "rules": [
+        {"match": m, "policy": p, "format": f} for m, p, f in rules]})
+
+
+def listfile_server(daemons, tmp_path, pki, text, refresh="off"):
+    path = tmp_path / "acl" / "rules.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    s = start(daemons, tmp_path,
+              [x509(pki), f"authz-listfile,id=auth0,filename={path},refresh={refresh}"],
+              "tls-creds=tls0,tls-authz=auth0")
+    return s, path
+
+
+@pytest.mark.parametrize("text, allowed", [
+    (rules_json((CLIENT_DN, "allow", "exact")), True),
+    (rules_json(("*CN=client1", "allow", "glob")), True),
+    (rules_json((CLIENT_DN, "deny", "exact"), policy="allow"), False),
+    (rules_json(("*CN=other", "allow", "glob")), False),
+    ('{"rules": []}', False),           # policy defaults to deny
+    ('{"policy": "allow"}', True),
+])
+def test_authz_listfile_allows_and_denies_by_dn(daemons, tmp_path, pki, text, allowed):
+    s, _ = listfile_server(daemons, tmp_path, pki, text)
+    r = nbdinfo(s.uri(f"tls-certificates={pki / 'client'}"))
+    assert (r.returncode == 0) == allowed, r.stderr
+    if not allowed:
+        assert f"refused: Identity '{CLIENT_DN}' is not authorized" in s.daemon.stderr()
+    assert s.daemon.running()
+
+
+def wait_for_outcome(s, pki, served):
+    """Connect until the client is (or is not) served: a refresh happens on the daemon's loop
+    some time after the file changed. Bounded by TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        r = nbdinfo(s.uri(f"tls-certificates={pki / 'client'}"))
+        if (r.returncode == 0) == served:
+            return
+        assert time.monotonic() < deadline, f"still {'refused' if served else 'served'}: {r}"
+
+
+def test_authz_listfile_refresh_takes_new_rules(daemons, tmp_path, pki):
+    s, path = listfile_server(daemons, tmp_path, pki, rules_json(), refresh="on")
+    assert nbdinfo(s.uri(f"tls-certificates={pki / 'client'}")).returncode != 0
+    path.write_text(rules_json((CLIENT_DN, "allow", "exact")))       # rewritten in place
+    wait_for_outcome(s, pki, served=True)
+    # A file that no longer loads leaves no list: nobody is let in (QEMU's fail-closed), and
+    # the reason is logged.
+    path.write_text('{"policy": "allow", "rules": [')
+    wait_for_outcome(s, pki, served=False)
+    assert "JSON parse error" in s.daemon.stderr(), s.daemon.stderr()
+    # Replaced by a rename, as editors and configuration tools do.
+    tmp = path.with_name("rules.json.new")
+    tmp.write_text(rules_json(("O=Test,CN=*", "allow", "glob")))
+    tmp.rename(path)
+    wait_for_outcome(s, pki, served=True)
+    assert s.daemon.running()
+
+
+def test_authz_listfile_object_add_and_del(daemons, pki, tmp_path):
+    d = daemons.start(args=["-v"])
+    q = d.negotiated()
+    good = tmp_path / "good.json"
+    good.write_text(rules_json((CLIENT_DN, "allow", "exact")))
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+
+    def add(**args):
+        return q.cmd("object-add", {"qom-type": "authz-listfile", "id": "a0", **args})
+
+    ok(add(filename=str(good)))
+    assert add(filename=str(good)) == error(
+        "attempt to add duplicate property 'a0' to object (type 'container')")
+    ok(q.cmd("object-del", {"id": "a0"}))
+    ok(add(filename=str(good), refresh=False))
+    ok(q.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "t0",
+                            "dir": str(pki / "server"), "endpoint": "server"}))
+    sock = d.rundir / "n.sock"
+    ok(q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}},
+                                  "tls-creds": "t0", "tls-authz": "a0"}))
+    ok(q.cmd("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(img)}))
+    ok(q.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "f0",
+                                  "name": "disk"}))
+    uri = f"nbds+unix:///disk?socket={sock}&tls-certificates={pki / 'client'}"
+    r = nbdinfo(uri)
+    assert r.returncode == 0 and r.stdout.strip() == str(MiB), r.stderr
+    # As with the other authz objects, the server looks the id up at each connection.
+    ok(q.cmd("object-del", {"id": "a0"}))
+    assert nbdinfo(uri).returncode != 0
+    assert "No authorization object with id 'a0'" in d.stderr(), d.stderr()
+
+
+@pytest.mark.parametrize("content, text", [
+    (None, "Unable to read '{f}': Failed to open file “{f}”: No such file or directory"),
+    ("[1]", "File '{f}' must contain a JSON object"),
+    ('{"policy": "allow", "rules": [', "JSON parse error, premature EOI"),
+    ("nope", "JSON parse error, invalid keyword 'nope'"),
+    ('{"policy": "maybe"}', "Parameter 'policy' does not accept value 'maybe'"),
+    ('{"rules": [{"match": "x"}]}', "Parameter 'rules[0].policy' is missing"),
+    ('{"rules": [{"match": "x", "policy": "allow", "format": "regex"}]}',
+     "Parameter 'format' does not accept value 'regex'"),
+    ('{"bogus": 1}', "Parameter 'bogus' is unexpected"),
+])
+def test_authz_listfile_bad_file_texts(daemon, tmp_path, content, text):
+    q = daemon.negotiated()
+    f = tmp_path / "rules.json"
+    if content is not None:
+        f.write_text(content)
+    assert q.cmd("object-add", {"qom-type": "authz-listfile", "id": "a0",
+                                "filename": str(f)}) == error(text.format(f=f))
+    # Nothing was created: the id is free.
+    assert q.cmd("object-del", {"id": "a0"}) == error("object 'a0' not found")
+
+
+def test_authz_listfile_argument_texts(daemon, tmp_path):
+    q = daemon.negotiated()
+    assert q.cmd("object-add", {"qom-type": "authz-listfile", "id": "a0"}) == error(
+        "Parameter 'filename' is missing")
+    assert q.cmd("object-add", {"qom-type": "authz-listfile", "id": "a0",
+                                "filename": "/x", "refresh": "yes"}) == error(
+        "Invalid parameter type for 'refresh', expected: boolean")
+
+
+def test_authz_listfile_bad_file_on_the_command_line(daemons, tmp_path):
+    f = tmp_path / "rules.json"
+    f.write_text("[]")
+    d = daemons.start_raw(["--object", f"authz-listfile,id=a0,filename={f}"], wait=False)
+    assert d.wait() == 1
+    assert f"--object: File '{f}' must contain a JSON object" in d.stderr()
