@@ -66,7 +66,8 @@ static void refresh(struct authz_listfile *f)
 }
 
 /* Events of the directory: reload once for all those that wrote or (re)created our file, as
- * QEMU's reload on MODIFIED and CREATED (IN_MOVED_TO included: a rename into place). */
+ * QEMU's reload on MODIFIED and CREATED (IN_MOVED_TO included: a rename into place). When the
+ * kernel's queue overflowed, events were lost: reload too (QEMU does not). */
 static void on_inotify(struct loop *loop, int fd, unsigned events, void *opaque)
 {
     struct authz_listfile *f = opaque;
@@ -79,8 +80,9 @@ static void on_inotify(struct loop *loop, int fd, unsigned events, void *opaque)
         for (ssize_t used = 0; used < n;) {
             const struct inotify_event *ev = (const void *)(buf + used);
             used += (ssize_t)(sizeof(*ev) + ev->len);
-            if (ev->len && strcmp(ev->name, f->basename) == 0 &&
-                (ev->mask & (IN_CREATE | IN_MODIFY | IN_MOVED_TO)))
+            if ((ev->mask & IN_Q_OVERFLOW) ||
+                (ev->len && strcmp(ev->name, f->basename) == 0 &&
+                 (ev->mask & (IN_CREATE | IN_MODIFY | IN_MOVED_TO))))
                 changed = true;
         }
     }

@@ -506,11 +506,16 @@ def test_bad_crl_and_dh_params_texts(daemon, pki, tmp_path):
     dirs = {}
     for name, files in [("badcrl", {"ca-crl.pem": "garbage\n"}),
                         ("emptycrl", {"ca-crl.pem": ""}),
+                        ("danglingcrl", {}),
                         ("baddh", {"dh-params.pem": "garbage\n"})]:
         d = dirs[name] = tmp_path / name
         shutil.copytree(pki / "server", d)
         for f, text in files.items():
             (d / f).write_text(text)
+    (dirs["danglingcrl"] / "ca-crl.pem").symlink_to(tmp_path / "nonexistent")
+    dirs["dircrl"] = tmp_path / "dircrl"
+    shutil.copytree(pki / "server", dirs["dircrl"])
+    (dirs["dircrl"] / "ca-crl.pem").mkdir()
     dirs["dirdh"] = tmp_path / "dirdh"
     shutil.copytree(pki / "server", dirs["dirdh"])
     (dirs["dirdh"] / "dh-params.pem").mkdir()
@@ -529,6 +534,11 @@ def test_bad_crl_and_dh_params_texts(daemon, pki, tmp_path):
         f"Cannot load CRL '{dirs['badcrl']}/ca-crl.pem': Base64 decoding error.")
     assert add("x509", dirs["emptycrl"]) == error(
         f"Cannot load CRL '{dirs['emptycrl']}/ca-crl.pem': Base64 decoding error.")
+    assert add("x509", dirs["dircrl"]) == error(
+        f"Cannot load CRL '{dirs['dircrl']}/ca-crl.pem': Error while reading file.")
+    # A name that leads nowhere is a missing file (ENOENT), as in QEMU: skipped.
+    ok(add("x509", dirs["danglingcrl"]))
+    ok(q.cmd("object-del", {"id": "t0"}))
     assert add("x509", dirs["baddh"]) == error(
         f"Unable to load DH parameters from {dirs['baddh']}/dh-params.pem: "
         "Base64 unexpected header error.")
@@ -595,9 +605,9 @@ def test_authz_listfile_refresh_takes_new_rules(daemons, tmp_path, pki):
     wait_for_outcome(s, pki, served=True)
     # A file that no longer loads leaves no list: nobody is let in (QEMU's fail-closed), and
     # the reason is logged.
-    path.write_text('{"policy": "allow", "rules": [')
+    path.write_text("nope")
     wait_for_outcome(s, pki, served=False)
-    assert "JSON parse error" in s.daemon.stderr(), s.daemon.stderr()
+    assert "JSON parse error, invalid keyword 'nope'" in s.daemon.stderr(), s.daemon.stderr()
     # Replaced by a rename, as editors and configuration tools do.
     tmp = path.with_name("rules.json.new")
     tmp.write_text(rules_json(("O=Test,CN=*", "allow", "glob")))
