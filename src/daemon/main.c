@@ -287,7 +287,7 @@ int main(int argc, char **argv)
                               emit_event, &d);
     runstate_add_listener(d.runstate, on_state_change, &d);
     d.devs = dev_context_new(d.loop, d.runstate, emit_device_event, &d);
-    d.tls = tls_objects_new();
+    d.tls = tls_objects_new(d.loop);
     d.exports = exports_new(d.graph, d.devs, d.tls);
     d.jobs = job_list_new(emit_event, &d);
     d.services = (struct qmp_services){ .runstate = d.runstate, .graph = d.graph,

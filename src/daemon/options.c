@@ -476,6 +476,7 @@ void daemon_options_usage(const char *prog)
            "  --object tls-creds-psk,id=ID,dir=DIR,endpoint=server\n"
            "  --object authz-simple,id=ID,identity=NAME\n"
            "  --object authz-list,id=ID[,policy=deny|allow][,rules.N.match=M,rules.N.policy=P]\n"
+           "  --object authz-listfile,id=ID,filename=FILE[,refresh=on|off]\n"
            "                         TLS credentials, a client allowed by tls-authz\n"
            "  --group [name=]NAME    a stop group, for exports' __org.thinblk_group=NAME\n"
            "  --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]\n"

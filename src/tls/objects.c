@@ -8,6 +8,8 @@
 
 #include "common/list.h"
 #include "common/util.h"
+#include "tls/authz-listfile.h"
+#include "tls/file.h"
 
 enum object_kind { OBJ_CREDS, OBJ_AUTHZ };
 
@@ -18,12 +20,14 @@ struct object {
     struct tls_creds *creds;  /* OBJ_CREDS: the table's reference */
     char *identity;           /* OBJ_AUTHZ of authz-simple */
     json_t *list;             /* OBJ_AUTHZ of authz-list: its options (policy, rules) */
+    struct authz_listfile *listfile;  /* OBJ_AUTHZ of authz-listfile: the same, from a file */
 };
 
 DEFINE_QUEUE_TYPE(object_queue, struct object, next)
 
 struct tls_objects {
     object_queue list;
+    struct loop *loop;  /* authz-listfile's refresh */
 };
 
 static const char *const endpoints[] = { "client", "server", NULL };
@@ -70,11 +74,19 @@ static const struct schema_member authz_list_members[] = {
     { NULL },
 };
 
+/* QEMU's AuthZListFileProperties; refresh defaults to on where QEMU has inotify (Linux). */
+static const struct schema_member authz_listfile_members[] = {
+    { "filename", SCHEMA_STR },
+    { "refresh", SCHEMA_BOOL, .optional = true },
+    { NULL },
+};
+
 static const struct schema_variant object_variants[] = {
     { "tls-creds-x509", x509_members },
     { "tls-creds-psk", psk_members },
     { "authz-simple", authz_simple_members },
     { "authz-list", authz_list_members },
+    { "authz-listfile", authz_listfile_members },
     { NULL },
 };
 
@@ -84,9 +96,12 @@ const struct schema_member tls_object_options[] = {
     { NULL },
 };
 
-struct tls_objects *tls_objects_new(void)
+struct tls_objects *tls_objects_new(struct loop *loop)
 {
-    return xzalloc(sizeof(struct tls_objects));
+    struct tls_objects *t = xzalloc(sizeof(struct tls_objects));
+
+    t->loop = loop;
+    return t;
 }
 
 void tls_creds_unref(struct tls_creds *c)
@@ -97,6 +112,8 @@ void tls_creds_unref(struct tls_creds *c)
         gnutls_certificate_free_credentials(c->x509);
     if (c->psk)
         gnutls_psk_free_server_credentials(c->psk);
+    if (c->dh_params)
+        gnutls_dh_params_deinit(c->dh_params);
     free(c);
 }
 
@@ -105,6 +122,7 @@ static void object_free(struct object *o)
     tls_creds_unref(o->creds);
     free(o->identity);
     json_decref(o->list);
+    authz_listfile_free(o->listfile);
     free(o->id);
     free(o);
 }
@@ -142,14 +160,81 @@ static char *creds_file(const char *dir, const char *name, struct error **errp)
     return path;
 }
 
+/* QEMU's optional credential files (ca-crl.pem, dh-params.pem): *path is DIR/name, or NULL
+ * when there is no such file; any other failure to access it is an error, with QEMU's text.
+ * Returns 0 or -1 with *errp set. */
+static int optional_creds_file(const char *dir, const char *name, char **path,
+                               struct error **errp)
+{
+    char *p = xasprintf("%s/%s", dir, name);
+
+    *path = NULL;
+    if (access(p, R_OK) < 0) {
+        int e = errno;
+        if (e != ENOENT)
+            error_setg_errno(errp, e, "Unable to access credentials %s", p);
+        free(p);
+        return e == ENOENT ? 0 : -1;
+    }
+    *path = p;
+    return 0;
+}
+
+/* DIR/ca-crl.pem, when present: GnuTLS then refuses the certificates it revokes in
+ * gnutls_certificate_verify_peers2(). crl NULL: nothing to load. */
+static int load_crl(struct tls_creds *c, const char *crl, struct error **errp)
+{
+    int r;
+
+    if (!crl)
+        return 0;
+    r = gnutls_certificate_set_x509_crl_file(c->x509, crl, GNUTLS_X509_FMT_PEM);
+    if (r < 0) {
+        error_setg(errp, "Cannot load CRL '%s': %s", crl, gnutls_strerror(r));
+        return -1;
+    }
+    return 0;
+}
+
+/* DIR/dh-params.pem (PKCS#3) at path into c->dh_params; path NULL (no such file): nothing is
+ * set, as QEMU 7.2 does not generate parameters then, and GnuTLS picks the RFC 7919 groups for
+ * DHE. The caller gives them to its credentials. */
+static int load_dh_params(struct tls_creds *c, const char *path, struct error **errp)
+{
+    _cleanup_free_ char *pem = NULL;
+    gnutls_datum_t data;
+    size_t len;
+    int r;
+
+    if (!path)
+        return 0;
+    pem = tls_file_read(path, &len, errp);
+    if (!pem)
+        return -1;
+    data = (gnutls_datum_t){ (unsigned char *)pem, (unsigned)len };
+    gnutls_dh_params_init(&c->dh_params);
+    r = gnutls_dh_params_import_pkcs3(c->dh_params, &data, GNUTLS_X509_FMT_PEM);
+    if (r < 0) {
+        error_setg(errp, "Unable to load DH parameters from %s: %s", path, gnutls_strerror(r));
+        return -1;
+    }
+    return 0;
+}
+
 static int load_x509(struct tls_creds *c, const char *dir, struct error **errp)
 {
     _cleanup_free_ char *ca = creds_file(dir, "ca-cert.pem", errp);
-    _cleanup_free_ char *cert = ca ? creds_file(dir, "server-cert.pem", errp) : NULL;
-    _cleanup_free_ char *key = cert ? creds_file(dir, "server-key.pem", errp) : NULL;
+    _cleanup_free_ char *crl = NULL;
+    _cleanup_free_ char *cert = NULL;
+    _cleanup_free_ char *key = NULL;
+    _cleanup_free_ char *dh = NULL;
     int r;
 
-    if (!key)
+    /* QEMU's order: every path is checked before anything is loaded. */
+    if (!ca || optional_creds_file(dir, "ca-crl.pem", &crl, errp) < 0 ||
+        !(cert = creds_file(dir, "server-cert.pem", errp)) ||
+        !(key = creds_file(dir, "server-key.pem", errp)) ||
+        optional_creds_file(dir, "dh-params.pem", &dh, errp) < 0)
         return -1;
     gnutls_certificate_allocate_credentials(&c->x509);
     r = gnutls_certificate_set_x509_trust_file(c->x509, ca, GNUTLS_X509_FMT_PEM);
@@ -163,17 +248,26 @@ static int load_x509(struct tls_creds *c, const char *dir, struct error **errp)
                    gnutls_strerror(r));
         return -1;
     }
+    if (load_crl(c, crl, errp) < 0 || load_dh_params(c, dh, errp) < 0)
+        return -1;
+    if (c->dh_params)
+        gnutls_certificate_set_dh_params(c->x509, c->dh_params);
     return 0;
 }
 
 static int load_psk(struct tls_creds *c, const char *dir, struct error **errp)
 {
-    _cleanup_free_ char *keys = creds_file(dir, "keys.psk", errp);
+    _cleanup_free_ char *dh = NULL;
+    _cleanup_free_ char *keys = NULL;
     int r;
 
-    if (!keys)
+    /* QEMU's order: both paths are checked, then the DH parameters loaded. */
+    if (optional_creds_file(dir, "dh-params.pem", &dh, errp) < 0 ||
+        !(keys = creds_file(dir, "keys.psk", errp)) || load_dh_params(c, dh, errp) < 0)
         return -1;
     gnutls_psk_allocate_server_credentials(&c->psk);
+    if (c->dh_params)
+        gnutls_psk_set_server_dh_params(c->psk, c->dh_params);
     r = gnutls_psk_set_server_credentials_file(c->psk, keys);
     if (r < 0) {
         error_setg(errp, "Cannot set PSK server credentials: %s", gnutls_strerror(r));
@@ -207,6 +301,15 @@ fail:
     return NULL;
 }
 
+static struct authz_listfile *listfile_new(struct tls_objects *t, json_t *opts,
+                                           struct error **errp)
+{
+    json_t *refresh = json_object_get(opts, "refresh");
+
+    return authz_listfile_new(t->loop, json_string_value(json_object_get(opts, "filename")),
+                              !refresh || json_is_true(refresh), authz_list_members, errp);
+}
+
 int tls_objects_add(struct tls_objects *t, json_t *opts, struct error **errp)
 {
     const char *type = json_string_value(json_object_get(opts, "qom-type"));
@@ -226,6 +329,12 @@ int tls_objects_add(struct tls_objects *t, json_t *opts, struct error **errp)
     } else if (strcmp(type, "authz-list") == 0) {
         o->kind = OBJ_AUTHZ;
         o->list = json_incref(opts);
+    } else if (strcmp(type, "authz-listfile") == 0) {
+        o->kind = OBJ_AUTHZ;
+        if (!(o->listfile = listfile_new(t, opts, errp))) {
+            object_free(o);
+            return -1;
+        }
     } else {
         o->kind = OBJ_CREDS;
         o->creds = creds_new(opts, strcmp(type, "tls-creds-psk") == 0, errp);
@@ -292,6 +401,17 @@ static bool list_allows(json_t *list, const char *identity)
     return policy && strcmp(policy, "allow") == 0;
 }
 
+/* Whether authz object o lets identity in. An authz-listfile whose last refresh failed has no
+ * list and lets nobody in, as QEMU's. */
+static bool authz_allows(struct object *o, const char *identity)
+{
+    if (o->listfile) {
+        json_t *list = authz_listfile_list(o->listfile);
+        return list && list_allows(list, identity);
+    }
+    return o->list ? list_allows(o->list, identity) : strcmp(o->identity, identity) == 0;
+}
+
 int tls_objects_authorized(struct tls_objects *t, const char *id, const char *identity,
                            struct error **errp)
 {
@@ -301,7 +421,7 @@ int tls_objects_authorized(struct tls_objects *t, const char *id, const char *id
         error_setg(errp, "No authorization object with id '%s'", id);
         return 0;
     }
-    if (o->list ? !list_allows(o->list, identity) : strcmp(o->identity, identity) != 0) {
+    if (!authz_allows(o, identity)) {
         error_setg(errp, "Identity '%s' is not authorized", identity);
         return 0;
     }

@@ -4,10 +4,14 @@
  *
  *   tls-creds-x509: DIR/ca-cert.pem, DIR/server-cert.pem, DIR/server-key.pem; verify-peer
  *                   (default on, as QEMU) asks the client for a certificate signed by the CA
+ *                   and not revoked by DIR/ca-crl.pem (optional)
  *   tls-creds-psk:  DIR/keys.psk, lines "username:hexkey" (GnuTLS's and QEMU's format)
+ *   both:           DIR/dh-params.pem (optional, PKCS#3): the DHE parameters
  *   authz-simple:   identity: a client certificate's distinguished name or a PSK username
  *   authz-list:     rules (match, policy allow|deny, format exact|glob) tried in order, the
  *                   first match's policy wins, else policy (default deny)
+ *   authz-listfile: the same options read from filename, re-read on changes with refresh
+ *                   (default on), see authz-listfile.h
  *
  * Credentials are reference-counted: object-del removes the id at once (QEMU 7.2 does not
  * refuse to delete credentials in use), and a server holding them keeps them until it stops.
@@ -34,14 +38,17 @@ struct tls_creds {
     bool verify_peer;            /* x509: ask for and check the client's certificate */
     gnutls_certificate_credentials_t x509;  /* kind X509 */
     gnutls_psk_server_credentials_t psk;    /* kind PSK */
+    gnutls_dh_params_t dh_params;           /* DIR/dh-params.pem if present, else NULL */
 };
 
 struct tls_objects;
+struct loop;
 
 /* QEMU's ObjectOptions for the types above: qom-type, id, then the type's members. */
 extern const struct schema_member tls_object_options[];
 
-struct tls_objects *tls_objects_new(void);
+/* A table whose authz-listfile objects watch their files on loop (borrowed). */
+struct tls_objects *tls_objects_new(struct loop *loop);
 /* Free the table; credentials still held elsewhere live on until released. NULL ignored. */
 void tls_objects_free(struct tls_objects *t);
 
@@ -57,7 +64,7 @@ struct tls_creds *tls_objects_server_creds(struct tls_objects *t, const char *id
                                            struct error **errp);
 void tls_creds_unref(struct tls_creds *c);
 
-/* Whether authz object id (authz-simple or authz-list) lets identity in. Returns 1, or 0
+/* Whether authz object id (authz-simple, authz-list, authz-listfile) lets identity in. Returns 1, or 0
  * with *errp saying why (no such object, not an authz object, identity not allowed). */
 int tls_objects_authorized(struct tls_objects *t, const char *id, const char *identity,
                            struct error **errp);

@@ -1,5 +1,5 @@
-"""NBD over TLS (NBD_OPT_STARTTLS, doc/proto.md) with tls-creds-x509, tls-creds-psk and
-authz-simple, as qemu-storage-daemon 7.2 offers them, against real clients: nbdinfo and
+"""NBD over TLS (NBD_OPT_STARTTLS, doc/proto.md) with tls-creds-x509 (with a CRL and DH
+parameters), tls-creds-psk, authz-simple, authz-list and authz-listfile, as qemu-storage-daemon 7.2 offers them, against real clients: nbdinfo and
 nbdcopy (libnbd's nbds+unix:// and nbds:// URIs), qemu-io with its own tls-creds-x509 object,
 Python's ssl module for the hand-made ones.
 
@@ -8,6 +8,7 @@ or instead of the TLS session) is checked for the client's error and for the dae
 a good client afterwards. The CA and certificates are made once per session with certtool.
 """
 
+import json
 import shutil
 import socket
 import ssl
@@ -36,7 +37,8 @@ def certtool(*args):
 
 
 def make_ca(path, cn):
-    (path / "ca.info").write_text(f"cn = {cn}\nca\ncert_signing_key\nexpiration_days = 30\n")
+    (path / "ca.info").write_text(f"cn = {cn}\nca\ncert_signing_key\ncrl_signing_key\n"
+                                  "expiration_days = 30\n")
     certtool("--generate-privkey", "--outfile", path / "ca-key.pem")
     certtool("--generate-self-signed", "--load-privkey", path / "ca-key.pem",
              "--template", path / "ca.info", "--outfile", path / "ca-cert.pem")
@@ -423,3 +425,265 @@ def test_object_option_texts(daemons, arg, text):
     d = daemons.start_raw(["--object", arg], wait=False)
     assert d.wait() == 1
     assert f"--object: {text}" in d.stderr()
+
+
+# ---- revocation (ca-crl.pem) and DH parameters (dh-params.pem) -------------------------------
+
+OTHER_CLIENT = "cn = client2\norganization = Test\ntls_www_client\nsigning_key\nencryption_key\n"
+
+
+@pytest.fixture(scope="session")
+def crl_pki(pki, tmp_path_factory):
+    """server/: the server's files plus a ca-crl.pem revoking revoked/'s client certificate
+    (CN=client2); dh/: the server's files plus dh-params.pem."""
+    root = tmp_path_factory.mktemp("crl")
+    ca = pki / "ca"
+    make_cert(ca, root / "revoked", "client", OTHER_CLIENT + "expiration_days = 30\n")
+    shutil.copy(ca / "ca-cert.pem", root / "revoked" / "ca-cert.pem")
+    shutil.copytree(pki / "server", root / "server")
+    (root / "crl.info").write_text("crl_next_update = 30\ncrl_number = 1\n")
+    certtool("--generate-crl", "--load-ca-privkey", ca / "ca-key.pem",
+             "--load-ca-certificate", ca / "ca-cert.pem",
+             "--load-certificate", root / "revoked" / "client-cert.pem",
+             "--template", root / "crl.info", "--outfile", root / "server" / "ca-crl.pem")
+    shutil.copytree(pki / "server", root / "dh")
+    certtool("--get-dh-params", "--bits", "2048", "--outfile", root / "dh" / "dh-params.pem")
+    shutil.copytree(pki / "psk", root / "psk-dh")
+    shutil.copy(root / "dh" / "dh-params.pem", root / "psk-dh")
+    return root
+
+
+def test_revoked_client_certificate_is_refused(daemons, tmp_path, pki, crl_pki):
+    s = start(daemons, tmp_path,
+              [f"tls-creds-x509,id=tls0,dir={crl_pki / 'server'},endpoint=server"],
+              "tls-creds=tls0")
+    r = nbdinfo(s.uri(f"tls-certificates={crl_pki / 'revoked'}"))
+    assert r.returncode != 0, r.stdout
+    assert "revoked" in s.daemon.stderr(), s.daemon.stderr()
+    assert_serves(s, pki)  # client1, not on the list
+
+
+def test_revoked_client_is_served_without_the_crl(daemons, tmp_path, pki, crl_pki):
+    """The other half of the test above: the same certificate is good without ca-crl.pem."""
+    s = start(daemons, tmp_path, [x509(pki)], "tls-creds=tls0")
+    r = nbdinfo(s.uri(f"tls-certificates={crl_pki / 'revoked'}"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_revoked_client_of_qemu_io_is_refused(daemons, tmp_path, pki, crl_pki):
+    s = start(daemons, tmp_path,
+              [f"tls-creds-x509,id=tls0,dir={crl_pki / 'server'},endpoint=server"],
+              "tls-creds=tls0")
+    def qemu_io(certs):
+        return subprocess.run(
+            ["qemu-io", "--object", f"tls-creds-x509,id=c0,dir={certs},endpoint=client",
+             "--image-opts", f"driver=nbd,server.type=unix,server.path={s.sock},"
+             "tls-hostname=localhost,export=disk,tls-creds=c0", "-c", "read 0 64k"],
+            capture_output=True, text=True, timeout=TIMEOUT)
+    r = qemu_io(crl_pki / "revoked")
+    assert r.returncode != 0 or "read 65536/65536" not in r.stdout, r.stdout + r.stderr
+    r = qemu_io(pki / "client")
+    assert r.returncode == 0 and "read 65536/65536" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("creds, certs", [("dh", "client"), ("psk-dh", None)])
+def test_dh_params_are_loaded_and_clients_served(daemons, tmp_path, pki, crl_pki, creds, certs):
+    kind = "x509" if certs else "psk"
+    s = start(daemons, tmp_path,
+              [f"tls-creds-{kind},id=tls0,dir={crl_pki / creds},endpoint=server"],
+              "tls-creds=tls0")
+    if certs:
+        assert_serves(s, pki)
+    else:
+        r = nbdinfo(s.uri(f"tls-psk-file={pki / 'psk' / 'keys.psk'}", user=f"{PSK_USER}@"))
+        assert r.returncode == 0, r.stderr
+
+
+def test_bad_crl_and_dh_params_texts(daemon, pki, tmp_path):
+    """QEMU 7.2's texts (checked against qemu-storage-daemon): a missing ca-crl.pem or
+    dh-params.pem is fine, an unloadable one fails object-add."""
+    q = daemon.negotiated()
+    dirs = {}
+    for name, files in [("badcrl", {"ca-crl.pem": "garbage\n"}),
+                        ("emptycrl", {"ca-crl.pem": ""}),
+                        ("danglingcrl", {}),
+                        ("baddh", {"dh-params.pem": "garbage\n"})]:
+        d = dirs[name] = tmp_path / name
+        shutil.copytree(pki / "server", d)
+        for f, text in files.items():
+            (d / f).write_text(text)
+    (dirs["danglingcrl"] / "ca-crl.pem").symlink_to(tmp_path / "nonexistent")
+    dirs["dircrl"] = tmp_path / "dircrl"
+    shutil.copytree(pki / "server", dirs["dircrl"])
+    (dirs["dircrl"] / "ca-crl.pem").mkdir()
+    dirs["dirdh"] = tmp_path / "dirdh"
+    shutil.copytree(pki / "server", dirs["dirdh"])
+    (dirs["dirdh"] / "dh-params.pem").mkdir()
+    psk = tmp_path / "psk"
+    shutil.copytree(pki / "psk", psk)
+    (psk / "dh-params.pem").write_text("garbage\n")
+    nokeys = tmp_path / "nokeys"
+    nokeys.mkdir()
+    (nokeys / "dh-params.pem").write_text("garbage\n")
+
+    def add(kind, d, endpoint="server"):
+        return q.cmd("object-add", {"qom-type": f"tls-creds-{kind}", "id": "t0", "dir": str(d),
+                                    "endpoint": endpoint})
+
+    assert add("x509", dirs["badcrl"]) == error(
+        f"Cannot load CRL '{dirs['badcrl']}/ca-crl.pem': Base64 decoding error.")
+    assert add("x509", dirs["emptycrl"]) == error(
+        f"Cannot load CRL '{dirs['emptycrl']}/ca-crl.pem': Base64 decoding error.")
+    assert add("x509", dirs["dircrl"]) == error(
+        f"Cannot load CRL '{dirs['dircrl']}/ca-crl.pem': Error while reading file.")
+    # A name that leads nowhere is a missing file (ENOENT), as in QEMU: skipped.
+    ok(add("x509", dirs["danglingcrl"]))
+    ok(q.cmd("object-del", {"id": "t0"}))
+    assert add("x509", dirs["baddh"]) == error(
+        f"Unable to load DH parameters from {dirs['baddh']}/dh-params.pem: "
+        "Base64 unexpected header error.")
+    assert add("x509", dirs["dirdh"]) == error(
+        f"Error reading file “{dirs['dirdh']}/dh-params.pem”: Is a directory")
+    assert add("psk", psk) == error(
+        f"Unable to load DH parameters from {psk}/dh-params.pem: "
+        "Base64 unexpected header error.")
+    assert add("psk", nokeys) == error(
+        f"Unable to access credentials {nokeys}/keys.psk: No such file or directory")
+    # A client endpoint loads nothing here (QEMU checks no server file either).
+    ok(add("x509", dirs["badcrl"], endpoint="client"))
+
+
+# ---- authz-listfile --------------------------------------------------------------------------
+
+def rules_json(*rules, policy="deny"):
+    return json.dumps({"policy": policy, "rules": [
+        {"match": m, "policy": p, "format": f} for m, p, f in rules]})
+
+
+def listfile_server(daemons, tmp_path, pki, text, refresh="off"):
+    path = tmp_path / "acl" / "rules.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    s = start(daemons, tmp_path,
+              [x509(pki), f"authz-listfile,id=auth0,filename={path},refresh={refresh}"],
+              "tls-creds=tls0,tls-authz=auth0")
+    return s, path
+
+
+@pytest.mark.parametrize("text, allowed", [
+    (rules_json((CLIENT_DN, "allow", "exact")), True),
+    (rules_json(("*CN=client1", "allow", "glob")), True),
+    (rules_json((CLIENT_DN, "deny", "exact"), policy="allow"), False),
+    (rules_json(("*CN=other", "allow", "glob")), False),
+    ('{"rules": []}', False),           # policy defaults to deny
+    ('{"policy": "allow"}', True),
+])
+def test_authz_listfile_allows_and_denies_by_dn(daemons, tmp_path, pki, text, allowed):
+    s, _ = listfile_server(daemons, tmp_path, pki, text)
+    r = nbdinfo(s.uri(f"tls-certificates={pki / 'client'}"))
+    assert (r.returncode == 0) == allowed, r.stderr
+    if not allowed:
+        assert f"refused: Identity '{CLIENT_DN}' is not authorized" in s.daemon.stderr()
+    assert s.daemon.running()
+
+
+def wait_for_outcome(s, pki, served):
+    """Connect until the client is (or is not) served: a refresh happens on the daemon's loop
+    some time after the file changed. Bounded by TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        r = nbdinfo(s.uri(f"tls-certificates={pki / 'client'}"))
+        if (r.returncode == 0) == served:
+            return
+        assert time.monotonic() < deadline, f"still {'refused' if served else 'served'}: {r}"
+
+
+def test_authz_listfile_refresh_takes_new_rules(daemons, tmp_path, pki):
+    s, path = listfile_server(daemons, tmp_path, pki, rules_json(), refresh="on")
+    assert nbdinfo(s.uri(f"tls-certificates={pki / 'client'}")).returncode != 0
+    path.write_text(rules_json((CLIENT_DN, "allow", "exact")))       # rewritten in place
+    wait_for_outcome(s, pki, served=True)
+    # A file that no longer loads leaves no list: nobody is let in (QEMU's fail-closed), and
+    # the reason is logged.
+    path.write_text("nope")
+    wait_for_outcome(s, pki, served=False)
+    assert "JSON parse error, invalid keyword 'nope'" in s.daemon.stderr(), s.daemon.stderr()
+    # Replaced by a rename, as editors and configuration tools do.
+    tmp = path.with_name("rules.json.new")
+    tmp.write_text(rules_json(("O=Test,CN=*", "allow", "glob")))
+    tmp.rename(path)
+    wait_for_outcome(s, pki, served=True)
+    assert s.daemon.running()
+
+
+def test_authz_listfile_object_add_and_del(daemons, pki, tmp_path):
+    d = daemons.start(args=["-v"])
+    q = d.negotiated()
+    good = tmp_path / "good.json"
+    good.write_text(rules_json((CLIENT_DN, "allow", "exact")))
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+
+    def add(**args):
+        return q.cmd("object-add", {"qom-type": "authz-listfile", "id": "a0", **args})
+
+    ok(add(filename=str(good)))
+    assert add(filename=str(good)) == error(
+        "attempt to add duplicate property 'a0' to object (type 'container')")
+    ok(q.cmd("object-del", {"id": "a0"}))
+    ok(add(filename=str(good), refresh=False))
+    ok(q.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "t0",
+                            "dir": str(pki / "server"), "endpoint": "server"}))
+    sock = d.rundir / "n.sock"
+    ok(q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}},
+                                  "tls-creds": "t0", "tls-authz": "a0"}))
+    ok(q.cmd("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(img)}))
+    ok(q.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "f0",
+                                  "name": "disk"}))
+    uri = f"nbds+unix:///disk?socket={sock}&tls-certificates={pki / 'client'}"
+    r = nbdinfo(uri)
+    assert r.returncode == 0 and r.stdout.strip() == str(MiB), r.stderr
+    # As with the other authz objects, the server looks the id up at each connection.
+    ok(q.cmd("object-del", {"id": "a0"}))
+    assert nbdinfo(uri).returncode != 0
+    assert "No authorization object with id 'a0'" in d.stderr(), d.stderr()
+
+
+@pytest.mark.parametrize("content, text", [
+    (None, "Unable to read '{f}': Failed to open file “{f}”: No such file or directory"),
+    ("[1]", "File '{f}' must contain a JSON object"),
+    ('{"policy": "allow", "rules": [', "JSON parse error, premature EOI"),
+    ("nope", "JSON parse error, invalid keyword 'nope'"),
+    ('{"policy": "maybe"}', "Parameter 'policy' does not accept value 'maybe'"),
+    ('{"rules": [{"match": "x"}]}', "Parameter 'rules[0].policy' is missing"),
+    ('{"rules": [{"match": "x", "policy": "allow", "format": "regex"}]}',
+     "Parameter 'format' does not accept value 'regex'"),
+    ('{"bogus": 1}', "Parameter 'bogus' is unexpected"),
+])
+def test_authz_listfile_bad_file_texts(daemon, tmp_path, content, text):
+    q = daemon.negotiated()
+    f = tmp_path / "rules.json"
+    if content is not None:
+        f.write_text(content)
+    assert q.cmd("object-add", {"qom-type": "authz-listfile", "id": "a0",
+                                "filename": str(f)}) == error(text.format(f=f))
+    # Nothing was created: the id is free.
+    assert q.cmd("object-del", {"id": "a0"}) == error("object 'a0' not found")
+
+
+def test_authz_listfile_argument_texts(daemon, tmp_path):
+    q = daemon.negotiated()
+    assert q.cmd("object-add", {"qom-type": "authz-listfile", "id": "a0"}) == error(
+        "Parameter 'filename' is missing")
+    assert q.cmd("object-add", {"qom-type": "authz-listfile", "id": "a0",
+                                "filename": "/x", "refresh": "yes"}) == error(
+        "Invalid parameter type for 'refresh', expected: boolean")
+
+
+def test_authz_listfile_bad_file_on_the_command_line(daemons, tmp_path):
+    f = tmp_path / "rules.json"
+    f.write_text("[]")
+    d = daemons.start_raw(["--object", f"authz-listfile,id=a0,filename={f}"], wait=False)
+    assert d.wait() == 1
+    assert f"--object: File '{f}' must contain a JSON object" in d.stderr()
