@@ -90,6 +90,8 @@ static void on_inotify(struct loop *loop, int fd, unsigned events, void *opaque)
         log_error("authz-listfile '%s': cannot read inotify events, no more refreshes: %s",
                   f->filename, strerror(errno));
         loop_del_fd(f->loop, fd);
+        close(fd);
+        f->inotify_fd = -1;
     }
     if (changed)
         refresh(f);
