@@ -324,6 +324,11 @@ static void on_block_done(struct block_req *breq, int ret)
     act = r->breq.op == BLOCK_OP_READ ? d->rerror : d->werror;
     if (act == DEV_ACTION_ENOSPC)
         act = dev_errno_nospace(err) ? DEV_ACTION_STOP : DEV_ACTION_REPORT;
+    /* EFAULT is the request's buffer, not the storage: guest memory a vhost-user frontend cut
+     * short under the kernel's copy. No extension or cont fixes it, and a stop would let one
+     * frontend stop every device of the daemon (or its group): that request fails instead. */
+    if (act == DEV_ACTION_STOP && err == EFAULT)
+        act = DEV_ACTION_REPORT;
 
     if (act != DEV_ACTION_STOP) {
         io_error_event(d, r, act, err);

@@ -575,11 +575,13 @@ def test_guest_memory_truncated_by_the_frontend(daemons, tmp_path, cut):
     the rings too (the daemon's first read of the avail ring faults); cut "request" keeps the
     rings and takes the request's pages (its header faults; the data buffer, which the kernel
     reads into, gives EFAULT). The daemon closes that frontend's connection and says why,
-    and serves the next frontend."""
+    and serves the next frontend. With rerror=stop too: the EFAULT is the frontend's memory,
+    not the storage, and stopping would stop every export for one frontend's doing."""
     img = image(tmp_path / "d.raw", MIB)
     with open(img, "r+b") as f:
         f.write(b"\x5a" * 512)
-    d, vsock = start_export(daemons, img)
+    d, vsock = start_export(daemons, img, extra=",rerror=stop,werror=stop")
+    qmp = d.negotiated()
     g = FakeGuest(vsock)
     # Messages are handled in order: the answer means the memory table is mapped and the ring
     # started (a file already short at SET_MEM_TABLE is refused there, not mapped), so the
@@ -599,7 +601,14 @@ def test_guest_memory_truncated_by_the_frontend(daemons, tmp_path, cut):
     assert d.running()
     assert "vhost-user-blk: disk0: guest memory shrank under the daemon (the frontend " \
         "truncated a memory region's file): closing the connection" in d.stderr()
-    qmp = d.negotiated()
+    if cut == "request":
+        # The read into the part gone failed with EFAULT, reported, not parked.
+        kit.wait_until(lambda: disk0_stats(qmp)["failed_rd_operations"] == 1, 10,
+                       "the failed read")
+        ev = qmp.wait_event("BLOCK_IO_ERROR")
+        assert without_timestamp(ev)["data"] == {
+            "device": "disk0", "node-name": "fmt0", "operation": "read", "action": "report",
+            "nospace": False, "reason": "Bad address"}, ev
     assert qmp.cmd("query-status")["return"]["status"] == "running"
     # A new frontend, whole memory: served.
     g2 = FakeGuest(vsock)
