@@ -529,6 +529,15 @@ class FakeGuest:
     def desc(self, i, addr, length, flags, nxt=0):
         struct.pack_into("<QIHH", self.mem, DESC + 16 * i, addr, length, flags, nxt)
 
+    def lay_out_read(self, sector, header_len=16):
+        """Descriptors 0-2: a VIRTIO_BLK_T_IN of one sector, header at DATA, data at
+        DATA + 0x1000, the status byte (0xff until written) at DATA + 0x200."""
+        struct.pack_into("<IIQ", self.mem, DATA, 0, 0, sector)
+        self.mem[DATA + 0x200] = 0xff
+        self.desc(0, DATA, header_len, 1, 1)
+        self.desc(1, DATA + 0x1000, 512, 1 | 2, 2)
+        self.desc(2, DATA + 0x200, 1, 2)
+
     def submit(self, head):
         struct.pack_into("<H", self.mem, AVAIL + 4 + 2 * (self.avail_idx % RING), head)
         self.avail_idx += 1
@@ -587,11 +596,7 @@ def test_guest_memory_truncated_by_the_frontend(daemons, tmp_path, cut):
     # started (a file already short at SET_MEM_TABLE is refused there, not mapped), so the
     # request below is taken only at the kick, after the cut.
     assert len(g.f.call(GET_FEATURES)) == 8
-    struct.pack_into("<IIQ", g.mem, DATA, 0, 0, 0)   # VIRTIO_BLK_T_IN of sector 0
-    g.mem[DATA + 0x200] = 0xff
-    g.desc(0, DATA, 16, 1, 1)
-    g.desc(1, DATA + 0x1000, 512, 1 | 2, 2)
-    g.desc(2, DATA + 0x200, 1, 2)
+    g.lay_out_read(0)
     struct.pack_into("<H", g.mem, AVAIL + 4, 0)
     struct.pack_into("<H", g.mem, AVAIL + 2, 1)
     g.mem.close()   # this process must not touch the part gone either
@@ -612,11 +617,7 @@ def test_guest_memory_truncated_by_the_frontend(daemons, tmp_path, cut):
     assert qmp.cmd("query-status")["return"]["status"] == "running"
     # A new frontend, whole memory: served.
     g2 = FakeGuest(vsock)
-    struct.pack_into("<IIQ", g2.mem, DATA, 0, 0, 0)
-    g2.mem[DATA + 0x200] = 0xff
-    g2.desc(0, DATA, 16, 1, 1)
-    g2.desc(1, DATA + 0x1000, 512, 1 | 2, 2)
-    g2.desc(2, DATA + 0x200, 1, 2)
+    g2.lay_out_read(0)
     g2.submit(0)
     kit.wait_until(lambda: g2.used_idx() == 1, 10, "the request's completion")
     assert g2.mem[DATA + 0x200] == 0
@@ -631,11 +632,7 @@ def test_guest_memory_truncated_by_the_frontend(daemons, tmp_path, cut):
 def test_request_status(daemons, tmp_path, sector, header_len, status):
     _, vsock = start_export(daemons, image(tmp_path / "d.raw", MIB))
     g = FakeGuest(vsock)
-    struct.pack_into("<IIQ", g.mem, DATA, 0, 0, sector)   # VIRTIO_BLK_T_IN
-    g.mem[DATA + 0x200] = 0xff
-    g.desc(0, DATA, header_len, 1, 1)
-    g.desc(1, DATA + 0x1000, 512, 1 | 2, 2)
-    g.desc(2, DATA + 0x200, 1, 2)
+    g.lay_out_read(sector, header_len)
     g.submit(0)
     kit.wait_until(lambda: g.used_idx() == 1, 10, "the request's completion")
     assert g.mem[DATA + 0x200] == status

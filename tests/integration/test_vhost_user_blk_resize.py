@@ -64,11 +64,7 @@ def test_resize_sends_config_change_and_new_capacity(daemons, tmp_path):
     assert capacity(g.f) == 4 * MIB // 512
 
     # A read in the grown region succeeds (VIRTIO_BLK_S_OK); before, it was past the end.
-    struct.pack_into("<IIQ", g.mem, DATA, 0, 0, 3 * MIB // 512)   # VIRTIO_BLK_T_IN
-    g.mem[DATA + 0x200] = 0xff
-    g.desc(0, DATA, 16, 1, 1)
-    g.desc(1, DATA + 0x1000, 512, 1 | 2, 2)
-    g.desc(2, DATA + 0x200, 1, 2)
+    g.lay_out_read(3 * MIB // 512)
     g.submit(0)
     kit.wait_until(lambda: g.used_idx() == 1, 10, "the request's completion")
     assert g.mem[DATA + 0x200] == 0
