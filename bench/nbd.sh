@@ -47,6 +47,7 @@ all_jobs=(
     "randread-4k-qd32    randread  4k 32 1 io_uring"
     "randread-4k-qd32x2  randread  4k 32 2 io_uring"
     "randwrite-4k-qd32   randwrite 4k 32 1 io_uring"
+    "seqread-4k-qd8      read      4k 8  1 io_uring"
     "seqread-1m-qd8      read      1m 8  1 io_uring"
     "seqwrite-1m-qd8     write     1m 8  1 io_uring"
 )

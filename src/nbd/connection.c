@@ -63,6 +63,7 @@ void nbd_conn_unref(struct nbd_conn *c)
     nbd_transmission_release_buffers(c);
     free(c->opt_data);
     free(c->meta_export);
+    free(c->tls_record);
     buf_free(&c->out);
     free(c);
 }
@@ -182,19 +183,36 @@ static ssize_t conn_recv(struct nbd_conn *c, void *buf, size_t len)
     return tls_result(c, r, err);
 }
 
-/* As sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT) of n > 0 pieces. TLS sends the first piece only:
- * a record of bytes the next call starts with again if this one returns EAGAIN, as GnuTLS
- * asks. */
+/* The most plaintext one TLS record carries (RFC 8446, 5.1). */
+#define TLS_RECORD_MAX 16384
+
+/* As sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT) of n > 0 pieces. TLS has no vectored send: a first
+ * piece shorter than a record (a reply's header) is sent in one record with what follows it,
+ * up to a record's worth, so a 4 KiB read's reply costs one record and one write, not two;
+ * a longer one goes as it is. If this returns EAGAIN, the next call starts with the same
+ * bytes, as GnuTLS asks (the caller's pieces have not moved). */
 static ssize_t conn_send(struct nbd_conn *c, struct iovec *iov, size_t n)
 {
     struct msghdr msg = { .msg_iov = iov, .msg_iovlen = n };
     struct error *err = NULL;
-
+    const void *buf = iov[0].iov_base;
+    size_t len = iov[0].iov_len;
     ssize_t r;
 
     if (!c->tls_up)
         return sendmsg(c->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-    r = tls_session_send(c->tls, iov[0].iov_base, iov[0].iov_len, &err);
+    if (n > 1 && len < TLS_RECORD_MAX) {
+        if (!c->tls_record)
+            c->tls_record = xmalloc(TLS_RECORD_MAX);
+        len = 0;
+        for (size_t i = 0; i < n && len < TLS_RECORD_MAX; i++) {
+            size_t k = MIN(iov[i].iov_len, TLS_RECORD_MAX - len);
+            memcpy(c->tls_record + len, iov[i].iov_base, k);
+            len += k;
+        }
+        buf = c->tls_record;
+    }
+    r = tls_session_send(c->tls, buf, len, &err);
     return tls_result(c, r, err);
 }
 

@@ -147,6 +147,8 @@ struct nbd_conn {
      * accepted), every byte in and out goes through it. */
     struct tls_session *tls;
     bool tls_up;
+    /* What conn_send() gathers into one TLS record (allocated on the first use). */
+    char *tls_record;
 
     /* Input: bytes read ahead, and the message being assembled. */
     char in[NBD_IN_BUF_SIZE];
