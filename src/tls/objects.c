@@ -1,4 +1,4 @@
-/* TLS credentials and authorization objects. See objects.h. */
+/* TLS credentials, authorization and secret objects. See objects.h. */
 #include "tls/objects.h"
 
 #include <errno.h>
@@ -8,8 +8,9 @@
 
 #include "common/list.h"
 #include "common/util.h"
+#include "tls/secret.h"
 
-enum object_kind { OBJ_CREDS, OBJ_AUTHZ };
+enum object_kind { OBJ_CREDS, OBJ_AUTHZ, OBJ_SECRET };
 
 struct object {
     struct object *next;
@@ -18,6 +19,7 @@ struct object {
     struct tls_creds *creds;  /* OBJ_CREDS: the table's reference */
     char *identity;           /* OBJ_AUTHZ of authz-simple */
     json_t *list;             /* OBJ_AUTHZ of authz-list: its options (policy, rules) */
+    struct secret secret;     /* OBJ_SECRET: the bytes, decoded and decrypted */
 };
 
 DEFINE_QUEUE_TYPE(object_queue, struct object, next)
@@ -70,11 +72,25 @@ static const struct schema_member authz_list_members[] = {
     { NULL },
 };
 
+static const char *const secret_formats[] = { "raw", "base64", NULL };
+
+/* QEMU's SecretProperties (SecretCommonProperties' members first). */
+static const struct schema_member secret_members[] = {
+    { "loaded", SCHEMA_BOOL, .optional = true },
+    { "format", SCHEMA_ENUM, .optional = true, .values = secret_formats },
+    { "keyid", SCHEMA_STR, .optional = true },
+    { "iv", SCHEMA_STR, .optional = true },
+    { "data", SCHEMA_STR, .optional = true },
+    { "file", SCHEMA_STR, .optional = true },
+    { NULL },
+};
+
 static const struct schema_variant object_variants[] = {
     { "tls-creds-x509", x509_members },
     { "tls-creds-psk", psk_members },
     { "authz-simple", authz_simple_members },
     { "authz-list", authz_list_members },
+    { "secret", secret_members },
     { NULL },
 };
 
@@ -105,6 +121,7 @@ static void object_free(struct object *o)
     tls_creds_unref(o->creds);
     free(o->identity);
     json_decref(o->list);
+    secret_clear(&o->secret);
     free(o->id);
     free(o);
 }
@@ -207,12 +224,81 @@ fail:
     return NULL;
 }
 
+/* A copy of secret id's bytes into *out, or -1 with *errp set (QEMU's texts). */
+static int lookup_secret(struct tls_objects *t, const char *id, struct secret *out,
+                         struct error **errp)
+{
+    struct object *o = find(t, id);
+
+    if (!o) {
+        error_setg(errp, "No secret with id '%s'", id);
+        return -1;
+    }
+    if (o->kind != OBJ_SECRET) {
+        error_setg(errp, "Object with id '%s' is not a secret", id);
+        return -1;
+    }
+    secret_set(out, o->secret.data, o->secret.len);
+    return 0;
+}
+
+/* QEMU's secret loading (its "loaded" property set at creation): the data or the file's
+ * bytes; with keyid, decrypted with that secret's key; else with format=base64, decoded. */
+static int load_secret(struct tls_objects *t, json_t *opts, struct secret *out,
+                       struct error **errp)
+{
+    const char *data = json_string_value(json_object_get(opts, "data"));
+    const char *file = json_string_value(json_object_get(opts, "file"));
+    const char *format = json_string_value(json_object_get(opts, "format"));
+    const char *keyid = json_string_value(json_object_get(opts, "keyid"));
+    const char *iv = json_string_value(json_object_get(opts, "iv"));
+    bool base64 = format && strcmp(format, "base64") == 0;
+    struct secret in = { NULL, 0 }, key = { NULL, 0 };
+    int r;
+
+    if (json_object_get(opts, "loaded")) {
+        error_setg(errp, "Property 'secret.loaded' is not writable");
+        return -1;
+    }
+    if (file && data) {
+        error_setg(errp, "'file' and 'data' are mutually exclusive");
+        return -1;
+    }
+    if (file) {
+        if (secret_read_file(file, &in, errp) < 0)
+            return -1;
+    } else if (data) {
+        secret_set(&in, data, strlen(data));
+    } else {
+        error_setg(errp, "Either 'file' or 'data' must be provided");
+        return -1;
+    }
+    if (keyid) {
+        r = lookup_secret(t, keyid, &key, errp);
+        if (r == 0)
+            r = secret_decrypt(&key, iv, in.data, in.len, base64, out, errp);
+        secret_clear(&key);
+    } else if (base64) {
+        r = secret_base64_decode((const char *)in.data, in.len, out, errp);
+    } else {
+        *out = in;
+        in.data = NULL;
+        r = 0;
+    }
+    secret_clear(&in);
+    return r;
+}
+
 int tls_objects_add(struct tls_objects *t, json_t *opts, struct error **errp)
 {
     const char *type = json_string_value(json_object_get(opts, "qom-type"));
     const char *id = json_string_value(json_object_get(opts, "id"));
     struct object *o;
 
+    if (!id_wellformed(id)) {
+        error_setg(errp, "Parameter 'id' expects an identifier");
+        return -1;
+    }
     if (find(t, id)) {
         error_setg(errp, "attempt to add duplicate property '%s' to object (type 'container')",
                    id);
@@ -226,6 +312,12 @@ int tls_objects_add(struct tls_objects *t, json_t *opts, struct error **errp)
     } else if (strcmp(type, "authz-list") == 0) {
         o->kind = OBJ_AUTHZ;
         o->list = json_incref(opts);
+    } else if (strcmp(type, "secret") == 0) {
+        o->kind = OBJ_SECRET;
+        if (load_secret(t, opts, &o->secret, errp) < 0) {
+            object_free(o);
+            return -1;
+        }
     } else {
         o->kind = OBJ_CREDS;
         o->creds = creds_new(opts, strcmp(type, "tls-creds-psk") == 0, errp);
@@ -249,6 +341,12 @@ int tls_objects_del(struct tls_objects *t, const char *id, struct error **errp)
     object_queue_remove(&t->list, o);
     object_free(o);
     return 0;
+}
+
+int tls_objects_secret(struct tls_objects *t, const char *id, struct secret *out,
+                       struct error **errp)
+{
+    return lookup_secret(t, id, out, errp);
 }
 
 struct tls_creds *tls_objects_server_creds(struct tls_objects *t, const char *id,
