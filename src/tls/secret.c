@@ -102,7 +102,7 @@ int secret_read_file(const char *path, struct secret *out, struct error **errp)
     size_t cap = 0;
 
     if (fd < 0) {
-        error_setg(errp, "Unable to read %s: Failed to open file \u201c%s\u201d: %s", path, path,
+        error_setg(errp, "Unable to read %s: Failed to open file “%s”: %s", path, path,
                    strerror(errno));
         return -1;
     }
@@ -122,7 +122,7 @@ int secret_read_file(const char *path, struct secret *out, struct error **errp)
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0) {
-            error_setg(errp, "Unable to read %s: Error reading file \u201c%s\u201d: %s", path,
+            error_setg(errp, "Unable to read %s: Error reading file “%s”: %s", path,
                        path, strerror(errno));
             secret_clear(&s);
             return -1;
