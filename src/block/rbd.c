@@ -671,7 +671,7 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
     n->opaque = NULL;
     if (!s) {
         struct secret key;
-        if (block_graph_secret(n->graph, opts, "key-secret", &key, errp) < 0)
+        if (block_graph_secret(n->graph, opts, n->drv->secret_option, &key, errp) < 0)
             return -1;
         s = rbd_prepare(opts, n->read_only, key.data ? &key : NULL, errp);
         secret_clear(&key);

@@ -59,7 +59,7 @@ def start(daemons, tmp_path, args=()):
 
 def test_key_secret_opens_the_image(cluster, daemons, tmp_path):
     c, pool, user, key = cluster
-    d, qmp, sock = start(daemons, tmp_path)
+    d, qmp, sock = start(daemons, tmp_path, ["-v", "-v"])  # logging at debug level
     # The secret holds the key's bytes: its base64 text is the key ceph prints.
     ok(qmp.cmd("object-add", {"qom-type": "secret", "id": "sec0", "data": key,
                               "format": "base64"}))
