@@ -2,11 +2,13 @@
 
 One monitor, one manager and one OSD on 127.0.0.1 (msgr2 only), memstore (nothing on disk but
 this directory; memstore is not sparse: keep images small), no authentication, no systemd, no
-replication (size 1). The fixture ceph_cephx is a second such cluster with cephx required
-everywhere (its daemons' keys made beforehand and given to the monitor at mkfs; the ceph and
-rbd tools use client.admin's keyring), for the tests of keys; it starts only if a test asks. The manager is required: without it pool statistics never reach the
+replication (size 1). The manager is required: without it pool statistics never reach the
 monitor and quotas are never enforced; its reporting periods are 1 s so a pool over its quota
 is flagged full in 2 to 3 s rather than 7.
+
+The fixture ceph_cephx is a second such cluster with cephx required everywhere (its daemons'
+keys made beforehand and given to the monitor at mkfs; the ceph and rbd tools use
+client.admin's keyring), for the tests of keys; it starts only if a test asks for it.
 
     def test_x(ceph):
         pool = ceph.new_pool(quota_bytes=64 * MiB)

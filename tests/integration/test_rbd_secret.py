@@ -6,6 +6,7 @@ the daemon goes on serving.
 """
 import base64
 import json
+import shutil
 import subprocess
 
 import nbd
@@ -101,6 +102,16 @@ def test_libvirt_encrypted_key_on_the_command_line(cluster, daemons, tmp_path):
     assert h.pread(4096, 0) == b"\x5a" * 4096
     assert rbd_read(c, pool, 0, 4096) == b"\x5a" * 4096
     h.shutdown()
+    # QEMU takes the very same objects and options.
+    if shutil.which("qemu-io"):
+        r = subprocess.run([
+            "qemu-io", "--object", f"secret,id=masterKey0,format=raw,file={master}",
+            "--object", f"secret,id=s0,data={ct},keyid=masterKey0,iv={b64(IV)},format=base64",
+            "--image-opts", f"{blockdev},key-secret=s0", "-c", "read -P 0x5a 0 4096"],
+            capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r
+        assert "Pattern verification failed" not in r.stdout, r
+        assert "read 4096/4096 bytes at offset 0" in r.stdout, r
 
 
 def test_wrong_or_missing_key_fails_and_the_daemon_goes_on(cluster, daemons, tmp_path):

@@ -51,11 +51,13 @@ def test_object_add_secret_forms(qmp, master_file):
     ok(add(qmp, "masterKey0", file=str(master_file), format="raw"))
     ok(add(qmp, "disk0-secret0", data=b64(ct), keyid="masterKey0", iv=b64(IV),
            format="base64"))
-    ok(qmp.cmd("object-del", {"id": "disk0-secret0"}))
-    # The master key can go once what it decrypted is loaded (QEMU 7.2: secrets are never
-    # "in use").
+    # The master key can go while what it decrypted stays (QEMU 7.2: secrets are never "in
+    # use"); then both are gone.
     ok(qmp.cmd("object-del", {"id": "masterKey0"}))
     assert qmp.cmd("object-del", {"id": "masterKey0"}) == error("object 'masterKey0' not found")
+    ok(qmp.cmd("object-del", {"id": "disk0-secret0"}))
+    assert qmp.cmd("object-del", {"id": "disk0-secret0"}) == error(
+        "object 'disk0-secret0' not found")
 
 
 def test_object_add_secret_errors(qmp, tmp_path, master_file):
