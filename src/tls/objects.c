@@ -247,6 +247,7 @@ static int lookup_secret(struct tls_objects *t, const char *id, struct secret *o
 static int load_secret(struct tls_objects *t, json_t *opts, struct secret *out,
                        struct error **errp)
 {
+    const char *id = json_string_value(json_object_get(opts, "id"));
     const char *data = json_string_value(json_object_get(opts, "data"));
     const char *file = json_string_value(json_object_get(opts, "file"));
     const char *format = json_string_value(json_object_get(opts, "format"));
@@ -273,7 +274,11 @@ static int load_secret(struct tls_objects *t, json_t *opts, struct secret *out,
         error_setg(errp, "Either 'file' or 'data' must be provided");
         return -1;
     }
-    if (keyid) {
+    if (keyid && strcmp(keyid, id) == 0) {
+        /* QEMU lists the object before loading it: it finds itself, still empty. */
+        error_setg(errp, "Secret with id '%s' has no data", id);
+        r = -1;
+    } else if (keyid) {
         r = lookup_secret(t, keyid, &key, errp);
         if (r == 0)
             r = secret_decrypt(&key, iv, in.data, in.len, base64, out, errp);

@@ -80,6 +80,8 @@ def test_object_add_secret_errors(qmp, tmp_path, master_file):
     ct = b64(encrypt(MASTER, IV, b"secret"))
     assert add(qmp, "s0", data=ct, keyid="nokey", iv=iv, format="base64") == error(
         "No secret with id 'nokey'")
+    assert add(qmp, "s0", data=ct, keyid="s0", iv=iv, format="base64") == error(
+        "Secret with id 's0' has no data")
     ok(add(qmp, "short", data="0123456789"))
     assert add(qmp, "s0", data=ct, keyid="short", iv=iv, format="base64") == error(
         "Key should be 32 bytes in length")
