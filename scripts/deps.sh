@@ -14,8 +14,9 @@ THINBLK_PACKAGES=(
     # integration tests and benchmarks: real peers
     python3 python3-pytest python3-libnbd qemu-system-x86 qemu-utils qemu-block-extra
     nbdkit libnbd-bin fio
-    # the TLS tests' certificates (certtool)
-    gnutls-bin
+    # the TLS tests' certificates (certtool); the secret tests' ciphertexts (openssl enc,
+    # a second AES implementation to check the decryption against)
+    gnutls-bin openssl
     # the test guest (its kernel is fetched by tests/guest/build-guest.sh)
     busybox-static cpio
     # the rbd tests' throwaway Ceph cluster (tests/integration/ceph.py)

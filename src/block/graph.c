@@ -12,6 +12,7 @@
 #include "common/qjson.h"
 #include "common/util.h"
 #include "job/offload.h"
+#include "tls/secret.h"
 
 static const struct block_driver *const drivers[] = {
     &block_driver_file,
@@ -261,10 +262,27 @@ bool block_node_opens_later(json_t *opts)
     return find_driver(opts)->prepare != NULL;
 }
 
+int block_graph_secret(struct block_graph *g, json_t *opts, const char *member,
+                       struct secret *out, struct error **errp)
+{
+    const char *id = json_string_value(json_object_get(opts, member));
+
+    out->data = NULL;
+    out->len = 0;
+    if (!id)
+        return 0;
+    if (!g->get_secret) {
+        error_setg(errp, "No secret with id '%s'", id);
+        return -1;
+    }
+    return g->get_secret(g->secret_opaque, id, out, errp);
+}
+
 /* A block_node_create_async() on its way. */
 struct node_prepare {
     struct block_node *n;  /* from node_new(), not listed */
     json_t *opts;          /* a copy */
+    struct secret secret;  /* the driver's secret_option's, wiped once prepare is done */
     void *handle;          /* prepare's answer */
     struct error *err;     /* or its error */
     void (*done)(struct block_node *n, const struct error *err, void *opaque);
@@ -276,7 +294,9 @@ static void prepare_work(void *opaque)
 {
     struct node_prepare *p = opaque;
 
-    p->handle = p->n->drv->prepare(p->opts, p->n->read_only, &p->err);
+    p->handle = p->n->drv->prepare(p->opts, p->n->read_only,
+                                   p->secret.data ? &p->secret : NULL, &p->err);
+    secret_clear(&p->secret);
 }
 
 static void drop_work(void *opaque)
@@ -331,11 +351,19 @@ int block_node_create_async(struct block_graph *g, json_t *opts,
         return -1;
     ASSERT(n->drv->prepare);
     struct node_prepare *p = xzalloc(sizeof(*p));
+    if (n->drv->secret_option &&
+        block_graph_secret(g, opts, n->drv->secret_option, &p->secret, errp) < 0) {
+        free(p);
+        n->drv = NULL;
+        node_close(n);
+        return -1;
+    }
     p->n = n;
     p->opts = json_deep_copy(opts);
     p->done = done;
     p->opaque = opaque;
     if (offload_run(g->loop, prepare_work, prepare_done, p, errp) < 0) {
+        secret_clear(&p->secret);
         json_decref(p->opts);
         free(p);
         n->drv = NULL;

@@ -30,6 +30,7 @@
 struct loop;
 struct uring;
 struct block_node;
+struct secret;
 
 enum block_op {
     BLOCK_OP_READ,
@@ -114,8 +115,12 @@ struct block_driver {
      * thread and touches nothing of the loop's; read_only is the node's. Returns the driver's
      * handle, which open then finds in n->opaque (and owns, even if it fails; with n->opaque
      * NULL, open does it all itself), or NULL with *errp set. drop_prepared: release a handle
-     * no open took; blocks, any thread. */
-    void *(*prepare)(json_t *opts, bool read_only, struct error **errp);
+     * no open took; blocks, any thread. secret: the bytes of the secret object named by the
+     * member secret_option of opts, looked up on the loop thread (block_graph_secret()), or
+     * NULL if opts names none; borrowed for the call. */
+    void *(*prepare)(json_t *opts, bool read_only, const struct secret *secret,
+                     struct error **errp);
+    const char *secret_option;  /* e.g. rbd's "key-secret"; NULL: prepare gets no secret */
     void (*drop_prepared)(void *handle);
     void (*close)(struct block_node *n);
     void (*submit)(struct block_node *n, struct block_req *req);
@@ -186,6 +191,11 @@ struct block_graph {
     struct block_node *opening;  /* the node whose driver is opening (for its children) */
     unsigned offloaded;        /* prepares and closes running on the offload thread */
     bool freeing;              /* block_graph_free(): closes run here, not offloaded */
+    /* QEMU's secret objects, for drivers' secret options (block_graph_secret()): a copy of
+     * secret id's bytes into *out, or -1 with *errp set (QEMU's texts). Set by the daemon
+     * after block_graph_new(); NULL: there are no secrets. Loop thread. */
+    int (*get_secret)(void *opaque, const char *id, struct secret *out, struct error **errp);
+    void *secret_opaque;
 };
 
 struct block_node {
@@ -272,6 +282,11 @@ int block_node_create_async(struct block_graph *g, json_t *opts,
  * be started, here. work must free what it is given. */
 void block_graph_offload_close(struct block_graph *g, void (*work)(void *opaque),
                                void *opaque);
+/* The secret object that opts' member (a string naming its id) names, for a driver: a copy
+ * of its bytes into *out (the caller clears it with secret_clear()), or out->data NULL if opts
+ * has no such member. Loop thread. Returns 0, or -1 with *errp set ("No secret with id"). */
+int block_graph_secret(struct block_graph *g, json_t *opts, const char *member,
+                       struct secret *out, struct error **errp);
 /* Whether a prepare or a close runs on the offload thread: the graph must not be freed. */
 bool block_graph_busy(const struct block_graph *g);
 

@@ -4,8 +4,10 @@
  * ceph.conf; without it librbd's default search), user (the client id, "admin" by default),
  * snapshot (opens the snapshot, read-only), auth-client-required (a list of "cephx" and
  * "none", set as auth_client_required), server (the monitors, set as mon_host over the conf
- * file's). key-secret is accepted by the schema and refused at open with a clear error: give
- * the key in a keyring named by the conf file.
+ * file's), key-secret (a secret object holding the user's cephx key, its raw bytes, as
+ * QEMU: their base64 is set as librados' "key" over any keyring, so a libvirt-style secret,
+ * encrypted with a master key, works too; the graph looks it up on the loop thread, see
+ * block_driver.secret_option).
  * thinblk's own __org.thinblk_op-timeout (seconds, default 30) bounds what waits on the
  * cluster: it is client_mount_timeout, rados_mon_op_timeout and rados_osd_op_timeout, so an
  * unreachable cluster gives ETIMEDOUT (librados needs about twice the value) instead of a
@@ -57,6 +59,7 @@
 #include "common/util.h"
 #include "job/offload.h"
 #include "loop/loop.h"
+#include "tls/secret.h"
 
 #define RBD_DEFAULT_OP_TIMEOUT 30
 #define DIFF_MAX_LEN (1ull << 30)  /* bytes one rbd_diff_iterate2 looks at */
@@ -488,8 +491,24 @@ static bool conf_set(rados_t cluster, const char *key, const char *value, struct
     return r >= 0;
 }
 
+/* QEMU's qemu_rbd_set_auth(), the key part: key's bytes, base64, as librados' "key". */
+static int set_key(rados_t cluster, const struct secret *key, struct error **errp)
+{
+    char *b64 = secret_base64_encode(key->data, key->len);
+    int r = rados_conf_set(cluster, "key", b64);
+
+    explicit_bzero(b64, strlen(b64));
+    free(b64);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "Could not set 'key'");
+        return -1;
+    }
+    return 0;
+}
+
 /* Everything up to rados_connect(): the configuration. */
-static int configure(rados_t cluster, json_t *opts, struct error **errp)
+static int configure(rados_t cluster, json_t *opts, const struct secret *key,
+                     struct error **errp)
 {
     const char *conf = json_string_value(json_object_get(opts, "conf"));
     json_t *auth = json_object_get(opts, "auth-client-required");
@@ -536,6 +555,8 @@ static int configure(rados_t cluster, json_t *opts, struct error **errp)
         if (!ok)
             return -1;
     }
+    if (key && set_key(cluster, key, errp) < 0)
+        return -1;
     if (json_array_size(auth) > 0) {
         struct buf b = {0};
         size_t i;
@@ -555,28 +576,23 @@ static int configure(rados_t cluster, json_t *opts, struct error **errp)
 }
 
 /* Connect to the cluster and open the pool (and namespace) that opts (BlockdevOptionsRbd,
- * checked) name; full_try: with rados_set_pool_full_try() (see the top). Blocks, up to the op
- * timeout; touches nothing of the loop's, so it may run on any thread. Returns 0, or -1 with
- * *errp set and nothing left to free. */
-static int rbd_connect(json_t *opts, bool full_try, rados_t *cluster, rados_ioctx_t *io,
-                       struct error **errp)
+ * checked) name; full_try: with rados_set_pool_full_try() (see the top); key: key-secret's
+ * bytes, or NULL. Blocks, up to the op timeout; touches nothing of the loop's, so it may run
+ * on any thread. Returns 0, or -1 with *errp set and nothing left to free. */
+static int rbd_connect(json_t *opts, bool full_try, const struct secret *key, rados_t *cluster,
+                       rados_ioctx_t *io, struct error **errp)
 {
     const char *pool = json_string_value(json_object_get(opts, "pool"));
     const char *ns = json_string_value(json_object_get(opts, "namespace"));
     const char *user = json_string_value(json_object_get(opts, "user"));
     int r;
 
-    if (json_object_get(opts, "key-secret")) {
-        error_setg(errp, "thinblk's rbd driver does not take key-secret yet: give the key "
-                   "in a keyring named by the conf file");
-        return -1;
-    }
     r = rados_create(cluster, user);
     if (r < 0) {
         error_setg_errno(errp, -r, "error initializing");
         return -1;
     }
-    if (configure(*cluster, opts, errp) < 0)
+    if (configure(*cluster, opts, key, errp) < 0)
         goto fail;
     r = rados_connect(*cluster);
     if (r < 0) {
@@ -598,9 +614,10 @@ fail:
 }
 
 /* The driver's prepare: connect and open the image, blocking (up to about twice the op
- * timeout); any thread. Returns a state with cluster, io, image, size and obj_size, or NULL
- * with *errp set (QEMU's texts). */
-static void *rbd_prepare(json_t *opts, bool read_only, struct error **errp)
+ * timeout); any thread. key: key-secret's bytes, or NULL. Returns a state with cluster, io,
+ * image, size and obj_size, or NULL with *errp set (QEMU's texts). */
+static void *rbd_prepare(json_t *opts, bool read_only, const struct secret *key,
+                         struct error **errp)
 {
     const char *image = json_string_value(json_object_get(opts, "image"));
     const char *snap = json_string_value(json_object_get(opts, "snapshot"));
@@ -614,7 +631,7 @@ static void *rbd_prepare(json_t *opts, bool read_only, struct error **errp)
     s = xzalloc(sizeof(*s));
     s->efd = -1;
     pthread_mutex_init(&s->lock, NULL);
-    if (rbd_connect(opts, true, &s->cluster, &s->io, errp) < 0) {
+    if (rbd_connect(opts, true, key, &s->cluster, &s->io, errp) < 0) {
         s->cluster = NULL;
         s->io = NULL;
         goto fail;
@@ -652,8 +669,13 @@ static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp
     struct rbd_state *s = n->opaque;
 
     n->opaque = NULL;
-    if (!s)
-        s = rbd_prepare(opts, n->read_only, errp);
+    if (!s) {
+        struct secret key;
+        if (block_graph_secret(n->graph, opts, n->drv->secret_option, &key, errp) < 0)
+            return -1;
+        s = rbd_prepare(opts, n->read_only, key.data ? &key : NULL, errp);
+        secret_clear(&key);
+    }
     if (!s)
         return -1;
     s->node = n;
@@ -751,6 +773,7 @@ const struct block_driver block_driver_rbd = {
     .name = "rbd",
     .open = rbd_node_open,
     .prepare = rbd_prepare,
+    .secret_option = "key-secret",
     .drop_prepared = rbd_drop_prepared,
     .close = rbd_node_close,
     .submit = rbd_submit,
@@ -774,6 +797,8 @@ const struct schema_member rbd_create_opts[] = {
 
 struct rbd_create {
     struct block_create *c;
+    struct secret key;  /* location's key-secret, looked up on the loop thread */
+    struct error *key_err;  /* or why it could not be: reported where QEMU connects */
     struct error *err;  /* set by the thread */
 };
 
@@ -807,7 +832,14 @@ static void rbd_create_work(void *opaque)
         order = __builtin_ctzll(objsize);
     }
     /* No full try: QEMU's creation waits for a full pool too; the op timeout bounds it. */
-    if (rbd_connect(loc, false, &cluster, &io, &rc->err) < 0)
+    if (rc->key_err) {
+        rc->err = rc->key_err;
+        rc->key_err = NULL;
+        return;
+    }
+    r = rbd_connect(loc, false, rc->key.data ? &rc->key : NULL, &cluster, &io, &rc->err);
+    secret_clear(&rc->key);
+    if (r < 0)
         return;
     r = rbd_create(io, image, size, &order);
     if (r < 0)
@@ -822,6 +854,8 @@ static void rbd_create_done(void *opaque)
     struct block_create *c = rc->c;
     struct error *err = rc->err;
 
+    secret_clear(&rc->key);  /* the checks before connecting return without it */
+    error_free(rc->key_err);
     free(rc);
     block_create_finish(c, err);
 }
@@ -832,7 +866,11 @@ void rbd_create_run(struct block_create *c)
     struct error *err = NULL;
 
     rc->c = c;
+    block_graph_secret(c->graph, json_object_get(c->opts, "location"), "key-secret", &rc->key,
+                       &rc->key_err);
     if (offload_run(c->graph->loop, rbd_create_work, rbd_create_done, rc, &err) < 0) {
+        secret_clear(&rc->key);
+        error_free(rc->key_err);
         free(rc);
         block_create_finish(c, err);
     }

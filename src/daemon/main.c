@@ -59,6 +59,12 @@ static void emit_device_event(void *opaque, const char *name, json_t *data, json
     qmp_server_emit_with(d->server, name, data, extra);
 }
 
+/* The graph's get_secret: drivers' secret options name secret objects. */
+static int get_secret(void *opaque, const char *id, struct secret *out, struct error **errp)
+{
+    return tls_objects_secret(opaque, id, out, errp);
+}
+
 static void exit_now(void *opaque)
 {
     struct daemon *d = opaque;
@@ -288,6 +294,8 @@ int main(int argc, char **argv)
     runstate_add_listener(d.runstate, on_state_change, &d);
     d.devs = dev_context_new(d.loop, d.runstate, emit_device_event, &d);
     d.tls = tls_objects_new(d.loop);
+    d.graph->get_secret = get_secret;
+    d.graph->secret_opaque = d.tls;
     d.exports = exports_new(d.graph, d.devs, d.tls);
     d.jobs = job_list_new(emit_event, &d);
     d.services = (struct qmp_services){ .runstate = d.runstate, .graph = d.graph,

@@ -1,4 +1,4 @@
-/* TLS credentials and authorization objects. See objects.h. */
+/* TLS credentials, authorization and secret objects. See objects.h. */
 #include "tls/objects.h"
 
 #include <errno.h>
@@ -10,8 +10,9 @@
 #include "common/util.h"
 #include "tls/authz-listfile.h"
 #include "tls/file.h"
+#include "tls/secret.h"
 
-enum object_kind { OBJ_CREDS, OBJ_AUTHZ };
+enum object_kind { OBJ_CREDS, OBJ_AUTHZ, OBJ_SECRET };
 
 struct object {
     struct object *next;
@@ -21,6 +22,7 @@ struct object {
     char *identity;           /* OBJ_AUTHZ of authz-simple */
     json_t *list;             /* OBJ_AUTHZ of authz-list: its options (policy, rules) */
     struct authz_listfile *listfile;  /* OBJ_AUTHZ of authz-listfile: the same, from a file */
+    struct secret secret;     /* OBJ_SECRET: the bytes, decoded and decrypted */
 };
 
 DEFINE_QUEUE_TYPE(object_queue, struct object, next)
@@ -81,12 +83,26 @@ static const struct schema_member authz_listfile_members[] = {
     { NULL },
 };
 
+static const char *const secret_formats[] = { "raw", "base64", NULL };
+
+/* QEMU's SecretProperties (SecretCommonProperties' members first). */
+static const struct schema_member secret_members[] = {
+    { "loaded", SCHEMA_BOOL, .optional = true },
+    { "format", SCHEMA_ENUM, .optional = true, .values = secret_formats },
+    { "keyid", SCHEMA_STR, .optional = true },
+    { "iv", SCHEMA_STR, .optional = true },
+    { "data", SCHEMA_STR, .optional = true },
+    { "file", SCHEMA_STR, .optional = true },
+    { NULL },
+};
+
 static const struct schema_variant object_variants[] = {
     { "tls-creds-x509", x509_members },
     { "tls-creds-psk", psk_members },
     { "authz-simple", authz_simple_members },
     { "authz-list", authz_list_members },
     { "authz-listfile", authz_listfile_members },
+    { "secret", secret_members },
     { NULL },
 };
 
@@ -123,6 +139,7 @@ static void object_free(struct object *o)
     free(o->identity);
     json_decref(o->list);
     authz_listfile_free(o->listfile);
+    secret_clear(&o->secret);
     free(o->id);
     free(o);
 }
@@ -310,12 +327,86 @@ static struct authz_listfile *listfile_new(struct tls_objects *t, json_t *opts,
                               !refresh || json_is_true(refresh), authz_list_members, errp);
 }
 
+/* A copy of secret id's bytes into *out, or -1 with *errp set (QEMU's texts). */
+static int lookup_secret(struct tls_objects *t, const char *id, struct secret *out,
+                         struct error **errp)
+{
+    struct object *o = find(t, id);
+
+    if (!o) {
+        error_setg(errp, "No secret with id '%s'", id);
+        return -1;
+    }
+    if (o->kind != OBJ_SECRET) {
+        error_setg(errp, "Object with id '%s' is not a secret", id);
+        return -1;
+    }
+    secret_set(out, o->secret.data, o->secret.len);
+    return 0;
+}
+
+/* QEMU's secret loading (its "loaded" property set at creation): the data or the file's
+ * bytes; with keyid, decrypted with that secret's key; else with format=base64, decoded. */
+static int load_secret(struct tls_objects *t, json_t *opts, struct secret *out,
+                       struct error **errp)
+{
+    const char *id = json_string_value(json_object_get(opts, "id"));
+    const char *data = json_string_value(json_object_get(opts, "data"));
+    const char *file = json_string_value(json_object_get(opts, "file"));
+    const char *format = json_string_value(json_object_get(opts, "format"));
+    const char *keyid = json_string_value(json_object_get(opts, "keyid"));
+    const char *iv = json_string_value(json_object_get(opts, "iv"));
+    bool base64 = format && strcmp(format, "base64") == 0;
+    struct secret in = { NULL, 0 }, key = { NULL, 0 };
+    int r;
+
+    if (json_object_get(opts, "loaded")) {
+        error_setg(errp, "Property 'secret.loaded' is not writable");
+        return -1;
+    }
+    if (file && data) {
+        error_setg(errp, "'file' and 'data' are mutually exclusive");
+        return -1;
+    }
+    if (file) {
+        if (secret_read_file(file, &in, errp) < 0)
+            return -1;
+    } else if (data) {
+        secret_set(&in, data, strlen(data));
+    } else {
+        error_setg(errp, "Either 'file' or 'data' must be provided");
+        return -1;
+    }
+    if (keyid && strcmp(keyid, id) == 0) {
+        /* QEMU lists the object before loading it: it finds itself, still empty. */
+        error_setg(errp, "Secret with id '%s' has no data", id);
+        r = -1;
+    } else if (keyid) {
+        r = lookup_secret(t, keyid, &key, errp);
+        if (r == 0)
+            r = secret_decrypt(&key, iv, in.data, in.len, base64, out, errp);
+        secret_clear(&key);
+    } else if (base64) {
+        r = secret_base64_decode((const char *)in.data, in.len, out, errp);
+    } else {
+        *out = in;
+        in.data = NULL;
+        r = 0;
+    }
+    secret_clear(&in);
+    return r;
+}
+
 int tls_objects_add(struct tls_objects *t, json_t *opts, struct error **errp)
 {
     const char *type = json_string_value(json_object_get(opts, "qom-type"));
     const char *id = json_string_value(json_object_get(opts, "id"));
     struct object *o;
 
+    if (!id_wellformed(id)) {
+        error_setg(errp, "Parameter 'id' expects an identifier");
+        return -1;
+    }
     if (find(t, id)) {
         error_setg(errp, "attempt to add duplicate property '%s' to object (type 'container')",
                    id);
@@ -332,6 +423,12 @@ int tls_objects_add(struct tls_objects *t, json_t *opts, struct error **errp)
     } else if (strcmp(type, "authz-listfile") == 0) {
         o->kind = OBJ_AUTHZ;
         if (!(o->listfile = listfile_new(t, opts, errp))) {
+            object_free(o);
+            return -1;
+        }
+    } else if (strcmp(type, "secret") == 0) {
+        o->kind = OBJ_SECRET;
+        if (load_secret(t, opts, &o->secret, errp) < 0) {
             object_free(o);
             return -1;
         }
@@ -358,6 +455,12 @@ int tls_objects_del(struct tls_objects *t, const char *id, struct error **errp)
     object_queue_remove(&t->list, o);
     object_free(o);
     return 0;
+}
+
+int tls_objects_secret(struct tls_objects *t, const char *id, struct secret *out,
+                       struct error **errp)
+{
+    return lookup_secret(t, id, out, errp);
 }
 
 struct tls_creds *tls_objects_server_creds(struct tls_objects *t, const char *id,

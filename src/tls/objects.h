@@ -1,6 +1,7 @@
-/* User-creatable objects for TLS, as QEMU's --object / object-add / object-del make them:
+/* User-creatable objects, as QEMU's --object / object-add / object-del make them:
  * tls-creds-x509, tls-creds-psk (credentials loaded from a directory with QEMU's file names),
- * authz-simple (one allowed identity) and authz-list (rules).
+ * authz-simple (one allowed identity), authz-list (rules) and secret (bytes for drivers that
+ * authenticate: rbd's key-secret; see secret.h). The module kept its first users' name.
  *
  *   tls-creds-x509: DIR/ca-cert.pem, DIR/server-cert.pem, DIR/server-key.pem; verify-peer
  *                   (default on, as QEMU) asks the client for a certificate signed by the CA
@@ -12,11 +13,16 @@
  *                   first match's policy wins, else policy (default deny)
  *   authz-listfile: the same options read from filename, re-read on changes with refresh
  *                   (default on), see authz-listfile.h
+ *   secret:         data or file, format raw|base64; keyid and iv: AES-256-CBC ciphertext
+ *                   under the key secret keyid holds. Loaded (read, decoded, decrypted) at
+ *                   creation, as QEMU; the bytes are never shown and are wiped when freed.
  *
  * Credentials are reference-counted: object-del removes the id at once (QEMU 7.2 does not
  * refuse to delete credentials in use), and a server holding them keeps them until it stops.
  * Only server endpoints are usable here; client ones are accepted, as QEMU does, and refused
- * where a server is asked to use them. Everything runs on the loop thread.
+ * where a server is asked to use them. Secrets are copied out when used (a driver's open, a
+ * secret decrypted with a key), so object-del never refuses them either (QEMU 7.2 neither).
+ * Everything runs on the loop thread.
  */
 #ifndef THINBLK_TLS_OBJECTS_H
 #define THINBLK_TLS_OBJECTS_H
@@ -28,6 +34,7 @@
 
 #include "common/error.h"
 #include "common/schema.h"
+#include "tls/secret.h"
 
 enum tls_creds_kind { TLS_CREDS_X509, TLS_CREDS_PSK };
 
@@ -64,8 +71,14 @@ struct tls_creds *tls_objects_server_creds(struct tls_objects *t, const char *id
                                            struct error **errp);
 void tls_creds_unref(struct tls_creds *c);
 
-/* Whether authz object id (authz-simple, authz-list, authz-listfile) lets identity in. Returns 1, or 0
- * with *errp saying why (no such object, not an authz object, identity not allowed). */
+/* A copy of the bytes of secret object id into *out (the caller clears it: secret_clear()),
+ * or -1 with *errp set (QEMU's texts: "No secret with id 'ID'", "Object with id 'ID' is not
+ * a secret"). */
+int tls_objects_secret(struct tls_objects *t, const char *id, struct secret *out,
+                       struct error **errp);
+
+/* Whether authz object id (authz-simple, authz-list, authz-listfile) lets identity in.
+ * Returns 1, or 0 with *errp saying why (no such object, not an authz object, identity not allowed). */
 int tls_objects_authorized(struct tls_objects *t, const char *id, const char *identity,
                            struct error **errp);
 

@@ -6,6 +6,10 @@ replication (size 1). The manager is required: without it pool statistics never 
 monitor and quotas are never enforced; its reporting periods are 1 s so a pool over its quota
 is flagged full in 2 to 3 s rather than 7.
 
+The fixture ceph_cephx is a second such cluster with cephx required everywhere (its daemons'
+keys made beforehand and given to the monitor at mkfs; the ceph and rbd tools use
+client.admin's keyring), for the tests of keys; it starts only if a test asks for it.
+
     def test_x(ceph):
         pool = ceph.new_pool(quota_bytes=64 * MiB)
         ceph.create_image(pool, "disk", 256 * MiB)
@@ -40,9 +44,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def gen_key():
+    """A new cephx key (base64 of a 16-byte AES key with its header), as ceph-authtool makes."""
+    return subprocess.run(["ceph-authtool", "--gen-print-key"], check=True, capture_output=True,
+                          text=True, timeout=30).stdout.strip()
+
+
+def keyring_entry(entity, key, **caps):
+    lines = [f"[{entity}]", f"\tkey = {key}"]
+    lines += [f'\tcaps {svc} = "{cap}"' for svc, cap in sorted(caps.items())]
+    return "\n".join(lines) + "\n"
+
+
 class Cluster:
-    def __init__(self, directory):
+    def __init__(self, directory, cephx=False):
         self.dir = Path(directory)
+        self.cephx = cephx
         self.conf = str(self.dir / "ceph.conf")
         self.procs = {}
         self.osd_frozen = False
@@ -56,9 +73,9 @@ class Cluster:
         Path(self.conf).write_text(f"""[global]
 fsid = {self.fsid}
 mon_host = v2:127.0.0.1:{self.port}
-auth_cluster_required = none
-auth_service_required = none
-auth_client_required = none
+auth_cluster_required = {"cephx" if cephx else "none"}
+auth_service_required = {"cephx" if cephx else "none"}
+auth_client_required = {"cephx" if cephx else "none"}
 ms_bind_msgr1 = false
 ms_bind_msgr2 = true
 run_dir = {d}/run
@@ -83,6 +100,23 @@ osd_mon_report_interval = 1
 mgr_tick_period = 1
 osd_memory_target = {512 * MiB}
 """)
+        if cephx:
+            self._write_keys()
+
+    def _write_keys(self):
+        d = self.dir
+        admin = keyring_entry("client.admin", gen_key(), mon="allow *", osd="allow *",
+                              mds="allow *", mgr="allow *")
+        mgr = keyring_entry("mgr.x", gen_key(), mon="allow profile mgr", osd="allow *",
+                            mds="allow *")
+        osd = keyring_entry("osd.0", gen_key(), mon="allow profile osd",
+                            mgr="allow profile osd", osd="allow *")
+        (d / "admin.keyring").write_text(admin)
+        (d / "mon.keyring").write_text(keyring_entry("mon.", gen_key(), mon="allow *") +
+                                       admin + mgr + osd)
+        self.mgr_keyring, self.osd_keyring = mgr, osd
+        with open(self.conf, "a") as f:
+            f.write(f"[client.admin]\nkeyring = {d}/admin.keyring\n")
 
     # ---- commands ----
 
@@ -133,6 +167,12 @@ osd_memory_target = {512 * MiB}
                                    f"after {timeout} s")
             time.sleep(0.2)   # polling the monitor: there is no event to wait on
 
+    def user_key(self, name, pool):
+        """A cephx user client.NAME allowed RBD on pool (created if new): its key, base64."""
+        out = self.cli("auth", "get-or-create", f"client.{name}", "mon", "profile rbd",
+                       "osd", f"profile rbd pool={pool}", "--format", "json")
+        return json.loads(out)[0]["key"]
+
     def create_image(self, pool, name, size):
         self.rbd("create", "--size", f"{size // MiB}M", f"{pool}/{name}")
 
@@ -172,15 +212,21 @@ osd_memory_target = {512 * MiB}
         subprocess.run(["monmaptool", "--create", "--fsid", self.fsid, "--addv", "a",
                         f"[v2:127.0.0.1:{self.port}]", str(self.dir / "monmap")],
                        check=True, capture_output=True, timeout=30)
+        keyring = ["--keyring", str(self.dir / "mon.keyring")] if self.cephx else []
         subprocess.run(["ceph-mon", "--conf", self.conf, "--mkfs", "-i", "a", "--monmap",
-                        str(self.dir / "monmap")], check=True, capture_output=True, timeout=60)
+                        str(self.dir / "monmap"), *keyring], check=True, capture_output=True,
+                       timeout=60)
         self._spawn("mon", ["ceph-mon", "--conf", self.conf, "-f", "-i", "a"])
         (self.dir / "mgr" / "ceph-x").mkdir()
+        if self.cephx:
+            (self.dir / "mgr" / "ceph-x" / "keyring").write_text(self.mgr_keyring)
         self._spawn("mgr", ["ceph-mgr", "--conf", self.conf, "-f", "-i", "x"])
         self._wait("the monitor", lambda: self.cli("mon", "stat", timeout=10) is not None)
         osd_id = self.cli("osd", "new", self.osd_uuid).strip()
         assert osd_id == "0", osd_id
         (self.dir / "osd" / "ceph-0").mkdir()
+        if self.cephx:
+            (self.dir / "osd" / "ceph-0" / "keyring").write_text(self.osd_keyring)
         subprocess.run(["ceph-osd", "--conf", self.conf, "--mkfs", "-i", "0", "--osd-uuid",
                         self.osd_uuid], check=True, capture_output=True, timeout=60)
         self.start_osd()
@@ -220,19 +266,29 @@ osd_memory_target = {512 * MiB}
                     p.wait()
 
 
-@pytest.fixture(scope="session")
-def ceph():
-    missing = [p for p in PACKAGES if shutil.which(p) is None]
+def _cluster(cephx):
+    missing = [p for p in PACKAGES + (("ceph-authtool",) if cephx else ())
+               if shutil.which(p) is None]
     if missing:
         pytest.skip("Ceph is not installed (" + ", ".join(missing) + "): scripts/deps.sh "
                     "installs ceph-mon ceph-mgr ceph-osd ceph-common")
     if os.geteuid() != 0:
         pytest.skip("the Ceph test cluster runs as root")
     directory = tempfile.mkdtemp(prefix="thinblk-ceph-")
-    cluster = Cluster(directory)
+    cluster = Cluster(directory, cephx=cephx)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ceph():
+    yield from _cluster(cephx=False)
+
+
+@pytest.fixture(scope="session")
+def ceph_cephx():
+    yield from _cluster(cephx=True)

@@ -203,9 +203,17 @@ def test_blockdev_add_rbd_and_errors(ceph, daemons):
     assert reply == {"error": {"class": "GenericError",
                                "desc": "error connecting: Connection timed out"}}
     assert time.monotonic() - start < 15
+    # key-secret names a secret object (test_rbd_secret.py has a cluster with cephx).
     reply = qmp.cmd("blockdev-add", {**base, "node-name": "r3", "image": "a",
                                      "key-secret": "sec0"})
-    assert reply["error"]["desc"].startswith("thinblk's rbd driver does not take key-secret")
+    assert reply == {"error": {"class": "GenericError", "desc": "No secret with id 'sec0'"}}
+    assert qmp.cmd("object-add", {"qom-type": "authz-simple", "id": "sec0",
+                                  "identity": "x"}) == {"return": {}}
+    reply = qmp.cmd("blockdev-add", {**base, "node-name": "r3", "image": "a",
+                                     "key-secret": "sec0"})
+    assert reply == {"error": {"class": "GenericError",
+                               "desc": "Object with id 'sec0' is not a secret"}}
+    assert [n["node-name"] for n in qmp.cmd("query-named-block-nodes")["return"]] == ["r1"]
     assert qmp.cmd("blockdev-del", {"node-name": "r1"}) == {"return": {}}
 
 
