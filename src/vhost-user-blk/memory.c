@@ -54,13 +54,14 @@ static void on_sigbus(int sig, siginfo_t *si, void *ctx)
     if (si->si_code == BUS_ADRERR) {
         for (unsigned i = 0; i < GUARD_SLOTS; i++) {
             size_t len = __atomic_load_n(&guard[i].len, __ATOMIC_ACQUIRE);
-            if (len == 0 || a - guard[i].start >= len)
+            struct vub_mem *m = __atomic_load_n(&guard[i].mem, __ATOMIC_ACQUIRE);
+            if (len == 0 || !m || a - guard[i].start >= len)
                 continue;
             void *page = (void *)(a & ~(uintptr_t)(guard[i].page - 1));
             if (mmap(page, guard[i].page, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
                 break;
-            __atomic_store_n(&guard[i].mem->poisoned, true, __ATOMIC_RELEASE);
+            __atomic_store_n(&m->poisoned, true, __ATOMIC_RELEASE);
             uint64_t one = 1;
             if (write(guard_efd, &one, sizeof(one)) < 0) {
                 /* The counter is already non-zero: the loop will look anyway. */
@@ -138,7 +139,7 @@ static int guard_add(struct vub_mem *m, void *p, size_t len, size_t page)
             continue;
         guard[i].start = (uintptr_t)p;
         guard[i].page = page;
-        guard[i].mem = m;
+        __atomic_store_n(&guard[i].mem, m, __ATOMIC_RELEASE);
         __atomic_store_n(&guard[i].len, len, __ATOMIC_RELEASE);
         guard_used++;
         return i;
@@ -154,7 +155,7 @@ static int guard_add(struct vub_mem *m, void *p, size_t len, size_t page)
 static void guard_del(int slot)
 {
     __atomic_store_n(&guard[slot].len, 0, __ATOMIC_RELEASE);
-    guard[slot].mem = NULL;
+    __atomic_store_n(&guard[slot].mem, NULL, __ATOMIC_RELEASE);
     if (--guard_used == 0) {
         loop_del_fd(guard_loop, guard_efd);
         guard_loop = NULL;
