@@ -569,29 +569,50 @@ static int resize_check(struct block_node *n, uint64_t size, const char *device,
         error_setg(errp, "Image is read-only");
         return -1;
     }
-    if (!n->drv->truncate) {
+    if (!n->drv->truncate && !n->drv->resize_child) {
         error_setg(errp, "Image format driver does not support resize");
         return -1;
     }
     return 0;
 }
 
+/* The node whose truncate a block_resize of n to *size runs: n, or down the files of nodes
+ * that resize through theirs (raw), each checked in turn as QEMU's raw_co_truncate() goes
+ * down; *size becomes that node's new size. NULL with *errp set. */
+static struct block_node *resize_target(struct block_node *n, uint64_t *size,
+                                        const char *device, struct error **errp)
+{
+    if (resize_check(n, *size, device, errp) < 0)
+        return NULL;
+    while (n->drv->resize_child) {
+        if (n->drv->resize_child(n, *size, size, errp) < 0)
+            return NULL;
+        n = n->file;
+        if (resize_check(n, *size, NULL, errp) < 0)
+            return NULL;
+    }
+    return n;
+}
+
 int block_node_resize(struct block_node *n, uint64_t size, const char *device,
                       struct error **errp)
 {
-    if (resize_check(n, size, device, errp) < 0)
-        return -1;
-    return n->drv->truncate(n, size, errp);
+    struct block_node *t = resize_target(n, &size, device, errp);
+
+    return t ? t->drv->truncate(t, size, errp) : -1;
 }
 
 bool block_node_resizes_later(const struct block_node *n)
 {
+    while (n->drv->resize_child)
+        n = n->file;
     return n->drv->truncate_blocking != NULL;
 }
 
-/* A block_node_resize_async() on its way; holds a reference on n. */
+/* A block_node_resize_async() on its way; holds a reference on top and n. */
 struct node_resize {
-    struct block_node *n;
+    struct block_node *top;  /* the node block_resize named */
+    struct block_node *n;    /* the one resized: top, or the file under top's raw nodes */
     uint64_t size;
     struct error *err;  /* the thread's */
     void (*done)(const struct error *err, void *opaque);
@@ -612,10 +633,11 @@ static void resize_done(void *opaque)
 
     n->graph->offloaded--;
     if (!r->err)
-        block_node_set_size(n, r->size);
+        block_node_set_size(n, r->size);  /* and so the raw nodes' above it */
     r->done(r->err, r->opaque);
     error_free(r->err);
     block_node_unref(n);
+    block_node_unref(r->top);
     free(r);
 }
 
@@ -624,12 +646,14 @@ int block_node_resize_async(struct block_node *n, uint64_t size, const char *dev
                             struct error **errp)
 {
     struct node_resize *r;
+    struct block_node *t = resize_target(n, &size, device, errp);
 
-    ASSERT(n->drv->truncate_blocking);
-    if (resize_check(n, size, device, errp) < 0)
+    if (!t)
         return -1;
+    ASSERT(t->drv->truncate_blocking);
     r = xzalloc(sizeof(*r));
-    r->n = n;
+    r->top = n;
+    r->n = t;
     r->size = size;
     r->done = done;
     r->opaque = opaque;
@@ -638,6 +662,7 @@ int block_node_resize_async(struct block_node *n, uint64_t size, const char *dev
         return -1;
     }
     block_node_ref(n);  /* blockdev-del waits (refuses: busy) */
+    block_node_ref(t);
     n->graph->offloaded++;
     return 0;
 }

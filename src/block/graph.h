@@ -141,6 +141,12 @@ struct block_driver {
      * which runs it on the offload thread (n's state stays while it runs; I/O goes on) and
      * sets the size itself. Returns 0 or -1 with *errp set. */
     int (*truncate_blocking)(struct block_node *n, uint64_t size, struct error **errp);
+    /* Instead of truncate, for a node that resizes by resizing its file (raw): the size
+     * n->file must take for n to be size bytes (*child_size), or -1 with *errp set (QEMU's
+     * texts). The graph resizes the file (blocking or offloaded, as the file's driver does)
+     * and n's size follows through child_resized. */
+    int (*resize_child)(struct block_node *n, uint64_t size, uint64_t *child_size,
+                        struct error **errp);
     /* Whether n needs n->file's size to stay as it is (QEMU: n does not share the resize
      * permission on it): a qcow2 node, a raw node with a fixed size. May be NULL: false. */
     bool (*keeps_child_size)(struct block_node *n);
@@ -310,11 +316,13 @@ void block_node_unref(struct block_node *n);
  * or -1 with *errp set. */
 int block_node_resize(struct block_node *n, uint64_t size, const char *device,
                       struct error **errp);
-/* Whether n's driver resizes on the offload thread: then block_resize uses this: */
+/* Whether resizing n (or the file under it and its raw nodes over it, resize_child) runs on
+ * the offload thread: then block_resize uses this: */
 bool block_node_resizes_later(const struct block_node *n);
-/* block_node_resize() with the driver's truncate_blocking on the offload thread. Returns 0
- * and done(err or NULL, opaque) follows, never inside this call (n holds a reference
- * meanwhile: blockdev-del finds it busy); or -1 with *errp set. */
+/* block_node_resize() with the driver's truncate_blocking on the offload thread (that of n,
+ * or of the file under n's raw nodes, whose sizes follow on the loop thread once it is done).
+ * Returns 0 and done(err or NULL, opaque) follows, never inside this call (n and the resized
+ * node hold a reference meanwhile: blockdev-del finds them busy); or -1 with *errp set. */
 int block_node_resize_async(struct block_node *n, uint64_t size, const char *device,
                             void (*done)(const struct error *err, void *opaque), void *opaque,
                             struct error **errp);

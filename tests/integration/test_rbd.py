@@ -587,3 +587,68 @@ def test_blockdev_create_rbd(ceph, daemons):
         assert job_statuses(qmp, job_id) == ["created", "running", "aborting", "concluded"]
         jobs = {j["id"]: j for j in qmp.cmd("query-jobs")["return"]}
         assert jobs[job_id]["error"] == desc
+
+
+def raw_over_rbd(pool, image, conf=None, **rbd):
+    """BlockdevOptions of a raw node r0 over an inline rbd child."""
+    child = {"driver": "rbd", "pool": pool, "image": image, **rbd}
+    if conf:
+        child["conf"] = conf
+    return {"driver": "raw", "node-name": "r0", "file": child}
+
+
+def raw_rbd_daemon(daemons, ceph, tmp_path, pool, image, **rbd):
+    """thinblkd serving raw node r0 over an inline rbd child as NBD export "disk" (device
+    disk0)."""
+    sock = str(tmp_path / "nbd.sock")
+    d = daemons.start(args=[
+        "--blockdev", json.dumps(raw_over_rbd(pool, image, ceph.conf, **rbd)),
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=disk0,node-name=r0,name=disk,writable=on"])
+    return d, f"nbd+unix:///disk?socket={sock}"
+
+
+def test_block_resize_raw_over_rbd(ceph, daemons, tmp_path):
+    """block_resize of a raw node over rbd resizes the image (offloaded) and the raw node's
+    size follows: query-block and the export see the new size."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "g", 8 * MiB)
+    d, uri = raw_rbd_daemon(daemons, ceph, tmp_path, pool, "g")
+    qmp = d.negotiated()
+    assert qmp.cmd("block_resize", {"device": "disk0", "size": 12 * MiB}) == {"return": {}}
+    info = json.loads(ceph.rbd("info", "--format", "json", f"{pool}/g"))
+    assert info["size"] == 12 * MiB
+    assert qmp.cmd("query-block")["return"][0]["inserted"]["image"]["virtual-size"] == \
+        12 * MiB
+    qemu_io(uri, "write -P 0x44 11M 1M", "read -P 0x44 11M 1M")
+    # QEMU's refusal of a fixed-size raw node, over rbd too.
+    assert qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "fx", "size": MiB,
+                                    "file": {"driver": "rbd", "pool": pool, "image": "g",
+                                             "conf": ceph.conf}}) == {"return": {}}
+    assert qmp.cmd("block_resize", {"node-name": "fx", "size": 2 * MiB}) == \
+        {"error": {"class": "GenericError", "desc": "Cannot resize fixed-size raw disks"}}
+
+
+def test_block_resize_raw_over_rbd_blocks_nothing_else(ceph, daemons, tmp_path):
+    """With the OSD gone, block_resize of a raw node over rbd waits on the offload thread:
+    the other monitors answer meanwhile; its error comes after, the size unchanged."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "g", 8 * MiB)
+    d, uri = raw_rbd_daemon(daemons, ceph, tmp_path, pool, "g",
+                            **{"__org.thinblk_op-timeout": 3})
+    qmp = d.negotiated()
+    waiting = d.negotiated()
+    ceph.kill_osd()
+    try:
+        waiting.execute("block_resize", {"node-name": "r0", "size": 12 * MiB}, id="resize")
+        assert qmp.cmd("query-status")["return"]["status"] == "running"
+        assert no_reply_yet(waiting)
+        reply = waiting.read_message(timeout=60)
+        if "return" in reply:
+            pytest.skip("rbd_resize did not need the OSD")  # as the rbd node's test
+        assert reply["id"] == "resize"
+        assert reply["error"]["desc"].startswith("failed to resize rbd image: "), reply
+        assert qmp.cmd("query-block")["return"][0]["inserted"]["image"]["virtual-size"] == \
+            8 * MiB
+    finally:
+        ceph.start_osd()
