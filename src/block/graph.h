@@ -196,6 +196,10 @@ struct block_graph {
     unsigned anon_counter;     /* for generated node names, "#block123" as QEMU */
     struct block_node *opening;  /* the node whose driver is opening (for its children) */
     unsigned offloaded;        /* prepares and closes running on the offload thread */
+    /* While a block_node_create_async() opens its node: what was prepared for it and its
+     * inline children (graph.c). NULL otherwise. */
+    struct prepared *prepared;
+    size_t nprepared;
     bool freeing;              /* block_graph_free(): closes run here, not offloaded */
     /* QEMU's secret objects, for drivers' secret options (block_graph_secret()): a copy of
      * secret id's bytes into *out, or -1 with *errp set (QEMU's texts). Set by the daemon
@@ -269,13 +273,16 @@ extern const struct schema_member block_rbd_options[];    /* rbd.c */
  * held by the graph, or NULL with *errp set (QEMU's texts). */
 struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct error **errp);
 
-/* Whether creating a node from opts (checked) may block: its driver has prepare. Then
- * blockdev-add uses block_node_create_async(). Inline children of a node (and --blockdev)
- * open synchronously, blocking in their prepare. */
+/* Whether creating a node from opts (checked) may block: its driver, or that of one of its
+ * inline children (at any depth), has prepare. Then blockdev-add uses
+ * block_node_create_async(). --blockdev opens synchronously, blocking in the prepares. */
 bool block_node_opens_later(json_t *opts);
-/* block_node_create() with the driver's prepare on the offload thread: the node name is
- * checked now, the node created on the loop thread once prepare is done (its name checked
- * again: another node may have taken it meanwhile). opts is borrowed (copied). Returns 0 and
+/* block_node_create() with the prepares of the node and its inline children on the offload
+ * thread (one after the other; the secrets looked up first): the node name is checked now,
+ * the node created on the loop thread once they are done (its name checked again: another
+ * node may have taken it meanwhile), each node whose options are those of a prepare taking
+ * its handle, or failing with its error, when the open reaches it (handles left over are
+ * dropped). opts is borrowed (copied). Returns 0 and
  * done(node or NULL, err or NULL, opaque) follows, never inside this call; or -1 with *errp
  * set. The node, if any, has the graph's one reference, whether or not done's caller is still
  * interested. */
