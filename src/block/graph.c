@@ -250,16 +250,130 @@ fail:
     return NULL;
 }
 
+/* A driver's prepare done on the offload thread for one options object of a
+ * block_node_create_async() (the node itself or an inline child), waiting for the
+ * synchronous open to reach the node of those options. */
+struct prepared {
+    json_t *opts;          /* the node's options as its open sees them (inherited ones set) */
+    const struct block_driver *drv;
+    bool read_only;
+    struct secret secret;  /* the driver's secret_option's, wiped once prepare is done */
+    void *handle;          /* prepare's answer, NULL once a node took it */
+    struct error *err;     /* or its error (or the secret's), given to the node instead */
+    bool taken;
+};
+
+/* Open n (from node_new()), with the handle prepared for opts if g holds one: the node gets
+ * the handle, or fails with the error prepare gave. */
+static struct block_node *node_open_prepared(struct block_node *n, json_t *opts,
+                                             struct error **errp)
+{
+    struct block_graph *g = n->graph;
+
+    for (size_t i = 0; i < g->nprepared; i++) {
+        struct prepared *e = &g->prepared[i];
+        if (e->taken || e->drv != n->drv || !json_equal(e->opts, opts))
+            continue;
+        e->taken = true;
+        if (e->err) {
+            error_propagate(errp, e->err);
+            e->err = NULL;
+            n->drv = NULL;
+            node_close(n);
+            return NULL;
+        }
+        n->opaque = e->handle;  /* open owns it now, even if it fails */
+        e->handle = NULL;
+        break;
+    }
+    return node_open(n, opts, errp);
+}
+
 struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct error **errp)
 {
     struct block_node *n = node_new(g, opts, errp);
 
-    return n ? node_open(n, opts, errp) : NULL;
+    return n ? node_open_prepared(n, opts, errp) : NULL;
+}
+
+/* What an inline child inherits from its parent (QEMU's bdrv_inherited_options). */
+struct inherited {
+    bool read_only, discard_unmap, cache_direct, no_flush;
+};
+
+/* The options an inline child (ref, an object) opens with: ref's, and from parent (NULL:
+ * nothing) the read-only, discard and cache options ref does not set. A new object. */
+static json_t *child_options(const struct inherited *parent, json_t *ref)
+{
+    json_t *opts = json_deep_copy(ref);
+
+    if (!parent)
+        return opts;
+    if (!json_object_get(opts, "read-only"))
+        json_object_set_new(opts, "read-only", json_boolean(parent->read_only));
+    if (!json_object_get(opts, "discard"))
+        json_object_set_new(opts, "discard",
+                            json_string(parent->discard_unmap ? "unmap" : "ignore"));
+    if (!json_object_get(opts, "cache"))
+        json_object_set_new(opts, "cache", json_pack("{s:b,s:b}", "direct",
+                                                     parent->cache_direct, "no-flush",
+                                                     parent->no_flush));
+    return opts;
+}
+
+static const struct schema_member *driver_members(const char *driver)
+{
+    for (const struct schema_variant *v = driver_variants; v->value; v++) {
+        if (strcmp(v->value, driver) == 0)
+            return v->members;
+    }
+    return NULL;
+}
+
+/* Call fn for opts (checked; the options a node opens with) and, depth first, the options
+ * each inline child (a BlockdevRef given as an object) will open with, as the drivers' opens
+ * and block_node_open_child() make them. */
+static void walk_options(json_t *opts, void (*fn)(json_t *opts, void *arg), void *arg)
+{
+    const struct schema_member *m = driver_members(json_string_value(json_object_get(opts,
+                                                                                    "driver")));
+    json_t *cache = json_object_get(opts, "cache");
+    const char *discard = json_string_value(json_object_get(opts, "discard"));
+    struct inherited parent = {
+        .read_only = json_is_true(json_object_get(opts, "read-only")),
+        .discard_unmap = discard && strcmp(discard, "unmap") == 0,
+        .cache_direct = json_is_true(json_object_get(cache, "direct")),
+        .no_flush = json_is_true(json_object_get(cache, "no-flush")),
+    };
+
+    fn(opts, arg);
+    for (; m && m->name; m++) {
+        json_t *ref = json_object_get(opts, m->name);
+        if (m->type != SCHEMA_ALT || m->members != block_options || !json_is_object(ref))
+            continue;
+        json_t *child = child_options(&parent, ref);
+        /* QEMU's bdrv_backing_options(), which qcow2-backing.c applies: a backing node is
+         * read-only unless asked otherwise. */
+        if (strcmp(m->name, "backing") == 0 && !json_object_get(ref, "read-only"))
+            json_object_set_new(child, "read-only", json_true());
+        walk_options(child, fn, arg);
+        json_decref(child);
+    }
+}
+
+static void find_prepare(json_t *opts, void *arg)
+{
+    bool *found = arg;
+
+    *found = *found || find_driver(opts)->prepare;
 }
 
 bool block_node_opens_later(json_t *opts)
 {
-    return find_driver(opts)->prepare != NULL;
+    bool found = false;
+
+    walk_options(opts, find_prepare, &found);
+    return found;
 }
 
 int block_graph_secret(struct block_graph *g, json_t *opts, const char *member,
@@ -282,31 +396,74 @@ int block_graph_secret(struct block_graph *g, json_t *opts, const char *member,
 struct node_prepare {
     struct block_node *n;  /* from node_new(), not listed */
     json_t *opts;          /* a copy */
-    struct secret secret;  /* the driver's secret_option's, wiped once prepare is done */
-    void *handle;          /* prepare's answer */
-    struct error *err;     /* or its error */
+    struct prepared *prepared;  /* the prepares of n and its inline children */
+    size_t nprepared;
     void (*done)(struct block_node *n, const struct error *err, void *opaque);
     void *opaque;
 };
 
-/* On the offload thread. */
+static void add_prepare(json_t *opts, void *arg)
+{
+    struct node_prepare *p = arg;
+    const struct block_driver *drv = find_driver(opts);
+    struct block_graph *g = p->n->graph;
+
+    if (!drv->prepare)
+        return;
+    p->prepared = xrealloc(p->prepared, (p->nprepared + 1) * sizeof(*p->prepared));
+    struct prepared *e = &p->prepared[p->nprepared++];
+    *e = (struct prepared){
+        .opts = json_incref(opts),
+        .drv = drv,
+        .read_only = json_is_true(json_object_get(opts, "read-only")),
+    };
+    if (drv->secret_option)
+        block_graph_secret(g, opts, drv->secret_option, &e->secret, &e->err);
+}
+
+/* On the offload thread: every prepare, one after the other. */
 static void prepare_work(void *opaque)
 {
     struct node_prepare *p = opaque;
 
-    p->handle = p->n->drv->prepare(p->opts, p->n->read_only,
-                                   p->secret.data ? &p->secret : NULL, &p->err);
-    secret_clear(&p->secret);
+    for (size_t i = 0; i < p->nprepared; i++) {
+        struct prepared *e = &p->prepared[i];
+        if (!e->err)
+            e->handle = e->drv->prepare(e->opts, e->read_only,
+                                        e->secret.data ? &e->secret : NULL, &e->err);
+        secret_clear(&e->secret);
+    }
 }
+
+/* A handle no node took. */
+struct unused_handle {
+    const struct block_driver *drv;
+    void *handle;
+};
 
 static void drop_work(void *opaque)
 {
-    struct node_prepare *p = opaque;
+    struct unused_handle *u = opaque;
 
-    p->n->drv->drop_prepared(p->handle);
-    free(p->n->node_name);
-    free(p->n);
-    free(p);
+    u->drv->drop_prepared(u->handle);
+    free(u);
+}
+
+/* Free the prepares, dropping (offloaded) the handles no node took. */
+static void prepared_free(struct block_graph *g, struct prepared *list, size_t count)
+{
+    for (size_t i = 0; i < count; i++) {
+        struct prepared *e = &list[i];
+        if (e->handle) {
+            struct unused_handle *u = xmalloc(sizeof(*u));
+            *u = (struct unused_handle){e->drv, e->handle};
+            block_graph_offload_close(g, drop_work, u);
+        }
+        secret_clear(&e->secret);
+        error_free(e->err);
+        json_decref(e->opts);
+    }
+    free(list);
 }
 
 static void prepare_done(void *opaque)
@@ -314,30 +471,28 @@ static void prepare_done(void *opaque)
     struct node_prepare *p = opaque;
     struct block_graph *g = p->n->graph;
     struct block_node *n = p->n, *res = NULL;
+    struct error *err = NULL;
     const char *name = json_string_value(json_object_get(p->opts, "node-name"));
 
     g->offloaded--;
-    if (p->handle && name && block_graph_find(g, name)) {
+    if (name && block_graph_find(g, name)) {
         /* Taken while we connected. */
-        error_setg(&p->err, "Duplicate nodes with node-name='%s'", name);
-    } else if (p->handle) {
-        n->opaque = p->handle;
-        p->handle = NULL;
-        res = node_open(n, p->opts, &p->err);
-        n = NULL;
-    }
-    p->done(res, p->err, p->opaque);
-    error_free(p->err);
-    json_decref(p->opts);
-    if (!n) {
-        free(p);
-    } else if (p->handle) {
-        block_graph_offload_close(g, drop_work, p);  /* frees p and n */
-    } else {
+        error_setg(&err, "Duplicate nodes with node-name='%s'", name);
         n->drv = NULL;
         node_close(n);
-        free(p);
+    } else {
+        /* Synchronous from here: the opens reaching the prepared options take their handles. */
+        g->prepared = p->prepared;
+        g->nprepared = p->nprepared;
+        res = node_open_prepared(n, p->opts, &err);
+        g->prepared = NULL;
+        g->nprepared = 0;
     }
+    prepared_free(g, p->prepared, p->nprepared);
+    p->done(res, err, p->opaque);
+    error_free(err);
+    json_decref(p->opts);
+    free(p);
 }
 
 int block_node_create_async(struct block_graph *g, json_t *opts,
@@ -349,21 +504,15 @@ int block_node_create_async(struct block_graph *g, json_t *opts,
 
     if (!n)
         return -1;
-    ASSERT(n->drv->prepare);
     struct node_prepare *p = xzalloc(sizeof(*p));
-    if (n->drv->secret_option &&
-        block_graph_secret(g, opts, n->drv->secret_option, &p->secret, errp) < 0) {
-        free(p);
-        n->drv = NULL;
-        node_close(n);
-        return -1;
-    }
     p->n = n;
     p->opts = json_deep_copy(opts);
     p->done = done;
     p->opaque = opaque;
+    walk_options(p->opts, add_prepare, p);
+    ASSERT(p->nprepared > 0);  /* block_node_opens_later(opts) */
     if (offload_run(g->loop, prepare_work, prepare_done, p, errp) < 0) {
-        secret_clear(&p->secret);
+        prepared_free(g, p->prepared, p->nprepared);  /* no handles yet */
         json_decref(p->opts);
         free(p);
         n->drv = NULL;
@@ -439,19 +588,10 @@ struct block_node *block_node_open_child(struct block_graph *g, json_t *ref, str
     }
     /* As in QEMU, an implicit child takes its parent's read-only, discard and cache options
      * unless it sets its own. */
-    json_t *opts = json_deep_copy(ref);
-    struct block_node *parent = g->opening;
-    if (parent) {
-        if (!json_object_get(opts, "read-only"))
-            json_object_set_new(opts, "read-only", json_boolean(parent->read_only));
-        if (!json_object_get(opts, "discard"))
-            json_object_set_new(opts, "discard",
-                                json_string(parent->discard_unmap ? "unmap" : "ignore"));
-        if (!json_object_get(opts, "cache"))
-            json_object_set_new(opts, "cache", json_pack("{s:b,s:b}", "direct",
-                                                         parent->cache_direct, "no-flush",
-                                                         parent->no_flush));
-    }
+    struct block_node *p = g->opening;
+    json_t *opts = child_options(p ? &(struct inherited){p->read_only, p->discard_unmap,
+                                                         p->cache_direct, p->no_flush}
+                                   : NULL, ref);
     child = block_node_create(g, opts, errp);
     json_decref(opts);
     if (!child)
@@ -569,29 +709,50 @@ static int resize_check(struct block_node *n, uint64_t size, const char *device,
         error_setg(errp, "Image is read-only");
         return -1;
     }
-    if (!n->drv->truncate) {
+    if (!n->drv->truncate && !n->drv->resize_child) {
         error_setg(errp, "Image format driver does not support resize");
         return -1;
     }
     return 0;
 }
 
+/* The node whose truncate a block_resize of n to *size runs: n, or down the files of nodes
+ * that resize through theirs (raw), each checked in turn as QEMU's raw_co_truncate() goes
+ * down; *size becomes that node's new size. NULL with *errp set. */
+static struct block_node *resize_target(struct block_node *n, uint64_t *size,
+                                        const char *device, struct error **errp)
+{
+    if (resize_check(n, *size, device, errp) < 0)
+        return NULL;
+    while (n->drv->resize_child) {
+        if (n->drv->resize_child(n, *size, size, errp) < 0)
+            return NULL;
+        n = n->file;
+        if (resize_check(n, *size, NULL, errp) < 0)
+            return NULL;
+    }
+    return n;
+}
+
 int block_node_resize(struct block_node *n, uint64_t size, const char *device,
                       struct error **errp)
 {
-    if (resize_check(n, size, device, errp) < 0)
-        return -1;
-    return n->drv->truncate(n, size, errp);
+    struct block_node *t = resize_target(n, &size, device, errp);
+
+    return t ? t->drv->truncate(t, size, errp) : -1;
 }
 
 bool block_node_resizes_later(const struct block_node *n)
 {
+    while (n->drv->resize_child)
+        n = n->file;
     return n->drv->truncate_blocking != NULL;
 }
 
-/* A block_node_resize_async() on its way; holds a reference on n. */
+/* A block_node_resize_async() on its way; holds a reference on top and n. */
 struct node_resize {
-    struct block_node *n;
+    struct block_node *top;  /* the node block_resize named */
+    struct block_node *n;    /* the one resized: top, or the file under top's raw nodes */
     uint64_t size;
     struct error *err;  /* the thread's */
     void (*done)(const struct error *err, void *opaque);
@@ -612,10 +773,11 @@ static void resize_done(void *opaque)
 
     n->graph->offloaded--;
     if (!r->err)
-        block_node_set_size(n, r->size);
+        block_node_set_size(n, r->size);  /* and so the raw nodes' above it */
     r->done(r->err, r->opaque);
     error_free(r->err);
     block_node_unref(n);
+    block_node_unref(r->top);
     free(r);
 }
 
@@ -624,12 +786,14 @@ int block_node_resize_async(struct block_node *n, uint64_t size, const char *dev
                             struct error **errp)
 {
     struct node_resize *r;
+    struct block_node *t = resize_target(n, &size, device, errp);
 
-    ASSERT(n->drv->truncate_blocking);
-    if (resize_check(n, size, device, errp) < 0)
+    if (!t)
         return -1;
+    ASSERT(t->drv->truncate_blocking);
     r = xzalloc(sizeof(*r));
-    r->n = n;
+    r->top = n;
+    r->n = t;
     r->size = size;
     r->done = done;
     r->opaque = opaque;
@@ -638,6 +802,7 @@ int block_node_resize_async(struct block_node *n, uint64_t size, const char *dev
         return -1;
     }
     block_node_ref(n);  /* blockdev-del waits (refuses: busy) */
+    block_node_ref(t);
     n->graph->offloaded++;
     return 0;
 }

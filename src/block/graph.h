@@ -141,6 +141,12 @@ struct block_driver {
      * which runs it on the offload thread (n's state stays while it runs; I/O goes on) and
      * sets the size itself. Returns 0 or -1 with *errp set. */
     int (*truncate_blocking)(struct block_node *n, uint64_t size, struct error **errp);
+    /* Instead of truncate, for a node that resizes by resizing its file (raw): the size
+     * n->file must take for n to be size bytes (*child_size), or -1 with *errp set (QEMU's
+     * texts). The graph resizes the file (blocking or offloaded, as the file's driver does)
+     * and n's size follows through child_resized. */
+    int (*resize_child)(struct block_node *n, uint64_t size, uint64_t *child_size,
+                        struct error **errp);
     /* Whether n needs n->file's size to stay as it is (QEMU: n does not share the resize
      * permission on it): a qcow2 node, a raw node with a fixed size. May be NULL: false. */
     bool (*keeps_child_size)(struct block_node *n);
@@ -190,6 +196,10 @@ struct block_graph {
     unsigned anon_counter;     /* for generated node names, "#block123" as QEMU */
     struct block_node *opening;  /* the node whose driver is opening (for its children) */
     unsigned offloaded;        /* prepares and closes running on the offload thread */
+    /* While a block_node_create_async() opens its node: what was prepared for it and its
+     * inline children (graph.c). NULL otherwise. */
+    struct prepared *prepared;
+    size_t nprepared;
     bool freeing;              /* block_graph_free(): closes run here, not offloaded */
     /* QEMU's secret objects, for drivers' secret options (block_graph_secret()): a copy of
      * secret id's bytes into *out, or -1 with *errp set (QEMU's texts). Set by the daemon
@@ -263,13 +273,16 @@ extern const struct schema_member block_rbd_options[];    /* rbd.c */
  * held by the graph, or NULL with *errp set (QEMU's texts). */
 struct block_node *block_node_create(struct block_graph *g, json_t *opts, struct error **errp);
 
-/* Whether creating a node from opts (checked) may block: its driver has prepare. Then
- * blockdev-add uses block_node_create_async(). Inline children of a node (and --blockdev)
- * open synchronously, blocking in their prepare. */
+/* Whether creating a node from opts (checked) may block: its driver, or that of one of its
+ * inline children (at any depth), has prepare. Then blockdev-add uses
+ * block_node_create_async(). --blockdev opens synchronously, blocking in the prepares. */
 bool block_node_opens_later(json_t *opts);
-/* block_node_create() with the driver's prepare on the offload thread: the node name is
- * checked now, the node created on the loop thread once prepare is done (its name checked
- * again: another node may have taken it meanwhile). opts is borrowed (copied). Returns 0 and
+/* block_node_create() with the prepares of the node and its inline children on the offload
+ * thread (one after the other; the secrets looked up first): the node name is checked now,
+ * the node created on the loop thread once they are done (its name checked again: another
+ * node may have taken it meanwhile), each node whose options are those of a prepare taking
+ * its handle, or failing with its error, when the open reaches it (handles left over are
+ * dropped). opts is borrowed (copied). Returns 0 and
  * done(node or NULL, err or NULL, opaque) follows, never inside this call; or -1 with *errp
  * set. The node, if any, has the graph's one reference, whether or not done's caller is still
  * interested. */
@@ -310,11 +323,13 @@ void block_node_unref(struct block_node *n);
  * or -1 with *errp set. */
 int block_node_resize(struct block_node *n, uint64_t size, const char *device,
                       struct error **errp);
-/* Whether n's driver resizes on the offload thread: then block_resize uses this: */
+/* Whether resizing n (or the file under it and its raw nodes over it, resize_child) runs on
+ * the offload thread: then block_resize uses this: */
 bool block_node_resizes_later(const struct block_node *n);
-/* block_node_resize() with the driver's truncate_blocking on the offload thread. Returns 0
- * and done(err or NULL, opaque) follows, never inside this call (n holds a reference
- * meanwhile: blockdev-del finds it busy); or -1 with *errp set. */
+/* block_node_resize() with the driver's truncate_blocking on the offload thread (that of n,
+ * or of the file under n's raw nodes, whose sizes follow on the loop thread once it is done).
+ * Returns 0 and done(err or NULL, opaque) follows, never inside this call (n and the resized
+ * node hold a reference meanwhile: blockdev-del finds them busy); or -1 with *errp set. */
 int block_node_resize_async(struct block_node *n, uint64_t size, const char *device,
                             void (*done)(const struct error *err, void *opaque), void *opaque,
                             struct error **errp);

@@ -87,8 +87,10 @@ static void raw_submit(struct block_node *n, struct block_req *req)
     node_submit(n->file, &op->child);
 }
 
-/* QEMU's raw_co_truncate(): the child is resized to hold the window, which follows it. */
-static int raw_truncate(struct block_node *n, uint64_t size, struct error **errp)
+/* QEMU's raw_co_truncate(): the child is resized to hold the window, which follows it
+ * (raw_child_resized()). */
+static int raw_resize_child(struct block_node *n, uint64_t size, uint64_t *child_size,
+                            struct error **errp)
 {
     struct raw_state *s = n->opaque;
 
@@ -100,7 +102,8 @@ static int raw_truncate(struct block_node *n, uint64_t size, struct error **errp
         error_setg(errp, "Disk size too large for the chosen offset");
         return -1;
     }
-    return block_node_resize(n->file, size + s->offset, NULL, errp);
+    *child_size = size + s->offset;
+    return 0;
 }
 
 static void raw_child_resized(struct block_node *n)
@@ -130,7 +133,7 @@ const struct block_driver block_driver_raw = {
     .open = raw_open,
     .close = raw_close,
     .submit = raw_submit,
-    .truncate = raw_truncate,
+    .resize_child = raw_resize_child,
     .child_resized = raw_child_resized,
     .keeps_child_size = raw_keeps_child_size,
     .block_status = raw_block_status,

@@ -19,12 +19,12 @@
  * write-zeroes and flushes are rbd_aio_*; block status (rbd_diff_iterate2, which lists the
  * objects' snapshots, I/O) runs on a thread of the node's own that reports through the same
  * list. What waits on the cluster otherwise runs on the offload thread (job/offload.h), QMP
- * answering later (a deferred reply): connecting and opening for blockdev-add (the driver's
- * prepare, rbd_prepare(); the node is then made on the loop thread from the open image),
- * rbd_resize for block_resize (truncate_blocking), and closing (rbd_close, rados_shutdown,
- * with the node already out of the graph). Still on the loop thread, bounded by the op
- * timeout: opening at --blockdev or as an inline child (open calls rbd_prepare() itself), a
- * resize through a raw node over rbd (truncate), and closing at block_graph_free() (shutdown).
+ * answering later (a deferred reply): connecting and opening for blockdev-add, of the node
+ * added or an inline child of it (the driver's prepare, rbd_prepare(); the node is then made
+ * on the loop thread from the open image), rbd_resize for block_resize, through raw nodes too
+ * (truncate_blocking), and closing (rbd_close, rados_shutdown, with the node already out of
+ * the graph). Still on the loop thread, bounded by the op timeout: opening at --blockdev
+ * (open calls rbd_prepare() itself) and closing at block_graph_free() (shutdown).
  * rbd_get_size() (the queries' size) reads librbd's cached header, which it
  * refreshes first when the header changed (another client resized the image).
  *
@@ -663,7 +663,7 @@ static void rbd_drop_prepared(void *handle)
 }
 
 /* With n->opaque from rbd_prepare() (blockdev-add: the offload thread did it), or without
- * (an inline child, --blockdev: it is done here, blocking the loop thread). */
+ * (--blockdev: it is done here, blocking the loop thread). */
 static int rbd_node_open(struct block_node *n, json_t *opts, struct error **errp)
 {
     struct rbd_state *s = n->opaque;

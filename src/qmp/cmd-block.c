@@ -77,7 +77,7 @@ static json_t *block_resize(struct qmp_call *call, json_t *args, struct error **
         return NULL;
     }
     if (block_node_resizes_later(n)) {
-        /* rbd: rbd_resize() runs on the offload thread; the answer comes then. */
+        /* rbd (or raw over it): rbd_resize() runs on the offload thread; the answer comes then. */
         struct qmp_pending *p = qmp_call_defer(call);
         struct error *err = NULL;
         if (block_node_resize_async(n, (uint64_t)size, device, resized, p, &err) < 0) {
@@ -111,7 +111,8 @@ static json_t *blockdev_add(struct qmp_call *call, json_t *args, struct error **
         return NULL;
     }
     if (block_node_opens_later(args)) {
-        /* rbd: connecting and opening run on the offload thread; the answer comes then. */
+        /* rbd, or rbd children inline: connecting and opening run on the offload thread; the
+         * answer comes then. */
         struct qmp_pending *p = qmp_call_defer(call);
         struct error *err = NULL;
         if (block_node_create_async(svc->graph, args, blockdev_added, p, &err) < 0) {

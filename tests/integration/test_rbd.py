@@ -587,3 +587,159 @@ def test_blockdev_create_rbd(ceph, daemons):
         assert job_statuses(qmp, job_id) == ["created", "running", "aborting", "concluded"]
         jobs = {j["id"]: j for j in qmp.cmd("query-jobs")["return"]}
         assert jobs[job_id]["error"] == desc
+
+
+def raw_over_rbd(pool, image, conf=None, **rbd):
+    """BlockdevOptions of a raw node r0 over an inline rbd child."""
+    child = {"driver": "rbd", "pool": pool, "image": image, **rbd}
+    if conf:
+        child["conf"] = conf
+    return {"driver": "raw", "node-name": "r0", "file": child}
+
+
+def test_blockdev_add_inline_rbd_child_blocks_nothing_else(ceph, daemons, tmp_path,
+                                                          silent_monitor):
+    """A raw node over an inline rbd child: the child connects on the offload thread too, so
+    while it waits on a monitor that does not answer, the other monitors answer and the
+    exports serve; then the child's error is the add's, in QEMU's words."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "disk", 8 * MiB)
+    d = RbdDaemon(daemons, ceph, tmp_path, pool, "disk")
+    h = d.nbd()
+    h.pwrite(b"\x5a" * 4096, 8192)
+    waiting = d.daemon.negotiated()
+    opts = raw_over_rbd(pool, "disk", server=[{"host": "127.0.0.1",
+                                               "port": str(silent_monitor.port)}],
+                        **{"auth-client-required": ["none"], "__org.thinblk_op-timeout": 3})
+    opts["node-name"] = "raw5"
+    waiting.execute("blockdev-add", opts, id="add")
+    waiting.execute("query-status", id="after")  # answered after the blockdev-add
+    silent_monitor.connected()  # the child's connect is under way
+    assert d.qmp.cmd("query-status")["return"]["status"] == "running"
+    assert h.pread(4096, 8192) == b"\x5a" * 4096
+    names = [n["node-name"] for n in d.qmp.cmd("query-named-block-nodes")["return"]]
+    assert names == ["r0"]
+    assert no_reply_yet(waiting)  # all of this while the add was pending
+    reply = waiting.read_message(timeout=60)
+    assert reply == {"id": "add", "error": {"class": "GenericError",
+                                            "desc": "error connecting: Connection timed out"}}
+    assert waiting.read_message()["id"] == "after"
+    names = [n["node-name"] for n in d.qmp.cmd("query-named-block-nodes")["return"]]
+    assert names == ["r0"]
+    h.shutdown()
+
+
+def test_blockdev_add_raw_over_inline_rbd_serves_data(ceph, daemons, tmp_path):
+    """A raw node over an inline rbd child, added at run time, exported over NBD: what is
+    written is in the image (rbd export), the child listed with a generated name."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "in", 8 * MiB)
+    sock = str(tmp_path / "nbd.sock")
+    d = daemons.start(args=["--nbd-server", f"addr.type=unix,addr.path={sock}"])
+    qmp = d.negotiated()
+    assert qmp.cmd("blockdev-add", raw_over_rbd(pool, "in", ceph.conf)) == {"return": {}}
+    nodes = qmp.cmd("query-named-block-nodes")["return"]
+    assert [(n["node-name"].startswith("#block"), n["drv"]) for n in nodes] == \
+        [(False, "raw"), (True, "rbd")]
+    assert nodes[0]["image"]["virtual-size"] == 8 * MiB
+    assert qmp.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "r0",
+                                        "name": "disk", "writable": True}) == {"return": {}}
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///disk?socket={sock}")
+    data = random.randbytes(1 * MiB)
+    h.pwrite(data, 3 * MiB)
+    h.flush()
+    assert h.pread(1 * MiB, 3 * MiB) == data
+    h.shutdown()
+    out = tmp_path / "export.img"
+    ceph.rbd("export", f"{pool}/in", str(out))
+    assert out.read_bytes()[3 * MiB:4 * MiB] == data
+    assert qmp.cmd("block-export-del", {"id": "e0"}) == {"return": {}}
+
+
+def test_blockdev_add_qcow2_with_inline_backing_over_inline_rbd(ceph, daemons, tmp_path):
+    """qcow2 (on a file: rbd cannot hold an image) with an inline backing node, raw over an
+    inline rbd child: the rbd child two levels down is prepared on the offload thread and
+    handed to its node, opened read-only as a backing node; the data reads through."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "base", 4 * MiB)
+    qemu_io(ceph.qemu_spec(pool, "base"), "write -P 0x61 1M 64k")
+    img = tmp_path / "top.qcow2"
+    r = subprocess.run(["qemu-img", "create", "-f", "qcow2", str(img), "4M"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    sock = str(tmp_path / "nbd.sock")
+    qmp = daemons.start(args=["--nbd-server", f"addr.type=unix,addr.path={sock}"]).negotiated()
+    reply = qmp.cmd("blockdev-add", {
+        "driver": "qcow2", "node-name": "q0",
+        "file": {"driver": "file", "filename": str(img)},
+        "backing": {"driver": "raw", "node-name": "b0", "file": {
+            "driver": "rbd", "pool": pool, "image": "base", "conf": ceph.conf}}})
+    assert reply == {"return": {}}
+    nodes = {n["node-name"]: n for n in qmp.cmd("query-named-block-nodes",
+                                                 {"flat": True})["return"]}
+    assert nodes["q0"]["drv"] == "qcow2" and nodes["q0"]["ro"] is False
+    assert nodes["b0"]["drv"] == "raw" and nodes["b0"]["ro"] is True
+    assert sorted(n["drv"] for n in nodes.values()) == ["file", "qcow2", "raw", "rbd"]
+    assert qmp.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "q0",
+                                        "name": "disk"}) == {"return": {}}
+    qemu_io(f"nbd+unix:///disk?socket={sock}", "read -P 0x61 1M 64k", "read -P 0 0 1M",
+            read_only=True)
+    assert qmp.cmd("block-export-del", {"id": "e0"}) == {"return": {}}
+
+
+def raw_rbd_daemon(daemons, ceph, tmp_path, pool, image, **rbd):
+    """thinblkd serving raw node r0 over an inline rbd child as NBD export "disk" (device
+    disk0)."""
+    sock = str(tmp_path / "nbd.sock")
+    d = daemons.start(args=[
+        "--blockdev", json.dumps(raw_over_rbd(pool, image, ceph.conf, **rbd)),
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=disk0,node-name=r0,name=disk,writable=on"])
+    return d, f"nbd+unix:///disk?socket={sock}"
+
+
+def test_block_resize_raw_over_rbd(ceph, daemons, tmp_path):
+    """block_resize of a raw node over rbd resizes the image (offloaded) and the raw node's
+    size follows: query-block and the export see the new size."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "g", 8 * MiB)
+    d, uri = raw_rbd_daemon(daemons, ceph, tmp_path, pool, "g")
+    qmp = d.negotiated()
+    assert qmp.cmd("block_resize", {"device": "disk0", "size": 12 * MiB}) == {"return": {}}
+    info = json.loads(ceph.rbd("info", "--format", "json", f"{pool}/g"))
+    assert info["size"] == 12 * MiB
+    assert qmp.cmd("query-block")["return"][0]["inserted"]["image"]["virtual-size"] == \
+        12 * MiB
+    qemu_io(uri, "write -P 0x44 11M 1M", "read -P 0x44 11M 1M")
+    # QEMU's refusal of a fixed-size raw node, over rbd too.
+    assert qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "fx", "size": MiB,
+                                    "file": {"driver": "rbd", "pool": pool, "image": "g",
+                                             "conf": ceph.conf}}) == {"return": {}}
+    assert qmp.cmd("block_resize", {"node-name": "fx", "size": 2 * MiB}) == \
+        {"error": {"class": "GenericError", "desc": "Cannot resize fixed-size raw disks"}}
+
+
+def test_block_resize_raw_over_rbd_blocks_nothing_else(ceph, daemons, tmp_path):
+    """With the OSD gone, block_resize of a raw node over rbd waits on the offload thread:
+    the other monitors answer meanwhile; its error comes after, the size unchanged."""
+    pool = ceph.new_pool()
+    ceph.create_image(pool, "g", 8 * MiB)
+    d, uri = raw_rbd_daemon(daemons, ceph, tmp_path, pool, "g",
+                            **{"__org.thinblk_op-timeout": 3})
+    qmp = d.negotiated()
+    waiting = d.negotiated()
+    ceph.kill_osd()
+    try:
+        waiting.execute("block_resize", {"node-name": "r0", "size": 12 * MiB}, id="resize")
+        assert qmp.cmd("query-status")["return"]["status"] == "running"
+        assert no_reply_yet(waiting)
+        reply = waiting.read_message(timeout=60)
+        if "return" in reply:
+            pytest.skip("rbd_resize did not need the OSD")  # as the rbd node's test
+        assert reply["id"] == "resize"
+        assert reply["error"]["desc"].startswith("failed to resize rbd image: "), reply
+        assert qmp.cmd("query-block")["return"][0]["inserted"]["image"]["virtual-size"] == \
+            8 * MiB
+    finally:
+        ceph.start_osd()
