@@ -162,8 +162,8 @@ class Served:
             h.shutdown()
 
 
-def finish(p):
-    out, _ = p.communicate(timeout=TIMEOUT * 3)
+def finish(p, timeout=TIMEOUT * 3):
+    out, _ = p.communicate(timeout=timeout)
     assert p.returncode == 0 and "error" not in out.lower(), out
 
 

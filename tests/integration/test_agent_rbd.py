@@ -16,6 +16,11 @@ import pytest
 from ceph import ceph  # noqa: F401  (the session's cluster fixture)
 from test_agent import AGENT, agents, finish, wait_for  # noqa: F401  (agents: a fixture)
 
+# What waits on the cluster (a write through the quota, the monitor clearing a pool's full
+# flag, ~4.5 s each time here) is bounded generously: a sanitizer build on a loaded machine
+# runs far slower, and these bounds only say when to give up.
+CLUSTER_TIMEOUT = 180
+
 MiB = 1 << 20
 
 pytestmark = [
@@ -102,17 +107,17 @@ def test_agent_raises_pool_quota(ceph, daemons, agents):
     a = agents("-s", s.mon, "-m", "rbd", "--chunk", "64M", "--watermark", "32M",
                "--cap", "1G", "--poll-interval", "500ms")
     a.wait_log(r"disk0: pool %s: usage .*, quota 64 MiB \(watermark 32 MiB\)" % pool)
-    finish(s.write(0x5a, 0, 160 * MiB))
+    finish(s.write(0x5a, 0, 160 * MiB), CLUSTER_TIMEOUT)
     # The quota is soft and the usage reaches the monitor late: the write may be done before
     # the agent has seen all of it; it raises the quota past usage + watermark soon after.
     wait_for(lambda: quota(ceph, pool) >= 160 * MiB + 32 * MiB, "the quota raised past the "
-             "write and the watermark", timeout=60)
+             "write and the watermark", timeout=CLUSTER_TIMEOUT)
     # At least one raise succeeded. (Not necessarily the first: under load the usage can pass
     # a raise's target before the raise lands; that one fails, "it stays full", and the next
     # one, from a fresh probe, goes past it.)
     assert a.lines(r"disk0: extended the quota of pool %s from \S+ \S+ to" % pool), a.log()
     # Whether it stopped or not depends on timing; that it runs at the end does not.
-    wait_for(lambda: s.status() == "running", "the daemon running")
+    wait_for(lambda: s.status() == "running", "the daemon running", CLUSTER_TIMEOUT)
     if a.lines(r"stopped on no space"):
         assert a.lines(r"daemon default: resuming \(cont\)"), a.log()
     s.read_back(0x5a, 0, 160 * MiB)
@@ -123,10 +128,11 @@ def fill_and_stop(ceph, s, pool, pattern, length, more):
     """Write `length` bytes (past the quota: it is soft), wait until the monitor flags the
     pool full, then start a writer of `more` bytes after them, which the daemon parks when it
     stops on EDQUOT. Returns that writer."""
-    finish(s.write(pattern, 0, length))
+    finish(s.write(pattern, 0, length), CLUSTER_TIMEOUT)
     ceph.wait_full(pool)
     w = s.write(pattern, length, more)
-    wait_for(lambda: s.status() == "io-error", "the daemon to stop on EDQUOT", timeout=60)
+    wait_for(lambda: s.status() == "io-error", "the daemon to stop on EDQUOT",
+             timeout=CLUSTER_TIMEOUT)
     assert w.poll() is None   # the writer waits, it got no error
     return w
 
@@ -140,15 +146,16 @@ def test_agent_resumes_after_edquot(ceph, daemons, agents):
     w = fill_and_stop(ceph, s, pool, 0x33, 64 * MiB, 32 * MiB)
     a = agents("-s", s.mon, "-m", "rbd", "--chunk", "128M", "--watermark", "16M",
                "--cap", "1G", "--poll-interval", "500ms")
-    a.wait_log(r"daemon default: resuming \(cont\) after [0-9.]+ s stopped on ENOSPC")
-    finish(w)
+    a.wait_log(r"daemon default: resuming \(cont\) after [0-9.]+ s stopped on ENOSPC",
+               timeout=CLUSTER_TIMEOUT)
+    finish(w, CLUSTER_TIMEOUT)
     ext = a.lines(r"disk0: extended the quota of pool")
     assert ext and "stopped on no space (EDQUOT)" in ext[0], a.log()
     assert quota(ceph, pool) >= 160 * MiB
     # The cont came after the monitor had cleared the flag: the retried write went through
     # (the writer finished without an error) and the daemon runs.
     assert not ceph.is_full(pool)
-    wait_for(lambda: s.status() == "running", "the daemon running")
+    wait_for(lambda: s.status() == "running", "the daemon running", CLUSTER_TIMEOUT)
     s.read_back(0x33, 0, 96 * MiB)
     a.stop()
 
@@ -164,10 +171,10 @@ def test_agent_resumes_a_stop_group(ceph, daemons, agents):
     a = agents("-s", s.mon, "-m", "rbd", "--chunk", "128M", "--watermark", "16M",
                "--cap", "1G", "--poll-interval", "500ms")
     a.wait_log(r"daemon default: group vm1: resuming \(__org.thinblk_group-cont\) after "
-               r"[0-9.]+ s stopped on ENOSPC")
-    finish(w)
+               r"[0-9.]+ s stopped on ENOSPC", timeout=CLUSTER_TIMEOUT)
+    finish(w, CLUSTER_TIMEOUT)
     assert not ceph.is_full(pool)
-    wait_for(lambda: s.status() == "running", "the group running")
+    wait_for(lambda: s.status() == "running", "the group running", CLUSTER_TIMEOUT)
     s.read_back(0x44, 0, 96 * MiB)
     a.stop()
 
@@ -184,7 +191,7 @@ def test_agent_cap_keeps_it_stopped(ceph, daemons, agents):
     # The agent raises the quota to its cap, 48 MiB; the pool fills past it all the same.
     w = fill_and_stop(ceph, s, pool, 0x77, 96 * MiB, 32 * MiB)
     a.wait_log(r"disk0: stopped on no space \(EDQUOT\) at its cap: the quota of pool %s is "
-               r"48 MiB, cap 48 MiB" % pool, timeout=120)
+               r"48 MiB, cap 48 MiB" % pool, timeout=CLUSTER_TIMEOUT)
     assert s.status() == "io-error"
     a.wait_reconciles(4)   # it keeps looking, and does nothing more
     assert s.status() == "io-error"
@@ -195,7 +202,7 @@ def test_agent_cap_keeps_it_stopped(ceph, daemons, agents):
     ceph.set_quota(pool, 0)
     ceph.wait_full(pool, full=False)
     s.qmp.cmd("cont")
-    finish(w)
+    finish(w, CLUSTER_TIMEOUT)
     s.read_back(0x77, 0, 128 * MiB)
     a.stop()
 
