@@ -217,6 +217,27 @@ def test_blockdev_add_rbd_and_errors(ceph, daemons):
     assert qmp.cmd("blockdev-del", {"node-name": "r1"}) == {"return": {}}
 
 
+def add_while_others_are_served(d, h, silent_monitor, opts, offset, data):
+    """blockdev-add opts (whose rbd node connects to silent_monitor) from a new client, with a
+    query-status behind it. While the connect waits: another monitor answers, the export h
+    reads data at offset, the graph still holds only r0, and the add is unanswered. Then its
+    error (QEMU's words for a monitor that never answers), and the query-status after it."""
+    waiting = d.daemon.negotiated()
+    waiting.execute("blockdev-add", opts, id="add")
+    waiting.execute("query-status", id="after")  # answered after the blockdev-add
+    silent_monitor.connected()  # the connect is under way
+    assert d.qmp.cmd("query-status")["return"]["status"] == "running"
+    assert h.pread(len(data), offset) == data
+    # Not in the graph yet, nor its name taken for good.
+    names = [n["node-name"] for n in d.qmp.cmd("query-named-block-nodes")["return"]]
+    assert names == ["r0"]
+    assert no_reply_yet(waiting)  # all of this while the add was pending
+    reply = waiting.read_message(timeout=60)
+    assert reply == {"id": "add", "error": {"class": "GenericError",
+                                            "desc": "error connecting: Connection timed out"}}
+    assert waiting.read_message()["id"] == "after"
+
+
 def test_blockdev_add_waiting_for_the_cluster_blocks_nothing_else(ceph, daemons, tmp_path,
                                                                  silent_monitor):
     """blockdev-add connects on the offload thread: while one waits on a monitor that does not
@@ -227,25 +248,13 @@ def test_blockdev_add_waiting_for_the_cluster_blocks_nothing_else(ceph, daemons,
     d = RbdDaemon(daemons, ceph, tmp_path, pool, "disk")
     h = d.nbd()
     h.pwrite(b"\xa5" * 4096, 4096)
-    waiting = d.daemon.negotiated()
     start = time.monotonic()
-    waiting.execute("blockdev-add", {
+    add_while_others_are_served(d, h, silent_monitor, {
         "driver": "rbd", "node-name": "r5", "pool": pool, "image": "disk",
         "server": [{"host": "127.0.0.1", "port": str(silent_monitor.port)}],
-        "auth-client-required": ["none"], "__org.thinblk_op-timeout": 3}, id="add")
-    waiting.execute("query-status", id="after")  # answered after the blockdev-add
-    silent_monitor.connected()  # the add is under way
-    assert d.qmp.cmd("query-status")["return"]["status"] == "running"
-    assert h.pread(4096, 4096) == b"\xa5" * 4096
-    # Not in the graph yet, nor its name taken for good.
-    names = [n["node-name"] for n in d.qmp.cmd("query-named-block-nodes")["return"]]
-    assert names == ["r0"]
-    assert no_reply_yet(waiting)  # all of this while the add was pending
-    reply = waiting.read_message(timeout=30)
-    assert reply == {"id": "add", "error": {"class": "GenericError",
-                                            "desc": "error connecting: Connection timed out"}}
+        "auth-client-required": ["none"], "__org.thinblk_op-timeout": 3},
+        4096, b"\xa5" * 4096)
     assert time.monotonic() - start < 20  # the op timeout bounds it (librados: about twice)
-    assert waiting.read_message()["id"] == "after"
     h.shutdown()
 
 
@@ -607,23 +616,11 @@ def test_blockdev_add_inline_rbd_child_blocks_nothing_else(ceph, daemons, tmp_pa
     d = RbdDaemon(daemons, ceph, tmp_path, pool, "disk")
     h = d.nbd()
     h.pwrite(b"\x5a" * 4096, 8192)
-    waiting = d.daemon.negotiated()
     opts = raw_over_rbd(pool, "disk", server=[{"host": "127.0.0.1",
                                                "port": str(silent_monitor.port)}],
                         **{"auth-client-required": ["none"], "__org.thinblk_op-timeout": 3})
     opts["node-name"] = "raw5"
-    waiting.execute("blockdev-add", opts, id="add")
-    waiting.execute("query-status", id="after")  # answered after the blockdev-add
-    silent_monitor.connected()  # the child's connect is under way
-    assert d.qmp.cmd("query-status")["return"]["status"] == "running"
-    assert h.pread(4096, 8192) == b"\x5a" * 4096
-    names = [n["node-name"] for n in d.qmp.cmd("query-named-block-nodes")["return"]]
-    assert names == ["r0"]
-    assert no_reply_yet(waiting)  # all of this while the add was pending
-    reply = waiting.read_message(timeout=60)
-    assert reply == {"id": "add", "error": {"class": "GenericError",
-                                            "desc": "error connecting: Connection timed out"}}
-    assert waiting.read_message()["id"] == "after"
+    add_while_others_are_served(d, h, silent_monitor, opts, 8192, b"\x5a" * 4096)
     names = [n["node-name"] for n in d.qmp.cmd("query-named-block-nodes")["return"]]
     assert names == ["r0"]
     h.shutdown()
